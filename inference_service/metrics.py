@@ -1,0 +1,62 @@
+"""Prometheus metrics of the inference service (names are what the Grafana dashboards query)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from voxserve_common.metrics import RpcMetrics
+
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5)
+TTFS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class InferenceMetrics:
+    """Every metric the inference service exports, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.rpc = RpcMetrics(r)
+        self.cache_hits = Counter("voxserve_cache_hits", "Model cache hits.", ["model_id"], registry=r)
+        self.cache_misses = Counter("voxserve_cache_misses", "Model cache misses (a load was needed).", ["model_id"], registry=r)
+        self.cache_evictions = Counter(
+            "voxserve_cache_evictions",
+            "Models evicted, by reason (count_limit, memory_budget, watchdog, unload).",
+            ["model_id", "reason"],
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "voxserve_model_loads", "Model loads, by result (ok, error).", ["model_id", "result"], registry=r
+        )
+        self.load_duration = Histogram(
+            "voxserve_model_load_duration_seconds", "Time to load a model into memory.", ["model_id"], buckets=LOAD_BUCKETS, registry=r
+        )
+        self.loaded_models = Gauge("voxserve_loaded_models", "Models currently loaded.", registry=r)
+        self.loaded_model_bytes = Gauge(
+            "voxserve_loaded_model_bytes", "Measured memory of each loaded model.", ["model_id"], registry=r
+        )
+        self.memory_used_bytes = Gauge(
+            "voxserve_memory_used_bytes", "Memory held by loaded models, by device (cpu, cuda).", ["device"], registry=r
+        )
+        self.memory_budget_bytes = Gauge(
+            "voxserve_memory_budget_bytes", "Memory budget of the model cache, by device.", ["device"], registry=r
+        )
+        self.jobs = Gauge("voxserve_jobs", "Transcription jobs by current state.", ["state"], registry=r)
+        self.jobs_finished = Counter(
+            "voxserve_jobs_finished", "Jobs that ended, by outcome (completed, failed, cancelled).", ["outcome"], registry=r
+        )
+        self.job_queue_length = Gauge("voxserve_job_queue_length", "Jobs admitted and waiting to run.", registry=r)
+        self.audio_seconds = Counter(
+            "voxserve_audio_seconds_processed", "Seconds of audio transcribed.", ["model_id"], registry=r
+        )
+        self.real_time_factor = Histogram(
+            "voxserve_real_time_factor", "Processing seconds / audio seconds per job.", ["model_id"], buckets=RTF_BUCKETS, registry=r
+        )
+        self.time_to_first_segment = Histogram(
+            "voxserve_time_to_first_segment_seconds",
+            "From request to the first segment sent.",
+            ["model_id"],
+            buckets=TTFS_BUCKETS,
+            registry=r,
+        )

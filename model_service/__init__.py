@@ -1,0 +1,1 @@
+"""The voxserve model store: downloads, validates and keeps speech models on disk."""

@@ -1,0 +1,128 @@
+"""Entry point: ``voxserve-models`` runs the model store until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_service.catalog import Catalog
+from model_service.config import ModelStoreConfig
+from model_service.hub import HubClient, default_endpoints
+from model_service.metrics import ModelStoreMetrics
+from model_service.servicer import ModelStoreServicer
+from model_service.store import ModelStore
+from voxserve.modelstore.v1 import modelstore_pb2, modelstore_pb2_grpc
+from voxserve_common.cli import common_parser, config_from_args
+from voxserve_common.errors import VoxserveError
+from voxserve_common.logs import configure_logging
+from voxserve_common.server import RunningServer, serve_until_signal, start_server
+from voxserve_common.tracing import setup_tracing
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = modelstore_pb2.DESCRIPTOR.services_by_name["ModelStore"].full_name
+
+
+@dataclass
+class ModelStoreApp:
+    """A running model store: domain object, gRPC server and the shutdown flag."""
+
+    store: ModelStore
+    server: RunningServer
+    shutting_down: asyncio.Event
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.server.stop(grace)
+        await asyncio.to_thread(self.store.close)
+
+
+def build_store(config: ModelStoreConfig, extra_catalog: dict | None = None) -> ModelStore:
+    """The domain object with its catalog and hub chain (no server)."""
+    catalog = Catalog.load(config.catalog_file, extra_catalog)
+    endpoints = default_endpoints(config.hub_endpoints, os.environ.get("HF_ENDPOINT"))
+    hub = HubClient(endpoints, timeout=config.hub_timeout_seconds, token=config.hf_token)
+    return ModelStore(config, catalog, hub, ModelStoreMetrics())
+
+
+async def start_app(config: ModelStoreConfig, extra_catalog: dict | None = None) -> ModelStoreApp:
+    """Start the store and its gRPC server (SERVING at once; the disk scan runs behind)."""
+    store = build_store(config, extra_catalog)
+    store.start()
+    shutting_down = asyncio.Event()
+    servicer = ModelStoreServicer(store, config.heartbeat_seconds, shutting_down)
+    server = await start_server(
+        register=lambda s: modelstore_pb2_grpc.add_ModelStoreServicer_to_server(servicer, s),
+        service_names=[SERVICE_NAME],
+        host=config.host,
+        port=config.port,
+        rpc_metrics=store.metrics.rpc,
+        metrics_registry=store.metrics.registry,
+        metrics_port=config.metrics_port,
+    )
+    server.on_stop.append(shutting_down.set)
+    logger.info(
+        "model store ready",
+        extra={"data_dir": str(store.data_dir), "hub_endpoints": list(store.hub.endpoints), "models": len(store.catalog.ids())},
+    )
+    return ModelStoreApp(store, server, shutting_down)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> ModelStoreConfig:
+    parser = common_parser("voxserve-models", "voxserve model store: downloads, validates and serves speech models")
+    parser.add_argument("--data-dir", type=Path, help="directory for models and state (default data/models)")
+    parser.add_argument(
+        "--hub-endpoint",
+        action="append",
+        dest="hub_endpoints",
+        metavar="URL",
+        help="hub endpoint, repeatable, tried in order (default: $HF_ENDPOINT, then https://huggingface.co)",
+    )
+    parser.add_argument("--catalog", type=Path, dest="catalog_file", help="YAML file adding or overriding catalog models")
+    parser.add_argument("--max-concurrent-downloads", type=int)
+    args = parser.parse_args(argv)
+    return config_from_args(
+        ModelStoreConfig,
+        args,
+        {
+            "data_dir": args.data_dir,
+            "hub_endpoints": args.hub_endpoints,
+            "catalog_file": args.catalog_file,
+            "max_concurrent_downloads": args.max_concurrent_downloads,
+        },
+    )
+
+
+async def _serve(config: ModelStoreConfig) -> None:
+    app = await start_app(config)
+    try:
+        await serve_until_signal(app.server, config.grace_seconds)
+    finally:
+        await asyncio.to_thread(app.store.close)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(argv)
+    configure_logging("model_service", level=config.log_level, fmt=config.log_format)
+    setup_tracing("model_service")
+    try:
+        asyncio.run(_serve(config))
+    except VoxserveError as error:
+        logger.error("model store failed to start", extra={"error": str(error)})
+        print(f"voxserve-models: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as error:
+        print(f"voxserve-models: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Typed configuration of the model store (flags, VOXSERVE_* env vars, YAML file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from voxserve_common.config import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelStoreConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9101            # -1 disables the /metrics endpoint
+    data_dir: Path = Path("data/models")
+    hub_endpoints: tuple[str, ...] = ()  # empty: HF_ENDPOINT if set, then the official hub
+    hf_token: str | None = None
+    catalog_file: Path | None = None
+    max_concurrent_downloads: int = 1
+    hub_timeout_seconds: float = 10.0
+    download_retries: int = 3
+    download_chunk_bytes: int = 1 << 20
+    disk_reserve_bytes: int = 0         # keep this much free beyond what a download needs
+    heartbeat_seconds: float = 15.0
+    event_history: int = 10_000
+    progress_events_per_second: float = 10.0
+    import_embedded: bool = True        # import packaged models (tiny.en, Silero) at start-up
+    verify_on_startup: bool = False     # re-hash READY models at start-up, not only sizes
+    grace_seconds: float = 20.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    def validate(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, "port", "must be 0-65535"),
+            (-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1 (off) or 0-65535"),
+            (self.max_concurrent_downloads >= 1, "max_concurrent_downloads", "must be >= 1"),
+            (self.hub_timeout_seconds > 0, "hub_timeout_seconds", "must be > 0"),
+            (self.download_retries >= 1, "download_retries", "must be >= 1"),
+            (4096 <= self.download_chunk_bytes <= 64 << 20, "download_chunk_bytes", "must be 4 KiB - 64 MiB"),
+            (self.disk_reserve_bytes >= 0, "disk_reserve_bytes", "must be >= 0"),
+            (self.heartbeat_seconds > 0, "heartbeat_seconds", "must be > 0"),
+            (self.event_history >= 10, "event_history", "must be >= 10"),
+            (self.progress_events_per_second > 0, "progress_events_per_second", "must be > 0"),
+            (self.grace_seconds >= 0, "grace_seconds", "must be >= 0"),
+            (self.log_format in ("json", "console"), "log_format", "must be json or console"),
+            (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR"),
+        ]
+        for ok, key, rule in checks:
+            if not ok:
+                raise ConfigError(f"invalid setting {key}={getattr(self, key)!r}: {rule}")
+        for endpoint in self.hub_endpoints:
+            if not endpoint.startswith(("http://", "https://")):
+                raise ConfigError(f"invalid setting hub_endpoints: {endpoint!r} must start with http:// or https://")

@@ -1,0 +1,1 @@
+"""Code both voxserve services share: config, logging, metrics, tracing, server bootstrap."""

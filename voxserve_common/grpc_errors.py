@@ -1,0 +1,36 @@
+"""The one table from domain error categories to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from voxserve_common import errors
+
+STATUS_BY_ERROR: tuple[tuple[type[errors.VoxserveError], grpc.StatusCode], ...] = (
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
+    (errors.Cancelled, grpc.StatusCode.CANCELLED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.Internal, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """The status code a domain error maps to (INTERNAL for anything unexpected)."""
+    for error_type, code in STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_for_status(code: grpc.StatusCode, message: str) -> errors.VoxserveError:
+    """The domain error for a status a downstream service returned (the reverse table)."""
+    for error_type, mapped in STATUS_BY_ERROR:
+        if mapped == code:
+            return error_type(message)
+    return errors.Unavailable(message) if code == grpc.StatusCode.UNAVAILABLE else errors.Internal(message)

@@ -1,0 +1,259 @@
+"""gRPC server bootstrap: interceptor (trace, metrics, logs, error table), health,
+reflection, /metrics, and graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from voxserve_common.errors import VoxserveError
+from voxserve_common.grpc_errors import status_for
+from voxserve_common.metrics import MetricsEndpoint, RpcMetrics, start_metrics_endpoint
+from voxserve_common.tracing import context_from_metadata
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("voxserve.rpc")
+
+
+class _RpcScope:
+    """Per-call bookkeeping: span, status code, duration, one log line at the end."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, metrics: RpcMetrics | None) -> None:
+        self.method = method
+        self.context = context
+        self.metrics = metrics
+        self.code = grpc.StatusCode.OK
+        self.detail = ""
+
+    @contextlib.contextmanager
+    def run(self) -> Iterator[None]:
+        parent = context_from_metadata(self.context.invocation_metadata())
+        token = otel_context.attach(parent)
+        started = time.perf_counter()
+        if self.metrics:
+            self.metrics.in_flight.labels(self.method).inc()
+        try:
+            with tracer.start_as_current_span(self.method, kind=trace.SpanKind.SERVER) as span:
+                try:
+                    yield
+                except grpc.aio.AbortError:
+                    code = self.context.code()
+                    if isinstance(code, grpc.StatusCode):
+                        self.code = code
+                    elif isinstance(code, int):
+                        self.code = _code_from_int(code)
+                    self.detail = self.context.details() or ""
+                    raise
+                except asyncio.CancelledError:
+                    self.code = grpc.StatusCode.CANCELLED
+                    self.detail = "client cancelled or disconnected"
+                    raise
+                finally:
+                    span.set_attribute("rpc.grpc.status_code", self.code.value[0])
+                    duration = time.perf_counter() - started
+                    if self.metrics:
+                        self.metrics.requests.labels(self.method, self.code.name).inc()
+                        self.metrics.duration.labels(self.method).observe(duration)
+                    level = logging.INFO if self.code in _QUIET_CODES else logging.WARNING
+                    if self.code == grpc.StatusCode.INTERNAL or self.code == grpc.StatusCode.UNKNOWN:
+                        level = logging.ERROR
+                    logger.log(
+                        level,
+                        "rpc finished",
+                        extra={
+                            "rpc_method": self.method,
+                            "grpc_code": self.code.name,
+                            "duration_ms": round(duration * 1000, 3),
+                            "peer": self.context.peer(),
+                            **({"detail": self.detail} if self.detail else {}),
+                        },
+                    )
+        finally:
+            otel_context.detach(token)
+
+    async def abort_for(self, error: BaseException) -> None:
+        self.code = status_for(error)
+        self.detail = str(error) or type(error).__name__
+        if not isinstance(error, VoxserveError):
+            logger.exception("unexpected error in %s", self.method, exc_info=error)
+            self.detail = f"internal error: {type(error).__name__}: {error}"
+        await self.context.abort(self.code, self.detail)
+
+
+_QUIET_CODES = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
+
+
+def _code_from_int(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler: continues the caller's trace, maps domain errors to statuses
+    through the one table, counts and times the RPC, and logs one line per call."""
+
+    def __init__(self, metrics: RpcMetrics | None) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if method.startswith("/grpc.health") or method.startswith("/grpc.reflection"):
+            return handler
+        metrics = self.metrics
+
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                scope = _RpcScope(method, context, metrics)
+                with scope.run():
+                    try:
+                        return await inner(request, context)
+                    except (grpc.aio.AbortError, asyncio.CancelledError):
+                        raise
+                    except Exception as error:  # noqa: BLE001 - the edge maps every error
+                        await scope.abort_for(error)
+
+            if handler.unary_unary:
+                return grpc.unary_unary_rpc_method_handler(
+                    unary_behavior, handler.request_deserializer, handler.response_serializer
+                )
+            return grpc.stream_unary_rpc_method_handler(
+                unary_behavior, handler.request_deserializer, handler.response_serializer
+            )
+
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            scope = _RpcScope(method, context, metrics)
+            with scope.run():
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as error:  # noqa: BLE001
+                    await scope.abort_for(error)
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                stream_behavior, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            stream_behavior, handler.request_deserializer, handler.response_serializer
+        )
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server with its health servicer and /metrics endpoint."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: Sequence[str]
+    metrics_endpoint: MetricsEndpoint | None = None
+    on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting RPCs, run shutdown hooks (which end long streams), then wait
+        up to ``grace`` seconds for in-flight calls before cancelling them."""
+        await self.set_serving(False)
+        for hook in self.on_stop:
+            result = hook()
+            if asyncio.iscoroutine(result):
+                await result
+        await self.server.stop(grace)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
+
+
+async def start_server(
+    *,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    host: str,
+    port: int,
+    rpc_metrics: RpcMetrics | None,
+    metrics_registry: Any = None,
+    metrics_port: int | None = None,
+    max_message_bytes: int = 64 * 1024 * 1024,
+) -> RunningServer:
+    """Build, bind and start an aio server with health and reflection; returns
+    RunningServer whose ``port`` is the bound one (pass port 0 in tests)."""
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(interceptors=[ObservabilityInterceptor(rpc_metrics)], options=options)
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind gRPC port {host}:{port}")
+    await server.start()
+    endpoint = None
+    if metrics_registry is not None and metrics_port is not None and metrics_port >= 0:
+        endpoint = start_metrics_endpoint(metrics_registry, host, metrics_port)
+    running = RunningServer(server, bound, health_servicer, service_names, endpoint)
+    await running.set_serving(True)
+    logger.info(
+        "server started",
+        extra={"grpc_port": bound, "metrics_port": endpoint.port if endpoint else None, "services": list(service_names)},
+    )
+    return running
+
+
+async def serve_until_signal(running: RunningServer, grace_seconds: float) -> None:
+    """Block until SIGTERM or SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutdown requested", extra={"grace_seconds": grace_seconds})
+    await running.stop(grace_seconds)
+    logger.info("server stopped")
