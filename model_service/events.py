@@ -97,6 +97,11 @@ class EventBus:
             history = self._history
             return [history[-i] for i in range(count, 0, -1)]
 
+    def history(self) -> list[StoreEvent]:
+        """Every event still in the bounded history, oldest first."""
+        with self._lock:
+            return list(self._history)
+
     def add_listener(self, listener: Listener) -> None:
         with self._lock:
             self._listeners.add(listener)

@@ -45,8 +45,8 @@ def validate_relative_file(name: str) -> str:
         raise UnsafePath(f"invalid file name {name!r}")
     if "\\" in name or "\x00" in name or name.startswith("/"):
         raise UnsafePath(f"unsafe file name {name!r}: absolute paths and backslashes are not allowed")
-    parts = PurePosixPath(name).parts
-    if not parts or any(part in ("", ".", "..") for part in parts) or name.endswith("/"):
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
         raise UnsafePath(f"unsafe file name {name!r}: '.' and '..' components are not allowed")
     for part in parts:
         if not _FILE_PART.fullmatch(part):
