@@ -1,0 +1,1 @@
+"""Inference service: runs Whisper, Silero VAD and Demucs models fetched from the model store."""

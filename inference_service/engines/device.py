@@ -1,0 +1,74 @@
+"""Picks the device and compute type for a model, so no engine assumes a GPU."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from voxserve_common.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+COMPUTE_TYPES = (
+    "default",
+    "auto",
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
+)
+DEFAULT_COMPUTE_TYPE = {"cpu": "int8", "cuda": "float16"}
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """Where a model runs (``cpu`` or ``cuda``) and at which precision (a CTranslate2 compute type)."""
+
+    device: str
+    compute_type: str
+
+
+def cuda_available() -> bool:
+    """True only when both torch and CTranslate2 can use a CUDA device."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        import ctranslate2
+
+        return bool(ctranslate2.get_cuda_device_count() > 0)
+    except Exception:  # a broken CUDA install means "no CUDA", not a crash
+        logger.warning("CUDA probe failed; using the CPU", exc_info=True)
+        return False
+
+
+def choose_device(preference: str = "auto", compute_type: str | None = None) -> DeviceChoice:
+    """Resolve a configured device preference to a concrete device.
+
+    ``auto`` takes CUDA when torch and CTranslate2 both see a GPU, else the CPU. Without an
+    explicit ``compute_type`` the CPU runs int8 and CUDA float16 (the fastest safe choices).
+
+    Raises:
+        InvalidArgument: unknown preference or compute type, or ``cuda`` asked for on a
+            machine without a usable GPU.
+    """
+    pref = preference.strip().lower()
+    if pref not in DEVICES:
+        raise InvalidArgument(f"unknown device {preference!r}; use one of {', '.join(DEVICES)}")
+    if compute_type is not None and compute_type not in COMPUTE_TYPES:
+        raise InvalidArgument(
+            f"unknown compute type {compute_type!r}; use one of {', '.join(COMPUTE_TYPES)}"
+        )
+    has_cuda = cuda_available()
+    if pref == "cuda" and not has_cuda:
+        raise InvalidArgument("device 'cuda' was requested but no CUDA device is usable; use 'cpu' or 'auto'")
+    device = "cuda" if pref == "cuda" or (pref == "auto" and has_cuda) else "cpu"
+    chosen = DeviceChoice(device=device, compute_type=compute_type or DEFAULT_COMPUTE_TYPE[device])
+    logger.info("device chosen", extra={"device": chosen.device, "compute_type": chosen.compute_type})
+    return chosen
