@@ -113,3 +113,65 @@ def start_store(loop_thread: LoopThread, store_config: ModelStoreConfig) -> Iter
 @pytest.fixture
 def store(start_store: Callable[..., StoreHandle]) -> StoreHandle:
     return start_store()
+
+
+class InferenceHandle:
+    """An inference app (in the background loop) wired to a model store handle."""
+
+    def __init__(self, loop_thread: LoopThread, config: Any, store: StoreHandle) -> None:
+        from inference_service.__main__ import start_app
+        from voxserve.inference.v1 import inference_pb2_grpc
+
+        self.loop_thread = loop_thread
+        self.config = config
+        self.store = store
+        self.app = loop_thread.run(start_app(config, preload_in_background=False), timeout=300)
+        self.address = f"127.0.0.1:{self.app.port}"
+        self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_send_message_length", 64 << 20)])
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+
+    @property
+    def cache(self) -> Any:
+        return self.app.cache
+
+    def stop(self, grace: float = 0.5) -> None:
+        self.channel.close()
+        self.loop_thread.run(self.app.stop(grace), timeout=120)
+
+
+@pytest.fixture
+def start_inference(loop_thread: LoopThread, start_store: Callable[..., StoreHandle], tmp_path: Path) -> Iterator[Callable[..., InferenceHandle]]:
+    """start_inference(store=None, **config overrides): a store with the embedded models
+    imported (unless given) and an inference service using it."""
+    from inference_service.config import InferenceConfig
+
+    handles: list[InferenceHandle] = []
+
+    def start(store: StoreHandle | None = None, **overrides: Any) -> InferenceHandle:
+        store = store or start_store(import_embedded=True)
+        settings: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "metrics_port": -1,
+            "model_store": store.address,
+            "cache_dir": tmp_path / "inference-cache",
+            "preload": (),
+            "pin": (),
+            "log_format": "json",
+        }
+        settings.update(overrides)
+        handle = InferenceHandle(loop_thread, InferenceConfig(**settings), store)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        try:
+            handle.stop()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+@pytest.fixture
+def inference(start_inference: Callable[..., InferenceHandle]) -> InferenceHandle:
+    return start_inference()

@@ -41,6 +41,8 @@ class TranscribeOptions:
     word_timestamps: bool = False
     initial_prompt: str | None = None
     hotwords: str | None = None
+    # Speech spans (start, end, start, end, ... in seconds) to decode; empty = all audio.
+    clip_timestamps: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ class WhisperEngine:
             word_timestamps=options.word_timestamps,
             initial_prompt=options.initial_prompt or None,
             hotwords=options.hotwords or None,
+            clip_timestamps=tuple(options.clip_timestamps),
         )
 
     @staticmethod
@@ -199,6 +202,7 @@ class WhisperEngine:
             word_timestamps=opts.word_timestamps,
             initial_prompt=opts.initial_prompt,
             hotwords=opts.hotwords,
+            clip_timestamps=list(opts.clip_timestamps) if opts.clip_timestamps else "0",
         )
         return self._info(info), self._stream(segments, should_stop)
 

@@ -1,0 +1,156 @@
+"""Entry point: ``voxserve-inference`` runs the inference service until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference_service.config import InferenceConfig
+from inference_service.engines.device import choose_device
+from inference_service.jobs import JobLimits, JobManager
+from inference_service.memory import MemoryProbe, parse_memory_budget
+from inference_service.metrics import InferenceMetrics
+from inference_service.model_cache import CacheConfig, ModelCache
+from inference_service.model_source import StoreModelSource
+from inference_service.servicer import InferenceServicer
+from inference_service.transcriber import Transcriber, make_loader
+from voxserve.inference.v1 import inference_pb2, inference_pb2_grpc
+from voxserve_common.cli import common_parser, config_from_args
+from voxserve_common.errors import VoxserveError
+from voxserve_common.logs import configure_logging
+from voxserve_common.server import RunningServer, serve_until_signal, start_server
+from voxserve_common.tracing import setup_tracing
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+@dataclass
+class InferenceApp:
+    """A running inference service: cache, jobs, store client and gRPC server."""
+
+    config: InferenceConfig
+    cache: ModelCache
+    jobs: JobManager
+    source: StoreModelSource
+    server: RunningServer
+    metrics: InferenceMetrics
+    preload_thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.server.stop(grace)
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        self.jobs.close(wait=True)
+        self.cache.close()
+        self.source.close()
+
+
+def build_cache(config: InferenceConfig, source: StoreModelSource, metrics: InferenceMetrics) -> ModelCache:
+    device = choose_device(config.device, config.compute_type)
+    probe = MemoryProbe()
+    budget = parse_memory_budget(config.memory_budget, probe.device_total_bytes(device.device))
+    cache_config = CacheConfig(
+        max_models=config.max_models,
+        memory_budget_bytes=budget,
+        device=device.device,
+        watchdog_interval_seconds=config.watchdog_interval_seconds,
+        watchdog_threshold=config.watchdog_threshold,
+        pinned=tuple(config.pin),
+    )
+    return ModelCache(cache_config, source.resolve, make_loader(device, config.cpu_threads), metrics, probe)
+
+
+async def start_app(config: InferenceConfig, preload_in_background: bool = True) -> InferenceApp:
+    """Start the service; preloading runs behind so the server is SERVING at once."""
+    metrics = InferenceMetrics()
+    source = StoreModelSource(config)
+    cache = build_cache(config, source, metrics)
+    transcriber = Transcriber(cache, config.vad_model, metrics)
+    limits = JobLimits(config.max_running_jobs, config.max_queued_jobs, config.job_retention_seconds, config.job_history_events)
+    jobs = JobManager(limits, transcriber.run, metrics)
+    shutting_down = asyncio.Event()
+    servicer = InferenceServicer(jobs, cache, config.default_model, config.max_audio_bytes, shutting_down)
+    server = await start_server(
+        register=lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s),
+        service_names=[SERVICE_NAME],
+        host=config.host,
+        port=config.port,
+        rpc_metrics=metrics.rpc,
+        metrics_registry=metrics.registry,
+        metrics_port=config.metrics_port,
+    )
+    server.on_stop.append(shutting_down.set)
+    cache.start_watchdog()
+    app = InferenceApp(config, cache, jobs, source, server, metrics)
+    wanted = [(model_id, model_id in config.pin) for model_id in config.preload]
+    wanted += [(model_id, True) for model_id in config.pin if model_id not in config.preload]
+
+    def preload() -> None:
+        for model_id, error in cache.preload(wanted):
+            logger.warning("preload failed; the model loads on first use instead", extra={"model_id": model_id, "error": str(error)})
+
+    if preload_in_background:
+        app.preload_thread = threading.Thread(target=preload, name="preload", daemon=True)
+        app.preload_thread.start()
+    else:
+        preload()
+    logger.info("inference service ready", extra={"model_store": config.model_store, "device": cache.config.device})
+    return app
+
+
+def parse_config(argv: Sequence[str] | None = None) -> InferenceConfig:
+    parser = common_parser("voxserve-inference", "voxserve inference service: model cache and streaming transcription")
+    parser.add_argument("--model-store", metavar="ADDR", help="model store address host:port")
+    parser.add_argument("--cache-dir", type=Path, help="local copies of models fetched from the store")
+    parser.add_argument("--max-models", type=int, help="most models held in memory at once")
+    parser.add_argument("--memory-budget", metavar="BYTES|PERCENT", help="memory for loaded models, e.g. 4GiB or 60%%")
+    parser.add_argument("--store-access", choices=("shared", "fetch"), help="read the store's directory or copy files over gRPC")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+    return config_from_args(
+        InferenceConfig,
+        args,
+        {
+            "model_store": args.model_store,
+            "cache_dir": args.cache_dir,
+            "max_models": args.max_models,
+            "memory_budget": args.memory_budget,
+            "store_access": args.store_access,
+            "device": args.device,
+        },
+    )
+
+
+async def _serve(config: InferenceConfig) -> None:
+    app = await start_app(config)
+    try:
+        await serve_until_signal(app.server, config.grace_seconds)
+    finally:
+        await asyncio.to_thread(app.close)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(argv)
+    configure_logging("inference_service", level=config.log_level, fmt=config.log_format)
+    setup_tracing("inference_service")
+    try:
+        asyncio.run(_serve(config))
+    except (VoxserveError, OSError) as error:
+        print(f"voxserve-inference: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Typed configuration of the inference service (flags, VOXSERVE_* env vars, YAML file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from voxserve_common.config import ConfigError
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    host: str = "127.0.0.1"
+    port: int = 50052
+    metrics_port: int = 9102               # -1 disables the /metrics endpoint
+    model_store: str = "127.0.0.1:50051"   # address of the model store
+    # How READY files reach this node: "shared" reads the store's directory (same host
+    # or a shared volume, optionally mounted at shared_store_dir); "fetch" copies them
+    # with FetchModelFiles into cache_dir, checking sha256.
+    store_access: str = "shared"
+    shared_store_dir: Path | None = None   # the store's data_dir as mounted here
+    cache_dir: Path = Path("data/inference-cache")
+    auto_pull: bool = True                 # pull models that are not READY through the store
+    default_model: str = "whisper-tiny.en"
+    vad_model: str = "silero-vad"
+    device: str = "auto"                   # auto | cpu | cuda
+    compute_type: str | None = None        # default int8 on CPU, float16 on CUDA
+    cpu_threads: int = 0                   # 0 = ctranslate2's default
+    max_models: int = 3
+    memory_budget: str = "80%"             # bytes, "2GiB" or a percent of device memory
+    preload: tuple[str, ...] = ("silero-vad", "htdemucs")
+    pin: tuple[str, ...] = ("silero-vad",)
+    watchdog_interval_seconds: float = 5.0
+    watchdog_threshold: float = 0.95
+    max_running_jobs: int = 1
+    max_queued_jobs: int = 16
+    max_audio_bytes: int = 200 * 1024 * 1024
+    job_retention_seconds: float = 600.0   # how long ended jobs stay watchable
+    job_history_events: int = 20_000       # events kept per job for WatchJob
+    grace_seconds: float = 20.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    def validate(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, "port", "must be 0-65535"),
+            (-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1 (off) or 0-65535"),
+            (self.store_access in ("shared", "fetch"), "store_access", "must be 'shared' or 'fetch'"),
+            (self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
+            (self.max_models >= 1, "max_models", "must be >= 1"),
+            (self.max_running_jobs >= 1, "max_running_jobs", "must be >= 1"),
+            (self.max_queued_jobs >= 0, "max_queued_jobs", "must be >= 0"),
+            (self.max_audio_bytes > 0, "max_audio_bytes", "must be > 0"),
+            (self.job_retention_seconds >= 0, "job_retention_seconds", "must be >= 0"),
+            (self.job_history_events >= 10, "job_history_events", "must be >= 10"),
+            (0 < self.watchdog_threshold <= 1, "watchdog_threshold", "must be in (0, 1]"),
+            (self.watchdog_interval_seconds > 0, "watchdog_interval_seconds", "must be > 0"),
+            (self.cpu_threads >= 0, "cpu_threads", "must be >= 0"),
+            (self.grace_seconds >= 0, "grace_seconds", "must be >= 0"),
+            (self.log_format in ("json", "console"), "log_format", "must be json or console"),
+            (bool(self.default_model), "default_model", "must not be empty"),
+        ]
+        for ok, key, rule in checks:
+            if not ok:
+                raise ConfigError(f"invalid setting {key}={getattr(self, key)!r}: {rule}")

@@ -1,0 +1,315 @@
+"""Transcription jobs: admission control, per-job event history, cancel, retention.
+
+Each job records its events (accepted, progress, info, segment, completed) with a per-job
+sequence, so a client that lost its stream re-attaches with WatchJob(after_sequence) and
+gets every remaining event exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import enum
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo
+from inference_service.metrics import InferenceMetrics
+from voxserve_common.errors import AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from voxserve_common.logs import log_context
+
+logger = logging.getLogger(__name__)
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+ENDED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+
+
+class Phase(enum.StrEnum):
+    QUEUED = "QUEUED"
+    PULLING_MODEL = "PULLING_MODEL"
+    LOADING_MODEL = "LOADING_MODEL"
+    DECODING = "DECODING"
+    SEPARATING = "SEPARATING"
+    VAD = "VAD"
+    TRANSCRIBING = "TRANSCRIBING"
+    DONE = "DONE"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    queue_position: int
+    model_id: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    phase: Phase
+    percent: float
+    message: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
+@dataclass(frozen=True)
+class Completed:
+    audio_seconds: float
+    processing_seconds: float
+    real_time_factor: float
+    model_load_seconds: float
+    cache_hit: bool
+    segments: int
+    text: str
+
+
+Payload = Accepted | Progress | TranscriptionInfo | Segment | Completed
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    sequence: int
+    timestamp: float
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What to transcribe and how; ``audio`` is the raw container bytes."""
+
+    model_id: str
+    audio: bytes
+    options: TranscribeOptions
+    separate_model_id: str = ""
+    job_id: str = ""
+    deadline: float | None = None  # time.monotonic() value
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.audio)
+        digest.update(repr((self.model_id, self.options, self.separate_model_id)).encode())
+        return digest.hexdigest()
+
+
+class Job:
+    """One transcription with its bounded event history and wake-up listeners."""
+
+    def __init__(self, job_id: str, request: JobRequest, history: int, client_named: bool) -> None:
+        self.job_id = job_id
+        self.request = request
+        self.client_named = client_named
+        self.fingerprint = request.fingerprint
+        self.state = JobState.QUEUED
+        self.cancel_event = threading.Event()
+        self.done_event = threading.Event()
+        self.error: BaseException | None = None
+        self.created = time.monotonic()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.first_segment_at: float | None = None
+        self._lock = threading.Lock()
+        self._events: collections.deque[JobEvent] = collections.deque(maxlen=history)
+        self._sequence = 0
+        self._listeners: set[Callable[[], None]] = set()
+
+    @property
+    def sequence(self) -> int:
+        return self._sequence
+
+    def emit(self, payload: Payload) -> JobEvent:
+        with self._lock:
+            self._sequence += 1
+            event = JobEvent(self._sequence, time.time(), payload)
+            self._events.append(event)
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
+        return event
+
+    def events_after(self, sequence: int) -> list[JobEvent] | None:
+        """Events with sequence > ``sequence``; None if some already left the history."""
+        with self._lock:
+            if sequence >= self._sequence:
+                return []
+            count = self._sequence - sequence
+            if count > len(self._events):
+                return None
+            return [self._events[-i] for i in range(count, 0, -1)]
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            self._listeners.add(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            self._listeners.discard(listener)
+
+    def should_stop(self) -> bool:
+        if self.cancel_event.is_set():
+            return True
+        deadline = self.request.deadline
+        return deadline is not None and time.monotonic() > deadline
+
+    def finish(self, state: JobState, error: BaseException | None = None) -> None:
+        with self._lock:
+            self.state = state
+            self.error = error
+            self.finished = time.monotonic()
+            listeners = list(self._listeners)
+        self.done_event.set()
+        for listener in listeners:
+            listener()
+
+
+@dataclass
+class JobLimits:
+    max_running: int = 1
+    max_queued: int = 16
+    retention_seconds: float = 600.0
+    history_events: int = 20_000
+
+
+class JobManager:
+    """Admits jobs (RESOURCE_EXHAUSTED beyond the limits), runs them on a bounded pool,
+    keeps ended jobs for ``retention_seconds`` so clients can re-attach."""
+
+    def __init__(self, limits: JobLimits, run: Callable[[Job], None], metrics: InferenceMetrics | None = None) -> None:
+        self.limits = limits
+        self._run = run
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._queued: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._running: set[str] = set()
+        self._pool = ThreadPoolExecutor(limits.max_running, thread_name_prefix="transcribe")
+        self._closed = False
+
+    def submit(self, request: JobRequest) -> tuple[Job, bool]:
+        """Admit a job, or return the existing one for a repeated client job_id (True)."""
+        self._sweep()
+        with self._lock:
+            if self._closed:
+                raise ResourceExhausted("the inference service is shutting down; retry on another instance")
+            if request.job_id:
+                if len(request.job_id) > 128 or not request.job_id.isprintable():
+                    raise InvalidArgument("job_id must be at most 128 printable characters")
+                existing = self._jobs.get(request.job_id)
+                if existing is not None:
+                    if existing.fingerprint != request.fingerprint:
+                        raise AlreadyExists(f"job_id {request.job_id!r} is already used for different audio or options; pick a new job_id")
+                    return existing, True
+            running = len(self._running)
+            if len(self._queued) >= self.limits.max_queued and running >= self.limits.max_running:
+                raise ResourceExhausted(
+                    f"too many jobs: {running} running and {len(self._queued)} queued "
+                    f"(limits {self.limits.max_running} running, {self.limits.max_queued} queued); retry later"
+                )
+            job_id = request.job_id or uuid.uuid4().hex
+            job = Job(job_id, request, self.limits.history_events, client_named=bool(request.job_id))
+            self._jobs[job_id] = job
+            self._queued[job_id] = job
+            position = len(self._queued) - 1 if running >= self.limits.max_running else 0
+        job.emit(Accepted(position, request.model_id))
+        if position:
+            job.emit(Progress(Phase.QUEUED, 0.0, f"{position} job(s) ahead"))
+        context = contextvars.copy_context()
+        self._pool.submit(context.run, self._execute, job)
+        self._update_gauges()
+        return job, False
+
+    def get(self, job_id: str) -> Job:
+        self._sweep()
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}: it never existed or ended more than {self.limits.retention_seconds:.0f} s ago")
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.state not in ENDED:
+            job.cancel_event.set()
+            logger.info("job cancel requested", extra={"job_id": job_id})
+        return job
+
+    def queue_length(self) -> int:
+        with self._lock:
+            return len(self._queued)
+
+    def close(self, wait: bool = True) -> None:
+        with self._lock:
+            self._closed = True
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            if job.state not in ENDED:
+                job.cancel_event.set()
+        self._pool.shutdown(wait=wait, cancel_futures=False)
+
+    def _execute(self, job: Job) -> None:
+        with self._lock:
+            self._queued.pop(job.job_id, None)
+            self._running.add(job.job_id)
+        queued = list(self._queued.values())
+        for index, waiting in enumerate(queued, start=1):
+            waiting.emit(Progress(Phase.QUEUED, 0.0, f"{index - 1} job(s) ahead" if index > 1 else "next to run"))
+        job.started = time.monotonic()
+        job.state = JobState.RUNNING
+        self._update_gauges()
+        outcome = JobState.COMPLETED
+        error: BaseException | None = None
+        with log_context(job_id=job.job_id, model_id=job.request.model_id):
+            try:
+                if job.should_stop():
+                    raise Cancelled("job cancelled before it started")
+                self._run(job)
+            except Cancelled as exc:
+                if job.cancel_event.is_set():
+                    outcome, error = JobState.CANCELLED, exc
+                else:
+                    outcome, error = JobState.FAILED, DeadlineExceeded("the job ran past the call's deadline and was stopped")
+            except BaseException as exc:  # noqa: BLE001 - every failure is reported to the job's watchers
+                outcome, error = JobState.FAILED, exc
+                logger.warning("job failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+            job.finish(outcome, error)
+            logger.info("job ended", extra={"state": outcome.value, "seconds": round(time.monotonic() - job.started, 3)})
+        with self._lock:
+            self._running.discard(job.job_id)
+        if self.metrics is not None:
+            self.metrics.jobs_finished.labels(outcome.value.lower()).inc()
+        self._update_gauges()
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [
+                job_id
+                for job_id, job in self._jobs.items()
+                if job.finished is not None and now - job.finished > self.limits.retention_seconds
+            ]
+            for job_id in expired:
+                del self._jobs[job_id]
+
+    def _update_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        with self._lock:
+            counts: dict[str, int] = dict.fromkeys((s.value.lower() for s in JobState), 0)
+            for job in self._jobs.values():
+                counts[job.state.value.lower()] += 1
+            queued = len(self._queued)
+        for state, count in counts.items():
+            self.metrics.jobs.labels(state).set(count)
+        self.metrics.job_queue_length.set(queued)
+

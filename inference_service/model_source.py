@@ -1,0 +1,181 @@
+"""Where loaded models come from: the model store, over gRPC.
+
+``StoreModelSource.resolve`` returns a local directory holding a READY model: the store's
+own directory when it is shared with this node, or a verified copy made with
+FetchModelFiles. When the model is not READY and auto-pull is on, it pulls it through the
+store and relays the store's progress to the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import grpc
+
+from inference_service.config import InferenceConfig
+from inference_service.model_cache import LoadProgress, ModelSpec, ProgressCallback
+from voxserve.modelstore.v1 import modelstore_pb2 as store_pb
+from voxserve.modelstore.v1 import modelstore_pb2_grpc as store_grpc
+from voxserve_common.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
+from voxserve_common.grpc_errors import error_for_status
+from voxserve_common.tracing import trace_metadata
+
+logger = logging.getLogger(__name__)
+
+KIND_NAMES = {store_pb.WHISPER: "whisper", store_pb.VAD: "vad", store_pb.DEMUCS: "demucs"}
+
+
+def _raise_from_rpc(error: grpc.RpcError, action: str) -> None:
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        raise Unavailable(f"model store unavailable while {action}: {details}") from error
+    raise error_for_status(code, f"model store: {details}") from error
+
+
+class StoreModelSource:
+    """Resolves model ids to local directories through the model store."""
+
+    def __init__(self, config: InferenceConfig, channel: grpc.Channel | None = None) -> None:
+        self.config = config
+        self.channel = channel or grpc.insecure_channel(
+            config.model_store, options=[("grpc.max_receive_message_length", 64 << 20)]
+        )
+        self.stub = store_grpc.ModelStoreStub(self.channel)
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def describe(self, model_id: str) -> store_pb.Model:
+        if not model_id:
+            raise InvalidArgument("model_id is required")
+        try:
+            return self.stub.GetModel(store_pb.GetModelRequest(model_id=model_id), metadata=trace_metadata(), timeout=30)
+        except grpc.RpcError as error:
+            _raise_from_rpc(error, f"looking up {model_id}")
+            raise  # unreachable
+
+    def kind_of(self, model_id: str) -> str:
+        return KIND_NAMES.get(self.describe(model_id).kind, "unknown")
+
+    def resolve(self, model_id: str, on_progress: ProgressCallback | None = None) -> ModelSpec:
+        """A READY model's local directory; pulls it first when allowed.
+
+        Raises NotFound (unknown id), FailedPrecondition (not READY and auto-pull off),
+        Unavailable (store down), DataLoss (fetched bytes do not match).
+        """
+        model = self.describe(model_id)
+        if model.state != store_pb.READY:
+            if not self.config.auto_pull:
+                state = store_pb.ModelState.Name(model.state)
+                raise FailedPrecondition(f"{model_id} is {state} in the model store and auto_pull is off; pull it first (voxctl models pull {model_id})")
+            model = self._pull(model_id, on_progress)
+        kind = KIND_NAMES.get(model.kind, "unknown")
+        if self.config.store_access == "fetch":
+            path = self._fetch(model, on_progress)
+        else:
+            path = self._shared_path(model)
+        return ModelSpec(model_id, kind, path, model.size_bytes)
+
+    def _pull(self, model_id: str, on_progress: ProgressCallback | None) -> store_pb.Model:
+        logger.info("model not ready in the store; pulling", extra={"model_id": model_id})
+        try:
+            for event in self.stub.PullModel(store_pb.PullModelRequest(model_id=model_id), metadata=trace_metadata()):
+                if on_progress is not None:
+                    state = store_pb.ModelState.Name(event.state)
+                    on_progress(LoadProgress(model_id, "pulling", event.bytes_done, event.bytes_total, event.message or state))
+        except grpc.RpcError as error:
+            _raise_from_rpc(error, f"pulling {model_id}")
+        return self.describe(model_id)
+
+    def _shared_path(self, model: store_pb.Model) -> Path:
+        if self.config.shared_store_dir is not None:
+            path = self.config.shared_store_dir / "models" / model.model_id
+        else:
+            path = Path(model.local_path)
+        missing = [f.path for f in model.files if not (path / f.path).is_file()]
+        if missing:
+            raise FailedPrecondition(
+                f"{model.model_id} is READY in the store but {path} lacks {missing[:3]} on this node; "
+                "share the store's data directory (shared_store_dir) or set store_access=fetch"
+            )
+        return path
+
+    def _fetch(self, model: store_pb.Model, on_progress: ProgressCallback | None) -> Path:
+        """Copy a READY model into cache_dir/<id>/<revision>, verified, renamed in whole."""
+        with self._locks_guard:
+            lock = self._fetch_locks.setdefault(model.model_id, threading.Lock())
+        with lock:
+            revision = "".join(c for c in (model.revision or "local") if c.isalnum())[:40] or "local"
+            target = self.config.cache_dir / model.model_id / revision
+            manifest = {f.path: [f.size, f.sha256] for f in model.files}
+            marker = target / ".voxserve-manifest.json"
+            if marker.is_file():
+                try:
+                    if json.loads(marker.read_text()) == manifest:
+                        return target
+                except ValueError:
+                    pass
+            staging = self.config.cache_dir / ".staging" / f"{model.model_id}-{uuid.uuid4().hex[:8]}"
+            staging.mkdir(parents=True)
+            try:
+                self._copy_files(model, staging, on_progress)
+                marker_tmp = staging / ".voxserve-manifest.json"
+                marker_tmp.write_text(json.dumps(manifest, sort_keys=True))
+                if target.exists():
+                    shutil.rmtree(target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            logger.info("model copied from the store", extra={"model_id": model.model_id, "path": str(target)})
+            return target
+
+    def _copy_files(self, model: store_pb.Model, staging: Path, on_progress: ProgressCallback | None) -> None:
+        expected = {f.path: f for f in model.files}
+        hashes: dict[str, hashlib._Hash] = {}
+        sizes: dict[str, int] = {}
+        handles: dict[str, object] = {}
+        done = 0
+        total = sum(f.size for f in model.files)
+        root = staging.resolve()
+        try:
+            stream = self.stub.FetchModelFiles(store_pb.FetchModelFilesRequest(model_id=model.model_id), metadata=trace_metadata())
+            for chunk in stream:
+                if chunk.path not in expected:
+                    raise DataLoss(f"store sent unexpected file {chunk.path!r} for {model.model_id}")
+                path = (root / chunk.path).resolve()
+                if not path.is_relative_to(root):
+                    raise DataLoss(f"store sent unsafe file name {chunk.path!r}")
+                if chunk.path not in handles:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    handles[chunk.path] = open(path, "wb")  # noqa: SIM115 - closed below
+                    hashes[chunk.path] = hashlib.sha256()
+                    sizes[chunk.path] = 0
+                if chunk.offset != sizes[chunk.path]:
+                    raise DataLoss(f"{chunk.path}: chunk at offset {chunk.offset}, expected {sizes[chunk.path]}")
+                handles[chunk.path].write(chunk.data)  # type: ignore[attr-defined]
+                hashes[chunk.path].update(chunk.data)
+                sizes[chunk.path] += len(chunk.data)
+                done += len(chunk.data)
+                if on_progress is not None:
+                    on_progress(LoadProgress(model.model_id, "copying", done, total, f"copying {chunk.path}"))
+        except grpc.RpcError as error:
+            _raise_from_rpc(error, f"copying {model.model_id}")
+        finally:
+            for handle in handles.values():
+                handle.close()  # type: ignore[attr-defined]
+        for path, file in expected.items():
+            if sizes.get(path) != file.size:
+                raise DataLoss(f"{model.model_id}/{path}: received {sizes.get(path, 0)} bytes, expected {file.size}")
+            if file.sha256 and hashes[path].hexdigest() != file.sha256:
+                raise DataLoss(f"{model.model_id}/{path}: sha256 mismatch after copy (expected {file.sha256}, got {hashes[path].hexdigest()})")

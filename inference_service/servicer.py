@@ -1,0 +1,281 @@
+"""gRPC adapter of the inference service: decode requests, call jobs/cache, encode events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from inference_service.audio import check_audio_size
+from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo
+from inference_service.jobs import Accepted, Completed, Job, JobEvent, JobManager, JobRequest, JobState, Progress
+from inference_service.model_cache import LoadedModelInfo, ModelCache
+from voxserve.inference.v1 import inference_pb2 as pb
+from voxserve.inference.v1 import inference_pb2_grpc as pb_grpc
+from voxserve_common.errors import InvalidArgument, Unavailable
+from voxserve_common.logs import log_context
+
+logger = logging.getLogger(__name__)
+
+TASKS = {pb.TASK_UNSPECIFIED: "transcribe", pb.TRANSCRIBE: "transcribe", pb.TRANSLATE: "translate"}
+JOB_STATES = {
+    JobState.QUEUED: pb.JOB_QUEUED,
+    JobState.RUNNING: pb.JOB_RUNNING,
+    JobState.COMPLETED: pb.JOB_COMPLETED,
+    JobState.FAILED: pb.JOB_FAILED,
+    JobState.CANCELLED: pb.JOB_CANCELLED,
+}
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def event_to_pb(job_id: str, event: JobEvent) -> pb.TranscribeEvent:
+    message = pb.TranscribeEvent(job_id=job_id, sequence=event.sequence, timestamp=_timestamp(event.timestamp))
+    payload = event.payload
+    if isinstance(payload, Segment):
+        message.segment.CopyFrom(
+            pb.Segment(
+                index=payload.index,
+                start=payload.start,
+                end=payload.end,
+                text=payload.text,
+                words=[pb.Word(start=w.start, end=w.end, word=w.word, probability=w.probability) for w in payload.words],
+                avg_logprob=payload.avg_logprob,
+                no_speech_prob=payload.no_speech_prob,
+            )
+        )
+    elif isinstance(payload, Progress):
+        message.progress.CopyFrom(
+            pb.Progress(
+                phase=pb.Phase.Value(payload.phase.value),
+                percent=payload.percent,
+                message=payload.message,
+                bytes_done=payload.bytes_done,
+                bytes_total=payload.bytes_total,
+            )
+        )
+    elif isinstance(payload, TranscriptionInfo):
+        message.info.CopyFrom(
+            pb.Info(language=payload.language, language_probability=payload.language_probability, duration=payload.duration)
+        )
+    elif isinstance(payload, Accepted):
+        message.accepted.CopyFrom(pb.Accepted(queue_position=payload.queue_position, model_id=payload.model_id))
+    elif isinstance(payload, Completed):
+        message.completed.CopyFrom(
+            pb.Completed(
+                audio_seconds=payload.audio_seconds,
+                processing_seconds=payload.processing_seconds,
+                real_time_factor=payload.real_time_factor,
+                model_load_seconds=payload.model_load_seconds,
+                cache_hit=payload.cache_hit,
+                segments=payload.segments,
+                text=payload.text,
+            )
+        )
+    return message
+
+
+def loaded_to_pb(info: LoadedModelInfo) -> pb.LoadedModel:
+    return pb.LoadedModel(
+        model_id=info.model_id,
+        kind=info.kind,
+        device=info.device,
+        compute_type=info.compute_type,
+        memory_bytes=info.memory_bytes,
+        loaded_at=_timestamp(info.loaded_at),
+        last_used=_timestamp(info.last_used),
+        hits=info.hits,
+        in_use=info.in_use,
+        pinned=info.pinned,
+    )
+
+
+def options_from_pb(options: pb.TranscribeOptions, default_model: str) -> tuple[str, TranscribeOptions, str, str]:
+    """(model_id, engine options, separate_model_id, job_id) from the request options."""
+    if options.task not in TASKS:
+        raise InvalidArgument(f"unknown task {options.task}; use TRANSCRIBE or TRANSLATE")
+    if options.beam_size < 0:
+        raise InvalidArgument(f"beam_size must be >= 0 (0 = default 5), got {options.beam_size}")
+    engine_options = TranscribeOptions(
+        language=options.language or None,
+        task=TASKS[options.task],
+        beam_size=options.beam_size or 5,
+        vad_filter=options.vad_filter,
+        word_timestamps=options.word_timestamps,
+        initial_prompt=options.initial_prompt or None,
+        hotwords=options.hotwords or None,
+    )
+    return options.model_id or default_model, engine_options, options.separate_model_id, options.job_id
+
+
+def merged_options(request: pb.TranscribeRequest) -> pb.TranscribeOptions:
+    """The nested options if given, else the flat aliases on the request."""
+    if request.HasField("options"):
+        return request.options
+    return pb.TranscribeOptions(
+        model_id=request.model_id,
+        language=request.language,
+        task=request.task,
+        beam_size=request.beam_size,
+        vad_filter=request.vad_filter,
+        word_timestamps=request.word_timestamps,
+        initial_prompt=request.initial_prompt,
+        hotwords=request.hotwords,
+        separate_model_id=request.separate_model_id,
+        job_id=request.job_id,
+    )
+
+
+class _Wakeup:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self.loop.call_soon_threadsafe(self.event.set)
+
+    async def wait(self, timeout: float | None = None) -> None:
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            return
+        self.event.clear()
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """Thin adapter over JobManager and ModelCache."""
+
+    def __init__(self, jobs: JobManager, cache: ModelCache, default_model: str, max_audio_bytes: int, shutting_down: asyncio.Event | None = None) -> None:
+        self.jobs = jobs
+        self.cache = cache
+        self.default_model = default_model
+        self.max_audio_bytes = max_audio_bytes
+        self.shutting_down = shutting_down or asyncio.Event()
+
+    # ------------------------------------------------------------- transcription
+
+    async def Transcribe(self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranscribeEvent]:
+        async for event in self._run_job(merged_options(request), request.audio, context):
+            yield event
+
+    async def TranscribeStream(self, request_iterator: AsyncIterator[pb.TranscribeChunk], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranscribeEvent]:
+        options: pb.TranscribeOptions | None = None
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in request_iterator:
+            if options is None:
+                if not chunk.HasField("options"):
+                    raise InvalidArgument("the first TranscribeChunk must carry options (model_id may be empty for the default)")
+                options = chunk.options
+            size += len(chunk.audio)
+            check_audio_size(size, self.max_audio_bytes)
+            parts.append(chunk.audio)
+        if options is None:
+            raise InvalidArgument("the stream held no chunks; send options and audio")
+        async for event in self._run_job(options, b"".join(parts), context):
+            yield event
+
+    async def _run_job(self, options: pb.TranscribeOptions, audio: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranscribeEvent]:
+        model_id, engine_options, separate, job_id = options_from_pb(options, self.default_model)
+        if not audio:
+            raise InvalidArgument("audio is empty; send the bytes of an audio file (wav, mp3, ogg, flac, ...)")
+        check_audio_size(len(audio), self.max_audio_bytes)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        request = JobRequest(model_id, audio, engine_options, separate, job_id, deadline)
+        job, existing = self.jobs.submit(request)
+        with log_context(job_id=job.job_id, model_id=model_id):
+            logger.info("job attached" if existing else "job accepted", extra={"audio_bytes": len(audio)})
+            completed = False
+            try:
+                async for event in self._follow(job, 0):
+                    yield event
+                completed = True
+            finally:
+                if not completed and not job.client_named and job.state not in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED):
+                    # The caller went away and gave no job_id to come back with: stop the work.
+                    job.cancel_event.set()
+                    logger.info("client left; job cancelled")
+
+    async def _follow(self, job: Job, after: int) -> AsyncIterator[pb.TranscribeEvent]:
+        """Every event of ``job`` after ``after``, live, until it ends; then its status."""
+        wakeup = _Wakeup(asyncio.get_running_loop())
+        job.add_listener(wakeup)
+        last = after
+        try:
+            while True:
+                done = job.done_event.is_set()
+                events = job.events_after(last)
+                if events is None:
+                    raise Unavailable(
+                        f"events after {last} of job {job.job_id} are no longer kept; the history holds the last "
+                        f"{self.jobs.limits.history_events}"
+                    )
+                for event in events:
+                    last = event.sequence
+                    yield event_to_pb(job.job_id, event)
+                if done:
+                    if job.error is not None:
+                        raise job.error
+                    return
+                if self.shutting_down.is_set() and not job.client_named:
+                    job.cancel_event.set()
+                await wakeup.wait(5.0)
+        finally:
+            job.remove_listener(wakeup)
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranscribeEvent]:
+        if not request.job_id:
+            raise InvalidArgument("job_id is required")
+        job = self.jobs.get(request.job_id)
+        async for event in self._follow(job, request.after_sequence):
+            yield event
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.CancelJobResponse:
+        if not request.job_id:
+            raise InvalidArgument("job_id is required")
+        job = self.jobs.cancel(request.job_id)
+        await asyncio.to_thread(job.done_event.wait, 5.0)
+        return pb.CancelJobResponse(job_id=job.job_id, state=JOB_STATES[job.state])
+
+    # ------------------------------------------------------------- cache
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadedModel:
+        if not request.model_id:
+            raise InvalidArgument("model_id is required")
+        with log_context(model_id=request.model_id):
+            info = await asyncio.to_thread(self.cache.load_model, request.model_id, request.pin)
+        return loaded_to_pb(info)
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
+        if not request.model_id:
+            raise InvalidArgument("model_id is required")
+        with log_context(model_id=request.model_id):
+            info = await asyncio.to_thread(self.cache.unload, request.model_id, request.force)
+        return pb.UnloadModelResponse(model_id=info.model_id, unloaded=True, freed_bytes=info.memory_bytes)
+
+    async def ListLoadedModels(self, request: pb.ListLoadedModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListLoadedModelsResponse:
+        return pb.ListLoadedModelsResponse(models=[loaded_to_pb(m) for m in self.cache.loaded()])
+
+    async def GetCacheStats(self, request: pb.GetCacheStatsRequest, context: grpc.aio.ServicerContext) -> pb.CacheStats:
+        stats = self.cache.stats()
+        return pb.CacheStats(
+            hits=stats.hits,
+            misses=stats.misses,
+            evictions=stats.evictions,
+            loads=stats.loads,
+            load_failures=stats.load_failures,
+            memory_used_bytes=stats.memory_used_bytes,
+            memory_budget_bytes=stats.memory_budget_bytes,
+            max_models=stats.max_models,
+            loaded_models=len(self.cache.loaded()),
+            device=self.cache.config.device,
+        )

@@ -1,0 +1,141 @@
+"""The transcription pipeline of one job: decode, (separate), (VAD), transcribe, stream.
+
+Runs in a job worker thread; every step reports progress on the job, segments are emitted
+as faster-whisper produces them, and ``job.should_stop`` is polled so a cancel or a
+passed deadline stops the work between segments.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from inference_service.audio import WHISPER_SAMPLE_RATE, audio_duration, decode_audio
+from inference_service.engines.device import DeviceChoice
+from inference_service.jobs import Completed, Job, Phase, Progress
+from inference_service.metrics import InferenceMetrics
+from inference_service.model_cache import LoadedModel, LoadProgress, ModelCache, ModelSpec
+from voxserve_common.errors import Cancelled, InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+
+def make_loader(device: DeviceChoice, cpu_threads: int = 0) -> Callable[[ModelSpec], LoadedModel]:
+    """The cache's load function: builds the right engine for the model's kind."""
+
+    def load(spec: ModelSpec) -> LoadedModel:
+        if spec.kind == "whisper":
+            from inference_service.engines.whisper import WhisperEngine
+
+            return WhisperEngine.load(spec.model_id, spec.path, device, cpu_threads)
+        if spec.kind == "vad":
+            from inference_service.engines.vad import SileroVadEngine
+
+            return SileroVadEngine.load(spec.model_id, spec.path, device)
+        if spec.kind == "demucs":
+            from inference_service.engines.separation import DemucsSeparator
+
+            return DemucsSeparator.load(spec.model_id, spec.path, device, name=_demucs_name(spec))
+        raise InvalidArgument(f"model {spec.model_id!r} has kind {spec.kind!r}, which this service cannot load")
+
+    return load
+
+
+def _demucs_name(spec: ModelSpec) -> str | None:
+    yamls = sorted(Path(spec.path).glob("*.yaml"))
+    return yamls[0].stem if len(yamls) == 1 else spec.model_id
+
+
+class Transcriber:
+    """Runs jobs against models leased from the cache."""
+
+    def __init__(self, cache: ModelCache, vad_model_id: str, metrics: InferenceMetrics | None = None) -> None:
+        self.cache = cache
+        self.vad_model_id = vad_model_id
+        self.metrics = metrics
+
+    def run(self, job: Job) -> None:
+        request = job.request
+        started = time.monotonic()
+        job.emit(Progress(Phase.DECODING, 0.0, "decoding audio"))
+        audio = decode_audio(request.audio, WHISPER_SAMPLE_RATE)
+        duration = audio_duration(audio, WHISPER_SAMPLE_RATE)
+        self._check_stop(job)
+
+        def relay(progress: LoadProgress) -> None:
+            if progress.stage in ("pulling", "copying"):
+                percent = 100.0 * progress.bytes_done / progress.bytes_total if progress.bytes_total else 0.0
+                job.emit(Progress(Phase.PULLING_MODEL, percent, progress.message or progress.stage, progress.bytes_done, progress.bytes_total))
+            elif progress.stage == "loading":
+                job.emit(Progress(Phase.LOADING_MODEL, 0.0, f"loading {progress.model_id}"))
+
+        with self.cache.acquire(request.model_id, expected_kind="whisper", on_progress=relay) as lease:
+            load_seconds = lease.load_seconds
+            cache_hit = lease.cache_hit
+            self._check_stop(job)
+            if request.separate_model_id:
+                audio = self._separate(job, request.separate_model_id, relay)
+            options = request.options
+            if options.vad_filter:
+                spans = self._speech_spans(job, audio, relay)
+                if not spans:
+                    self._complete(job, started, duration, load_seconds, cache_hit, [])
+                    return
+                flat = tuple(t for span in spans for t in span)
+                options = replace(options, vad_filter=False, clip_timestamps=flat)
+            job.emit(Progress(Phase.TRANSCRIBING, 0.0, "transcribing"))
+            info, segments = lease.model.transcribe(audio, options, job.should_stop)  # type: ignore[attr-defined]
+            job.emit(info)
+            texts: list[str] = []
+            for segment in segments:
+                if job.first_segment_at is None:
+                    job.first_segment_at = time.monotonic()
+                    if self.metrics is not None:
+                        self.metrics.time_to_first_segment.labels(request.model_id).observe(job.first_segment_at - job.created)
+                job.emit(segment)
+                texts.append(segment.text)
+                percent = min(100.0, 100.0 * segment.end / duration) if duration else 100.0
+                job.emit(Progress(Phase.TRANSCRIBING, percent))
+            self._complete(job, started, duration, load_seconds, cache_hit, texts)
+
+    def _complete(self, job: Job, started: float, duration: float, load_seconds: float, cache_hit: bool, texts: list[str]) -> None:
+        processing = time.monotonic() - started
+        rtf = processing / duration if duration > 0 else 0.0
+        job.emit(Progress(Phase.DONE, 100.0))
+        job.emit(Completed(duration, processing, rtf, load_seconds, cache_hit, len(texts), " ".join(t for t in texts if t)))
+        if self.metrics is not None:
+            self.metrics.audio_seconds.labels(job.request.model_id).inc(duration)
+            self.metrics.real_time_factor.labels(job.request.model_id).observe(rtf)
+        logger.info(
+            "transcription completed",
+            extra={"audio_seconds": round(duration, 3), "processing_seconds": round(processing, 3), "rtf": round(rtf, 4), "segments": len(texts)},
+        )
+
+    def _separate(self, job: Job, model_id: str, relay: Callable[[LoadProgress], None]) -> np.ndarray:
+        job.emit(Progress(Phase.SEPARATING, 0.0, f"isolating vocals with {model_id}"))
+        with self.cache.acquire(model_id, expected_kind="demucs", on_progress=relay) as lease:
+            separator = lease.model
+            mixed = separator.decode_for_model(job.request.audio)  # type: ignore[attr-defined]
+            vocals = separator.separate_vocals(mixed, job.should_stop)  # type: ignore[attr-defined]
+            audio = separator.vocals_for_whisper(vocals)  # type: ignore[attr-defined]
+        job.emit(Progress(Phase.SEPARATING, 100.0, "vocals isolated"))
+        self._check_stop(job)
+        return audio
+
+    def _speech_spans(self, job: Job, audio: np.ndarray, relay: Callable[[LoadProgress], None]) -> list[tuple[float, float]]:
+        job.emit(Progress(Phase.VAD, 0.0, f"finding speech with {self.vad_model_id}"))
+        with self.cache.acquire(self.vad_model_id, expected_kind="vad", on_progress=relay) as lease:
+            spans = lease.model.speech_timestamps(audio)  # type: ignore[attr-defined]
+        job.emit(Progress(Phase.VAD, 100.0, f"{len(spans)} speech span(s)"))
+        self._check_stop(job)
+        return [(float(start), float(end)) for start, end in spans]
+
+    @staticmethod
+    def _check_stop(job: Job) -> None:
+        if job.should_stop():
+            raise Cancelled("job cancelled")

@@ -1,0 +1,112 @@
+"""Transcribe through the real services: tiny.en from the store, real speech, real words."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import grpc
+import pytest
+from conftest import InferenceHandle
+from support import DATA_DIR, wait_for
+
+from voxserve.inference.v1 import inference_pb2 as pb
+
+TRANSCRIPTS = json.loads((DATA_DIR / "transcripts.json").read_text())
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    ref, hyp = words(reference), words(hypothesis)
+    previous = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        current = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h))
+        previous = current
+    return previous[-1] / max(1, len(ref))
+
+
+def transcribe(handle: InferenceHandle, audio: bytes, timeout: float = 120, **options) -> list[pb.TranscribeEvent]:
+    request = pb.TranscribeRequest(audio=audio, options=pb.TranscribeOptions(**options))
+    return list(handle.stub.Transcribe(request, timeout=timeout))
+
+
+def segments_of(events: list[pb.TranscribeEvent]) -> list[pb.Segment]:
+    return [e.segment for e in events if e.WhichOneof("event") == "segment"]
+
+
+def test_tiny_en_transcribes_generated_speech_wer_below_0_25(inference: InferenceHandle) -> None:
+    audio = (DATA_DIR / "speech_short.wav").read_bytes()
+    events = transcribe(inference, audio, word_timestamps=True)
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "accepted" and kinds[-1] == "completed"
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert len({e.job_id for e in events}) == 1
+    text = " ".join(s.text for s in segments_of(events))
+    assert word_error_rate(TRANSCRIPTS["speech_short.wav"], text) <= 0.25, text
+    info = next(e.info for e in events if e.WhichOneof("event") == "info")
+    assert info.language == "en" and info.duration == pytest.approx(3.24, abs=0.1)
+    all_words = [w for s in segments_of(events) for w in s.words]
+    assert all_words and all(0 <= w.start <= w.end <= info.duration + 0.05 for w in all_words)
+    completed = events[-1].completed
+    assert completed.audio_seconds == pytest.approx(info.duration, abs=0.01)
+    assert completed.real_time_factor > 0 and completed.cache_hit is False
+    assert completed.text.strip() == text.strip()
+    phases = [e.progress.phase for e in events if e.WhichOneof("event") == "progress"]
+    assert pb.DECODING in phases and pb.LOADING_MODEL in phases and pb.TRANSCRIBING in phases and phases[-1] == pb.DONE
+
+
+def test_second_request_is_a_cache_hit(inference: InferenceHandle) -> None:
+    audio = (DATA_DIR / "speech_short.ogg").read_bytes()
+    transcribe(inference, audio)
+    events = transcribe(inference, audio)
+    assert events[-1].completed.cache_hit is True
+    stats = inference.stub.GetCacheStats(pb.GetCacheStatsRequest())
+    assert stats.hits >= 1 and stats.misses == 1 and stats.loads == 1
+
+
+def test_segments_stream_before_completed(inference: InferenceHandle) -> None:
+    audio = (DATA_DIR / "speech_multi.wav").read_bytes()
+    events = transcribe(inference, audio)
+    kinds = [e.WhichOneof("event") for e in events]
+    first_segment = kinds.index("segment")
+    assert first_segment < kinds.index("completed")
+    assert kinds.count("segment") >= 3
+    text = " ".join(s.text for s in segments_of(events))
+    assert word_error_rate(TRANSCRIPTS["speech_multi.wav"], text) <= 0.35, text
+
+
+def test_silence_gives_empty_transcript_with_vad(inference: InferenceHandle) -> None:
+    events = transcribe(inference, (DATA_DIR / "silence.wav").read_bytes(), vad_filter=True)
+    assert segments_of(events) == []
+    assert events[-1].completed.segments == 0
+
+
+@pytest.mark.parametrize(
+    "audio, code, fragment",
+    [
+        (b"", grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (b"this is not audio at all" * 20, grpc.StatusCode.INVALID_ARGUMENT, "not a media file"),
+    ],
+)
+def test_bad_audio(inference: InferenceHandle, audio: bytes, code: grpc.StatusCode, fragment: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        transcribe(inference, audio)
+    assert info.value.code() == code
+    assert fragment in info.value.details().lower()
+
+
+def test_unknown_and_wrong_kind_models(inference: InferenceHandle) -> None:
+    audio = (DATA_DIR / "speech_short.wav").read_bytes()
+    with pytest.raises(grpc.RpcError) as info:
+        transcribe(inference, audio, model_id="no-such-model")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        transcribe(inference, audio, model_id="silero-vad")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "vad" in info.value.details() and "whisper" in info.value.details()
