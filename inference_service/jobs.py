@@ -211,7 +211,8 @@ class JobManager:
                         raise AlreadyExists(f"job_id {request.job_id!r} is already used for different audio or options; pick a new job_id")
                     return existing, True
             running = len(self._running)
-            if len(self._queued) >= self.limits.max_queued and running >= self.limits.max_running:
+            active = running + len(self._queued)
+            if active >= self.limits.max_running + self.limits.max_queued:
                 raise ResourceExhausted(
                     f"too many jobs: {running} running and {len(self._queued)} queued "
                     f"(limits {self.limits.max_running} running, {self.limits.max_queued} queued); retry later"
@@ -220,7 +221,7 @@ class JobManager:
             job = Job(job_id, request, self.limits.history_events, client_named=bool(request.job_id))
             self._jobs[job_id] = job
             self._queued[job_id] = job
-            position = len(self._queued) - 1 if running >= self.limits.max_running else 0
+            position = max(0, active - self.limits.max_running + 1)
         job.emit(Accepted(position, request.model_id))
         if position:
             job.emit(Progress(Phase.QUEUED, 0.0, f"{position} job(s) ahead"))
@@ -261,9 +262,9 @@ class JobManager:
         with self._lock:
             self._queued.pop(job.job_id, None)
             self._running.add(job.job_id)
-        queued = list(self._queued.values())
-        for index, waiting in enumerate(queued, start=1):
-            waiting.emit(Progress(Phase.QUEUED, 0.0, f"{index - 1} job(s) ahead" if index > 1 else "next to run"))
+            waiting = list(self._queued.values())
+        for ahead, waiting_job in enumerate(waiting):
+            waiting_job.emit(Progress(Phase.QUEUED, 0.0, f"{ahead} job(s) ahead" if ahead else "next to run"))
         job.started = time.monotonic()
         job.state = JobState.RUNNING
         self._update_gauges()

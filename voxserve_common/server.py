@@ -40,6 +40,8 @@ class _RpcScope:
     @contextlib.contextmanager
     def run(self) -> Iterator[None]:
         parent = context_from_metadata(self.context.invocation_metadata())
+        # Read the peer now: grpc.aio's context.peer() on a cancelled call can crash.
+        peer = self.context.peer()
         token = otel_context.attach(parent)
         started = time.perf_counter()
         if self.metrics:
@@ -76,7 +78,7 @@ class _RpcScope:
                             "rpc_method": self.method,
                             "grpc_code": self.code.name,
                             "duration_ms": round(duration * 1000, 3),
-                            "peer": self.context.peer(),
+                            "peer": peer,
                             **({"detail": self.detail} if self.detail else {}),
                         },
                     )
