@@ -1,0 +1,1 @@
+"""Tests of the deployment configuration (docker-compose.yml and deploy/)."""
