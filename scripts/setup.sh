@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Create .venv with the project installed: torch 2.13.0 (CPU) first, then voxserve.
+# System packages: python3-venv if venv is missing; with --test also espeak-ng, sox and
+# prometheus (promtool checks the Prometheus config in the tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+SUDO=""
+if [[ "$(id -u)" != "0" ]]; then SUDO="sudo"; fi
+
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        echo "==> installing system packages: ${missing[*]}"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "voxserve needs Python >= 3.11; set PYTHON=/path/to/python3.11" >&2
+    exit 1
+fi
+if ! "$PYTHON" -m venv --help >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepip' >/dev/null 2>&1; then
+    apt_install python3-venv
+fi
+if ((want_test)); then
+    apt_install espeak-ng sox prometheus
+fi
+
+stamp=".venv/.voxserve-installed"
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+    echo "==> creating .venv"
+    [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    echo "==> installing torch 2.13.0 (CPU) first, so pip does not pick a CUDA build"
+    .venv/bin/pip install -q torch==2.13.0
+    echo "==> installing voxserve"
+    .venv/bin/pip install -q -e '.[test]'
+    touch "$stamp"
+fi
