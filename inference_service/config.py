@@ -33,6 +33,10 @@ class InferenceConfig:
     watchdog_interval_seconds: float = 5.0
     watchdog_threshold: float = 0.95
     max_running_jobs: int = 1
+    # faster-whisper's BatchedInferencePipeline (batch_size VAD chunks at once; ~30 s
+    # segments without word-level timing unless asked): faster on long audio.
+    batched: bool = False
+    batch_size: int = 8
     max_queued_jobs: int = 16
     max_audio_bytes: int = 200 * 1024 * 1024
     job_retention_seconds: float = 600.0   # how long ended jobs stay watchable
@@ -49,6 +53,7 @@ class InferenceConfig:
             (self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
             (self.max_models >= 1, "max_models", "must be >= 1"),
             (self.max_running_jobs >= 1, "max_running_jobs", "must be >= 1"),
+            (1 <= self.batch_size <= 64, "batch_size", "must be 1-64"),
             (self.max_queued_jobs >= 0, "max_queued_jobs", "must be >= 0"),
             (self.max_audio_bytes > 0, "max_audio_bytes", "must be > 0"),
             (self.job_retention_seconds >= 0, "job_retention_seconds", "must be >= 0"),

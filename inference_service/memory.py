@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -106,6 +107,27 @@ def _torch() -> Any:
     return torch
 
 
+CGROUP_LIMIT_FILES = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
+def cgroup_memory_limit(files: tuple[Path, ...] = CGROUP_LIMIT_FILES) -> int | None:
+    """The container's memory limit (cgroup v2 or v1), None when unlimited or unknown.
+
+    A percent budget inside a container must be a share of its limit, not of the host's
+    RAM, or the default 80% gets the process OOM-killed.
+    """
+    for path in files:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max" or not text.isdigit():
+            return None
+        value = int(text)
+        return value if value < (1 << 60) else None
+    return None
+
+
 class MemoryProbe:
     """Reads memory figures of this process and its device.
 
@@ -121,7 +143,9 @@ class MemoryProbe:
         if is_cuda(device):
             _free, total = _torch().cuda.mem_get_info(device_index(device))
             return int(total)
-        return int(psutil.virtual_memory().total)
+        ram = int(psutil.virtual_memory().total)
+        limit = cgroup_memory_limit()
+        return min(ram, limit) if limit else ram
 
     def device_used_bytes(self, device: str) -> int:
         """Memory in use on the whole device, by every process (RAM or VRAM)."""

@@ -54,8 +54,15 @@ def _demucs_name(spec: ModelSpec) -> str | None:
 class Transcriber:
     """Runs jobs against models leased from the cache."""
 
-    def __init__(self, cache: ModelCache, vad_model_id: str, metrics: InferenceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        cache: ModelCache,
+        vad_model_id: str,
+        metrics: InferenceMetrics | None = None,
+        batch_size: int = 0,
+    ) -> None:
         self.cache = cache
+        self.batch_size = batch_size  # > 0: use faster-whisper's BatchedInferencePipeline
         self.vad_model_id = vad_model_id
         self.metrics = metrics
 
@@ -89,7 +96,12 @@ class Transcriber:
                 flat = tuple(t for span in spans for t in span)
                 options = replace(options, vad_filter=False, clip_timestamps=flat)
             job.emit(Progress(Phase.TRANSCRIBING, 0.0, "transcribing"))
-            info, segments = lease.model.transcribe(audio, options, job.should_stop)  # type: ignore[attr-defined]
+            if self.batch_size > 0:
+                info, segments = lease.model.transcribe_batched(  # type: ignore[attr-defined]
+                    audio, options, job.should_stop, batch_size=self.batch_size, without_timestamps=not options.word_timestamps
+                )
+            else:
+                info, segments = lease.model.transcribe(audio, options, job.should_stop)  # type: ignore[attr-defined]
             job.emit(info)
             texts: list[str] = []
             for segment in segments:

@@ -454,3 +454,14 @@ def test_parse_memory_budget_rejects_garbage_naming_it(text: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         parse_memory_budget(text, total=1000)
     assert repr(text) in str(caught.value)
+
+
+def test_cgroup_memory_limit_caps_the_percent_budget(tmp_path: Path) -> None:
+    from inference_service.memory import cgroup_memory_limit
+
+    v2 = tmp_path / "memory.max"
+    v2.write_text("4294967296\n")
+    assert cgroup_memory_limit((v2,)) == 4 << 30
+    v2.write_text("max\n")
+    assert cgroup_memory_limit((v2,)) is None
+    assert cgroup_memory_limit((tmp_path / "absent",)) is None
