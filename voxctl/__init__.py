@@ -1,0 +1,1 @@
+"""voxctl: the command-line client of the voxserve model store and inference service."""

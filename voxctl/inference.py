@@ -1,0 +1,311 @@
+"""``voxctl transcribe``, ``ps``, ``load``, ``unload`` and ``jobs``: the inference service."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from voxctl.formats import WRITERS, TranscriptWriter, human_size, relative_age
+from voxctl.output import message_to_dict, print_json, render_table
+from voxctl.progress import StatusLine, bar
+from voxctl.rpc import CliError, Session, error_code
+from voxserve.inference.v1 import inference_pb2 as pb
+
+# One Transcribe message up to this size; larger audio goes through TranscribeStream.
+SINGLE_REQUEST_MAX_BYTES = 3 << 20
+CHUNK_BYTES = 1 << 20
+RESUME_TRIES = 3
+TASKS = {"transcribe": pb.TRANSCRIBE, "translate": pb.TRANSLATE}
+
+
+def transcribe_options(args: argparse.Namespace) -> pb.TranscribeOptions:
+    return pb.TranscribeOptions(
+        model_id=args.model or "",
+        language=args.language or "",
+        task=TASKS[args.task] if args.task else pb.TASK_UNSPECIFIED,
+        beam_size=args.beam_size or 0,
+        vad_filter=args.vad,
+        word_timestamps=args.words,
+        initial_prompt=args.initial_prompt or "",
+        hotwords=args.hotwords or "",
+        separate_model_id=args.separate or "",
+        job_id=args.job_id or "",
+    )
+
+
+def _read_up_to(source: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes; short only at end of input (pipes return partial reads)."""
+    parts: list[bytes] = []
+    remaining = size
+    while remaining > 0:
+        block = source.read(remaining)
+        if not block:
+            break
+        parts.append(block)
+        remaining -= len(block)
+    return b"".join(parts)
+
+
+def _chunks(options: pb.TranscribeOptions, head: bytes, source: BinaryIO) -> Iterator[pb.TranscribeChunk]:
+    """1 MiB chunks, the first carrying the options; the rest of the input is read
+    lazily, so a long recording is never held in memory whole."""
+    pending = head
+    first = True
+    while True:
+        if len(pending) < CHUNK_BYTES:
+            pending += _read_up_to(source, CHUNK_BYTES - len(pending))
+        if not pending:
+            return
+        block, pending = pending[:CHUNK_BYTES], pending[CHUNK_BYTES:]
+        yield pb.TranscribeChunk(options=options if first else None, audio=block)
+        first = False
+
+
+def _open_input(path: str) -> BinaryIO:
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb")
+    except OSError as error:
+        raise CliError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+class JobFollower:
+    """Renders a job's event stream and survives a broken connection.
+
+    Segments go to stdout as they arrive; progress, language info and the final summary
+    go to stderr. When a stream fails with UNAVAILABLE and the job id is known (from
+    ``--job-id`` or any event), the job is followed again with ``WatchJob(job_id,
+    after_sequence=last)``; events at or below the last sequence seen are skipped, so no
+    segment is lost or printed twice.
+    """
+
+    def __init__(self, session: Session, writer: TranscriptWriter, job_id: str = "", cancel_on_interrupt: bool = True) -> None:
+        self.session = session
+        self.cancel_on_interrupt = cancel_on_interrupt
+        self.writer = writer
+        self.job_id = job_id
+        self.last_sequence = 0
+        self.completed: pb.Completed | None = None
+        self.status = StatusLine(session.err)
+        self.call: Any = None
+
+    def run(self, start: Callable[[], Any]) -> int:
+        tries = 0
+        # The UNAVAILABLE that broke the first stream before any event arrived: if the job
+        # then proves unknown (it never reached the server), that error is the real cause.
+        unreached: grpc.RpcError | None = None
+        self.call = start()
+        try:
+            while True:
+                try:
+                    self._consume(self.call)
+                    break
+                except grpc.RpcError as error:
+                    code = error_code(error)
+                    if code == grpc.StatusCode.NOT_FOUND and unreached is not None and self.last_sequence == 0:
+                        raise unreached from error
+                    if code != grpc.StatusCode.UNAVAILABLE or not self.job_id or tries >= RESUME_TRIES:
+                        raise
+                    if self.last_sequence == 0 and unreached is None:
+                        unreached = error
+                    tries += 1
+                    delay = 0.5 * 2 ** (tries - 1)
+                    self.status.note(
+                        f"connection lost ({error.details()}); resuming job {self.job_id} after event "
+                        f"{self.last_sequence} in {delay:g} s (try {tries}/{RESUME_TRIES})"
+                    )
+                    time.sleep(delay)
+                    self.call = self.watch()
+        except KeyboardInterrupt:
+            self.call.cancel()
+            self.status.done()
+            if self.cancel_on_interrupt:
+                self._cancel_job()
+            else:
+                self.session.err.write(f"interrupted; job {self.job_id} continues\n")
+            return 130
+        finally:
+            self.status.done()
+            self.session.out.flush()
+        if self.completed is None:
+            raise CliError(f"the event stream of job {self.job_id or '?'} ended before the job completed")
+        self.writer.finish()
+        self._summary(self.completed)
+        return 0
+
+    def watch(self) -> Any:
+        """WatchJob from the last sequence seen."""
+        stub = self.session.inference()
+        request = pb.WatchJobRequest(job_id=self.job_id, after_sequence=self.last_sequence)
+        return self.session.call(stub.WatchJob, request, default_timeout=None)
+
+    def _cancel_job(self) -> None:
+        if not self.job_id:
+            self.session.err.write("interrupted\n")
+            return
+        try:
+            response = self.session.call(self.session.inference().CancelJob, pb.CancelJobRequest(job_id=self.job_id), 5.0)
+            self.session.err.write(f"interrupted; job {self.job_id} {pb.JobState.Name(response.state)}\n")
+        except grpc.RpcError as error:
+            self.session.err.write(f"interrupted; could not cancel job {self.job_id}: {error.details()}\n")
+
+    def _consume(self, call: Any) -> None:
+        for event in call:
+            if event.job_id and not self.job_id:
+                self.job_id = event.job_id
+            if event.sequence:
+                if event.sequence <= self.last_sequence:
+                    continue  # replayed by WatchJob after a resume
+                self.last_sequence = event.sequence
+            self.handle(event)
+
+    def handle(self, event: pb.TranscribeEvent) -> None:
+        self.writer.event(message_to_dict(event))
+        kind = event.WhichOneof("event")
+        if kind == "accepted":
+            accepted = event.accepted
+            where = f"queued at position {accepted.queue_position}" if accepted.queue_position else "running"
+            self.status.update(f"job {event.job_id} {where} (model {accepted.model_id or 'default'})", key=("accepted", accepted.queue_position))
+        elif kind == "progress":
+            self.status.update(progress_status(event.progress), key=event.progress.phase)
+        elif kind == "info":
+            info = event.info
+            self.status.note(f"language {info.language or '?'} (p={info.language_probability:.2f}), {info.duration:.2f} s of audio")
+        elif kind == "segment":
+            self.status.clear()
+            self.writer.segment(event.segment)
+            self.status.restore()
+        elif kind == "completed":
+            self.completed = event.completed
+
+    def _summary(self, done: pb.Completed) -> None:
+        cache = "cache hit" if done.cache_hit else f"cache miss, model load {done.model_load_seconds:.2f} s"
+        self.session.err.write(
+            f"done: {done.audio_seconds:.2f} s of audio in {done.processing_seconds:.2f} s "
+            f"(RTF {done.real_time_factor:.3f}); {cache}; {done.segments} segments; job {self.job_id}\n"
+        )
+        self.session.err.flush()
+
+
+def progress_status(progress: pb.Progress) -> str:
+    phase = pb.Phase.Name(progress.phase)
+    text = f"{phase:<13} {bar(progress.percent / 100)} {progress.percent:5.1f}%"
+    if progress.bytes_total:
+        text += f"  {human_size(progress.bytes_done)}/{human_size(progress.bytes_total)}"
+    if progress.message:
+        text += f"  {progress.message}"
+    return text
+
+
+def cmd_transcribe(session: Session, args: argparse.Namespace) -> int:
+    options = transcribe_options(args)
+    source = _open_input(args.file)
+    try:
+        head = _read_up_to(source, SINGLE_REQUEST_MAX_BYTES + 1)
+        stub = session.inference()
+
+        def start() -> Any:
+            if len(head) <= SINGLE_REQUEST_MAX_BYTES:
+                request = pb.TranscribeRequest(options=options, audio=head)
+                return session.call(stub.Transcribe, request, default_timeout=None)
+            return session.call(stub.TranscribeStream, _chunks(options, head, source), default_timeout=None)
+
+        writer = WRITERS[args.format or ("json" if session.json else "text")](session.out)
+        return JobFollower(session, writer, job_id=args.job_id or "").run(start)
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+
+
+def cmd_jobs_watch(session: Session, args: argparse.Namespace) -> int:
+    writer = WRITERS[args.format or ("json" if session.json else "text")](session.out)
+    # Ctrl-C stops watching; it does not cancel a job this command did not start.
+    follower = JobFollower(session, writer, job_id=args.job_id, cancel_on_interrupt=False)
+    follower.last_sequence = args.after
+    return follower.run(follower.watch)
+
+
+def cmd_jobs_cancel(session: Session, args: argparse.Namespace) -> int:
+    response = session.call(session.inference().CancelJob, pb.CancelJobRequest(job_id=args.job_id))
+    if session.json:
+        print_json(message_to_dict(response), session.out)
+    else:
+        session.out.write(f"job {response.job_id or args.job_id}: {pb.JobState.Name(response.state)}\n")
+    return 0
+
+
+def _age(stamp: Timestamp) -> str:
+    if not (stamp.seconds or stamp.nanos):
+        return "-"
+    return relative_age(time.time() - stamp.ToNanoseconds() / 1e9)
+
+
+def cmd_ps(session: Session, args: argparse.Namespace) -> int:
+    stub = session.inference()
+    loaded = session.call(stub.ListLoadedModels, pb.ListLoadedModelsRequest())
+    stats = session.call(stub.GetCacheStats, pb.GetCacheStatsRequest())
+    if session.json:
+        print_json({"models": message_to_dict(loaded)["models"], "cache": message_to_dict(stats)}, session.out)
+        return 0
+    rows = [
+        [
+            m.model_id,
+            m.kind or "-",
+            m.device or "-",
+            m.compute_type or "-",
+            human_size(m.memory_bytes),
+            str(m.hits),
+            str(m.in_use),
+            "yes" if m.pinned else "no",
+            _age(m.last_used),
+        ]
+        for m in loaded.models
+    ]
+    headers = ["MODEL", "KIND", "DEVICE", "COMPUTE", "MEMORY", "HITS", "IN_USE", "PINNED", "LAST_USED"]
+    session.out.write(render_table(headers, rows, right=["MEMORY", "HITS", "IN_USE"]))
+    session.out.write(cache_summary(stats) + "\n")
+    return 0
+
+
+def cache_summary(stats: pb.CacheStats) -> str:
+    budget = human_size(stats.memory_budget_bytes) if stats.memory_budget_bytes else "unlimited"
+    max_models = str(stats.max_models) if stats.max_models else "unlimited"
+    return (
+        f"cache: {stats.loaded_models} of {max_models} models, {human_size(stats.memory_used_bytes)} of {budget}"
+        f" on {stats.device or '?'}; hits {stats.hits}, misses {stats.misses}, evictions {stats.evictions},"
+        f" loads {stats.loads} ({stats.load_failures} failed)"
+    )
+
+
+def cmd_load(session: Session, args: argparse.Namespace) -> int:
+    # Loading may first pull the model from the store: no default deadline.
+    request = pb.LoadModelRequest(model_id=args.model_id, pin=args.pin)
+    model = session.call(session.inference().LoadModel, request, default_timeout=None)
+    if session.json:
+        print_json(message_to_dict(model), session.out)
+        return 0
+    pinned = ", pinned" if model.pinned else ""
+    session.out.write(
+        f"{model.model_id}: loaded on {model.device or '?'} ({model.compute_type or '?'}), "
+        f"{human_size(model.memory_bytes)}{pinned}\n"
+    )
+    return 0
+
+
+def cmd_unload(session: Session, args: argparse.Namespace) -> int:
+    request = pb.UnloadModelRequest(model_id=args.model_id, force=args.force)
+    response = session.call(session.inference().UnloadModel, request)
+    if session.json:
+        print_json(message_to_dict(response), session.out)
+    elif response.unloaded:
+        session.out.write(f"{response.model_id or args.model_id}: unloaded, freed {human_size(response.freed_bytes)}\n")
+    else:
+        session.out.write(f"{response.model_id or args.model_id}: was not loaded\n")
+    return 0
