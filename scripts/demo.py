@@ -42,7 +42,7 @@ def wait_healthy(name: str, address: str, process: subprocess.Popen[bytes], log:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             sys.exit(f"{name} exited with code {process.returncode}; see {log}")
-        if check(address, timeout=1.0):
+        if check(address, timeout=1.0, quiet=True):
             return
         time.sleep(0.3)
     sys.exit(f"{name} did not become healthy in {timeout:.0f} s; see {log}")

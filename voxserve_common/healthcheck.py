@@ -11,16 +11,18 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
+def check(address: str, service: str = "", timeout: float = 3.0, quiet: bool = False) -> bool:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as error:
+            if quiet:
+                return False
             print(f"{address}: {error.code().name}: {error.details()}", file=sys.stderr)
             return False
     serving = response.status == health_pb2.HealthCheckResponse.SERVING
-    if not serving:
+    if not serving and not quiet:
         print(f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}", file=sys.stderr)
     return serving
 

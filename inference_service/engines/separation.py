@@ -55,7 +55,7 @@ class DemucsSeparator:
 
     def __init__(self, model_id: str, bag: BagOfModels, device: DeviceChoice) -> None:
         self.model_id = model_id
-        self.device = device
+        self.choice = device
         self._bag: BagOfModels | None = bag
 
     @classmethod
@@ -163,11 +163,20 @@ class DemucsSeparator:
                 split=True,
                 overlap=overlap,
                 progress=False,
-                device=self.device.device,
+                device=self.choice.device,
                 callback=check_stop,
             )[0]
             vocals = stems[bag.sources.index(VOCALS)] * std + mean
         return np.ascontiguousarray(vocals.cpu().numpy(), dtype=np.float32)
+
+    @property
+    def device(self) -> str:
+        """Where the model runs ("cpu" or "cuda"), for the cache's listing."""
+        return self.choice.device
+
+    @property
+    def compute_type(self) -> str:
+        return "float32"
 
     def close(self) -> None:
         """Free the weights now (and CUDA's cached blocks) rather than at the next GC."""
@@ -175,6 +184,6 @@ class DemucsSeparator:
             return
         self._bag = None
         gc.collect()
-        if self.device.device == "cuda":
+        if self.choice.device == "cuda":
             torch.cuda.empty_cache()
         logger.info("demucs model closed", extra={"model_id": self.model_id})

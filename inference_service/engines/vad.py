@@ -68,7 +68,7 @@ class SileroVadEngine:
 
     def __init__(self, model_id: str, model: Any, device: DeviceChoice, path: Path) -> None:
         self.model_id = model_id
-        self.device = device
+        self.choice = device
         self.path = path
         self._model: Any | None = model
         self._lock = threading.Lock()
@@ -126,6 +126,15 @@ class SileroVadEngine:
                 speech_pad_ms=speech_pad_ms,
             )
         return [(span["start"] / SAMPLE_RATE, span["end"] / SAMPLE_RATE) for span in spans]
+
+    @property
+    def device(self) -> str:
+        """Where the model runs ("cpu" or "cuda"), for the cache's listing."""
+        return self.choice.device
+
+    @property
+    def compute_type(self) -> str:
+        return "float32"
 
     def close(self) -> None:
         """Drop the ONNX session so its memory is freed now."""

@@ -84,7 +84,7 @@ class WhisperEngine:
 
     def __init__(self, model_id: str, model: WhisperModel, device: DeviceChoice) -> None:
         self.model_id = model_id
-        self.device = device
+        self.choice = device
         self._model: WhisperModel | None = model
         self._batched: BatchedInferencePipeline | None = None
 
@@ -278,6 +278,15 @@ class WhisperEngine:
             if close is not None:
                 close()
 
+    @property
+    def device(self) -> str:
+        """Where the model runs ("cpu" or "cuda"), for the cache's listing."""
+        return self.choice.device
+
+    @property
+    def compute_type(self) -> str:
+        return self.choice.compute_type
+
     def close(self) -> None:
         """Free the model's memory now rather than whenever the garbage collector runs."""
         if self._model is None:
@@ -285,7 +294,7 @@ class WhisperEngine:
         self._batched = None
         self._model = None
         gc.collect()
-        if self.device.device == "cuda":
+        if self.choice.device == "cuda":
             import torch
 
             torch.cuda.empty_cache()
