@@ -173,7 +173,7 @@ def test_count_limit_evicts_the_least_recently_used_model(make_cache: MakeCache,
 
 
 def test_memory_budget_evicts_and_estimates_learn_from_measurement(make_cache: MakeCache) -> None:
-    budget = int(WHISPER_ESTIMATE * 1.05)  # room for one tiny.en, not two
+    budget = int(WHISPER_ESTIMATE * 1.6)  # room for one tiny.en (measured 66-80 MiB), not two
     cache, loader, _ = make_cache(max_models=5, memory_budget_bytes=budget)
     assert cache.estimate_bytes(spec("whisper-a")) == WHISPER_ESTIMATE
 
