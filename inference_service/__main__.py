@@ -105,7 +105,7 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
         app.preload_thread = threading.Thread(target=preload, name="preload", daemon=True)
         app.preload_thread.start()
     else:
-        preload()
+        await asyncio.to_thread(preload)
     logger.info("inference service ready", extra={"model_store": config.model_store, "device": cache.config.device})
     return app
 
