@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from inference_service.audio import check_audio_size
 from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo
@@ -18,6 +17,7 @@ from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc as pb_grpc
 from voxserve_common.errors import InvalidArgument, Unavailable
 from voxserve_common.logs import log_context
+from voxserve_common.streams import Wakeup, to_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +31,9 @@ JOB_STATES = {
 }
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
 
 def event_to_pb(job_id: str, event: JobEvent) -> pb.TranscribeEvent:
-    message = pb.TranscribeEvent(job_id=job_id, sequence=event.sequence, timestamp=_timestamp(event.timestamp))
+    message = pb.TranscribeEvent(job_id=job_id, sequence=event.sequence, timestamp=to_timestamp(event.timestamp))
     payload = event.payload
     if isinstance(payload, Segment):
         message.segment.CopyFrom(
@@ -90,8 +85,8 @@ def loaded_to_pb(info: LoadedModelInfo) -> pb.LoadedModel:
         device=info.device,
         compute_type=info.compute_type,
         memory_bytes=info.memory_bytes,
-        loaded_at=_timestamp(info.loaded_at),
-        last_used=_timestamp(info.last_used),
+        loaded_at=to_timestamp(info.loaded_at),
+        last_used=to_timestamp(info.last_used),
         hits=info.hits,
         in_use=info.in_use,
         pinned=info.pinned,
@@ -134,20 +129,6 @@ def merged_options(request: pb.TranscribeRequest) -> pb.TranscribeOptions:
     )
 
 
-class _Wakeup:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.event = asyncio.Event()
-
-    def __call__(self) -> None:
-        self.loop.call_soon_threadsafe(self.event.set)
-
-    async def wait(self, timeout: float | None = None) -> None:
-        try:
-            await asyncio.wait_for(self.event.wait(), timeout)
-        except TimeoutError:
-            return
-        self.event.clear()
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -207,7 +188,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def _follow(self, job: Job, after: int) -> AsyncIterator[pb.TranscribeEvent]:
         """Every event of ``job`` after ``after``, live, until it ends; then its status."""
-        wakeup = _Wakeup(asyncio.get_running_loop())
+        wakeup = Wakeup(asyncio.get_running_loop())
         job.add_listener(wakeup)
         last = after
         try:
