@@ -68,7 +68,7 @@ async def start_app(config: ModelStoreConfig, extra_catalog: dict | None = None)
         metrics_registry=store.metrics.registry,
         metrics_port=config.metrics_port,
     )
-    server.on_stop.append(shutting_down.set)
+    server.on_stop.append(servicer.shut_down)
     logger.info(
         "model store ready",
         extra={"data_dir": str(store.data_dir), "hub_endpoints": list(store.hub.endpoints), "models": len(store.catalog.ids())},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import json
 import logging
@@ -38,14 +39,31 @@ class DownloadJob:
     started_at: float | None = None
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
     joiners: int = 1
+    # Files already on disk were hashed when stored and nothing has found them bad since
+    # (the model was READY): a size check is enough to keep them.
+    trust_sizes: bool = False
+    _done_callbacks: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False)
 
     @property
     def running(self) -> bool:
         return self.started_at is not None and not self.done_event.is_set()
 
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the finishing thread) when the job ends; at once if it has.
+        Streams use it to notice the end, which publishes no event of its own."""
+        self._done_callbacks.append(callback)
+        if self.done_event.is_set():
+            callback()
+
+    def remove_done_callback(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._done_callbacks.remove(callback)
+
     def finish(self, error: BaseException | None) -> None:
         self.error = error
         self.done_event.set()
+        for callback in list(self._done_callbacks):
+            callback()
 
 
 class DownloadQueue:
@@ -69,14 +87,14 @@ class DownloadQueue:
         for worker in self._workers:
             worker.start()
 
-    def submit(self, model_id: str, revision: str | None) -> tuple[DownloadJob, bool]:
+    def submit(self, model_id: str, revision: str | None, trust_sizes: bool = False) -> tuple[DownloadJob, bool]:
         """Queue a job, or return the waiting/running one of the same model (joined=True)."""
         with self._cond:
             existing = self.active(model_id)
             if existing is not None:
                 existing.joiners += 1
                 return existing, True
-            job = DownloadJob(model_id, revision)
+            job = DownloadJob(model_id, revision, trust_sizes=trust_sizes)
             self._waiting.append(job)
             self._cond.notify()
         self._on_change()
@@ -325,7 +343,7 @@ class FileFetcher:
                 on_bytes(-offset, endpoint)
             with open(partial.part, mode) as handle:
                 try:
-                    for block in response.iter_bytes(self.chunk_size):
+                    for block in response.iter_bytes():  # as the network delivers, so cancel is prompt
                         if cancel.is_set():
                             raise DownloadCancelled(f"download of {remote.path} cancelled")
                         handle.write(block)

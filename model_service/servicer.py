@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from model_service.downloader import DownloadJob
 from model_service.events import EventType, StoreEvent
 from model_service.state import ModelState
 from model_service.store import ModelStore, ModelView, PullTicket
@@ -16,6 +17,7 @@ from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from voxserve_common.errors import Cancelled, InvalidArgument, Unavailable
 from voxserve_common.logs import log_context
+from voxserve_common.streams import Wakeup, to_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +27,6 @@ STATE_TO_PB = {state: pb.ModelState.Value(state.value) for state in ModelState}
 EVENT_TO_PB = {etype: pb.EventType.Value(etype.value) for etype in EventType}
 TERMINAL_OK = {ModelState.READY}
 
-
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def model_to_pb(view: ModelView) -> pb.Model:
@@ -45,7 +42,7 @@ def model_to_pb(view: ModelView) -> pb.Model:
         files=[pb.ModelFile(path=f.path, size=f.size, sha256=f.sha256, required=f.required, present=f.present) for f in view.files],
         source=view.source,
         error_message=view.error,
-        updated_at=_timestamp(view.updated_at),
+        updated_at=to_timestamp(view.updated_at),
         bytes_on_disk=view.bytes_on_disk,
         queue_position=view.queue_position,
         description=view.description,
@@ -68,7 +65,7 @@ def event_to_pb(event: StoreEvent) -> pb.ModelEvent:
         source=event.source,
         queue_position=event.queue_position,
         message=event.message,
-        timestamp=_timestamp(event.timestamp),
+        timestamp=to_timestamp(event.timestamp),
     )
 
 
@@ -85,29 +82,12 @@ def snapshot_event(view: ModelView, sequence: int, resync: bool) -> pb.ModelEven
         source=view.source,
         queue_position=view.queue_position,
         message=view.error,
-        timestamp=_timestamp(view.updated_at),
+        timestamp=to_timestamp(view.updated_at),
         model=model_to_pb(view),
         resync=resync,
     )
 
 
-class _Wakeup:
-    """Bridges the store's thread-side bus listener to an asyncio.Event."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.event = asyncio.Event()
-
-    def __call__(self) -> None:
-        self.loop.call_soon_threadsafe(self.event.set)
-
-    async def wait(self, timeout: float | None) -> bool:
-        try:
-            await asyncio.wait_for(self.event.wait(), timeout)
-        except TimeoutError:
-            return False
-        self.event.clear()
-        return True
 
 
 def _require_id(model_id: str) -> str:
@@ -123,6 +103,14 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         self.store = store
         self.heartbeat_seconds = heartbeat_seconds
         self.shutting_down = shutting_down or asyncio.Event()
+        self._wakeups: set[Wakeup] = set()
+
+    def shut_down(self) -> None:
+        """Flag the shutdown and wake every open stream, so each ends now with UNAVAILABLE
+        (and its resume point) instead of sleeping until the grace period cancels it."""
+        self.shutting_down.set()
+        for wakeup in list(self._wakeups):
+            wakeup.event.set()
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         kind = PB_TO_KIND.get(request.kind) if request.kind else None
@@ -168,9 +156,11 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
 
     async def PullModel(self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelEvent]:
         model_id = _require_id(request.model_id)
-        wakeup = _Wakeup(asyncio.get_running_loop())
+        wakeup = Wakeup(asyncio.get_running_loop())
         self.store.bus.add_listener(wakeup)
+        self._wakeups.add(wakeup)
         self.store.metrics.active_watchers.labels("PullModel").inc()
+        job: DownloadJob | None = None
         try:
             with log_context(model_id=model_id):
                 ticket: PullTicket = await asyncio.to_thread(self.store.pull, model_id, request.revision or None)
@@ -187,11 +177,12 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
                     files_total=len(view.files),
                     source=view.source,
                     message="already downloaded and intact",
-                    timestamp=_timestamp(view.updated_at),
+                    timestamp=to_timestamp(view.updated_at),
                     model=model_to_pb(view),
                 )
                 return
             job = ticket.job
+            job.add_done_callback(wakeup)
             last = ticket.start_sequence
             if ticket.joined:
                 view = self.store.get_model(model_id)
@@ -225,15 +216,19 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
             logger.info("pull stream closed by client; the download continues", extra={"model_id": model_id})
             raise
         finally:
+            if job is not None:
+                job.remove_done_callback(wakeup)
             self.store.bus.remove_listener(wakeup)
+            self._wakeups.discard(wakeup)
             self.store.metrics.active_watchers.labels("PullModel").dec()
 
     async def WatchModels(self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelEvent]:
         wanted = set(request.model_ids)
         for model_id in wanted:
             self.store.catalog.get(model_id)
-        wakeup = _Wakeup(asyncio.get_running_loop())
+        wakeup = Wakeup(asyncio.get_running_loop())
         self.store.bus.add_listener(wakeup)
+        self._wakeups.add(wakeup)
         self.store.metrics.active_watchers.labels("WatchModels").inc()
         bus = self.store.bus
         try:
@@ -272,6 +267,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"model store is shutting down; reconnect with after_sequence={last}")
         finally:
             bus.remove_listener(wakeup)
+            self._wakeups.discard(wakeup)
             self.store.metrics.active_watchers.labels("WatchModels").dec()
 
     async def _snapshot(self, wanted: set[str], resync: bool) -> AsyncIterator[pb.ModelEvent | int]:

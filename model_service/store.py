@@ -46,6 +46,10 @@ from voxserve_common.logs import log_context
 
 logger = logging.getLogger(__name__)
 
+# gRPC clients refuse messages over 4 MiB by default; a chunk leaves room for its path,
+# hashes and framing so FetchModelFiles works with a default channel at any chunk_size.
+MAX_FETCH_CHUNK = (4 << 20) - (64 << 10)
+
 
 @dataclass(frozen=True)
 class FileView:
@@ -180,12 +184,16 @@ class ModelStore:
         """Load state.json at once; reconcile with the disk in a background thread."""
         loaded = self._state_file.load()
         with self._lock:
+            interrupted = False
             for entry in self.catalog:
                 record = loaded.get(entry.model_id) or ModelRecord(entry.model_id, requested_revision=entry.revision)
                 if record.state in BUSY_STATES:
                     record.state = ModelState.INCOMPLETE
+                    interrupted = True
                 record.queue_position = 0
                 self._records[entry.model_id] = record
+            if interrupted:  # a download died with the last process; state.json must not say it runs
+                self._state_file.save(self._records)
         self._scan_thread = threading.Thread(target=self._startup_scan, name="startup-scan", daemon=True)
         self._scan_thread.start()
 
@@ -257,6 +265,11 @@ class ModelStore:
                     part.unlink()
                 elif part.name.endswith(".part.json") and not part.with_name(part.name[: -len(".json")]).exists():
                     part.unlink()
+            for directory in sorted((p for p in child.rglob("*") if p.is_dir()), reverse=True):
+                if not any(directory.iterdir()):
+                    directory.rmdir()
+            if not any(child.iterdir()):
+                child.rmdir()  # nothing resumable left: the model must not look INCOMPLETE
         for child in self.staging_dir.iterdir():
             _remove_path(child)
         for stray in self.data_dir.rglob("*.incomplete"):
@@ -323,10 +336,13 @@ class ModelStore:
                 logger.warning("READY model has missing or resized files; repairing", extra={"model_id": model_id})
             elif record.state == ModelState.READY and revision is None:
                 return PullTicket(model_id, start_sequence, None, view=self._view(model_id))
+            # Only a READY model's files are known good; after a failed verification, a
+            # crash or an error, files on disk are re-hashed before they are kept.
+            trust_sizes = record.state == ModelState.READY
             position = len(self.queue) + 1
             self._positions[model_id] = position
             self._set_state(model_id, ModelState.WAITING, message="queued", error="", queue_position=position, persist=False)
-            job, joined = self.queue.submit(model_id, revision)
+            job, joined = self.queue.submit(model_id, revision, trust_sizes=trust_sizes)
             logger.info("download queued", extra={"model_id": model_id, "job_id": job.job_id, "queue_position": position})
             return PullTicket(model_id, start_sequence, job, joined=joined)
 
@@ -446,7 +462,7 @@ class ModelStore:
         present_bytes = 0
         for remote, record in zip(manifest.files, new_files, strict=True):
             old = old_records.get(remote.path)
-            trusted = old is not None and old.size == remote.size and (old.sha256 == remote.sha256 or (not remote.sha256 and old.git_oid == remote.git_oid)) and old.sha256
+            trusted = job.trust_sizes and old is not None and old.size == remote.size and (old.sha256 == remote.sha256 or (not remote.sha256 and old.git_oid == remote.git_oid)) and old.sha256
             check = check_file(model_dir, record if not trusted else replace(record, sha256=old.sha256 if old else ""), deep=not trusted, cancel=job.cancel_event)
             if check.ok:
                 present_bytes += remote.size
@@ -714,7 +730,7 @@ class ModelStore:
 
     def iter_file_chunks(self, model_id: str, chunk_size: int = 1 << 20, paths: list[str] | None = None) -> Iterator[FileChunkData]:
         """The bytes of a READY model's files in order, with size and sha256 of each."""
-        chunk_size = max(4096, min(chunk_size or (1 << 20), 4 << 20))
+        chunk_size = max(4096, min(chunk_size or (1 << 20), MAX_FETCH_CHUNK))
         with self.reading(model_id) as view:
             wanted = [f for f in view.files if not paths or f.path in paths]
             unknown = set(paths or ()) - {f.path for f in view.files}

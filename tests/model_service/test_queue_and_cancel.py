@@ -135,3 +135,17 @@ def test_not_enough_disk_is_failed_precondition_with_numbers(start_store, hub) -
     size = sum(p.stat().st_size for p in Path(TINY_EN_DIR).iterdir() if p.name != "__init__.py")
     assert "not enough disk space" in details and str(size) in details and "available" in details
     assert hub.bytes_served(TINY_REPO) == 0
+
+
+def test_cancel_is_prompt_on_a_slow_source(store: StoreHandle, hub) -> None:
+    """On a slow source CancelDownload returns with the cancel already done (the fetcher
+    checks for cancellation on every network read, not per megabyte)."""
+    hub.throttle(32 << 10, path="model.bin")
+    thread, result = start_pull(store, "test-tiny")
+    partial_dir = store.store.partial_dir / "test-tiny"
+    wait_for(lambda: any(p.stat().st_size > 0 for p in partial_dir.rglob("*.part")) if partial_dir.exists() else False)
+    model = store.stub.CancelDownload(pb.CancelDownloadRequest(model_id="test-tiny"))
+    assert model.state in (pb.NOT_DOWNLOADED, pb.INCOMPLETE)
+    thread.join(30)
+    assert result["error"].code() == grpc.StatusCode.CANCELLED
+    assert not partial_dir.exists()

@@ -1,0 +1,181 @@
+"""FetchModelFiles streams a READY model byte-exact; ImportModel copies local models, verified."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import StoreHandle
+from hubserver import HubServer
+from support import TINY_EN_DIR, TINY_EN_FILES, wait_for
+
+from voxserve.modelstore.v1 import modelstore_pb2 as pb
+from voxserve.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(4 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+ORIGINAL_SHA256 = {name: sha256(TINY_EN_DIR / name) for name in TINY_EN_FILES}
+
+
+def pull(handle: StoreHandle, model_id: str) -> list[pb.ModelEvent]:
+    return list(handle.stub.PullModel(pb.PullModelRequest(model_id=model_id), timeout=120))
+
+
+def get(handle: StoreHandle, model_id: str) -> pb.Model:
+    return handle.stub.GetModel(pb.GetModelRequest(model_id=model_id))
+
+
+def fetch(handle: StoreHandle, model_id: str, paths: tuple[str, ...] = (), chunk_size: int = 256 << 10) -> dict[str, bytes]:
+    """Every chunk of the stream, reassembled per path by offset."""
+    files: dict[str, bytearray] = {}
+    headers: dict[str, tuple[int, str, int, int]] = {}
+    for chunk in handle.stub.FetchModelFiles(pb.FetchModelFilesRequest(model_id=model_id, chunk_size=chunk_size, paths=paths), timeout=120):
+        assert len(chunk.data) <= chunk_size
+        if chunk.path not in files:
+            files[chunk.path] = bytearray(chunk.file_size)
+        buffer = files[chunk.path]
+        buffer[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+        header = (chunk.file_size, chunk.sha256, chunk.file_index, chunk.files_total)
+        assert headers.setdefault(chunk.path, header) == header, "file metadata changed mid-file"
+    assert sorted(index for _, _, index, _ in headers.values()) == list(range(len(headers)))
+    assert {total for *_, total in headers.values()} == {len(headers)}
+    for path, data in files.items():
+        size, digest, _, _ = headers[path]
+        assert len(data) == size and hashlib.sha256(data).hexdigest() == digest, path
+    return {path: bytes(data) for path, data in files.items()}
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def test_fetch_round_trip_matches_get_model_and_originals(store: StoreHandle) -> None:
+    pull(store, "test-tiny")
+    model = get(store, "test-tiny")
+    files = fetch(store, "test-tiny")
+    assert set(files) == {f.path for f in model.files} == set(TINY_EN_FILES)
+    for record in model.files:
+        data = files[record.path]
+        assert len(data) == record.size == (TINY_EN_DIR / record.path).stat().st_size
+        assert hashlib.sha256(data).hexdigest() == record.sha256 == ORIGINAL_SHA256[record.path]
+
+
+def test_fetch_with_largest_chunk_size_fits_a_default_channel(store: StoreHandle) -> None:
+    pull(store, "test-tiny")
+    with grpc.insecure_channel(store.address) as channel:  # default 4 MiB receive limit
+        stub = pb_grpc.ModelStoreStub(channel)
+        request = pb.FetchModelFilesRequest(model_id="test-tiny", chunk_size=64 << 20, paths=["model.bin"])
+        sizes = [len(chunk.data) for chunk in stub.FetchModelFiles(request, timeout=60)]
+    assert sum(sizes) == (TINY_EN_DIR / "model.bin").stat().st_size
+    assert max(sizes) < 4 << 20
+
+
+def test_fetch_subset_unknown_path_and_not_ready(store: StoreHandle) -> None:
+    error = rpc_error(lambda: list(store.stub.FetchModelFiles(pb.FetchModelFilesRequest(model_id="test-tiny"), timeout=30)))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "READY" in error.details()
+    pull(store, "test-tiny")
+    subset = fetch(store, "test-tiny", paths=("config.json", "vocabulary.txt"))
+    assert set(subset) == {"config.json", "vocabulary.txt"}
+    assert subset["config.json"] == (TINY_EN_DIR / "config.json").read_bytes()
+    error = rpc_error(
+        lambda: list(store.stub.FetchModelFiles(pb.FetchModelFilesRequest(model_id="test-tiny", paths=["config.json", "nope.bin"]), timeout=30))
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "nope.bin" in error.details()
+
+
+def test_delete_refused_while_a_fetch_stream_is_open(store: StoreHandle) -> None:
+    pull(store, "test-tiny")
+    stream = store.stub.FetchModelFiles(pb.FetchModelFilesRequest(model_id="test-tiny", chunk_size=256 << 10), timeout=60)
+    first = next(stream)
+    assert first.offset == 0 and first.file_index == 0
+    error = rpc_error(lambda: store.stub.DeleteModel(pb.DeleteModelRequest(model_id="test-tiny")))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "FetchModelFiles" in error.details()
+    assert get(store, "test-tiny").state == pb.READY
+    stream.cancel()
+    # The reader is released once the server notices the cancellation.
+    wait_for(lambda: store.store._readers.get("test-tiny") == 0, timeout=10, message="fetch reader released")
+    assert store.stub.DeleteModel(pb.DeleteModelRequest(model_id="test-tiny")).state == pb.NOT_DOWNLOADED
+
+
+def test_import_from_directory_is_verified_and_offline(store: StoreHandle, hub: HubServer) -> None:
+    model = store.stub.ImportModel(pb.ImportModelRequest(model_id="test-tiny", source_dir=str(TINY_EN_DIR)))
+    assert model.state == pb.READY
+    assert model.source.startswith("import:") and str(TINY_EN_DIR) in model.source
+    assert {f.path: f.sha256 for f in model.files} == ORIGINAL_SHA256
+    for record in model.files:
+        assert record.present and sha256(Path(model.local_path) / record.path) == ORIGINAL_SHA256[record.path]
+    assert {f.path for f in model.files if f.required} == {"config.json", "model.bin", "tokenizer.json"}
+    assert hub.requests == []
+    assert store.stub.VerifyModel(pb.VerifyModelRequest(model_id="test-tiny")).ok
+    events = pull(store, "test-tiny")  # an imported model is READY for pulls too
+    assert len(events) == 1 and events[0].state == pb.READY
+    assert hub.requests == []
+
+
+def test_import_of_embedded_copy_with_empty_source_dir(store: StoreHandle, hub: HubServer) -> None:
+    model = store.stub.ImportModel(pb.ImportModelRequest(model_id="whisper-tiny.en", source_dir=""))
+    assert model.state == pb.READY
+    assert {f.path: f.sha256 for f in model.files} == ORIGINAL_SHA256
+    assert hub.requests == []
+    error = rpc_error(lambda: store.stub.ImportModel(pb.ImportModelRequest(model_id="test-text", source_dir="")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "source_dir" in error.details()
+
+
+def test_embedded_models_imported_at_start(start_store: Callable[..., StoreHandle], hub: HubServer) -> None:
+    handle = start_store(import_embedded=True)
+    assert handle.store.scan_done.is_set()
+    for model_id in ("whisper-tiny.en", "silero-vad"):
+        model = get(handle, model_id)
+        assert model.state == pb.READY, (model_id, model.error_message)
+        assert model.files and all(f.present and f.sha256 for f in model.files)
+    assert [f.path for f in get(handle, "silero-vad").files] == ["onnx/model.onnx"]
+    assert get(handle, "test-tiny").state == pb.NOT_DOWNLOADED
+    assert hub.requests == []
+
+
+def test_import_missing_required_file_names_it(store: StoreHandle, tmp_path: Path) -> None:
+    source = tmp_path / "incomplete"
+    source.mkdir()
+    for name in ("config.json", "model.bin", "vocabulary.txt"):  # no tokenizer.json
+        shutil.copy(TINY_EN_DIR / name, source / name)
+    error = rpc_error(lambda: store.stub.ImportModel(pb.ImportModelRequest(model_id="test-tiny", source_dir=str(source))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tokenizer.json" in error.details()
+    assert get(store, "test-tiny").state == pb.NOT_DOWNLOADED
+    assert not store.store.model_dir("test-tiny").exists()
+    assert list(store.store.staging_dir.iterdir()) == []
+
+
+def test_import_refused_while_the_model_downloads(store: StoreHandle, hub: HubServer) -> None:
+    hub.throttle(8 << 20, path="model.bin")
+    errors: list[grpc.RpcError] = []
+
+    def run() -> None:
+        try:
+            pull(store, "test-tiny")
+        except grpc.RpcError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: get(store, "test-tiny").state == pb.DOWNLOADING, message="download running")
+    error = rpc_error(lambda: store.stub.ImportModel(pb.ImportModelRequest(model_id="test-tiny", source_dir=str(TINY_EN_DIR))))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "cancel" in error.details().lower()
+    assert get(store, "test-tiny").state == pb.DOWNLOADING
+    store.stub.CancelDownload(pb.CancelDownloadRequest(model_id="test-tiny"))
+    thread.join(30)
+    assert errors and errors[0].code() == grpc.StatusCode.CANCELLED
