@@ -46,6 +46,14 @@ def make_loader(device: DeviceChoice, cpu_threads: int = 0) -> Callable[[ModelSp
     return load
 
 
+SILENCE_PEAK = 1e-3  # -60 dBFS: below this everywhere, the audio holds no speech
+
+
+def is_silent(audio: np.ndarray) -> bool:
+    """True when no sample rises above -60 dBFS (digital or near-digital silence)."""
+    return audio.size == 0 or float(np.max(np.abs(audio))) < SILENCE_PEAK
+
+
 def _demucs_name(spec: ModelSpec) -> str | None:
     yamls = sorted(Path(spec.path).glob("*.yaml"))
     return yamls[0].stem if len(yamls) == 1 else spec.model_id
@@ -88,6 +96,11 @@ class Transcriber:
             if request.separate_model_id:
                 audio = self._separate(job, request.separate_model_id, relay)
             options = request.options
+            if is_silent(audio):
+                # Whisper invents words ("You") on pure silence; there is nothing to decode.
+                job.emit(Progress(Phase.TRANSCRIBING, 100.0, "audio is silent"))
+                self._complete(job, started, duration, load_seconds, cache_hit, [])
+                return
             if options.vad_filter:
                 spans = self._speech_spans(job, audio, relay)
                 if not spans:

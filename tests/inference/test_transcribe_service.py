@@ -81,10 +81,12 @@ def test_segments_stream_before_completed(inference: InferenceHandle) -> None:
     assert word_error_rate(TRANSCRIPTS["speech_multi.wav"], text) <= 0.35, text
 
 
-def test_silence_gives_empty_transcript_with_vad(inference: InferenceHandle) -> None:
-    events = transcribe(inference, (DATA_DIR / "silence.wav").read_bytes(), vad_filter=True)
+@pytest.mark.parametrize("vad_filter", [True, False])
+def test_silence_gives_empty_transcript(inference: InferenceHandle, vad_filter: bool) -> None:
+    events = transcribe(inference, (DATA_DIR / "silence.wav").read_bytes(), vad_filter=vad_filter)
     assert segments_of(events) == []
     assert events[-1].completed.segments == 0
+    assert events[-1].completed.audio_seconds == pytest.approx(5.0, abs=0.05)
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,8 @@ class InferenceServicer:
 
     def Transcribe(self, request, context):
         """Transcribes one audio message; streams events until `completed` (OK) or an error.
+        INVALID_ARGUMENT: bad audio or options, wrong model kind; NOT_FOUND: unknown model;
+        RESOURCE_EXHAUSTED: audio over the size limit, too many jobs, model cannot fit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
