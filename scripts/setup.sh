@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with the project installed: torch 2.13.0 (CPU) first, then voxserve.
 # System packages: python3-venv if venv is missing; with --test also espeak-ng, sox and
-# prometheus (promtool checks the Prometheus config in the tests).
+# prometheus (promtool checks the Prometheus config in the tests) and kubectl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +33,8 @@ if ! "$PYTHON" -m venv --help >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepi
 fi
 if ((want_test)); then
     apt_install espeak-ng sox prometheus
+    # kubectl builds the Kubernetes manifests (kustomize) in tests/deploy.
+    command -v kubectl >/dev/null 2>&1 || apt_install kubernetes-client
 fi
 
 stamp=".venv/.voxserve-installed"
