@@ -97,6 +97,11 @@ class EventBus:
             history = self._history
             return [history[-i] for i in range(count, 0, -1)]
 
+    def allow_next_progress(self, model_id: str) -> None:
+        """Let the next PROGRESS event of model_id through the rate limit (a new file)."""
+        with self._lock:
+            self._last_progress.pop(model_id, None)
+
     def history(self) -> list[StoreEvent]:
         """Every event still in the bounded history, oldest first."""
         with self._lock:

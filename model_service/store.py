@@ -581,7 +581,7 @@ class ModelStore:
             source=progress.source,
         )
         if force:
-            self.bus._last_progress.pop(model_id, None)  # noqa: SLF001 - a new file always reports
+            self.bus.allow_next_progress(model_id)
         self.bus.publish(event)
 
     # ----------------------------------------------------------------- delete / verify / import
