@@ -401,7 +401,7 @@ class ModelCache:
         entry.last_used = time.time()
         self._entries.move_to_end(entry.model_id)
         self._hits += 1
-        logger.info("model cache hit", extra={"model_id": entry.model_id, "in_use": entry.refcount})
+        logger.debug("model cache hit", extra={"model_id": entry.model_id, "in_use": entry.refcount})
         if self._metrics is not None:
             self._metrics.cache_hits.labels(entry.model_id).inc()
         return Lease(self, entry, entry.model, cache_hit=True, load_seconds=0.0)
@@ -463,7 +463,8 @@ class ModelCache:
                 victims = self._make_room_locked(spec, estimate)
             self._free(victims)
             flight.report(LoadProgress(model_id, "loading", message=f"loading {spec.kind} model from {spec.path}"))
-            gc.collect()
+            # No gc.collect() here: with torch imported a full collection costs ~100 ms,
+            # and _free() already collects whenever models are dropped.
             self._probe.return_freed_memory(self._device)
             before = self._load_measure()
             started = time.perf_counter()
@@ -666,6 +667,20 @@ class ModelCache:
                 if pin:
                     lease._entry.pinned = True
                 return self._info_locked(lease._entry, own_leases=1)
+
+    def touch_loaded(self, model_id: str, pin: bool = False) -> LoadedModelInfo | None:
+        """If the model is loaded: count a hit, mark it used (and pinned) and return its
+        info; else None. Never waits for a load, so an event loop may call it."""
+        with self._lock:
+            entry = self._entries.get(model_id)
+            if entry is None or entry.model is None or entry.detached:
+                return None
+            lease = self._hit_locked(entry, None)
+            if pin:
+                entry.pinned = True
+            info = self._info_locked(entry, own_leases=1)
+        lease.release()
+        return info
 
     def unload(self, model_id: str, force: bool = False) -> LoadedModelInfo:
         """Remove a model from the cache and free its memory.

@@ -232,8 +232,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadedModel:
         if not request.model_id:
             raise InvalidArgument("model_id is required")
-        with log_context(model_id=request.model_id):
-            info = await asyncio.to_thread(self.cache.load_model, request.model_id, request.pin)
+        info = self.cache.touch_loaded(request.model_id, request.pin)
+        if info is None:
+            with log_context(model_id=request.model_id):
+                info = await asyncio.to_thread(self.cache.load_model, request.model_id, request.pin)
         return loaded_to_pb(info)
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:

@@ -35,6 +35,7 @@ class ModelStoreApp:
     store: ModelStore
     server: RunningServer
     shutting_down: asyncio.Event
+    servicer: ModelStoreServicer
 
     @property
     def port(self) -> int:
@@ -73,7 +74,7 @@ async def start_app(config: ModelStoreConfig, extra_catalog: dict | None = None)
         "model store ready",
         extra={"data_dir": str(store.data_dir), "hub_endpoints": list(store.hub.endpoints), "models": len(store.catalog.ids())},
     )
-    return ModelStoreApp(store, server, shutting_down)
+    return ModelStoreApp(store, server, shutting_down, servicer)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ModelStoreConfig:

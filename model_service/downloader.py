@@ -278,7 +278,8 @@ class FileFetcher:
                     partial.start(identity)
                 resumed_from = offset
                 try:
-                    hasher = hash_file(partial.part, remote.size, cancel) if offset else FileHasher(remote.size)
+                    need_git = not remote.sha256
+                    hasher = hash_file(partial.part, remote.size, cancel, git_sha1=need_git) if offset else FileHasher(remote.size, need_git)
                     fetched = self._stream(endpoint, repo_id, commit, remote, partial, hasher, offset, cancel, on_bytes)
                 except SourceError as error:
                     if error.not_found:
@@ -338,7 +339,7 @@ class FileFetcher:
             mode = "ab"
             if start != offset:
                 # The server ignored Range: start over, from byte 0.
-                hasher.__init__(remote.size)  # type: ignore[misc]
+                hasher.__init__(remote.size, not remote.sha256)  # type: ignore[misc]
                 mode = "wb"
                 on_bytes(-offset, endpoint)
             with open(partial.part, mode) as handle:

@@ -60,6 +60,11 @@ class EventBus:
         self._last_progress: dict[str, float] = {}
 
     @property
+    def progress_interval(self) -> float:
+        """Minimum seconds between two PROGRESS events of one model."""
+        return self._progress_interval
+
+    @property
     def sequence(self) -> int:
         return self._sequence
 

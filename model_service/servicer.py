@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -17,7 +18,7 @@ from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from voxserve_common.errors import Cancelled, InvalidArgument, Unavailable
 from voxserve_common.logs import log_context
-from voxserve_common.streams import Wakeup, to_timestamp
+from voxserve_common.streams import Broadcast, Subscription, to_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +104,36 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         self.store = store
         self.heartbeat_seconds = heartbeat_seconds
         self.shutting_down = shutting_down or asyncio.Event()
-        self._wakeups: set[Wakeup] = set()
+        self._broadcast: Broadcast | None = None
+        # Each event is encoded once however many streams send it.
+        self._encoded: collections.OrderedDict[int, pb.ModelEvent] = collections.OrderedDict()
+
+    def _encode(self, event: StoreEvent) -> pb.ModelEvent:
+        message = self._encoded.get(event.sequence)
+        if message is None:
+            message = self._encoded[event.sequence] = event_to_pb(event)
+            if len(self._encoded) > 4096:
+                self._encoded.popitem(last=False)
+        return message
+
+    def _subscribe(self) -> Subscription:
+        """A wake-up for one stream; the store's bus has one listener for all of them."""
+        if self._broadcast is None:
+            self._broadcast = Broadcast(asyncio.get_running_loop())
+            self.store.bus.add_listener(self._broadcast)
+        return self._broadcast.subscribe()
+
+    @property
+    def open_streams(self) -> int:
+        """PullModel and WatchModels streams currently waiting for events."""
+        return len(self._broadcast.subscriptions) if self._broadcast is not None else 0
 
     def shut_down(self) -> None:
         """Flag the shutdown and wake every open stream, so each ends now with UNAVAILABLE
         (and its resume point) instead of sleeping until the grace period cancels it."""
         self.shutting_down.set()
-        for wakeup in list(self._wakeups):
-            wakeup.event.set()
+        if self._broadcast is not None:
+            self._broadcast.wake_all()
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         kind = PB_TO_KIND.get(request.kind) if request.kind else None
@@ -156,9 +179,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
 
     async def PullModel(self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelEvent]:
         model_id = _require_id(request.model_id)
-        wakeup = Wakeup(asyncio.get_running_loop())
-        self.store.bus.add_listener(wakeup)
-        self._wakeups.add(wakeup)
+        wakeup = self._subscribe()
         self.store.metrics.active_watchers.labels("PullModel").inc()
         job: DownloadJob | None = None
         try:
@@ -182,7 +203,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
                 )
                 return
             job = ticket.job
-            job.add_done_callback(wakeup)
+            job.add_done_callback(wakeup.broadcast)
             last = ticket.start_sequence
             if ticket.joined:
                 view = self.store.get_model(model_id)
@@ -197,12 +218,12 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
                 for event in events:
                     last = event.sequence
                     if event.model_id == model_id:
-                        yield event_to_pb(event)
+                        yield self._encode(event)
                 if job.done_event.is_set():
                     trailing = self.store.bus.events_after(last) or []
                     for event in trailing:
                         if event.model_id == model_id:
-                            yield event_to_pb(event)
+                            yield self._encode(event)
                     if job.error is not None:
                         raise job.error
                     final = self.store.get_model(model_id)
@@ -217,18 +238,15 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
             raise
         finally:
             if job is not None:
-                job.remove_done_callback(wakeup)
-            self.store.bus.remove_listener(wakeup)
-            self._wakeups.discard(wakeup)
+                job.remove_done_callback(wakeup.broadcast)
+            wakeup.close()
             self.store.metrics.active_watchers.labels("PullModel").dec()
 
     async def WatchModels(self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelEvent]:
         wanted = set(request.model_ids)
         for model_id in wanted:
             self.store.catalog.get(model_id)
-        wakeup = Wakeup(asyncio.get_running_loop())
-        self.store.bus.add_listener(wakeup)
-        self._wakeups.add(wakeup)
+        wakeup = self._subscribe()
         self.store.metrics.active_watchers.labels("WatchModels").inc()
         bus = self.store.bus
         try:
@@ -244,7 +262,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
                 for event in backlog:
                     last = event.sequence
                     if not wanted or event.model_id in wanted:
-                        yield event_to_pb(event)
+                        yield self._encode(event)
             while not self.shutting_down.is_set():
                 woke = await wakeup.wait(self.heartbeat_seconds)
                 if self.shutting_down.is_set():
@@ -263,11 +281,10 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
                 for event in events:
                     last = event.sequence
                     if not wanted or event.model_id in wanted:
-                        yield event_to_pb(event)
+                        yield self._encode(event)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"model store is shutting down; reconnect with after_sequence={last}")
         finally:
-            bus.remove_listener(wakeup)
-            self._wakeups.discard(wakeup)
+            wakeup.close()
             self.store.metrics.active_watchers.labels("WatchModels").dec()
 
     async def _snapshot(self, wanted: set[str], resync: bool) -> AsyncIterator[pb.ModelEvent | int]:

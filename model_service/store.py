@@ -123,6 +123,7 @@ class _Progress:
     current_file: str = ""
     source: str = ""
     samples: list[tuple[float, int]] = field(default_factory=list)
+    last_published: float = 0.0
 
     def add(self, count: int) -> None:
         self.bytes_done += count
@@ -563,6 +564,10 @@ class ModelStore:
                 path.rmdir()
 
     def _publish_progress(self, model_id: str, progress: _Progress, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - progress.last_published < self.bus.progress_interval:
+            return  # the bus would drop it anyway; skip building it (called per network read)
+        progress.last_published = now
         speed = progress.speed
         self.metrics.download_speed.labels(model_id).set(speed)
         event = StoreEvent(

@@ -17,21 +17,35 @@ class FileHasher:
     """sha256 of the content and the git blob sha1 (``blob <size>\\0`` + content) at once,
     so every hub file can be checked: LFS files by sha256, small ones by their git oid."""
 
-    def __init__(self, expected_size: int) -> None:
+    def __init__(self, expected_size: int, git_sha1: bool = True) -> None:
         self.sha256 = hashlib.sha256()
-        self.git_sha1 = hashlib.sha1(f"blob {expected_size}\0".encode(), usedforsecurity=False)
+        # Only needed where the hub gives no sha256 (small non-LFS files) or for records.
+        self._git = hashlib.sha1(f"blob {expected_size}\0".encode(), usedforsecurity=False) if git_sha1 else None
         self.size = 0
+
+    @property
+    def git_sha1(self) -> hashlib._Hash:
+        if self._git is None:
+            raise ValueError("this hasher was built without the git blob sha1")
+        return self._git
 
     def update(self, data: bytes | memoryview) -> None:
         self.sha256.update(data)
-        self.git_sha1.update(data)
+        if self._git is not None:
+            self._git.update(data)
         self.size += len(data)
 
 
-def hash_file(path: Path, expected_size: int | None = None, cancel: threading.Event | None = None, limit: int | None = None) -> FileHasher:
+def hash_file(
+    path: Path,
+    expected_size: int | None = None,
+    cancel: threading.Event | None = None,
+    limit: int | None = None,
+    git_sha1: bool = True,
+) -> FileHasher:
     """Hash the first ``limit`` bytes (all when None) of path."""
     size = path.stat().st_size if expected_size is None else expected_size
-    hasher = FileHasher(size)
+    hasher = FileHasher(size, git_sha1)
     remaining = limit
     with open(path, "rb") as handle:
         while remaining is None or remaining > 0:
@@ -72,7 +86,7 @@ def check_file(model_dir: Path, record: FileRecord, deep: bool, cancel: threadin
         return FileCheck(ok=False, problem="required file is empty", actual_size=0, **base)
     if not deep:
         return FileCheck(ok=True, actual_size=actual_size, **base)
-    hasher = hash_file(path, record.size, cancel)
+    hasher = hash_file(path, record.size, cancel, git_sha1=not record.sha256)
     actual = hasher.sha256.hexdigest()
     if record.sha256 and actual != record.sha256:
         return FileCheck(ok=False, problem="sha256 mismatch", actual_size=actual_size, actual_sha256=actual, **base)

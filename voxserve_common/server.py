@@ -27,6 +27,18 @@ logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("voxserve.rpc")
 
 
+class _CancelledStreamDetachFilter(logging.Filter):
+    """grpc.aio may finalize a cancelled stream's generator in another context, where
+    OpenTelemetry cannot reset the token it attached and logs a traceback; the context
+    dies with the call anyway, so that one message is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Failed to detach context"
+
+
+logging.getLogger("opentelemetry.context").addFilter(_CancelledStreamDetachFilter())
+
+
 class _RpcScope:
     """Per-call bookkeeping: span, status code, duration, one log line at the end."""
 

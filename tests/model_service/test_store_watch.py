@@ -204,7 +204,8 @@ def test_fifty_watchers_all_see_ready_and_gauge_follows(store: StoreHandle, watc
     for watch in opened:
         watch.call.cancel()
     wait_for(lambda: gauge._value.get() == 0, message="active_watchers back to 0")
-    assert store.store.bus.listener_count == 0
+    assert store.app.servicer.open_streams == 0
+    assert store.store.bus.listener_count <= 1  # one broadcast listener serves every stream
 
 
 class _HoldJobEnd(logging.Handler):
