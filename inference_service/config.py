@@ -68,3 +68,10 @@ class InferenceConfig:
         for ok, key, rule in checks:
             if not ok:
                 raise ConfigError(f"invalid setting {key}={getattr(self, key)!r}: {rule}")
+        from inference_service.memory import parse_memory_budget
+        from voxserve_common.errors import InvalidArgument
+
+        try:
+            parse_memory_budget(self.memory_budget, 1 << 40)
+        except InvalidArgument as error:
+            raise ConfigError(f"invalid setting memory_budget={self.memory_budget!r}: {error}") from None

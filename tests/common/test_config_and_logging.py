@@ -40,6 +40,7 @@ def test_env_lists_and_bools() -> None:
         ({"env": {"VOXSERVE_AUTO_PULL": "maybe"}}, "VOXSERVE_AUTO_PULL"),
         ({"overrides": {"max_models": 0}}, "max_models"),
         ({"overrides": {"store_access": "nfs"}}, "store_access"),
+        ({"env": {"VOXSERVE_MEMORY_BUDGET": "lots"}}, "memory_budget"),
     ],
 )
 def test_bad_values_name_the_key(source: dict, expected: str) -> None:
