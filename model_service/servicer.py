@@ -16,7 +16,7 @@ from model_service.state import ModelState
 from model_service.store import ModelStore, ModelView, PullTicket
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
-from voxserve_common.errors import Cancelled, InvalidArgument, Unavailable
+from voxserve_common.errors import InvalidArgument, Unavailable
 from voxserve_common.logs import log_context
 from voxserve_common.streams import Broadcast, Subscription, to_timestamp
 
@@ -301,13 +301,16 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         chunks = self.store.iter_file_chunks(model_id, request.chunk_size, list(request.paths) or None)
         sentinel = object()
         next_chunk: Callable[[], object] = lambda: next(chunks, sentinel)  # noqa: E731
+        # Each read runs in a worker thread; if the client cancels mid-read, the generator
+        # is still executing there, so it is closed (releasing the model) when that read ends.
+        pending: asyncio.Future[object] | None = None
         try:
             while True:
-                chunk = await asyncio.to_thread(next_chunk)
+                pending = asyncio.ensure_future(asyncio.to_thread(next_chunk))
+                chunk = await asyncio.shield(pending)
+                pending = None
                 if chunk is sentinel:
                     return
-                if context.cancelled() if hasattr(context, "cancelled") else False:
-                    raise Cancelled("client cancelled")
                 yield pb.FileChunk(
                     path=chunk.path,  # type: ignore[attr-defined]
                     offset=chunk.offset,  # type: ignore[attr-defined]
@@ -319,7 +322,10 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
                     files_total=chunk.files_total,  # type: ignore[attr-defined]
                 )
         finally:
-            await asyncio.to_thread(chunks.close)
+            if pending is not None and not pending.done():
+                pending.add_done_callback(lambda _: chunks.close())
+            else:
+                chunks.close()
 
 
 def _timestamp_now() -> Timestamp:
