@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 import wave
 
 import grpc
@@ -153,10 +152,9 @@ def test_transcribe_stream_in_chunks(inference: InferenceHandle) -> None:
 
 
 def test_deadline_is_honoured(inference: InferenceHandle) -> None:
-    started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
         list(inference.stub.Transcribe(pb.TranscribeRequest(audio=LONG), timeout=1.5))
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     jobs = list(inference.app.jobs._jobs.values())
-    assert jobs and all(job.done_event.wait(10) for job in jobs)
-    assert time.monotonic() - started < 60
+    assert jobs and all(job.done_event.wait(10) for job in jobs)  # the work stopped, not just the call
+    assert all(job.state.value in ("FAILED", "CANCELLED") for job in jobs)
