@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,10 +20,8 @@ from inference_service.servicer import InferenceServicer
 from inference_service.transcriber import Transcriber, make_loader
 from voxserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from voxserve_common.cli import common_parser, config_from_args
-from voxserve_common.errors import VoxserveError
-from voxserve_common.logs import configure_logging
-from voxserve_common.server import RunningServer, serve_until_signal, start_server
-from voxserve_common.tracing import setup_tracing
+from voxserve_common.server import RunningServer, start_server
+from voxserve_common.service import run_service
 
 logger = logging.getLogger(__name__)
 
@@ -133,23 +130,14 @@ def parse_config(argv: Sequence[str] | None = None) -> InferenceConfig:
     )
 
 
-async def _serve(config: InferenceConfig) -> None:
-    app = await start_app(config)
-    try:
-        await serve_until_signal(app.server, config.grace_seconds)
-    finally:
-        await asyncio.to_thread(app.close)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_config(argv)
-    configure_logging("inference_service", level=config.log_level, fmt=config.log_format)
-    setup_tracing("inference_service")
-    try:
-        asyncio.run(_serve(config))
-    except (VoxserveError, OSError) as error:
-        print(f"voxserve-inference: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_service(
+        service="inference_service",
+        program="voxserve-inference",
+        config=parse_config(argv),
+        start=start_app,
+        close=lambda app: app.close(),
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from voxserve_common.config import ConfigError
+from voxserve_common.config import ConfigError, check_settings
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,7 @@ class InferenceConfig:
             (self.log_format in ("json", "console"), "log_format", "must be json or console"),
             (bool(self.default_model), "default_model", "must not be empty"),
         ]
-        for ok, key, rule in checks:
-            if not ok:
-                raise ConfigError(f"invalid setting {key}={getattr(self, key)!r}: {rule}")
+        check_settings(self, checks)
         from inference_service.memory import parse_memory_budget
         from voxserve_common.errors import InvalidArgument
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,8 @@ from model_service.servicer import ModelStoreServicer
 from model_service.store import ModelStore
 from voxserve.modelstore.v1 import modelstore_pb2, modelstore_pb2_grpc
 from voxserve_common.cli import common_parser, config_from_args
-from voxserve_common.errors import VoxserveError
-from voxserve_common.logs import configure_logging
-from voxserve_common.server import RunningServer, serve_until_signal, start_server
-from voxserve_common.tracing import setup_tracing
+from voxserve_common.server import RunningServer, start_server
+from voxserve_common.service import run_service
 
 logger = logging.getLogger(__name__)
 
@@ -102,27 +99,14 @@ def parse_config(argv: Sequence[str] | None = None) -> ModelStoreConfig:
     )
 
 
-async def _serve(config: ModelStoreConfig) -> None:
-    app = await start_app(config)
-    try:
-        await serve_until_signal(app.server, config.grace_seconds)
-    finally:
-        await asyncio.to_thread(app.store.close)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_config(argv)
-    configure_logging("model_service", level=config.log_level, fmt=config.log_format)
-    setup_tracing("model_service")
-    try:
-        asyncio.run(_serve(config))
-    except VoxserveError as error:
-        logger.error("model store failed to start", extra={"error": str(error)})
-        print(f"voxserve-models: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except OSError as error:
-        print(f"voxserve-models: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_service(
+        service="model_service",
+        program="voxserve-models",
+        config=parse_config(argv),
+        start=start_app,
+        close=lambda app: app.store.close(),
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from voxserve_common.config import ConfigError
+from voxserve_common.config import ConfigError, check_settings
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,7 @@ class ModelStoreConfig:
             (self.log_format in ("json", "console"), "log_format", "must be json or console"),
             (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR"),
         ]
-        for ok, key, rule in checks:
-            if not ok:
-                raise ConfigError(f"invalid setting {key}={getattr(self, key)!r}: {rule}")
+        check_settings(self, checks)
         for endpoint in self.hub_endpoints:
             if not endpoint.startswith(("http://", "https://")):
                 raise ConfigError(f"invalid setting hub_endpoints: {endpoint!r} must start with http:// or https://")

@@ -81,6 +81,14 @@ def _convert(key: str, value: Any, annotation: Any, origin_desc: str) -> Any:
     return value
 
 
+def check_settings(config: object, rules: list[tuple[bool, str, str]]) -> None:
+    """Raise ConfigError for the first (ok, key, rule) whose ok is False, naming the key,
+    its value and the rule."""
+    for ok, key, rule in rules:
+        if not ok:
+            raise ConfigError(f"invalid setting {key}={getattr(config, key)!r}: {rule}")
+
+
 def read_yaml_config(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; ConfigError when the file is missing or not a mapping."""
     try:
