@@ -17,9 +17,10 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from model_service.catalog import Catalog, CatalogEntry
 from model_service.config import ModelStoreConfig
@@ -488,7 +489,7 @@ class ModelStore:
             self._progress[model_id] = progress
         self.metrics.downloads_started.labels(model_id, manifest.endpoint).inc()
         source = manifest.endpoint
-        bytes_counter = {}
+        bytes_counter: dict[str, Any] = {}
 
         def on_bytes(count: int, endpoint: str) -> None:
             progress.add(count)
@@ -733,7 +734,7 @@ class ModelStore:
             with self._lock:
                 self._readers[model_id] -= 1
 
-    def iter_file_chunks(self, model_id: str, chunk_size: int = 1 << 20, paths: list[str] | None = None) -> Iterator[FileChunkData]:
+    def iter_file_chunks(self, model_id: str, chunk_size: int = 1 << 20, paths: list[str] | None = None) -> Generator[FileChunkData, None, None]:
         """The bytes of a READY model's files in order, with size and sha256 of each."""
         chunk_size = max(4096, min(chunk_size or (1 << 20), MAX_FETCH_CHUNK))
         with self.reading(model_id) as view:

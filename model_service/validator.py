@@ -6,6 +6,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from model_service.errors import DownloadCancelled
 from model_service.state import FileRecord
@@ -76,7 +77,7 @@ def check_file(model_dir: Path, record: FileRecord, deep: bool, cancel: threadin
     from model_service.paths import safe_join
 
     path = safe_join(model_dir, record.path)
-    base = {"path": record.path, "expected_size": record.size, "expected_sha256": record.sha256}
+    base: dict[str, Any] = {"path": record.path, "expected_size": record.size, "expected_sha256": record.sha256}
     if not path.is_file():
         return FileCheck(ok=False, problem="missing", **base)
     actual_size = path.stat().st_size

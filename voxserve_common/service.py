@@ -17,13 +17,17 @@ logger = logging.getLogger(__name__)
 
 
 class ServiceConfig(Protocol):
-    log_level: str
-    log_format: str
-    grace_seconds: float
+    @property
+    def log_level(self) -> str: ...
+    @property
+    def log_format(self) -> str: ...
+    @property
+    def grace_seconds(self) -> float: ...
 
 
 class ServiceApp(Protocol):
-    server: RunningServer
+    @property
+    def server(self) -> RunningServer: ...
 
 
 C = TypeVar("C", bound=ServiceConfig)
