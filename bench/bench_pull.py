@@ -179,13 +179,32 @@ def diagnostics(work: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=10, help="measured rounds (each: raw and store, alternating order)")
+    parser.add_argument(
+        "--rounds", type=int, default=10, help="measured rounds (each: raw and store, alternating order)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 1 warm-up")
-    parser.add_argument("--hub-nagle", action="store_true", help="leave Nagle's algorithm on in the test hub (random 40 ms stalls on small answers; see benchlib.configure_hub_sockets)")
-    parser.add_argument("--hub-mode", choices=("process", "inprocess"), default="process", help="hub in a child process (default) or on threads of this process")
-    parser.add_argument("--wait-quiet", type=float, default=120.0, metavar="SECONDS", help="first wait up to this long for other processes to leave the CPU idle (0 = do not wait)")
-    parser.add_argument("--name", help="result file name under bench/results/ (default bench_pull, bench_pull_quick with --quick)")
+    parser.add_argument(
+        "--hub-nagle",
+        action="store_true",
+        help="leave Nagle's algorithm on in the test hub (random 40 ms stalls on small answers; see benchlib.configure_hub_sockets)",
+    )
+    parser.add_argument(
+        "--hub-mode",
+        choices=("process", "inprocess"),
+        default="process",
+        help="hub in a child process (default) or on threads of this process",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="first wait up to this long for other processes to leave the CPU idle (0 = do not wait)",
+    )
+    parser.add_argument(
+        "--name", help="result file name under bench/results/ (default bench_pull, bench_pull_quick with --quick)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.warmup = 2, 1
@@ -195,7 +214,14 @@ def main() -> None:
 
     loop_thread = LoopThread()
     hub = benchlib.start_hub(args.hub_mode, nodelay=not args.hub_nagle)
-    samples: dict[str, list[float]] = {"raw": [], "raw_sha256": [], "minimal": [], "store": [], "store_ready_event": [], "sha256_pass": []}
+    samples: dict[str, list[float]] = {
+        "raw": [],
+        "raw_sha256": [],
+        "minimal": [],
+        "store": [],
+        "store_ready_event": [],
+        "sha256_pass": [],
+    }
     phases: dict[str, list[float]] = {}
     sizes: set[int] = set()
     with benchlib.temp_dir("pull") as work:
@@ -256,7 +282,10 @@ def main() -> None:
         raise RuntimeError(f"raw and store moved different byte counts: {sizes}")
     nbytes = sizes.pop()
     summaries = {leg: benchlib.summarize(values) for leg, values in samples.items()}
-    throughput = {leg: nbytes / MB / summaries[leg]["median"] for leg in ("raw", "raw_sha256", "minimal", "store", "store_ready_event")}
+    throughput = {
+        leg: nbytes / MB / summaries[leg]["median"]
+        for leg in ("raw", "raw_sha256", "minimal", "store", "store_ready_event")
+    }
     per_round_ratio = [r / s for r, s in zip(samples["raw"], samples["store"], strict=True)]
     per_round_ratio_hashed = [r / s for r, s in zip(samples["raw_sha256"], samples["store"], strict=True)]
     ratio = throughput["store"] / throughput["raw"]
@@ -298,17 +327,30 @@ def main() -> None:
         ["leg", "seconds", "MB/s", "x raw"],
         rows,
     )
-    print(f"store / raw          = {ratio:.3f}  (per round: {', '.join(f'{r:.2f}' for r in per_round_ratio)})  goal >= 0.95")
-    print(f"store / (raw+sha256) = {ratio_hashed:.3f}  (per round: {', '.join(f'{r:.2f}' for r in per_round_ratio_hashed)})  goal >= 0.95")
-    print(f"store / (GET+sha256+fsync) = {throughput['store'] / throughput['minimal']:.3f}  (the least work with the store's guarantees)")
+    print(
+        f"store / raw          = {ratio:.3f}  (per round: {', '.join(f'{r:.2f}' for r in per_round_ratio)})  goal >= 0.95"
+    )
+    print(
+        f"store / (raw+sha256) = {ratio_hashed:.3f}  (per round: {', '.join(f'{r:.2f}' for r in per_round_ratio_hashed)})  goal >= 0.95"
+    )
+    print(
+        f"store / (GET+sha256+fsync) = {throughput['store'] / throughput['minimal']:.3f}  (the least work with the store's guarantees)"
+    )
     tails = [end - ready for end, ready in zip(samples["store"], samples["store_ready_event"], strict=True)]
     worst_tail = max(tails)
-    print(f"PullModel stream end after its READY event: median {statistics.median(tails) * 1000:.1f} ms, max {worst_tail * 1000:.1f} ms")
+    print(
+        f"PullModel stream end after its READY event: median {statistics.median(tails) * 1000:.1f} ms, max {worst_tail * 1000:.1f} ms"
+    )
     if worst_tail > 0.5:
-        print("  !! a PullModel stream stayed open long after READY: its end waits for a wake-up that never comes (heartbeat timeout)")
+        print(
+            "  !! a PullModel stream stayed open long after READY: its end waits for a wake-up that never comes (heartbeat timeout)"
+        )
     phase_summary = {key: benchlib.summarize(values) for key, values in phases.items()}
     if phase_summary:
-        print("store phases (median, from server event timestamps): " + ", ".join(f"{k} {v['median'] * 1000:.0f} ms" for k, v in phase_summary.items()))
+        print(
+            "store phases (median, from server event timestamps): "
+            + ", ".join(f"{k} {v['median'] * 1000:.0f} ms" for k, v in phase_summary.items())
+        )
     print(
         "costs on this machine for model.bin: "
         f"sha256 {diag['sha256_s'] * 1000:.0f} ms, sha256+git sha1 {diag['sha256_plus_git_sha1_s'] * 1000:.0f} ms, "

@@ -95,13 +95,17 @@ def direct_batched(pipeline: BatchedInferencePipeline, data: bytes, batch_size: 
     started = time.perf_counter()
     audio = decode_audio(io.BytesIO(data))
     long_audio = audio.shape[0] >= 30 * 16000
-    segments, _info = pipeline.transcribe(audio, beam_size=BEAM_SIZE, batch_size=batch_size, without_timestamps=True, vad_filter=long_audio)
+    segments, _info = pipeline.transcribe(
+        audio, beam_size=BEAM_SIZE, batch_size=batch_size, without_timestamps=True, vad_filter=long_audio
+    )
     for _ in segments:
         pass
     return time.perf_counter() - started
 
 
-def service_transcribe(stub: pb_grpc.InferenceStub, request: pb.TranscribeRequest, marks: dict[str, float] | None = None) -> tuple[float, float, list[str]]:
+def service_transcribe(
+    stub: pb_grpc.InferenceStub, request: pb.TranscribeRequest, marks: dict[str, float] | None = None
+) -> tuple[float, float, list[str]]:
     """(total s, TTFS s, segment texts) of one Transcribe call, stream consumed.
 
     ``marks`` receives wall-clock times (same host clock as the service's event
@@ -185,12 +189,18 @@ class _LoadSecondsHandler(logging.Handler):
             self.values.append(float(getattr(record, "load_seconds", float("nan"))))
 
 
-def start_services(mode: str, work: Path, loop_thread: LoopThread | None, config: dict[str, Any], log_level: str | None = None) -> Services:
+def start_services(
+    mode: str, work: Path, loop_thread: LoopThread | None, config: dict[str, Any], log_level: str | None = None
+) -> Services:
     level_args = ["--log-level", log_level] if log_level else []
     if mode == "subprocess":
         store_port = benchlib.free_port()
         store = benchlib.start_service_process(
-            "model_service", ["--data-dir", str(work / "store"), *level_args], {}, work / "logs" / "store.log", store_port
+            "model_service",
+            ["--data-dir", str(work / "store"), *level_args],
+            {},
+            work / "logs" / "store.log",
+            store_port,
         )
         benchlib.wait_model_ready(store.address, MODEL_ID)
         holder: dict[str, Any] = {}
@@ -269,7 +279,15 @@ def start_services(mode: str, work: Path, loop_thread: LoopThread | None, config
     cache_logger = logging.getLogger("inference_service.model_cache")
     cache_logger.addHandler(handler)
     cache_logger.setLevel(logging.INFO)  # root stays at WARNING: nothing else is printed
-    services = Services(mode, store.address, "", stop_inference_inprocess, store.stop, start_inference_inprocess, lambda: list(handler.values))
+    services = Services(
+        mode,
+        store.address,
+        "",
+        stop_inference_inprocess,
+        store.stop,
+        start_inference_inprocess,
+        lambda: list(handler.values),
+    )
     start_inference_inprocess(config)
     return services
 
@@ -277,13 +295,21 @@ def start_services(mode: str, work: Path, loop_thread: LoopThread | None, config
 # --------------------------------------------------------------------------- sections
 
 
-def section_warm(model: WhisperModel, stub: pb_grpc.InferenceStub, data: bytes, reps: int, warmup: int) -> dict[str, Any]:
+def section_warm(
+    model: WhisperModel, stub: pb_grpc.InferenceStub, data: bytes, reps: int, warmup: int
+) -> dict[str, Any]:
     request = pb.TranscribeRequest(audio=data, options=pb.TranscribeOptions(model_id=MODEL_ID, beam_size=BEAM_SIZE))
     for _ in range(warmup):
         direct_transcribe(model, data)
         service_transcribe(stub, request)
     rows: dict[str, list[float]] = {"direct_total": [], "direct_ttfs": [], "service_total": [], "service_ttfs": []}
-    overhead: dict[str, list[float]] = {"total": [], "ttfs": [], "call_to_accepted": [], "accepted_to_job_start": [], "first_segment_delivery": []}
+    overhead: dict[str, list[float]] = {
+        "total": [],
+        "ttfs": [],
+        "call_to_accepted": [],
+        "accepted_to_job_start": [],
+        "first_segment_delivery": [],
+    }
     same_text = True
     for index in range(reps):
         order = ("direct", "service") if index % 2 == 0 else ("service", "direct")
@@ -335,7 +361,9 @@ def section_warm(model: WhisperModel, stub: pb_grpc.InferenceStub, data: bytes, 
     }
 
 
-def section_cold(stub: pb_grpc.InferenceStub, reps: int, engine_load_seconds: Callable[[], list[float]]) -> dict[str, Any]:
+def section_cold(
+    stub: pb_grpc.InferenceStub, reps: int, engine_load_seconds: Callable[[], list[float]]
+) -> dict[str, Any]:
     direct: list[float] = []
     service: list[float] = []
     engine: list[float] = []
@@ -372,7 +400,9 @@ def section_cold(stub: pb_grpc.InferenceStub, reps: int, engine_load_seconds: Ca
         print(f"  rep {index + 1}/{reps}: WhisperModel() {direct[-1]:.3f} s, LoadModel {service[-1]:.3f} s", flush=True)
     d, s = benchlib.summarize(direct), benchlib.summarize(service)
     ratio = s["median"] / d["median"]
-    overhead = [total - inside for total, inside in zip(service, engine, strict=False)] if len(engine) == len(service) else []
+    overhead = (
+        [total - inside for total, inside in zip(service, engine, strict=False)] if len(engine) == len(service) else []
+    )
     return {
         "reps": reps,
         "direct_seconds": d,
@@ -386,7 +416,9 @@ def section_cold(stub: pb_grpc.InferenceStub, reps: int, engine_load_seconds: Ca
     }
 
 
-def section_loadrpc(address: str, stub: pb_grpc.InferenceStub, calls: int, quiet_address: str | None = None) -> dict[str, Any]:
+def section_loadrpc(
+    address: str, stub: pb_grpc.InferenceStub, calls: int, quiet_address: str | None = None
+) -> dict[str, Any]:
     """LoadModel of a loaded model, alternating with the health Check of the same server
     (the floor of a unary call: no interceptor, no thread hop) and, when quiet_address is
     given, with LoadModel on a second, identical service logging at WARNING instead of
@@ -436,7 +468,10 @@ def section_loadrpc(address: str, stub: pb_grpc.InferenceStub, calls: int, quiet
 def run_clients(address: str, data: bytes, clients: int) -> tuple[float, list[float]]:
     """(wall seconds, per-client seconds) of `clients` concurrent Transcribe calls."""
     request = pb.TranscribeRequest(audio=data, options=pb.TranscribeOptions(model_id=MODEL_ID, beam_size=BEAM_SIZE))
-    channels = [grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]) for _ in range(clients)]
+    channels = [
+        grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(clients)
+    ]
     stubs = [pb_grpc.InferenceStub(c) for c in channels]
     for stub in stubs:  # connect first: the timing is of the work, not of TCP set-up
         stub.ListLoadedModels(pb.ListLoadedModelsRequest(), timeout=30)
@@ -466,7 +501,15 @@ def run_clients(address: str, data: bytes, clients: int) -> tuple[float, list[fl
     return max(ends) - started, [end - started for end in ends]
 
 
-def section_throughput(services: Services, model: WhisperModel, data: bytes, audio_seconds: float, concurrency: list[int], configs: list[str], per_side: int) -> dict[str, Any]:
+def section_throughput(
+    services: Services,
+    model: WhisperModel,
+    data: bytes,
+    audio_seconds: float,
+    concurrency: list[int],
+    configs: list[str],
+    per_side: int,
+) -> dict[str, Any]:
     """Aggregate throughput of the service for each config and client count, with the
     direct library's sequential throughput measured right before and after each config's
     block (``per_side`` files each side), so a machine that speeds up or slows down over
@@ -503,11 +546,19 @@ def section_throughput(services: Services, model: WhisperModel, data: bytes, aud
                 "audio_seconds_per_second": clients * audio_seconds / wall,
                 "client_seconds_median": benchlib.summarize(latencies)["median"],
             }
-            print(f"  {name} N={clients}: {per_config[clients]['audio_seconds_per_second']:.1f} audio-s/s (wall {wall:.2f} s)", flush=True)
+            print(
+                f"  {name} N={clients}: {per_config[clients]['audio_seconds_per_second']:.1f} audio-s/s (wall {wall:.2f} s)",
+                flush=True,
+            )
         reference()
         adjacent = plain_times[index] + plain_times[index + 1]
         direct_rate = len(adjacent) * audio_seconds / sum(adjacent)
-        entry: dict[str, Any] = {"settings": CONFIGS[name], "segments_per_request": segments, "by_clients": per_config, "direct_sequential_adjacent": direct_rate}
+        entry: dict[str, Any] = {
+            "settings": CONFIGS[name],
+            "segments_per_request": segments,
+            "by_clients": per_config,
+            "direct_sequential_adjacent": direct_rate,
+        }
         if name == "batched8" and batched_times:
             adjacent_b = batched_times[index] + batched_times[index + 1]
             entry["direct_batched8_sequential_adjacent"] = len(adjacent_b) * audio_seconds / sum(adjacent_b)
@@ -526,7 +577,9 @@ def section_throughput(services: Services, model: WhisperModel, data: bytes, aud
 # --------------------------------------------------------------------------- main
 
 
-def run_mode(mode: str, args: argparse.Namespace, model: WhisperModel, data: bytes, audio_seconds: float, work: Path) -> dict[str, Any]:
+def run_mode(
+    mode: str, args: argparse.Namespace, model: WhisperModel, data: bytes, audio_seconds: float, work: Path
+) -> dict[str, Any]:
     loop_thread = LoopThread() if mode == "inprocess" else None
     print(f"\n== mode {mode}: starting the model store and the inference service", flush=True)
     started = time.perf_counter()
@@ -548,14 +601,18 @@ def run_mode(mode: str, args: argparse.Namespace, model: WhisperModel, data: byt
             if services.spawn_quiet is not None and args.service_log_level in (None, "INFO", "DEBUG"):
                 quiet_service = services.spawn_quiet(CONFIGS["jobs1"])
             try:
-                result["loadrpc"] = section_loadrpc(services.inference_address, stub, args.load_calls, quiet_service.address if quiet_service else None)
+                result["loadrpc"] = section_loadrpc(
+                    services.inference_address, stub, args.load_calls, quiet_service.address if quiet_service else None
+                )
             finally:
                 if quiet_service is not None:
                     quiet_service.stop()
         channel.close()
         if "throughput" in args.sections and (mode == "subprocess" or args.mode == "inprocess"):
             print("throughput:", flush=True)
-            result["throughput"] = section_throughput(services, model, data, audio_seconds, args.concurrency, args.configs, args.direct_per_side)
+            result["throughput"] = section_throughput(
+                services, model, data, audio_seconds, args.concurrency, args.configs, args.direct_per_side
+            )
     finally:
         services.stop_inference()
         services.stop_store()
@@ -573,8 +630,20 @@ def print_tables(results: dict[str, Any], audio: Path, audio_seconds: float) -> 
                 f"[{mode}] warm transcription of {audio.name} ({audio_seconds:.1f} s), beam 5, {w['reps']} reps, median (min-max)",
                 ["", "direct", "service", "service/direct or delta", "goal"],
                 [
-                    ["total", benchlib.fmt_spread(s["direct_total"], 1, " s"), benchlib.fmt_spread(s["service_total"], 1, " s"), f"{w['ratio_total_service_over_direct']:.3f}", "<= 1.03"],
-                    ["TTFS", benchlib.fmt_spread(s["direct_ttfs"], 1, " s"), benchlib.fmt_spread(s["service_ttfs"], 1, " s"), f"{w['ttfs_service_minus_direct_seconds'] * 1000:+.1f} ms", "<= +20 ms"],
+                    [
+                        "total",
+                        benchlib.fmt_spread(s["direct_total"], 1, " s"),
+                        benchlib.fmt_spread(s["service_total"], 1, " s"),
+                        f"{w['ratio_total_service_over_direct']:.3f}",
+                        "<= 1.03",
+                    ],
+                    [
+                        "TTFS",
+                        benchlib.fmt_spread(s["direct_ttfs"], 1, " s"),
+                        benchlib.fmt_spread(s["service_ttfs"], 1, " s"),
+                        f"{w['ttfs_service_minus_direct_seconds'] * 1000:+.1f} ms",
+                        "<= +20 ms",
+                    ],
                 ],
             )
             print(
@@ -594,7 +663,14 @@ def print_tables(results: dict[str, Any], audio: Path, audio_seconds: float) -> 
             benchlib.print_table(
                 f"[{mode}] cold load of tiny.en, {c['reps']} reps, median (min-max)",
                 ["WhisperModel()", "LoadModel (unloaded)", "ratio", "goal"],
-                [[benchlib.fmt_spread(c["direct_seconds"], 1, " s"), benchlib.fmt_spread(c["service_seconds"], 1, " s"), f"{c['ratio_service_over_direct']:.3f}", "<= 1.10"]],
+                [
+                    [
+                        benchlib.fmt_spread(c["direct_seconds"], 1, " s"),
+                        benchlib.fmt_spread(c["service_seconds"], 1, " s"),
+                        f"{c['ratio_service_over_direct']:.3f}",
+                        "<= 1.10",
+                    ]
+                ],
             )
             if c["service_engine_load_seconds"].get("n"):
                 print(
@@ -608,11 +684,34 @@ def print_tables(results: dict[str, Any], audio: Path, audio_seconds: float) -> 
                 f"[{mode}] warm LoadModel round trip, {r['calls']} calls (ms)",
                 ["RPC", "p50", "p90", "p99", "max", "goal"],
                 [
-                    ["LoadModel (loaded)", f"{lm['p50'] * 1000:.2f}", f"{lm['p90'] * 1000:.2f}", f"{lm['p99'] * 1000:.2f}", f"{lm['max'] * 1000:.2f}", "p99 <= 2 ms"],
-                    ["health Check (floor)", f"{hc['p50'] * 1000:.2f}", f"{hc['p90'] * 1000:.2f}", f"{hc['p99'] * 1000:.2f}", f"{hc['max'] * 1000:.2f}", ""],
+                    [
+                        "LoadModel (loaded)",
+                        f"{lm['p50'] * 1000:.2f}",
+                        f"{lm['p90'] * 1000:.2f}",
+                        f"{lm['p99'] * 1000:.2f}",
+                        f"{lm['max'] * 1000:.2f}",
+                        "p99 <= 2 ms",
+                    ],
+                    [
+                        "health Check (floor)",
+                        f"{hc['p50'] * 1000:.2f}",
+                        f"{hc['p90'] * 1000:.2f}",
+                        f"{hc['p99'] * 1000:.2f}",
+                        f"{hc['max'] * 1000:.2f}",
+                        "",
+                    ],
                 ]
                 + (
-                    [["LoadModel, service at WARNING", *(f"{r['loadmodel_log_warning_seconds'][k] * 1000:.2f}" for k in ("p50", "p90", "p99", "max")), ""]]
+                    [
+                        [
+                            "LoadModel, service at WARNING",
+                            *(
+                                f"{r['loadmodel_log_warning_seconds'][k] * 1000:.2f}"
+                                for k in ("p50", "p90", "p99", "max")
+                            ),
+                            "",
+                        ]
+                    ]
                     if "loadmodel_log_warning_seconds" in r
                     else []
                 ),
@@ -622,20 +721,38 @@ def print_tables(results: dict[str, Any], audio: Path, audio_seconds: float) -> 
             names = list(t["service"])
             rows = []
             for clients in t["concurrency"]:
-                rows.append([f"service, {clients} client(s)", *(f"{t['service'][n]['by_clients'][clients]['audio_seconds_per_second']:.1f}" for n in names)])
-            rows.append(["direct, sequential (files next to this block)", *(f"{t['service'][n]['direct_sequential_adjacent']:.1f}" for n in names)])
+                rows.append(
+                    [
+                        f"service, {clients} client(s)",
+                        *(f"{t['service'][n]['by_clients'][clients]['audio_seconds_per_second']:.1f}" for n in names),
+                    ]
+                )
+            rows.append(
+                [
+                    "direct, sequential (files next to this block)",
+                    *(f"{t['service'][n]['direct_sequential_adjacent']:.1f}" for n in names),
+                ]
+            )
             if any("direct_batched8_sequential_adjacent" in t["service"][n] for n in names):
                 rows.append(
                     [
                         "direct BatchedInferencePipeline(8), sequential",
-                        *(f"{t['service'][n]['direct_batched8_sequential_adjacent']:.1f}" if "direct_batched8_sequential_adjacent" in t["service"][n] else "" for n in names),
+                        *(
+                            f"{t['service'][n]['direct_batched8_sequential_adjacent']:.1f}"
+                            if "direct_batched8_sequential_adjacent" in t["service"][n]
+                            else ""
+                            for n in names
+                        ),
                     ]
                 )
             most = max(t["concurrency"])
             rows.append(
                 [
                     f"service at {most} clients / direct sequential",
-                    *(f"{t['service'][n]['by_clients'][most]['audio_seconds_per_second'] / t['service'][n]['direct_sequential_adjacent']:.2f}" for n in names),
+                    *(
+                        f"{t['service'][n]['by_clients'][most]['audio_seconds_per_second'] / t['service'][n]['direct_sequential_adjacent']:.2f}"
+                        for n in names
+                    ),
                 ]
             )
             benchlib.print_table(
@@ -648,23 +765,50 @@ def print_tables(results: dict[str, Any], audio: Path, audio_seconds: float) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("subprocess", "inprocess", "both"), default="subprocess")
-    parser.add_argument("--audio", type=Path, help="audio file (default tests/data/speech_multi.wav, 25 s; speech_short.wav, 3 s, with --quick)")
-    parser.add_argument("--sections", nargs="+", default=["warm", "cold", "loadrpc", "throughput"], choices=["warm", "cold", "loadrpc", "throughput"])
+    parser.add_argument(
+        "--audio",
+        type=Path,
+        help="audio file (default tests/data/speech_multi.wav, 25 s; speech_short.wav, 3 s, with --quick)",
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["warm", "cold", "loadrpc", "throughput"],
+        choices=["warm", "cold", "loadrpc", "throughput"],
+    )
     parser.add_argument("--reps", type=int, default=9, help="alternating repetitions of the warm section")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cold-reps", type=int, default=5)
     parser.add_argument("--load-calls", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--direct-per-side", type=int, default=2, help="direct files transcribed before and after each throughput config (the reference)")
+    parser.add_argument(
+        "--direct-per-side",
+        type=int,
+        default=2,
+        help="direct files transcribed before and after each throughput config (the reference)",
+    )
     parser.add_argument(
         "--service-log-level",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="--log-level of the service processes (default: theirs, INFO, one JSON line per RPC); subprocess mode only",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 3 s audio, 3 reps, 2 cold reps, 200 calls, clients 1 2, jobs1 only")
-    parser.add_argument("--wait-quiet", type=float, default=120.0, metavar="SECONDS", help="first wait up to this long for other processes to leave the CPU idle (0 = do not wait)")
-    parser.add_argument("--name", help="result file name under bench/results/ (default bench_transcribe, bench_transcribe_quick with --quick)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 3 s audio, 3 reps, 2 cold reps, 200 calls, clients 1 2, jobs1 only",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="first wait up to this long for other processes to leave the CPU idle (0 = do not wait)",
+    )
+    parser.add_argument(
+        "--name",
+        help="result file name under bench/results/ (default bench_transcribe, bench_transcribe_quick with --quick)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.reps, args.warmup, args.cold_reps, args.load_calls = 3, 1, 2, 200
@@ -690,7 +834,9 @@ def main() -> None:
         benchlib.rounded(
             {
                 "settings": {
-                    "audio": str(args.audio.relative_to(benchlib.REPO)) if args.audio.is_relative_to(benchlib.REPO) else str(args.audio),
+                    "audio": str(args.audio.relative_to(benchlib.REPO))
+                    if args.audio.is_relative_to(benchlib.REPO)
+                    else str(args.audio),
                     "audio_seconds": audio_seconds,
                     "audio_bytes": len(data),
                     "beam_size": BEAM_SIZE,

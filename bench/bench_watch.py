@@ -74,7 +74,9 @@ async def run_watchers(address: str, count: int, model_id: str, out: Path, share
                 continue
             if kind == pb.SNAPSHOT or kind == pb.HEARTBEAT:
                 continue
-            mine.append((event.sequence, kind, event.state, event.timestamp.seconds + event.timestamp.nanos / 1e9, received))
+            mine.append(
+                (event.sequence, kind, event.state, event.timestamp.seconds + event.timestamp.nanos / 1e9, received)
+            )
             if target and not reached[index] and event.sequence >= target[0]:
                 reached[index] = True
                 done_count += 1
@@ -140,9 +142,21 @@ def pull_once(stub: pb_grpc.ModelStoreStub, model_id: str) -> float:
     return time.perf_counter() - started
 
 
-def measure_k(store: benchlib.InProcessStore, stub: pb_grpc.ModelStoreStub, k: int, reps: int, work: Path, shared_channel: bool) -> dict[str, Any]:
+def measure_k(
+    store: benchlib.InProcessStore, stub: pb_grpc.ModelStoreStub, k: int, reps: int, work: Path, shared_channel: bool
+) -> dict[str, Any]:
     out = work / f"watchers-{k}.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--address", store.address, "--watchers", str(k), "--out", str(out)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--address",
+        store.address,
+        "--watchers",
+        str(k),
+        "--out",
+        str(out),
+    ]
     if shared_channel:
         command.append("--shared-channel")
     started_connect = time.perf_counter()
@@ -217,7 +231,10 @@ def measure_k(store: benchlib.InProcessStore, stub: pb_grpc.ModelStoreStub, k: i
             "p50": benchlib.percentile(list(per_event_worst.values()), 50),
             "p99": benchlib.percentile(list(per_event_worst.values()), 99),
         },
-        "state_change_delay_seconds": {"p50": benchlib.percentile(state_delays, 50), "p99": benchlib.percentile(state_delays, 99)},
+        "state_change_delay_seconds": {
+            "p50": benchlib.percentile(state_delays, 50),
+            "p99": benchlib.percentile(state_delays, 99),
+        },
         "missed_events": missed_events,
         "missed_state_changes": missed_state,
         "watchers_missing_a_state_change": watchers_missing_state,
@@ -235,9 +252,19 @@ def main() -> None:
     parser.add_argument("--pulls", type=int, default=2, help="pulls per K")
     parser.add_argument("--rate-mb", type=float, default=20.0, help="hub throttle, MB/s")
     parser.add_argument("--quick", action="store_true", help="smoke run: K = 1 50, 1 pull each, 40 MB/s")
-    parser.add_argument("--shared-channel", action="store_true", help="all watchers on one channel (one HTTP/2 connection)")
-    parser.add_argument("--wait-quiet", type=float, default=120.0, metavar="SECONDS", help="first wait up to this long for other processes to leave the CPU idle (0 = do not wait)")
-    parser.add_argument("--name", help="result file name under bench/results/ (default bench_watch, bench_watch_quick with --quick)")
+    parser.add_argument(
+        "--shared-channel", action="store_true", help="all watchers on one channel (one HTTP/2 connection)"
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="first wait up to this long for other processes to leave the CPU idle (0 = do not wait)",
+    )
+    parser.add_argument(
+        "--name", help="result file name under bench/results/ (default bench_watch, bench_watch_quick with --quick)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -280,7 +307,11 @@ def main() -> None:
 
     rows = []
     for r in results:
-        d, worst, per = r["progress_delay_seconds"], r["slowest_watcher_delay_per_event_seconds"], r["progress_events_per_watcher"]
+        d, worst, per = (
+            r["progress_delay_seconds"],
+            r["slowest_watcher_delay_per_event_seconds"],
+            r["progress_events_per_watcher"],
+        )
         rows.append(
             [
                 r["watchers"],
@@ -297,7 +328,17 @@ def main() -> None:
     benchlib.print_table(
         f"WatchModels with K watchers during {args.pulls} throttled pull(s) of {args.rate_mb:g} MB/s "
         "(delays in ms; watchers in a child process)",
-        ["K", "p50", "p99", "p99 slowest", "state p99", "PROGRESS/watcher min/max", "missed ev/state", "pull s", "CPU s store/watchers"],
+        [
+            "K",
+            "p50",
+            "p99",
+            "p99 slowest",
+            "state p99",
+            "PROGRESS/watcher min/max",
+            "missed ev/state",
+            "pull s",
+            "CPU s store/watchers",
+        ],
         rows,
     )
     benchlib.write_result(

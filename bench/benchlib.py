@@ -166,7 +166,9 @@ class CpuAudit:
         }
 
 
-def wait_for_quiet_machine(max_busy_cores: float = 0.25, seconds: float = 3.0, timeout: float = 180.0) -> dict[str, float]:
+def wait_for_quiet_machine(
+    max_busy_cores: float = 0.25, seconds: float = 3.0, timeout: float = 180.0
+) -> dict[str, float]:
     """Wait (up to ``timeout``) until the whole machine stays under ``max_busy_cores`` for
     ``seconds``, so another workload does not leak into the figures; report what was seen."""
     started = time.monotonic()
@@ -186,7 +188,10 @@ def wait_for_quiet_machine(max_busy_cores: float = 0.25, seconds: float = 3.0, t
         else:
             quiet_since = None
             if not announced:
-                print(f"machine busy ({load:.2f} cores in use by others); waiting up to {timeout:.0f} s for it to calm down", flush=True)
+                print(
+                    f"machine busy ({load:.2f} cores in use by others); waiting up to {timeout:.0f} s for it to calm down",
+                    flush=True,
+                )
                 announced = True
     print(f"machine still busy after {timeout:.0f} s ({load:.2f} cores); measuring anyway", flush=True)
     return {"waited_seconds": time.monotonic() - started, "busy_cores": load, "quiet": False}
@@ -247,7 +252,9 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def write_result(name: str, payload: dict[str, Any], audit: CpuAudit | None = None, quiet: dict[str, float] | None = None) -> Path:
+def write_result(
+    name: str, payload: dict[str, Any], audit: CpuAudit | None = None, quiet: dict[str, float] | None = None
+) -> Path:
     """bench/results/<name>.json: the machine, the command, the figures (small, diffable)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
@@ -321,7 +328,9 @@ def free_port() -> int:
     return _free_port()
 
 
-def wait_serving(address: str, timeout: float = 120.0, process: subprocess.Popen[Any] | None = None, log: Path | None = None) -> None:
+def wait_serving(
+    address: str, timeout: float = 120.0, process: subprocess.Popen[Any] | None = None, log: Path | None = None
+) -> None:
     """Poll the gRPC health service until SERVING (or fail with the process's log tail)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -376,7 +385,9 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields_[11]) + int(fields_[12])) / ticks
 
 
-def start_service_process(module: str, args: Sequence[str], env: dict[str, str], log: Path, port: int) -> ServiceProcess:
+def start_service_process(
+    module: str, args: Sequence[str], env: dict[str, str], log: Path, port: int
+) -> ServiceProcess:
     """Start ``python -m module args`` with VOXSERVE_* settings in env; wait until SERVING."""
     full_env = {**os.environ, **env}
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -482,7 +493,9 @@ def tiny_catalog_entry() -> Any:
     """The extra catalog entry the benches pull: tiny.en from the loopback hub."""
     from model_service.catalog import WHISPER_FILES, WHISPER_REQUIRED, CatalogEntry
 
-    return CatalogEntry(TINY_MODEL_ID, "whisper", TINY_REPO, "main", WHISPER_FILES, WHISPER_REQUIRED, "tiny.en from the loopback hub")
+    return CatalogEntry(
+        TINY_MODEL_ID, "whisper", TINY_REPO, "main", WHISPER_FILES, WHISPER_REQUIRED, "tiny.en from the loopback hub"
+    )
 
 
 @dataclass
@@ -501,7 +514,9 @@ class InProcessStore:
         self.loop_thread.run(self.app.stop(0.5), timeout=60)
 
 
-def start_store_inprocess(loop_thread: Any, data_dir: Path, hub_endpoint: str | None, import_embedded: bool = False, **overrides: Any) -> InProcessStore:
+def start_store_inprocess(
+    loop_thread: Any, data_dir: Path, hub_endpoint: str | None, import_embedded: bool = False, **overrides: Any
+) -> InProcessStore:
     from model_service.__main__ import start_app
     from model_service.config import ModelStoreConfig
 

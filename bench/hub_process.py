@@ -17,7 +17,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repo-id", default=benchlib.TINY_REPO)
     parser.add_argument("--throttle", type=int, default=0, help="bytes per second for file bodies (0 = unthrottled)")
-    parser.add_argument("--nagle", action="store_true", help="leave Nagle's algorithm on (40 ms stalls on small answers)")
+    parser.add_argument(
+        "--nagle", action="store_true", help="leave Nagle's algorithm on (40 ms stalls on small answers)"
+    )
     args = parser.parse_args()
     benchlib.configure_hub_sockets(nodelay=not args.nagle)
     hub = HubServer()

@@ -75,7 +75,9 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
     source = StoreModelSource(config)
     cache = build_cache(config, source, metrics)
     transcriber = Transcriber(cache, config.vad_model, metrics, config.batch_size if config.batched else 0)
-    limits = JobLimits(config.max_running_jobs, config.max_queued_jobs, config.job_retention_seconds, config.job_history_events)
+    limits = JobLimits(
+        config.max_running_jobs, config.max_queued_jobs, config.job_retention_seconds, config.job_history_events
+    )
     jobs = JobManager(limits, transcriber.run, metrics)
     shutting_down = asyncio.Event()
     servicer = InferenceServicer(jobs, cache, config.default_model, config.max_audio_bytes, shutting_down)
@@ -96,7 +98,10 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
 
     def preload() -> None:
         for model_id, error in cache.preload(wanted):
-            logger.warning("preload failed; the model loads on first use instead", extra={"model_id": model_id, "error": str(error)})
+            logger.warning(
+                "preload failed; the model loads on first use instead",
+                extra={"model_id": model_id, "error": str(error)},
+            )
 
     if preload_in_background:
         app.preload_thread = threading.Thread(target=preload, name="preload", daemon=True)
@@ -113,7 +118,9 @@ def parse_config(argv: Sequence[str] | None = None) -> InferenceConfig:
     parser.add_argument("--cache-dir", type=Path, help="local copies of models fetched from the store")
     parser.add_argument("--max-models", type=int, help="most models held in memory at once")
     parser.add_argument("--memory-budget", metavar="BYTES|PERCENT", help="memory for loaded models, e.g. 4GiB or 60%%")
-    parser.add_argument("--store-access", choices=("shared", "fetch"), help="read the store's directory or copy files over gRPC")
+    parser.add_argument(
+        "--store-access", choices=("shared", "fetch"), help="read the store's directory or copy files over gRPC"
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
     return config_from_args(

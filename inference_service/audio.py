@@ -94,8 +94,7 @@ def decode_audio(data: bytes, sampling_rate: int = WHISPER_SAMPLE_RATE, channels
         if not container.streams.audio:
             kinds: list[str] = sorted({str(s.type) for s in container.streams}) or ["none"]
             raise InvalidAudio(
-                f"the file ({container.format.name}) has no audio stream, only: {', '.join(kinds)}; "
-                f"{_SEND_INSTEAD}"
+                f"the file ({container.format.name}) has no audio stream, only: {', '.join(kinds)}; {_SEND_INSTEAD}"
             )
         resampler = av.AudioResampler(format="fltp", layout=layout, rate=sampling_rate)
         try:

@@ -12,22 +12,22 @@ from voxserve_common.config import ConfigError, check_settings
 class InferenceConfig:
     host: str = "127.0.0.1"
     port: int = 50052
-    metrics_port: int = 9102               # -1 disables the /metrics endpoint
-    model_store: str = "127.0.0.1:50051"   # address of the model store
+    metrics_port: int = 9102  # -1 disables the /metrics endpoint
+    model_store: str = "127.0.0.1:50051"  # address of the model store
     # How READY files reach this node: "shared" reads the store's directory (same host
     # or a shared volume, optionally mounted at shared_store_dir); "fetch" copies them
     # with FetchModelFiles into cache_dir, checking sha256.
     store_access: str = "shared"
-    shared_store_dir: Path | None = None   # the store's data_dir as mounted here
+    shared_store_dir: Path | None = None  # the store's data_dir as mounted here
     cache_dir: Path = Path("data/inference-cache")
-    auto_pull: bool = True                 # pull models that are not READY through the store
+    auto_pull: bool = True  # pull models that are not READY through the store
     default_model: str = "whisper-tiny.en"
     vad_model: str = "silero-vad"
-    device: str = "auto"                   # auto | cpu | cuda
-    compute_type: str | None = None        # default int8 on CPU, float16 on CUDA
-    cpu_threads: int = 0                   # 0 = ctranslate2's default
+    device: str = "auto"  # auto | cpu | cuda
+    compute_type: str | None = None  # default int8 on CPU, float16 on CUDA
+    cpu_threads: int = 0  # 0 = ctranslate2's default
     max_models: int = 3
-    memory_budget: str = "80%"             # bytes, "2GiB" or a percent of device memory
+    memory_budget: str = "80%"  # bytes, "2GiB" or a percent of device memory
     preload: tuple[str, ...] = ("silero-vad", "htdemucs")
     pin: tuple[str, ...] = ("silero-vad",)
     watchdog_interval_seconds: float = 5.0
@@ -39,8 +39,8 @@ class InferenceConfig:
     batch_size: int = 8
     max_queued_jobs: int = 16
     max_audio_bytes: int = 200 * 1024 * 1024
-    job_retention_seconds: float = 600.0   # how long ended jobs stay watchable
-    job_history_events: int = 20_000       # events kept per job for WatchJob
+    job_retention_seconds: float = 600.0  # how long ended jobs stay watchable
+    job_history_events: int = 20_000  # events kept per job for WatchJob
     grace_seconds: float = 20.0
     log_level: str = "INFO"
     log_format: str = "json"

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo
 from inference_service.metrics import InferenceMetrics
-from voxserve_common.errors import AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from voxserve_common.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from voxserve_common.logs import log_context
 
 logger = logging.getLogger(__name__)
@@ -208,7 +215,9 @@ class JobManager:
                 existing = self._jobs.get(request.job_id)
                 if existing is not None:
                     if existing.fingerprint != request.fingerprint:
-                        raise AlreadyExists(f"job_id {request.job_id!r} is already used for different audio or options; pick a new job_id")
+                        raise AlreadyExists(
+                            f"job_id {request.job_id!r} is already used for different audio or options; pick a new job_id"
+                        )
                     return existing, True
             running = len(self._running)
             active = running + len(self._queued)
@@ -235,7 +244,9 @@ class JobManager:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
-            raise NotFound(f"no job {job_id!r}: it never existed or ended more than {self.limits.retention_seconds:.0f} s ago")
+            raise NotFound(
+                f"no job {job_id!r}: it never existed or ended more than {self.limits.retention_seconds:.0f} s ago"
+            )
         return job
 
     def cancel(self, job_id: str) -> Job:
@@ -279,12 +290,17 @@ class JobManager:
                 if job.cancel_event.is_set():
                     outcome, error = JobState.CANCELLED, exc
                 else:
-                    outcome, error = JobState.FAILED, DeadlineExceeded("the job ran past the call's deadline and was stopped")
+                    outcome, error = (
+                        JobState.FAILED,
+                        DeadlineExceeded("the job ran past the call's deadline and was stopped"),
+                    )
             except BaseException as exc:  # noqa: BLE001 - every failure is reported to the job's watchers
                 outcome, error = JobState.FAILED, exc
                 logger.warning("job failed", extra={"error": f"{type(exc).__name__}: {exc}"})
             job.finish(outcome, error)
-            logger.info("job ended", extra={"state": outcome.value, "seconds": round(time.monotonic() - job.started, 3)})
+            logger.info(
+                "job ended", extra={"state": outcome.value, "seconds": round(time.monotonic() - job.started, 3)}
+            )
         with self._lock:
             self._running.discard(job.job_id)
         if self.metrics is not None:
@@ -313,4 +329,3 @@ class JobManager:
         for state, count in counts.items():
             self.metrics.jobs.labels(state).set(count)
         self.metrics.job_queue_length.set(queued)
-

@@ -63,8 +63,7 @@ def parse_memory_budget(text: str, total: int) -> int:
         budget = int(number * _UNITS[unit])
     else:
         raise InvalidArgument(
-            f"memory budget {text!r} has an unknown unit {match['unit']!r}; "
-            "use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+            f"memory budget {text!r} has an unknown unit {match['unit']!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
         )
     if budget <= 0:
         raise InvalidArgument(f"memory budget {text!r} is zero bytes")

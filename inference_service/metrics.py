@@ -19,7 +19,9 @@ class InferenceMetrics:
         r = self.registry
         self.rpc = RpcMetrics(r)
         self.cache_hits = Counter("voxserve_cache_hits", "Model cache hits.", ["model_id"], registry=r)
-        self.cache_misses = Counter("voxserve_cache_misses", "Model cache misses (a load was needed).", ["model_id"], registry=r)
+        self.cache_misses = Counter(
+            "voxserve_cache_misses", "Model cache misses (a load was needed).", ["model_id"], registry=r
+        )
         self.cache_evictions = Counter(
             "voxserve_cache_evictions",
             "Models evicted, by reason (count_limit, memory_budget, watchdog, unload).",
@@ -30,7 +32,11 @@ class InferenceMetrics:
             "voxserve_model_loads", "Model loads, by result (ok, error).", ["model_id", "result"], registry=r
         )
         self.load_duration = Histogram(
-            "voxserve_model_load_duration_seconds", "Time to load a model into memory.", ["model_id"], buckets=LOAD_BUCKETS, registry=r
+            "voxserve_model_load_duration_seconds",
+            "Time to load a model into memory.",
+            ["model_id"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
         )
         self.loaded_models = Gauge("voxserve_loaded_models", "Models currently loaded.", registry=r)
         self.loaded_model_bytes = Gauge(
@@ -44,14 +50,21 @@ class InferenceMetrics:
         )
         self.jobs = Gauge("voxserve_jobs", "Transcription jobs by current state.", ["state"], registry=r)
         self.jobs_finished = Counter(
-            "voxserve_jobs_finished", "Jobs that ended, by outcome (completed, failed, cancelled).", ["outcome"], registry=r
+            "voxserve_jobs_finished",
+            "Jobs that ended, by outcome (completed, failed, cancelled).",
+            ["outcome"],
+            registry=r,
         )
         self.job_queue_length = Gauge("voxserve_job_queue_length", "Jobs admitted and waiting to run.", registry=r)
         self.audio_seconds = Counter(
             "voxserve_audio_seconds_processed", "Seconds of audio transcribed.", ["model_id"], registry=r
         )
         self.real_time_factor = Histogram(
-            "voxserve_real_time_factor", "Processing seconds / audio seconds per job.", ["model_id"], buckets=RTF_BUCKETS, registry=r
+            "voxserve_real_time_factor",
+            "Processing seconds / audio seconds per job.",
+            ["model_id"],
+            buckets=RTF_BUCKETS,
+            registry=r,
         )
         self.time_to_first_segment = Histogram(
             "voxserve_time_to_first_segment_seconds",

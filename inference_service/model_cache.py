@@ -263,7 +263,9 @@ class Lease:
     Use it as a context manager; ``model`` must not be used after the lease is released.
     """
 
-    def __init__(self, cache: ModelCache, entry: _Entry, model: LoadedModel, *, cache_hit: bool, load_seconds: float) -> None:
+    def __init__(
+        self, cache: ModelCache, entry: _Entry, model: LoadedModel, *, cache_hit: bool, load_seconds: float
+    ) -> None:
         self.model = model
         self.model_id = entry.model_id
         self.kind = entry.kind
@@ -280,7 +282,9 @@ class Lease:
     def __enter__(self) -> Lease:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
     def __repr__(self) -> str:
@@ -610,7 +614,12 @@ class ModelCache:
         self._evictions[reason] += 1
         logger.info(
             "model evicted",
-            extra={"model_id": entry.model_id, "reason": reason, "memory_bytes": entry.memory_bytes, "in_use": entry.refcount},
+            extra={
+                "model_id": entry.model_id,
+                "reason": reason,
+                "memory_bytes": entry.memory_bytes,
+                "in_use": entry.refcount,
+            },
         )
         if self._metrics is not None:
             self._metrics.cache_evictions.labels(entry.model_id, reason).inc()

@@ -59,7 +59,9 @@ class StoreModelSource:
         if not model_id:
             raise InvalidArgument("model_id is required")
         try:
-            return self.stub.GetModel(store_pb.GetModelRequest(model_id=model_id), metadata=trace_metadata(), timeout=30)
+            return self.stub.GetModel(
+                store_pb.GetModelRequest(model_id=model_id), metadata=trace_metadata(), timeout=30
+            )
         except grpc.RpcError as error:
             _raise_from_rpc(error, f"looking up {model_id}")
             raise  # unreachable
@@ -77,7 +79,9 @@ class StoreModelSource:
         if model.state != store_pb.READY:
             if not self.config.auto_pull:
                 state = store_pb.ModelState.Name(model.state)
-                raise FailedPrecondition(f"{model_id} is {state} in the model store and auto_pull is off; pull it first (voxctl models pull {model_id})")
+                raise FailedPrecondition(
+                    f"{model_id} is {state} in the model store and auto_pull is off; pull it first (voxctl models pull {model_id})"
+                )
             model = self._pull(model_id, on_progress)
         kind = KIND_NAMES.get(model.kind, "unknown")
         if self.config.store_access == "fetch":
@@ -92,7 +96,9 @@ class StoreModelSource:
             for event in self.stub.PullModel(store_pb.PullModelRequest(model_id=model_id), metadata=trace_metadata()):
                 if on_progress is not None:
                     state = store_pb.ModelState.Name(event.state)
-                    on_progress(LoadProgress(model_id, "pulling", event.bytes_done, event.bytes_total, event.message or state))
+                    on_progress(
+                        LoadProgress(model_id, "pulling", event.bytes_done, event.bytes_total, event.message or state)
+                    )
         except grpc.RpcError as error:
             _raise_from_rpc(error, f"pulling {model_id}")
         return self.describe(model_id)
@@ -149,7 +155,9 @@ class StoreModelSource:
         total = sum(f.size for f in model.files)
         root = staging.resolve()
         try:
-            stream = self.stub.FetchModelFiles(store_pb.FetchModelFilesRequest(model_id=model.model_id), metadata=trace_metadata())
+            stream = self.stub.FetchModelFiles(
+                store_pb.FetchModelFilesRequest(model_id=model.model_id), metadata=trace_metadata()
+            )
             for chunk in stream:
                 if chunk.path not in expected:
                     raise DataLoss(f"store sent unexpected file {chunk.path!r} for {model.model_id}")
@@ -178,4 +186,6 @@ class StoreModelSource:
             if sizes.get(path) != file.size:
                 raise DataLoss(f"{model.model_id}/{path}: received {sizes.get(path, 0)} bytes, expected {file.size}")
             if file.sha256 and hashes[path].hexdigest() != file.sha256:
-                raise DataLoss(f"{model.model_id}/{path}: sha256 mismatch after copy (expected {file.sha256}, got {hashes[path].hexdigest()})")
+                raise DataLoss(
+                    f"{model.model_id}/{path}: sha256 mismatch after copy (expected {file.sha256}, got {hashes[path].hexdigest()})"
+                )

@@ -31,7 +31,6 @@ JOB_STATES = {
 }
 
 
-
 def event_to_pb(job_id: str, event: JobEvent) -> pb.TranscribeEvent:
     message = pb.TranscribeEvent(job_id=job_id, sequence=event.sequence, timestamp=to_timestamp(event.timestamp))
     payload = event.payload
@@ -42,7 +41,9 @@ def event_to_pb(job_id: str, event: JobEvent) -> pb.TranscribeEvent:
                 start=payload.start,
                 end=payload.end,
                 text=payload.text,
-                words=[pb.Word(start=w.start, end=w.end, word=w.word, probability=w.probability) for w in payload.words],
+                words=[
+                    pb.Word(start=w.start, end=w.end, word=w.word, probability=w.probability) for w in payload.words
+                ],
                 avg_logprob=payload.avg_logprob,
                 no_speech_prob=payload.no_speech_prob,
             )
@@ -59,7 +60,9 @@ def event_to_pb(job_id: str, event: JobEvent) -> pb.TranscribeEvent:
         )
     elif isinstance(payload, TranscriptionInfo):
         message.info.CopyFrom(
-            pb.Info(language=payload.language, language_probability=payload.language_probability, duration=payload.duration)
+            pb.Info(
+                language=payload.language, language_probability=payload.language_probability, duration=payload.duration
+            )
         )
     elif isinstance(payload, Accepted):
         message.accepted.CopyFrom(pb.Accepted(queue_position=payload.queue_position, model_id=payload.model_id))
@@ -129,12 +132,17 @@ def merged_options(request: pb.TranscribeRequest) -> pb.TranscribeOptions:
     )
 
 
-
-
 class InferenceServicer(pb_grpc.InferenceServicer):
     """Thin adapter over JobManager and ModelCache."""
 
-    def __init__(self, jobs: JobManager, cache: ModelCache, default_model: str, max_audio_bytes: int, shutting_down: asyncio.Event | None = None) -> None:
+    def __init__(
+        self,
+        jobs: JobManager,
+        cache: ModelCache,
+        default_model: str,
+        max_audio_bytes: int,
+        shutting_down: asyncio.Event | None = None,
+    ) -> None:
         self.jobs = jobs
         self.cache = cache
         self.default_model = default_model
@@ -143,18 +151,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # ------------------------------------------------------------- transcription
 
-    async def Transcribe(self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranscribeEvent]:
+    async def Transcribe(
+        self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TranscribeEvent]:
         async for event in self._run_job(merged_options(request), request.audio, context):
             yield event
 
-    async def TranscribeStream(self, request_iterator: AsyncIterator[pb.TranscribeChunk], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranscribeEvent]:
+    async def TranscribeStream(
+        self, request_iterator: AsyncIterator[pb.TranscribeChunk], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TranscribeEvent]:
         options: pb.TranscribeOptions | None = None
         parts: list[bytes] = []
         size = 0
         async for chunk in request_iterator:
             if options is None:
                 if not chunk.HasField("options"):
-                    raise InvalidArgument("the first TranscribeChunk must carry options (model_id may be empty for the default)")
+                    raise InvalidArgument(
+                        "the first TranscribeChunk must carry options (model_id may be empty for the default)"
+                    )
                 options = chunk.options
             size += len(chunk.audio)
             check_audio_size(size, self.max_audio_bytes)
@@ -164,7 +178,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async for event in self._run_job(options, b"".join(parts), context):
             yield event
 
-    async def _run_job(self, options: pb.TranscribeOptions, audio: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranscribeEvent]:
+    async def _run_job(
+        self, options: pb.TranscribeOptions, audio: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TranscribeEvent]:
         model_id, engine_options, separate, job_id = options_from_pb(options, self.default_model)
         if not audio:
             raise InvalidArgument("audio is empty; send the bytes of an audio file (wav, mp3, ogg, flac, ...)")
@@ -181,7 +197,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield event
                 completed = True
             finally:
-                if not completed and not job.client_named and job.state not in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED):
+                if (
+                    not completed
+                    and not job.client_named
+                    and job.state not in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+                ):
                     # The caller went away and gave no job_id to come back with: stop the work.
                     job.cancel_event.set()
                     logger.info("client left; job cancelled")
@@ -213,7 +233,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             job.remove_listener(wakeup)
 
-    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranscribeEvent]:
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TranscribeEvent]:
         if not request.job_id:
             raise InvalidArgument("job_id is required")
         job = self.jobs.get(request.job_id)
@@ -238,14 +260,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 info = await asyncio.to_thread(self.cache.load_model, request.model_id, request.pin)
         return loaded_to_pb(info)
 
-    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
         if not request.model_id:
             raise InvalidArgument("model_id is required")
         with log_context(model_id=request.model_id):
             info = await asyncio.to_thread(self.cache.unload, request.model_id, request.force)
         return pb.UnloadModelResponse(model_id=info.model_id, unloaded=True, freed_bytes=info.memory_bytes)
 
-    async def ListLoadedModels(self, request: pb.ListLoadedModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListLoadedModelsResponse:
+    async def ListLoadedModels(
+        self, request: pb.ListLoadedModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLoadedModelsResponse:
         return pb.ListLoadedModelsResponse(models=[loaded_to_pb(m) for m in self.cache.loaded()])
 
     async def GetCacheStats(self, request: pb.GetCacheStatsRequest, context: grpc.aio.ServicerContext) -> pb.CacheStats:

@@ -85,7 +85,15 @@ class Transcriber:
         def relay(progress: LoadProgress) -> None:
             if progress.stage in ("pulling", "copying"):
                 percent = 100.0 * progress.bytes_done / progress.bytes_total if progress.bytes_total else 0.0
-                job.emit(Progress(Phase.PULLING_MODEL, percent, progress.message or progress.stage, progress.bytes_done, progress.bytes_total))
+                job.emit(
+                    Progress(
+                        Phase.PULLING_MODEL,
+                        percent,
+                        progress.message or progress.stage,
+                        progress.bytes_done,
+                        progress.bytes_total,
+                    )
+                )
             elif progress.stage == "loading":
                 job.emit(Progress(Phase.LOADING_MODEL, 0.0, f"loading {progress.model_id}"))
 
@@ -111,7 +119,11 @@ class Transcriber:
             job.emit(Progress(Phase.TRANSCRIBING, 0.0, "transcribing"))
             if self.batch_size > 0:
                 info, segments = lease.model.transcribe_batched(  # type: ignore[attr-defined]
-                    audio, options, job.should_stop, batch_size=self.batch_size, without_timestamps=not options.word_timestamps
+                    audio,
+                    options,
+                    job.should_stop,
+                    batch_size=self.batch_size,
+                    without_timestamps=not options.word_timestamps,
                 )
             else:
                 info, segments = lease.model.transcribe(audio, options, job.should_stop)  # type: ignore[attr-defined]
@@ -121,24 +133,35 @@ class Transcriber:
                 if job.first_segment_at is None:
                     job.first_segment_at = time.monotonic()
                     if self.metrics is not None:
-                        self.metrics.time_to_first_segment.labels(request.model_id).observe(job.first_segment_at - job.created)
+                        self.metrics.time_to_first_segment.labels(request.model_id).observe(
+                            job.first_segment_at - job.created
+                        )
                 job.emit(segment)
                 texts.append(segment.text)
                 percent = min(100.0, 100.0 * segment.end / duration) if duration else 100.0
                 job.emit(Progress(Phase.TRANSCRIBING, percent))
             self._complete(job, started, duration, load_seconds, cache_hit, texts)
 
-    def _complete(self, job: Job, started: float, duration: float, load_seconds: float, cache_hit: bool, texts: list[str]) -> None:
+    def _complete(
+        self, job: Job, started: float, duration: float, load_seconds: float, cache_hit: bool, texts: list[str]
+    ) -> None:
         processing = time.monotonic() - started
         rtf = processing / duration if duration > 0 else 0.0
         job.emit(Progress(Phase.DONE, 100.0))
-        job.emit(Completed(duration, processing, rtf, load_seconds, cache_hit, len(texts), " ".join(t for t in texts if t)))
+        job.emit(
+            Completed(duration, processing, rtf, load_seconds, cache_hit, len(texts), " ".join(t for t in texts if t))
+        )
         if self.metrics is not None:
             self.metrics.audio_seconds.labels(job.request.model_id).inc(duration)
             self.metrics.real_time_factor.labels(job.request.model_id).observe(rtf)
         logger.info(
             "transcription completed",
-            extra={"audio_seconds": round(duration, 3), "processing_seconds": round(processing, 3), "rtf": round(rtf, 4), "segments": len(texts)},
+            extra={
+                "audio_seconds": round(duration, 3),
+                "processing_seconds": round(processing, 3),
+                "rtf": round(rtf, 4),
+                "segments": len(texts),
+            },
         )
 
     def _separate(self, job: Job, model_id: str, relay: Callable[[LoadProgress], None]) -> np.ndarray:
@@ -152,7 +175,9 @@ class Transcriber:
         self._check_stop(job)
         return audio
 
-    def _speech_spans(self, job: Job, audio: np.ndarray, relay: Callable[[LoadProgress], None]) -> list[tuple[float, float]]:
+    def _speech_spans(
+        self, job: Job, audio: np.ndarray, relay: Callable[[LoadProgress], None]
+    ) -> list[tuple[float, float]]:
         job.emit(Progress(Phase.VAD, 0.0, f"finding speech with {self.vad_model_id}"))
         with self.cache.acquire(self.vad_model_id, expected_kind="vad", on_progress=relay) as lease:
             spans = lease.model.speech_timestamps(audio)  # type: ignore[attr-defined]

@@ -69,7 +69,11 @@ async def start_app(config: ModelStoreConfig, extra_catalog: dict | None = None)
     server.on_stop.append(servicer.shut_down)
     logger.info(
         "model store ready",
-        extra={"data_dir": str(store.data_dir), "hub_endpoints": list(store.hub.endpoints), "models": len(store.catalog.ids())},
+        extra={
+            "data_dir": str(store.data_dir),
+            "hub_endpoints": list(store.hub.endpoints),
+            "models": len(store.catalog.ids()),
+        },
     )
     return ModelStoreApp(store, server, shutting_down, servicer)
 
@@ -84,7 +88,9 @@ def parse_config(argv: Sequence[str] | None = None) -> ModelStoreConfig:
         metavar="URL",
         help="hub endpoint, repeatable, tried in order (default: $HF_ENDPOINT, then https://huggingface.co)",
     )
-    parser.add_argument("--catalog", type=Path, dest="catalog_file", help="YAML file adding or overriding catalog models")
+    parser.add_argument(
+        "--catalog", type=Path, dest="catalog_file", help="YAML file adding or overriding catalog models"
+    )
     parser.add_argument("--max-concurrent-downloads", type=int)
     args = parser.parse_args(argv)
     return config_from_args(

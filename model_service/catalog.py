@@ -50,7 +50,9 @@ class CatalogEntry:
     def validate(self) -> None:
         validate_model_id(self.model_id)
         if self.kind not in KINDS:
-            raise InvalidModelId(f"catalog entry {self.model_id}: kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+            raise InvalidModelId(
+                f"catalog entry {self.model_id}: kind must be one of {', '.join(KINDS)}, not {self.kind!r}"
+            )
         validate_repo_id(self.repo_id)
         validate_revision(self.revision)
         for name in self.required_files:
@@ -92,7 +94,11 @@ def builtin_catalog() -> dict[str, CatalogEntry]:
     entries = [
         _whisper("whisper-tiny", "Systran/faster-whisper-tiny", "Whisper tiny, multilingual (CTranslate2)"),
         replace(
-            _whisper("whisper-tiny.en", "Systran/faster-whisper-tiny.en", "Whisper tiny, English (CTranslate2); embedded default"),
+            _whisper(
+                "whisper-tiny.en",
+                "Systran/faster-whisper-tiny.en",
+                "Whisper tiny, English (CTranslate2); embedded default",
+            ),
             embedded_files=_embedded_whisper_tiny_en(),
         ),
         _whisper("whisper-base", "Systran/faster-whisper-base", "Whisper base, multilingual"),
@@ -126,7 +132,9 @@ def _entry_from_mapping(model_id: str, data: Mapping[str, Any], base: CatalogEnt
     known = {"kind", "repo_id", "revision", "allow_patterns", "required_files", "description"}
     unknown = set(data) - known
     if unknown:
-        raise InvalidModelId(f"{origin}: model {model_id!r} has unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        raise InvalidModelId(
+            f"{origin}: model {model_id!r} has unknown keys {sorted(unknown)} (known: {sorted(known)})"
+        )
 
     def as_tuple(key: str) -> tuple[str, ...] | None:
         value = data.get(key)
@@ -181,7 +189,9 @@ class Catalog:
                 validate_model_id(str(model_id))
                 if not isinstance(settings, dict):
                     raise InvalidModelId(f"{origin}: model {model_id!r} must map to settings")
-                entries[str(model_id)] = _entry_from_mapping(str(model_id), settings, entries.get(str(model_id)), origin)
+                entries[str(model_id)] = _entry_from_mapping(
+                    str(model_id), settings, entries.get(str(model_id)), origin
+                )
         return cls(entries)
 
     def get(self, model_id: str) -> CatalogEntry:

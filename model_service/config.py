@@ -12,7 +12,7 @@ from voxserve_common.config import ConfigError, check_settings
 class ModelStoreConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    metrics_port: int = 9101            # -1 disables the /metrics endpoint
+    metrics_port: int = 9101  # -1 disables the /metrics endpoint
     data_dir: Path = Path("data/models")
     hub_endpoints: tuple[str, ...] = ()  # empty: HF_ENDPOINT if set, then the official hub
     hf_token: str | None = None
@@ -21,12 +21,12 @@ class ModelStoreConfig:
     hub_timeout_seconds: float = 10.0
     download_retries: int = 3
     download_chunk_bytes: int = 1 << 20
-    disk_reserve_bytes: int = 0         # keep this much free beyond what a download needs
+    disk_reserve_bytes: int = 0  # keep this much free beyond what a download needs
     heartbeat_seconds: float = 15.0
     event_history: int = 10_000
     progress_events_per_second: float = 10.0
-    import_embedded: bool = True        # import packaged models (tiny.en, Silero) at start-up
-    verify_on_startup: bool = False     # re-hash READY models at start-up, not only sizes
+    import_embedded: bool = True  # import packaged models (tiny.en, Silero) at start-up
+    verify_on_startup: bool = False  # re-hash READY models at start-up, not only sizes
     grace_seconds: float = 20.0
     log_level: str = "INFO"
     log_format: str = "json"
@@ -45,7 +45,11 @@ class ModelStoreConfig:
             (self.progress_events_per_second > 0, "progress_events_per_second", "must be > 0"),
             (self.grace_seconds >= 0, "grace_seconds", "must be >= 0"),
             (self.log_format in ("json", "console"), "log_format", "must be json or console"),
-            (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR"),
+            (
+                self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+                "log_level",
+                "must be DEBUG, INFO, WARNING or ERROR",
+            ),
         ]
         check_settings(self, checks)
         for endpoint in self.hub_endpoints:

@@ -203,7 +203,14 @@ class PartialFile:
         return cls(base.with_name(base.name + ".part"), base.with_name(base.name + ".part.json"))
 
     def describe(self, repo_id: str, commit: str, remote: RemoteFile) -> dict[str, object]:
-        return {"repo_id": repo_id, "commit": commit, "path": remote.path, "size": remote.size, "sha256": remote.sha256, "git_oid": remote.git_oid}
+        return {
+            "repo_id": repo_id,
+            "commit": commit,
+            "path": remote.path,
+            "size": remote.size,
+            "sha256": remote.sha256,
+            "git_oid": remote.git_oid,
+        }
 
     def resumable_bytes(self, identity: dict[str, object]) -> int:
         """Bytes already on disk that belong to ``identity``; stale partials are removed."""
@@ -279,7 +286,11 @@ class FileFetcher:
                 resumed_from = offset
                 try:
                     need_git = not remote.sha256
-                    hasher = hash_file(partial.part, remote.size, cancel, git_sha1=need_git) if offset else FileHasher(remote.size, need_git)
+                    hasher = (
+                        hash_file(partial.part, remote.size, cancel, git_sha1=need_git)
+                        if offset
+                        else FileHasher(remote.size, need_git)
+                    )
                     fetched = self._stream(endpoint, repo_id, commit, remote, partial, hasher, offset, cancel, on_bytes)
                 except SourceError as error:
                     if error.not_found:
@@ -303,7 +314,10 @@ class FileFetcher:
                         reasons.append(f"{endpoint}: {error}")
                         on_source_failed(endpoint, str(error))
                         break
-                    logger.info("connection dropped; resuming", extra={"file": remote.path, "endpoint": endpoint, "offset": partial.part.stat().st_size})
+                    logger.info(
+                        "connection dropped; resuming",
+                        extra={"file": remote.path, "endpoint": endpoint, "offset": partial.part.stat().st_size},
+                    )
                     cancel.wait(self.backoff)
                     continue
                 problem = self._check(remote, hasher)
@@ -356,7 +370,10 @@ class FileFetcher:
                 except RETRYABLE_READ_ERRORS as error:
                     handle.flush()
                     os.fsync(handle.fileno())
-                    raise _DroppedConnection(f"connection dropped after {hasher.size} of {remote.size} bytes ({type(error).__name__})", fetched > 0) from error
+                    raise _DroppedConnection(
+                        f"connection dropped after {hasher.size} of {remote.size} bytes ({type(error).__name__})",
+                        fetched > 0,
+                    ) from error
                 handle.flush()
                 os.fsync(handle.fileno())
         if hasher.size < remote.size:

@@ -38,7 +38,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 class RemoteFile:
     path: str
     size: int
-    sha256: str   # "" for non-LFS files (the hub only gives a git blob sha1 for those)
+    sha256: str  # "" for non-LFS files (the hub only gives a git blob sha1 for those)
     git_oid: str
 
 
@@ -134,21 +134,27 @@ class HubClient:
             try:
                 validate_relative_file(name)
             except UnsafePath:
-                logger.warning("hub listed an unsafe file name; refusing the repo", extra={"file": name, "endpoint": endpoint})
+                logger.warning(
+                    "hub listed an unsafe file name; refusing the repo", extra={"file": name, "endpoint": endpoint}
+                )
                 raise
             if sibling.size is None:
                 raise SourceError(endpoint, f"hub gave no size for {name}")
             sha256 = sibling.lfs.sha256 if sibling.lfs is not None else ""
             files.append(RemoteFile(name, int(sibling.size), sha256 or "", sibling.blob_id or ""))
         if not files:
-            raise SourceError(endpoint, f"no files of {entry.repo_id}@{revision} match {list(entry.allow_patterns)}", True)
+            raise SourceError(
+                endpoint, f"no files of {entry.repo_id}@{revision} match {list(entry.allow_patterns)}", True
+            )
         missing = [name for name in entry.required_files if name not in {f.path for f in files}]
         if missing:
             raise SourceError(endpoint, f"required files missing from {entry.repo_id}@{commit[:12]}: {missing}", True)
         return RemoteManifest(entry.repo_id, commit, tuple(sorted(files, key=lambda f: f.path)), endpoint)
 
     @contextlib.contextmanager
-    def open_file(self, endpoint: str, repo_id: str, commit: str, path: str, offset: int) -> Iterator[tuple[httpx2.Response, int]]:
+    def open_file(
+        self, endpoint: str, repo_id: str, commit: str, path: str, offset: int
+    ) -> Iterator[tuple[httpx2.Response, int]]:
         """GET a file from ``offset``; yields (response, start) where start is where the
         body begins (0 when the server ignored the Range header)."""
         url = hf_hub_url(repo_id, path, revision=commit, endpoint=endpoint)

@@ -20,7 +20,10 @@ class ModelStoreMetrics:
             "voxserve_downloads_started", "Downloads started, by model and source.", ["model_id", "source"], registry=r
         )
         self.downloads_completed = Counter(
-            "voxserve_downloads_completed", "Downloads that ended READY, by model and source.", ["model_id", "source"], registry=r
+            "voxserve_downloads_completed",
+            "Downloads that ended READY, by model and source.",
+            ["model_id", "source"],
+            registry=r,
         )
         self.downloads_failed = Counter(
             "voxserve_downloads_failed",
@@ -39,7 +42,10 @@ class ModelStoreMetrics:
             registry=r,
         )
         self.download_speed = Gauge(
-            "voxserve_download_speed_bytes_per_second", "Current download speed (0 when idle).", ["model_id"], registry=r
+            "voxserve_download_speed_bytes_per_second",
+            "Current download speed (0 when idle).",
+            ["model_id"],
+            registry=r,
         )
         self.queue_length = Gauge("voxserve_download_queue_length", "Downloads waiting for a slot.", registry=r)
         self.models_by_state = Gauge("voxserve_models", "Catalog models by state.", ["state"], registry=r)

@@ -29,7 +29,6 @@ EVENT_TO_PB = {etype: pb.EventType.Value(etype.value) for etype in EventType}
 TERMINAL_OK = {ModelState.READY}
 
 
-
 def model_to_pb(view: ModelView) -> pb.Model:
     return pb.Model(
         model_id=view.model_id,
@@ -40,7 +39,10 @@ def model_to_pb(view: ModelView) -> pb.Model:
         state=STATE_TO_PB[view.state],
         size_bytes=view.size_bytes,
         local_path=view.local_path,
-        files=[pb.ModelFile(path=f.path, size=f.size, sha256=f.sha256, required=f.required, present=f.present) for f in view.files],
+        files=[
+            pb.ModelFile(path=f.path, size=f.size, sha256=f.sha256, required=f.required, present=f.present)
+            for f in view.files
+        ],
         source=view.source,
         error_message=view.error,
         updated_at=to_timestamp(view.updated_at),
@@ -89,8 +91,6 @@ def snapshot_event(view: ModelView, sequence: int, resync: bool) -> pb.ModelEven
     )
 
 
-
-
 def _require_id(model_id: str) -> str:
     if not model_id:
         raise InvalidArgument("model_id is required; ListModels shows the catalog")
@@ -135,7 +135,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         if self._broadcast is not None:
             self._broadcast.wake_all()
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         kind = PB_TO_KIND.get(request.kind) if request.kind else None
         views = await asyncio.to_thread(self.store.list_models, kind)
         return pb.ListModelsResponse(models=[model_to_pb(v) for v in views])
@@ -151,7 +153,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         with log_context(model_id=request.model_id):
             return model_to_pb(await asyncio.to_thread(self.store.delete, _require_id(request.model_id)))
 
-    async def VerifyModel(self, request: pb.VerifyModelRequest, context: grpc.aio.ServicerContext) -> pb.VerifyModelResponse:
+    async def VerifyModel(
+        self, request: pb.VerifyModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.VerifyModelResponse:
         with log_context(model_id=request.model_id):
             result = await asyncio.to_thread(self.store.verify, _require_id(request.model_id))
         return pb.VerifyModelResponse(
@@ -177,7 +181,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
             view = await asyncio.to_thread(self.store.import_model, _require_id(request.model_id), request.source_dir)
         return model_to_pb(view)
 
-    async def PullModel(self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelEvent]:
+    async def PullModel(
+        self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelEvent]:
         model_id = _require_id(request.model_id)
         wakeup = self._subscribe()
         self.store.metrics.active_watchers.labels("PullModel").inc()
@@ -231,7 +237,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
                         raise Unavailable(f"{model_id} ended {final.state.value}: {final.error}")
                     return
                 if self.shutting_down.is_set():
-                    raise Unavailable("model store is shutting down; the download continues after restart when pulled again")
+                    raise Unavailable(
+                        "model store is shutting down; the download continues after restart when pulled again"
+                    )
                 await wakeup.wait(self.heartbeat_seconds)
         except asyncio.CancelledError:
             logger.info("pull stream closed by client; the download continues", extra={"model_id": model_id})
@@ -242,7 +250,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
             wakeup.close()
             self.store.metrics.active_watchers.labels("PullModel").dec()
 
-    async def WatchModels(self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelEvent]:
+    async def WatchModels(
+        self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelEvent]:
         wanted = set(request.model_ids)
         for model_id in wanted:
             self.store.catalog.get(model_id)
@@ -282,7 +292,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
                     last = event.sequence
                     if not wanted or event.model_id in wanted:
                         yield self._encode(event)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"model store is shutting down; reconnect with after_sequence={last}")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"model store is shutting down; reconnect with after_sequence={last}"
+            )
         finally:
             wakeup.close()
             self.store.metrics.active_watchers.labels("WatchModels").dec()
@@ -294,7 +306,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         yield pb.ModelEvent(sequence=sequence, type=pb.SNAPSHOT_END, resync=resync, timestamp=_timestamp_now())
         yield sequence
 
-    async def FetchModelFiles(self, request: pb.FetchModelFilesRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.FileChunk]:
+    async def FetchModelFiles(
+        self, request: pb.FetchModelFilesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.FileChunk]:
         model_id = _require_id(request.model_id)
         if request.chunk_size < 0:
             raise InvalidArgument("chunk_size must be >= 0 (0 = server default)")

@@ -44,7 +44,7 @@ class ModelRecord:
 
     model_id: str
     state: ModelState = ModelState.NOT_DOWNLOADED
-    revision: str = ""            # resolved commit (or "local" for imports)
+    revision: str = ""  # resolved commit (or "local" for imports)
     requested_revision: str = ""
     files: list[FileRecord] = field(default_factory=list)
     source: str = ""
@@ -111,7 +111,10 @@ class StateFile:
             return {}
         except (OSError, ValueError) as exc:
             broken = self.path.with_suffix(f".broken-{int(time.time())}")
-            logger.error("state file unreadable; moved aside, disk scan will rebuild state", extra={"error": str(exc), "moved_to": str(broken)})
+            logger.error(
+                "state file unreadable; moved aside, disk scan will rebuild state",
+                extra={"error": str(exc), "moved_to": str(broken)},
+            )
             try:
                 os.replace(self.path, broken)
             except OSError:
@@ -128,5 +131,8 @@ class StateFile:
         return records
 
     def save(self, records: dict[str, ModelRecord]) -> None:
-        payload = {"version": self.VERSION, "models": [r.to_json() for r in records.values() if r.files or r.state != ModelState.NOT_DOWNLOADED]}
+        payload = {
+            "version": self.VERSION,
+            "models": [r.to_json() for r in records.values() if r.files or r.state != ModelState.NOT_DOWNLOADED],
+        }
         atomic_write_bytes(self.path, json.dumps(payload, indent=1, sort_keys=True).encode())

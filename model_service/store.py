@@ -173,7 +173,9 @@ class ModelStore:
         self._readers: dict[str, int] = {}
         self._progress: dict[str, _Progress] = {}
         self._positions: dict[str, int] = {}
-        self.bus = EventBus(config.event_history, 1.0 / config.progress_events_per_second, first_sequence=int(time.time() * 1000))
+        self.bus = EventBus(
+            config.event_history, 1.0 / config.progress_events_per_second, first_sequence=int(time.time() * 1000)
+        )
         self.fetcher = FileFetcher(hub, config.download_chunk_bytes, config.download_retries)
         self.scan_done = threading.Event()
         self._closed = False
@@ -243,7 +245,10 @@ class ModelStore:
                 new_state = ModelState.NOT_DOWNLOADED
             for check in checks:
                 if not check.ok:
-                    logger.warning("file failed start-up check", extra={"model_id": model_id, "file": check.path, "problem": check.problem})
+                    logger.warning(
+                        "file failed start-up check",
+                        extra={"model_id": model_id, "file": check.path, "problem": check.problem},
+                    )
         with self._lock:
             record = self._records[model_id]
             if record.state in BUSY_STATES:
@@ -343,9 +348,13 @@ class ModelStore:
             trust_sizes = record.state == ModelState.READY
             position = len(self.queue) + 1
             self._positions[model_id] = position
-            self._set_state(model_id, ModelState.WAITING, message="queued", error="", queue_position=position, persist=False)
+            self._set_state(
+                model_id, ModelState.WAITING, message="queued", error="", queue_position=position, persist=False
+            )
             job, joined = self.queue.submit(model_id, revision, trust_sizes=trust_sizes)
-            logger.info("download queued", extra={"model_id": model_id, "job_id": job.job_id, "queue_position": position})
+            logger.info(
+                "download queued", extra={"model_id": model_id, "job_id": job.job_id, "queue_position": position}
+            )
             return PullTicket(model_id, start_sequence, job, joined=joined)
 
     def cancel(self, model_id: str, wait_seconds: float = 15.0) -> ModelView:
@@ -396,7 +405,11 @@ class ModelStore:
                 return
             except Exception as error:  # noqa: BLE001
                 logger.exception("download crashed")
-                self._fail(job, Internal(f"download of {job.model_id} failed unexpectedly: {type(error).__name__}: {error}"), source)
+                self._fail(
+                    job,
+                    Internal(f"download of {job.model_id} failed unexpectedly: {type(error).__name__}: {error}"),
+                    source,
+                )
                 return
             finally:
                 with self._lock:
@@ -405,7 +418,9 @@ class ModelStore:
             duration = time.monotonic() - started
             self.metrics.downloads_completed.labels(job.model_id, source).inc()
             self.metrics.download_duration.labels(job.model_id).observe(duration)
-            logger.info("model ready", extra={"model_id": job.model_id, "source": source, "seconds": round(duration, 3)})
+            logger.info(
+                "model ready", extra={"model_id": job.model_id, "source": source, "seconds": round(duration, 3)}
+            )
             job.finish(None)
 
     def _fail(self, job: DownloadJob, error: VoxserveError, source: str) -> None:
@@ -425,9 +440,13 @@ class ModelStore:
             except SourceError as error:
                 reasons.append(f"{endpoint}: {error.reason}")
                 not_found += error.not_found
-                logger.warning("hub source failed; trying the next", extra={"endpoint": endpoint, "reason": error.reason})
+                logger.warning(
+                    "hub source failed; trying the next", extra={"endpoint": endpoint, "reason": error.reason}
+                )
                 continue
-            logger.info("source chosen", extra={"endpoint": endpoint, "commit": manifest.commit, "files": len(manifest.files)})
+            logger.info(
+                "source chosen", extra={"endpoint": endpoint, "commit": manifest.commit, "files": len(manifest.files)}
+            )
             return manifest
         message = f"every hub source failed for {entry.model_id} ({entry.repo_id}@{revision}): " + "; ".join(reasons)
         if not_found == len(self.hub.endpoints):
@@ -438,7 +457,13 @@ class ModelStore:
         model_id = entry.model_id
         with self._lock:
             self._positions.pop(model_id, None)
-            self._set_state(model_id, ModelState.DOWNLOADING, message=f"resolving {entry.repo_id}@{revision}", queue_position=0, persist=False)
+            self._set_state(
+                model_id,
+                ModelState.DOWNLOADING,
+                message=f"resolving {entry.repo_id}@{revision}",
+                queue_position=0,
+                persist=False,
+            )
         manifest = self._resolve_manifest(entry, revision)
         required = set(entry.required_files)
         old_records = {f.path: f for f in self._records[model_id].files}
@@ -464,15 +489,28 @@ class ModelStore:
         present_bytes = 0
         for remote, record in zip(manifest.files, new_files, strict=True):
             old = old_records.get(remote.path)
-            trusted = job.trust_sizes and old is not None and old.size == remote.size and (old.sha256 == remote.sha256 or (not remote.sha256 and old.git_oid == remote.git_oid)) and old.sha256
-            check = check_file(model_dir, record if not trusted else replace(record, sha256=old.sha256 if old else ""), deep=not trusted, cancel=job.cancel_event)
+            trusted = (
+                job.trust_sizes
+                and old is not None
+                and old.size == remote.size
+                and (old.sha256 == remote.sha256 or (not remote.sha256 and old.git_oid == remote.git_oid))
+                and old.sha256
+            )
+            check = check_file(
+                model_dir,
+                record if not trusted else replace(record, sha256=old.sha256 if old else ""),
+                deep=not trusted,
+                cancel=job.cancel_event,
+            )
             if check.ok:
                 present_bytes += remote.size
                 if check.actual_sha256:
                     record.sha256 = check.actual_sha256
                 continue
             if check.problem != "missing":
-                logger.warning("existing file is bad; fetching it again", extra={"file": remote.path, "problem": check.problem})
+                logger.warning(
+                    "existing file is bad; fetching it again", extra={"file": remote.path, "problem": check.problem}
+                )
                 safe_join(model_dir, remote.path).unlink(missing_ok=True)
             to_fetch.append(remote)
         resumable = 0
@@ -484,7 +522,13 @@ class ModelStore:
         if needed > available:
             raise InsufficientDisk(model_id, needed, max(0, available))
         endpoints = [manifest.endpoint, *[e for e in self.hub.endpoints if e != manifest.endpoint]]
-        progress = _Progress(manifest.total_bytes, present_bytes + resumable, len(manifest.files), len(manifest.files) - len(to_fetch), source=manifest.endpoint)
+        progress = _Progress(
+            manifest.total_bytes,
+            present_bytes + resumable,
+            len(manifest.files),
+            len(manifest.files) - len(to_fetch),
+            source=manifest.endpoint,
+        )
         with self._lock:
             self._progress[model_id] = progress
         self.metrics.downloads_started.labels(model_id, manifest.endpoint).inc()
@@ -502,7 +546,10 @@ class ModelStore:
             self._publish_progress(model_id, progress)
 
         def on_source_failed(endpoint: str, reason: str) -> None:
-            logger.warning("source failed for a file; falling back", extra={"endpoint": endpoint, "reason": reason, "file": progress.current_file})
+            logger.warning(
+                "source failed for a file; falling back",
+                extra={"endpoint": endpoint, "reason": reason, "file": progress.current_file},
+            )
 
         def on_verify_failed(reason: str) -> None:
             self.metrics.verification_failures.labels(model_id).inc()
@@ -539,7 +586,12 @@ class ModelStore:
             progress.files_done += 1
             logger.info(
                 "file finished",
-                extra={"file": remote.path, "bytes_fetched": result.bytes_fetched, "resumed_from": result.resumed_from, "endpoint": result.source},
+                extra={
+                    "file": remote.path,
+                    "bytes_fetched": result.bytes_fetched,
+                    "resumed_from": result.resumed_from,
+                    "endpoint": result.source,
+                },
             )
         with self._lock:
             self._set_state(model_id, ModelState.VERIFYING, message="checking files", files=new_files, source=source)
@@ -600,10 +652,14 @@ class ModelStore:
             if record.state in BUSY_STATES or self.queue.active(model_id) is not None:
                 raise ModelBusy(f"{model_id} is {record.state.value}; cancel the download first (CancelDownload)")
             if self._readers.get(model_id):
-                raise ModelBusy(f"{model_id} is being copied by {self._readers[model_id]} FetchModelFiles stream(s); retry when they end")
+                raise ModelBusy(
+                    f"{model_id} is being copied by {self._readers[model_id]} FetchModelFiles stream(s); retry when they end"
+                )
             _remove_path(self.model_dir(model_id))
             _remove_path(self.partial_dir / model_id)
-            self._set_state(model_id, ModelState.NOT_DOWNLOADED, message="deleted", files=[], revision="", source="", error="")
+            self._set_state(
+                model_id, ModelState.NOT_DOWNLOADED, message="deleted", files=[], revision="", source="", error=""
+            )
             logger.info("model deleted", extra={"model_id": model_id})
             return self._view(model_id)
 
@@ -616,7 +672,9 @@ class ModelStore:
             if record.state in BUSY_STATES:
                 raise ModelBusy(f"{model_id} is {record.state.value}; verify after the download ends")
             if not record.files:
-                raise ModelNotReady(f"{model_id} has not been downloaded; nothing to verify (PullModel or ImportModel first)")
+                raise ModelNotReady(
+                    f"{model_id} has not been downloaded; nothing to verify (PullModel or ImportModel first)"
+                )
             files = list(record.files)
         checks = tuple(check_file(self.model_dir(model_id), f, deep=True) for f in files)
         ok = all(c.ok for c in checks)
@@ -626,7 +684,12 @@ class ModelStore:
         with self._lock:
             new_state = ModelState.READY if ok else ModelState.INCOMPLETE
             problems = "; ".join(f"{c.path}: {c.problem}" for c in checks if not c.ok)
-            self._set_state(model_id, new_state, message="verified" if ok else f"verification failed: {problems}", error="" if ok else problems)
+            self._set_state(
+                model_id,
+                new_state,
+                message="verified" if ok else f"verification failed: {problems}",
+                error="" if ok else problems,
+            )
             view = self._view(model_id)
         logger.info("verification result", extra={"model_id": model_id, "ok": ok, "problems": problems})
         return VerifyResult(view, ok, checks, time.monotonic() - started)
@@ -645,12 +708,16 @@ class ModelStore:
             origin = f"import:{root}"
         else:
             if not entry.embedded_files:
-                raise InvalidArgument(f"{model_id} has no embedded copy; give source_dir (a directory on the store's host)")
+                raise InvalidArgument(
+                    f"{model_id} has no embedded copy; give source_dir (a directory on the store's host)"
+                )
             sources = dict(entry.embedded_files)
             origin = "embedded"
         missing = [name for name in entry.required_files if name not in sources or sources[name].stat().st_size == 0]
         if missing:
-            raise ImportFailed(f"cannot import {model_id}: required files missing or empty in {source_dir or 'the embedded copy'}: {missing}")
+            raise ImportFailed(
+                f"cannot import {model_id}: required files missing or empty in {source_dir or 'the embedded copy'}: {missing}"
+            )
         with self._lock:
             record = self._records[model_id]
             if record.state in BUSY_STATES or self.queue.active(model_id) is not None:
@@ -672,7 +739,15 @@ class ModelStore:
                         hasher.update(block)
                     dst.flush()
                     os.fsync(dst.fileno())
-                files.append(FileRecord(relative, hasher.size, hasher.sha256.hexdigest(), hasher.git_sha1.hexdigest(), relative in entry.required_files))
+                files.append(
+                    FileRecord(
+                        relative,
+                        hasher.size,
+                        hasher.sha256.hexdigest(),
+                        hasher.git_sha1.hexdigest(),
+                        relative in entry.required_files,
+                    )
+                )
             model_dir = self.model_dir(model_id)
             trash = self.staging_dir / f"trash-{model_id}-{uuid.uuid4().hex[:8]}"
             with self._lock:
@@ -680,13 +755,26 @@ class ModelStore:
                     os.replace(model_dir, trash)
                 os.replace(staging, model_dir)
                 fsync_dir(self.models_dir)
-                self._set_state(model_id, ModelState.READY, message=f"imported from {origin}", files=files, revision="local", requested_revision="local", source=origin, error="")
+                self._set_state(
+                    model_id,
+                    ModelState.READY,
+                    message=f"imported from {origin}",
+                    files=files,
+                    revision="local",
+                    requested_revision="local",
+                    source=origin,
+                    error="",
+                )
             _remove_path(trash)
             _remove_path(self.partial_dir / model_id)
         except Exception as error:
             _remove_path(staging)
             with self._lock:
-                self._set_state(model_id, previous if previous not in BUSY_STATES else ModelState.NOT_DOWNLOADED, message=f"import failed: {error}")
+                self._set_state(
+                    model_id,
+                    previous if previous not in BUSY_STATES else ModelState.NOT_DOWNLOADED,
+                    message=f"import failed: {error}",
+                )
             if isinstance(error, VoxserveError):
                 raise
             raise ImportFailed(f"import of {model_id} from {origin} failed: {error}") from error
@@ -725,7 +813,9 @@ class ModelStore:
         with self._lock:
             record = self._records[model_id]
             if record.state != ModelState.READY:
-                raise ModelNotReady(f"{model_id} is {record.state.value}; only READY models can be fetched (PullModel first)")
+                raise ModelNotReady(
+                    f"{model_id} is {record.state.value}; only READY models can be fetched (PullModel first)"
+                )
             self._readers[model_id] = self._readers.get(model_id, 0) + 1
             view = self._view(model_id)
         try:
@@ -734,7 +824,9 @@ class ModelStore:
             with self._lock:
                 self._readers[model_id] -= 1
 
-    def iter_file_chunks(self, model_id: str, chunk_size: int = 1 << 20, paths: list[str] | None = None) -> Generator[FileChunkData, None, None]:
+    def iter_file_chunks(
+        self, model_id: str, chunk_size: int = 1 << 20, paths: list[str] | None = None
+    ) -> Generator[FileChunkData, None, None]:
         """The bytes of a READY model's files in order, with size and sha256 of each."""
         chunk_size = max(4096, min(chunk_size or (1 << 20), MAX_FETCH_CHUNK))
         with self.reading(model_id) as view:
@@ -751,14 +843,18 @@ class ModelStore:
                         data = handle.read(chunk_size)
                         if not data and offset > 0:
                             break
-                        yield FileChunkData(file.path, offset, data, file.size, file.sha256, view.revision, index, len(wanted))
+                        yield FileChunkData(
+                            file.path, offset, data, file.size, file.sha256, view.revision, index, len(wanted)
+                        )
                         offset += len(data)
                         if not data:
                             break
 
     # ----------------------------------------------------------------- internals
 
-    def _set_state(self, model_id: str, state: ModelState, *, message: str = "", persist: bool = True, **updates: object) -> None:
+    def _set_state(
+        self, model_id: str, state: ModelState, *, message: str = "", persist: bool = True, **updates: object
+    ) -> None:
         """Change a record, persist it, publish STATE_CHANGED. Call with the lock held."""
         record = self._records[model_id]
         for key, value in updates.items():
@@ -793,7 +889,9 @@ class ModelStore:
             for index, model_id in enumerate(waiting, start=1):
                 record = self._records.get(model_id)
                 if record is not None and record.state == ModelState.WAITING and record.queue_position != index:
-                    self._set_state(model_id, ModelState.WAITING, message="queue moved", queue_position=index, persist=False)
+                    self._set_state(
+                        model_id, ModelState.WAITING, message="queue moved", queue_position=index, persist=False
+                    )
 
     def _view(self, model_id: str) -> ModelView:
         entry = self.catalog.get(model_id)

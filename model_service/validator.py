@@ -82,7 +82,9 @@ def check_file(model_dir: Path, record: FileRecord, deep: bool, cancel: threadin
         return FileCheck(ok=False, problem="missing", **base)
     actual_size = path.stat().st_size
     if actual_size != record.size:
-        return FileCheck(ok=False, problem=f"size {actual_size} != expected {record.size}", actual_size=actual_size, **base)
+        return FileCheck(
+            ok=False, problem=f"size {actual_size} != expected {record.size}", actual_size=actual_size, **base
+        )
     if record.required and actual_size == 0:
         return FileCheck(ok=False, problem="required file is empty", actual_size=0, **base)
     if not deep:
@@ -92,5 +94,7 @@ def check_file(model_dir: Path, record: FileRecord, deep: bool, cancel: threadin
     if record.sha256 and actual != record.sha256:
         return FileCheck(ok=False, problem="sha256 mismatch", actual_size=actual_size, actual_sha256=actual, **base)
     if not record.sha256 and record.git_oid and hasher.git_sha1.hexdigest() != record.git_oid:
-        return FileCheck(ok=False, problem="git blob sha1 mismatch", actual_size=actual_size, actual_sha256=actual, **base)
+        return FileCheck(
+            ok=False, problem="git blob sha1 mismatch", actual_size=actual_size, actual_sha256=actual, **base
+        )
     return FileCheck(ok=True, actual_size=actual_size, actual_sha256=actual, **base)

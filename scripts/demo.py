@@ -79,7 +79,15 @@ def main() -> None:
         store_log = data / "logs" / "model_service.log"
         processes.append(
             subprocess.Popen(
-                [str(BIN / "voxserve-models"), "--port", str(store_port), "--metrics-port", str(store_metrics), "--data-dir", str(data / "models")],
+                [
+                    str(BIN / "voxserve-models"),
+                    "--port",
+                    str(store_port),
+                    "--metrics-port",
+                    str(store_metrics),
+                    "--data-dir",
+                    str(data / "models"),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=open(store_log, "ab"),  # noqa: SIM115 - lives as long as the process
                 env=env,
@@ -93,10 +101,14 @@ def main() -> None:
             subprocess.Popen(
                 [
                     str(BIN / "voxserve-inference"),
-                    "--port", str(inference_port),
-                    "--metrics-port", str(inference_metrics),
-                    "--model-store", store_addr,
-                    "--cache-dir", str(data / "inference-cache"),
+                    "--port",
+                    str(inference_port),
+                    "--metrics-port",
+                    str(inference_metrics),
+                    "--model-store",
+                    store_addr,
+                    "--cache-dir",
+                    str(data / "inference-cache"),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=open(inference_log, "ab"),  # noqa: SIM115
@@ -111,7 +123,10 @@ def main() -> None:
             stub = store_grpc.ModelStoreStub(channel)
             deadline = time.monotonic() + 60
             model = stub.GetModel(store_pb.GetModelRequest(model_id=MODEL))
-            while model.state in (store_pb.WAITING, store_pb.DOWNLOADING, store_pb.VERIFYING) and time.monotonic() < deadline:
+            while (
+                model.state in (store_pb.WAITING, store_pb.DOWNLOADING, store_pb.VERIFYING)
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.2)
                 model = stub.GetModel(store_pb.GetModelRequest(model_id=MODEL))
             ready = model.state == store_pb.READY
@@ -120,7 +135,16 @@ def main() -> None:
         voxctl("models", "ls", "--kind", "whisper", store=store_addr, inference=inference_addr)
 
         step(f"transcribing {os.path.relpath(args.audio)} (segments appear as they are decoded)")
-        voxctl("transcribe", args.audio, "--model", MODEL, "--format", args.format, store=store_addr, inference=inference_addr)
+        voxctl(
+            "transcribe",
+            args.audio,
+            "--model",
+            MODEL,
+            "--format",
+            args.format,
+            store=store_addr,
+            inference=inference_addr,
+        )
 
         step("models held in memory by the inference service")
         voxctl("ps", store=store_addr, inference=inference_addr)

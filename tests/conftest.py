@@ -52,7 +52,9 @@ def hub() -> Iterator[HubServer]:
 
 def make_catalog() -> dict[str, CatalogEntry]:
     return {
-        "test-tiny": CatalogEntry("test-tiny", "whisper", TINY_REPO, "main", WHISPER_FILES, WHISPER_REQUIRED, "tiny.en from the loopback hub"),
+        "test-tiny": CatalogEntry(
+            "test-tiny", "whisper", TINY_REPO, "main", WHISPER_FILES, WHISPER_REQUIRED, "tiny.en from the loopback hub"
+        ),
         "test-text": CatalogEntry("test-text", "whisper", TEXT_REPO, "main", (), ("config.json",), "small files"),
     }
 
@@ -96,7 +98,9 @@ class StoreHandle:
 def start_store(loop_thread: LoopThread, store_config: ModelStoreConfig) -> Iterator[Callable[..., StoreHandle]]:
     handles: list[StoreHandle] = []
 
-    def start(config: ModelStoreConfig | None = None, catalog: dict[str, CatalogEntry] | None = None, **overrides: Any) -> StoreHandle:
+    def start(
+        config: ModelStoreConfig | None = None, catalog: dict[str, CatalogEntry] | None = None, **overrides: Any
+    ) -> StoreHandle:
         cfg = replace(config or store_config, **overrides)
         handle = StoreHandle(loop_thread, cfg, catalog if catalog is not None else make_catalog())
         handles.append(handle)
@@ -140,7 +144,9 @@ class InferenceHandle:
 
 
 @pytest.fixture
-def start_inference(loop_thread: LoopThread, start_store: Callable[..., StoreHandle], tmp_path: Path) -> Iterator[Callable[..., InferenceHandle]]:
+def start_inference(
+    loop_thread: LoopThread, start_store: Callable[..., StoreHandle], tmp_path: Path
+) -> Iterator[Callable[..., InferenceHandle]]:
     """start_inference(store=None, **config overrides): a store with the embedded models
     imported (unless given) and an inference service using it."""
     from inference_service.config import InferenceConfig

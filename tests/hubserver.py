@@ -580,9 +580,7 @@ class HubServer:
 
     def file_url(self, repo_id: str, path: str, revision: str = "main") -> str:
         """The /resolve URL of a file, as huggingface_hub.hf_hub_url builds it."""
-        return (
-            f"{self.endpoint}/{repo_id}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(path)}"
-        )
+        return f"{self.endpoint}/{repo_id}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(path)}"
 
     # -- repos --------------------------------------------------------------------------------
 

@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     # subcommands default to SUPPRESS so they do not overwrite a value given up front.
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-    shared.add_argument("--timeout", type=_positive_float, default=argparse.SUPPRESS, metavar="SECONDS", help="deadline of each call")
+    shared.add_argument(
+        "--timeout", type=_positive_float, default=argparse.SUPPRESS, metavar="SECONDS", help="deadline of each call"
+    )
 
     parser = argparse.ArgumentParser(
         prog="voxctl",
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="deadline of each call (default: 30 s for quick calls, none for pulls, streams and loads)",
     )
-    parser.add_argument("--json", action="store_true", help="machine-readable output (JSON; one object per line for streams)")
+    parser.add_argument(
+        "--json", action="store_true", help="machine-readable output (JSON; one object per line for streams)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_models(commands, shared)
@@ -72,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", parents=[shared], help="check the services with grpc.health.v1")
     which = health.add_mutually_exclusive_group()
     which.add_argument("--store", dest="only", action="store_const", const="store", help="only the model store")
-    which.add_argument("--inference", dest="only", action="store_const", const="inference", help="only the inference service")
+    which.add_argument(
+        "--inference", dest="only", action="store_const", const="inference", help="only the inference service"
+    )
     health.set_defaults(handler=cmd_health)
     return parser
 
@@ -117,13 +123,23 @@ def _add_models(commands: argparse._SubParsersAction[argparse.ArgumentParser], s
     cancel.set_defaults(handler=models.cmd_cancel)
 
     watch = sub.add_parser("watch", parents=[shared], help="follow model events until Ctrl-C (reconnects)")
-    watch.add_argument("--after", type=_non_negative_int, default=0, metavar="N", help="events after sequence N (default: a snapshot first)")
+    watch.add_argument(
+        "--after",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="events after sequence N (default: a snapshot first)",
+    )
     watch.add_argument("--model", action="append", metavar="ID", help="only this model (repeatable)")
     watch.set_defaults(handler=models.cmd_watch)
 
 
-def _add_inference(commands: argparse._SubParsersAction[argparse.ArgumentParser], shared: argparse.ArgumentParser) -> None:
-    transcribe = commands.add_parser("transcribe", parents=[shared], help="transcribe an audio file, printing segments as they arrive")
+def _add_inference(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], shared: argparse.ArgumentParser
+) -> None:
+    transcribe = commands.add_parser(
+        "transcribe", parents=[shared], help="transcribe an audio file, printing segments as they arrive"
+    )
     transcribe.add_argument("file", metavar="FILE", help="audio file, or - for stdin")
     transcribe.add_argument("--model", metavar="ID", help="Whisper model (default: the service's)")
     transcribe.add_argument("--language", metavar="L", help="language code (default: detect)")

@@ -86,7 +86,9 @@ class JobFollower:
     segment is lost or printed twice.
     """
 
-    def __init__(self, session: Session, writer: TranscriptWriter, job_id: str = "", cancel_on_interrupt: bool = True) -> None:
+    def __init__(
+        self, session: Session, writer: TranscriptWriter, job_id: str = "", cancel_on_interrupt: bool = True
+    ) -> None:
         self.session = session
         self.cancel_on_interrupt = cancel_on_interrupt
         self.writer = writer
@@ -151,7 +153,9 @@ class JobFollower:
             self.session.err.write("interrupted\n")
             return
         try:
-            response = self.session.call(self.session.inference().CancelJob, pb.CancelJobRequest(job_id=self.job_id), 5.0)
+            response = self.session.call(
+                self.session.inference().CancelJob, pb.CancelJobRequest(job_id=self.job_id), 5.0
+            )
             self.session.err.write(f"interrupted; job {self.job_id} {pb.JobState.Name(response.state)}\n")
         except grpc.RpcError as error:
             self.session.err.write(f"interrupted; could not cancel job {self.job_id}: {error.details()}\n")
@@ -172,12 +176,17 @@ class JobFollower:
         if kind == "accepted":
             accepted = event.accepted
             where = f"queued at position {accepted.queue_position}" if accepted.queue_position else "running"
-            self.status.update(f"job {event.job_id} {where} (model {accepted.model_id or 'default'})", key=("accepted", accepted.queue_position))
+            self.status.update(
+                f"job {event.job_id} {where} (model {accepted.model_id or 'default'})",
+                key=("accepted", accepted.queue_position),
+            )
         elif kind == "progress":
             self.status.update(progress_status(event.progress), key=event.progress.phase)
         elif kind == "info":
             info = event.info
-            self.status.note(f"language {info.language or '?'} (p={info.language_probability:.2f}), {info.duration:.2f} s of audio")
+            self.status.note(
+                f"language {info.language or '?'} (p={info.language_probability:.2f}), {info.duration:.2f} s of audio"
+            )
         elif kind == "segment":
             self.status.clear()
             self.writer.segment(event.segment)

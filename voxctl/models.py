@@ -180,7 +180,9 @@ def cmd_cancel(session: Session, args: argparse.Namespace) -> int:
 
 def cmd_verify(session: Session, args: argparse.Namespace) -> int:
     # Hashing a large model takes a while; no default deadline.
-    result = session.call(session.store().VerifyModel, pb.VerifyModelRequest(model_id=args.model_id), default_timeout=None)
+    result = session.call(
+        session.store().VerifyModel, pb.VerifyModelRequest(model_id=args.model_id), default_timeout=None
+    )
     if session.json:
         print_json(message_to_dict(result), session.out)
         return 0 if result.ok else 1
@@ -283,4 +285,3 @@ def cmd_watch(session: Session, args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return 130
         backoff = min(backoff * 2, RECONNECT_MAX_SECONDS)
-

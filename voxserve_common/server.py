@@ -256,7 +256,11 @@ async def start_server(
     await running.set_serving(True)
     logger.info(
         "server started",
-        extra={"grpc_port": bound, "metrics_port": endpoint.port if endpoint else None, "services": list(service_names)},
+        extra={
+            "grpc_port": bound,
+            "metrics_port": endpoint.port if endpoint else None,
+            "services": list(service_names),
+        },
     )
     return running
 

@@ -451,12 +451,16 @@ def model_store() -> dict[str, Any]:
                     Panel(
                         "Downloads by outcome and source",
                         [
-                            Query(f"sum by (source) ({s.rate('voxserve_downloads_started_total')})", "started {{source}}"),
+                            Query(
+                                f"sum by (source) ({s.rate('voxserve_downloads_started_total')})", "started {{source}}"
+                            ),
                             Query(
                                 f"sum by (source) ({s.rate('voxserve_downloads_completed_total')})",
                                 "completed {{source}}",
                             ),
-                            Query(f"sum by (source) ({s.rate('voxserve_downloads_failed_total')})", "failed {{source}}"),
+                            Query(
+                                f"sum by (source) ({s.rate('voxserve_downloads_failed_total')})", "failed {{source}}"
+                            ),
                         ],
                         unit="ops",
                     ),
@@ -478,7 +482,12 @@ def model_store() -> dict[str, Any]:
                     ),
                     Panel(
                         "Current speed by model",
-                        [Query(f"sum by (model_id) ({s.sel('voxserve_download_speed_bytes_per_second')})", "{{model_id}}")],
+                        [
+                            Query(
+                                f"sum by (model_id) ({s.sel('voxserve_download_speed_bytes_per_second')})",
+                                "{{model_id}}",
+                            )
+                        ],
                         unit="Bps",
                         width=8,
                         description="As measured by the downloader; 0 when the model is not downloading.",
@@ -658,8 +667,12 @@ def inference() -> dict[str, Any]:
                     Panel(
                         "Load duration p50 / p95 by model",
                         [
-                            Query(s.quantile(0.5, "voxserve_model_load_duration_seconds", "model_id"), "p50 {{model_id}}"),
-                            Query(s.quantile(0.95, "voxserve_model_load_duration_seconds", "model_id"), "p95 {{model_id}}"),
+                            Query(
+                                s.quantile(0.5, "voxserve_model_load_duration_seconds", "model_id"), "p50 {{model_id}}"
+                            ),
+                            Query(
+                                s.quantile(0.95, "voxserve_model_load_duration_seconds", "model_id"), "p95 {{model_id}}"
+                            ),
                         ],
                         unit="s",
                     ),
@@ -746,8 +759,14 @@ def inference() -> dict[str, Any]:
                     Panel(
                         "Time to first segment p50 / p95 by model",
                         [
-                            Query(s.quantile(0.5, "voxserve_time_to_first_segment_seconds", "model_id"), "p50 {{model_id}}"),
-                            Query(s.quantile(0.95, "voxserve_time_to_first_segment_seconds", "model_id"), "p95 {{model_id}}"),
+                            Query(
+                                s.quantile(0.5, "voxserve_time_to_first_segment_seconds", "model_id"),
+                                "p50 {{model_id}}",
+                            ),
+                            Query(
+                                s.quantile(0.95, "voxserve_time_to_first_segment_seconds", "model_id"),
+                                "p95 {{model_id}}",
+                            ),
                         ],
                         unit="s",
                         width=8,

@@ -62,9 +62,7 @@ def choose_device(preference: str = "auto", compute_type: str | None = None) -> 
     if pref not in DEVICES:
         raise InvalidArgument(f"unknown device {preference!r}; use one of {', '.join(DEVICES)}")
     if compute_type is not None and compute_type not in COMPUTE_TYPES:
-        raise InvalidArgument(
-            f"unknown compute type {compute_type!r}; use one of {', '.join(COMPUTE_TYPES)}"
-        )
+        raise InvalidArgument(f"unknown compute type {compute_type!r}; use one of {', '.join(COMPUTE_TYPES)}")
     has_cuda = cuda_available()
     if pref == "cuda" and not has_cuda:
         raise InvalidArgument("device 'cuda' was requested but no CUDA device is usable; use 'cpu' or 'auto'")

@@ -59,9 +59,7 @@ class DemucsSeparator:
         self._bag: BagOfModels | None = bag
 
     @classmethod
-    def load(
-        cls, model_id: str, model_dir: Path, device: DeviceChoice, name: str | None = None
-    ) -> DemucsSeparator:
+    def load(cls, model_id: str, model_dir: Path, device: DeviceChoice, name: str | None = None) -> DemucsSeparator:
         """Load a bag in Demucs's hub layout: ``{name}.yaml`` plus one ``{sig}.safetensors`` per model.
 
         Raises:

@@ -84,7 +84,9 @@ def test_pull_verify_rm_round_trip(capsys, store: StoreHandle, hub) -> None:
     assert code == 0, err
     weights = store.stub.GetModel(pb.GetModelRequest(model_id="test-text"))
     sha = next(f.sha256 for f in weights.files if f.path == "weights.bin")
-    assert any(line.split()[0] == "weights.bin" and sha in line and line.split()[-1] == "yes" for line in out.splitlines())
+    assert any(
+        line.split()[0] == "weights.bin" and sha in line and line.split()[-1] == "yes" for line in out.splitlines()
+    )
 
     code, out, err = run(capsys, store, "models", "rm", "test-text")
     assert code == 0, err

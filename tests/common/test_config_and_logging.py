@@ -19,7 +19,9 @@ from voxserve_common.logs import configure_logging, log_context
 def test_sources_in_order_defaults_yaml_env_flags(tmp_path: Path) -> None:
     path = tmp_path / "store.yaml"
     path.write_text("port: 6000\nmax_concurrent_downloads: 2\nhub_endpoints: [http://mirror:1, http://hub:2]\n")
-    config = load_config(ModelStoreConfig, yaml_path=path, env={"VOXSERVE_PORT": "7000"}, overrides={"metrics_port": 9999})
+    config = load_config(
+        ModelStoreConfig, yaml_path=path, env={"VOXSERVE_PORT": "7000"}, overrides={"metrics_port": 9999}
+    )
     assert config.port == 7000
     assert config.max_concurrent_downloads == 2
     assert config.hub_endpoints == ("http://mirror:1", "http://hub:2")
@@ -28,7 +30,9 @@ def test_sources_in_order_defaults_yaml_env_flags(tmp_path: Path) -> None:
 
 
 def test_env_lists_and_bools() -> None:
-    config = load_config(InferenceConfig, env={"VOXSERVE_PRELOAD": "silero-vad, htdemucs", "VOXSERVE_AUTO_PULL": "false"})
+    config = load_config(
+        InferenceConfig, env={"VOXSERVE_PRELOAD": "silero-vad, htdemucs", "VOXSERVE_AUTO_PULL": "false"}
+    )
     assert config.preload == ("silero-vad", "htdemucs")
     assert config.auto_pull is False
 

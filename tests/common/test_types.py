@@ -12,7 +12,15 @@ PACKAGES = ("voxserve_common", "model_service", "inference_service", "voxctl")
 
 def test_mypy_is_clean(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--cache-dir", str(tmp_path / "mypy-cache"), *PACKAGES],
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--ignore-missing-imports",
+            "--cache-dir",
+            str(tmp_path / "mypy-cache"),
+            *PACKAGES,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

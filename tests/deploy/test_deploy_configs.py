@@ -162,10 +162,7 @@ class Selector:
 
 
 def selectors(expr: str) -> list[Selector]:
-    return [
-        Selector(m.group(1), tuple(_MATCHER.findall(m.group(2) or "")))
-        for m in _SELECTOR.finditer(expr)
-    ]
+    return [Selector(m.group(1), tuple(_MATCHER.findall(m.group(2) or ""))) for m in _SELECTOR.finditer(expr)]
 
 
 def grouping_labels(expr: str) -> set[str]:
@@ -720,8 +717,11 @@ def test_k8s_store_data_dir_is_the_persistent_volume(k8s_objects: list[dict[str,
 def test_k8s_shared_models_component_mounts_the_store_dir(k8s_objects: list[dict[str, Any]]) -> None:
     store = _workload(k8s_objects, "model_service")
     store_dir = _flags(_container(store)["args"])["--data-dir"]
-    (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in store["spec"]["template"]["spec"]["volumes"]
-                if "persistentVolumeClaim" in v]
+    (claim,) = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in store["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
     component = yaml.safe_load((K8S_DIR / "components" / "shared-models" / "kustomization.yaml").read_text())
     assert component["kind"] == "Component"
     patches = [yaml.safe_load(p["patch"]) for p in component["patches"]]
@@ -878,7 +878,11 @@ def _assert_budget_fits(budget: str, limit: int) -> None:
 def test_compose_services_load_their_config(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     store_service = compose["services"]["model-store"]
     store = _load_service_config("model_service", store_service["command"], _compose_env(store_service), monkeypatch)
-    assert (store.host, store.port, store.metrics_port) == ("0.0.0.0", GRPC_PORT["model_service"], METRICS_PORT["model_service"])
+    assert (store.host, store.port, store.metrics_port) == (
+        "0.0.0.0",
+        GRPC_PORT["model_service"],
+        METRICS_PORT["model_service"],
+    )
     assert str(store.data_dir) in [m.split(":")[1] for m in store_service["volumes"]]
 
     service = compose["services"]["inference"]
@@ -897,11 +901,17 @@ def test_k8s_services_load_their_config(k8s_objects: list[dict[str, Any]], monke
     store_container = _container(_workload(k8s_objects, "model_service"))
     store_env = _k8s_env(store_container, k8s_objects)
     store = _load_service_config("model_service", store_container["args"], store_env, monkeypatch)
-    assert (store.host, store.port, store.metrics_port) == ("0.0.0.0", GRPC_PORT["model_service"], METRICS_PORT["model_service"])
+    assert (store.host, store.port, store.metrics_port) == (
+        "0.0.0.0",
+        GRPC_PORT["model_service"],
+        METRICS_PORT["model_service"],
+    )
     assert str(store.data_dir) in [m["mountPath"] for m in store_container["volumeMounts"]]
 
     container = _container(_workload(k8s_objects, "inference_service"))
-    inference = _load_service_config("inference_service", container["args"], _k8s_env(container, k8s_objects), monkeypatch)
+    inference = _load_service_config(
+        "inference_service", container["args"], _k8s_env(container, k8s_objects), monkeypatch
+    )
     assert (inference.host, inference.port) == ("0.0.0.0", GRPC_PORT["inference_service"])
     assert inference.metrics_port == METRICS_PORT["inference_service"]
     store_service = next(o for o in k8s_objects if o["kind"] == "Service" and o["metadata"]["name"] == "model-store")

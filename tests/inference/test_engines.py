@@ -270,7 +270,11 @@ def test_loading_the_vad_keeps_torch_thread_count() -> None:
     )
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     assert out.stdout.strip() == "3"

@@ -117,7 +117,10 @@ def make_cache() -> Iterator[MakeCache]:
     caches: list[ModelCache] = []
 
     def make(
-        loader: Loader | None = None, resolver: Resolver | None = None, metrics: InferenceMetrics | None = None, **config: object
+        loader: Loader | None = None,
+        resolver: Resolver | None = None,
+        metrics: InferenceMetrics | None = None,
+        **config: object,
     ) -> tuple[ModelCache, Loader, Resolver]:
         loader = loader or Loader()
         resolver = resolver or Resolver()
@@ -145,7 +148,9 @@ def hold_in_thread(cache: ModelCache, model_id: str) -> tuple[threading.Event, t
     return done, thread
 
 
-def test_count_limit_evicts_the_least_recently_used_model(make_cache: MakeCache, caplog: pytest.LogCaptureFixture) -> None:
+def test_count_limit_evicts_the_least_recently_used_model(
+    make_cache: MakeCache, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="inference_service.model_cache")
     metrics = InferenceMetrics()
     cache, loader, _ = make_cache(metrics=metrics, max_models=2)
@@ -324,7 +329,9 @@ def test_failed_load_reaches_every_waiter_and_is_not_cached(make_cache: MakeCach
         t.join(60)
     assert len(errors) == n
     assert all(isinstance(e, ModelLoadFailed) for e in errors)
-    assert {str(e) for e in errors} == {"loading model 'whisper-bad' failed: RuntimeError: model.bin of whisper-bad is corrupt"}
+    assert {str(e) for e in errors} == {
+        "loading model 'whisper-bad' failed: RuntimeError: model.bin of whisper-bad is corrupt"
+    }
     assert isinstance(errors[0].__cause__, RuntimeError)
     assert loader.calls["whisper-bad"] == 1
     assert cache.loaded() == [] and cache.stats().load_failures == 1

@@ -40,7 +40,9 @@ def test_auto_pull_through_the_store_relays_progress(start_store, start_inferenc
     store = start_store()
     handle = start_inference(store=store)
     events = transcribe(handle, model_id="test-tiny")
-    pulling = [e.progress for e in events if e.WhichOneof("event") == "progress" and e.progress.phase == pb.PULLING_MODEL]
+    pulling = [
+        e.progress for e in events if e.WhichOneof("event") == "progress" and e.progress.phase == pb.PULLING_MODEL
+    ]
     assert pulling, "no PULLING_MODEL progress was relayed"
     assert pulling[-1].bytes_total == sum((TINY_EN_DIR / n).stat().st_size for n in TINY_EN_FILES)
     assert "report" in text_of(events)
@@ -64,7 +66,10 @@ def test_fetch_mode_copies_files_into_the_cache_dir_with_hashes(start_inference,
     assert len(copies) == 1
     for name in TINY_EN_FILES:
         copied = copies[0].parent / name
-        assert hashlib.sha256(copied.read_bytes()).hexdigest() == hashlib.sha256((TINY_EN_DIR / name).read_bytes()).hexdigest()
+        assert (
+            hashlib.sha256(copied.read_bytes()).hexdigest()
+            == hashlib.sha256((TINY_EN_DIR / name).read_bytes()).hexdigest()
+        )
     store_dir = handle.store.store.model_dir("whisper-tiny.en")
     assert not copies[0].is_relative_to(store_dir)
 
@@ -150,11 +155,17 @@ def test_metrics_endpoint_serves_cache_and_job_metrics(start_inference) -> None:
     transcribe(handle)
     port = handle.app.server.metrics_endpoint.port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
     assert samples[("voxserve_cache_hits_total", (("model_id", "whisper-tiny.en"),))] >= 1
     assert samples[("voxserve_cache_misses_total", (("model_id", "whisper-tiny.en"),))] == 1
     assert samples[("voxserve_jobs_finished_total", (("outcome", "completed"),))] == 2
-    assert samples[("voxserve_audio_seconds_processed_total", (("model_id", "whisper-tiny.en"),))] == pytest.approx(6.48, abs=0.2)
+    assert samples[("voxserve_audio_seconds_processed_total", (("model_id", "whisper-tiny.en"),))] == pytest.approx(
+        6.48, abs=0.2
+    )
     assert samples[("voxserve_real_time_factor_count", (("model_id", "whisper-tiny.en"),))] == 2
     assert samples[("voxserve_time_to_first_segment_seconds_count", (("model_id", "whisper-tiny.en"),))] == 2
     assert samples[("voxserve_loaded_models", ())] == 1
@@ -182,7 +193,9 @@ def test_traceparent_continues_into_the_model_store(start_store, start_inference
     finally:
         root.removeHandler(collector)
         root.setLevel(old_level)
-    store_rpcs = [r for r in records if r.getMessage() == "rpc finished" and "ModelStore/GetModel" in getattr(r, "rpc_method", "")]
+    store_rpcs = [
+        r for r in records if r.getMessage() == "rpc finished" and "ModelStore/GetModel" in getattr(r, "rpc_method", "")
+    ]
     assert store_rpcs, "the store logged no GetModel call"
     assert {r.trace_id for r in store_rpcs} == {trace_id}
     job_lines = [r for r in records if r.name.startswith("inference_service") and getattr(r, "job_id", None)]

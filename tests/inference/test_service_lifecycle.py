@@ -25,7 +25,9 @@ def test_preload_and_pin_at_start_up_and_failed_preload_is_not_fatal(start_infer
     loaded = {m.model_id: m for m in handle.stub.ListLoadedModels(pb.ListLoadedModelsRequest()).models}
     assert set(loaded) == {"silero-vad"}  # htdemucs is not on the loopback hub: logged, not fatal
     assert loaded["silero-vad"].pinned
-    events = list(handle.stub.Transcribe(pb.TranscribeRequest(audio=(DATA_DIR / "speech_short.wav").read_bytes()), timeout=120))
+    events = list(
+        handle.stub.Transcribe(pb.TranscribeRequest(audio=(DATA_DIR / "speech_short.wav").read_bytes()), timeout=120)
+    )
     assert events[-1].WhichOneof("event") == "completed"
 
 
@@ -44,8 +46,19 @@ def test_sigterm_stops_the_inference_service_gracefully(start_store, tmp_path) -
     port = free_port()
     env = {**os.environ, "VOXSERVE_PRELOAD": "", "VOXSERVE_PIN": "", "VOXSERVE_GRACE_SECONDS": "5"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "inference_service", "--port", str(port), "--metrics-port", "-1",
-         "--model-store", store.address, "--cache-dir", str(tmp_path / "cache")],
+        [
+            sys.executable,
+            "-m",
+            "inference_service",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--model-store",
+            store.address,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
@@ -56,7 +69,12 @@ def test_sigterm_stops_the_inference_service_gracefully(start_store, tmp_path) -
 
         def serving() -> bool:
             try:
-                return health.Check(health_pb2.HealthCheckRequest(service="voxserve.inference.v1.Inference"), timeout=1).status == health_pb2.HealthCheckResponse.SERVING
+                return (
+                    health.Check(
+                        health_pb2.HealthCheckRequest(service="voxserve.inference.v1.Inference"), timeout=1
+                    ).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                )
             except grpc.RpcError:
                 return False
 

@@ -37,11 +37,15 @@ def get(handle: StoreHandle, model_id: str) -> pb.Model:
     return handle.stub.GetModel(pb.GetModelRequest(model_id=model_id))
 
 
-def fetch(handle: StoreHandle, model_id: str, paths: tuple[str, ...] = (), chunk_size: int = 256 << 10) -> dict[str, bytes]:
+def fetch(
+    handle: StoreHandle, model_id: str, paths: tuple[str, ...] = (), chunk_size: int = 256 << 10
+) -> dict[str, bytes]:
     """Every chunk of the stream, reassembled per path by offset."""
     files: dict[str, bytearray] = {}
     headers: dict[str, tuple[int, str, int, int]] = {}
-    for chunk in handle.stub.FetchModelFiles(pb.FetchModelFilesRequest(model_id=model_id, chunk_size=chunk_size, paths=paths), timeout=120):
+    for chunk in handle.stub.FetchModelFiles(
+        pb.FetchModelFilesRequest(model_id=model_id, chunk_size=chunk_size, paths=paths), timeout=120
+    ):
         assert len(chunk.data) <= chunk_size
         if chunk.path not in files:
             files[chunk.path] = bytearray(chunk.file_size)
@@ -85,21 +89,29 @@ def test_fetch_with_largest_chunk_size_fits_a_default_channel(store: StoreHandle
 
 
 def test_fetch_subset_unknown_path_and_not_ready(store: StoreHandle) -> None:
-    error = rpc_error(lambda: list(store.stub.FetchModelFiles(pb.FetchModelFilesRequest(model_id="test-tiny"), timeout=30)))
+    error = rpc_error(
+        lambda: list(store.stub.FetchModelFiles(pb.FetchModelFilesRequest(model_id="test-tiny"), timeout=30))
+    )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "READY" in error.details()
     pull(store, "test-tiny")
     subset = fetch(store, "test-tiny", paths=("config.json", "vocabulary.txt"))
     assert set(subset) == {"config.json", "vocabulary.txt"}
     assert subset["config.json"] == (TINY_EN_DIR / "config.json").read_bytes()
     error = rpc_error(
-        lambda: list(store.stub.FetchModelFiles(pb.FetchModelFilesRequest(model_id="test-tiny", paths=["config.json", "nope.bin"]), timeout=30))
+        lambda: list(
+            store.stub.FetchModelFiles(
+                pb.FetchModelFilesRequest(model_id="test-tiny", paths=["config.json", "nope.bin"]), timeout=30
+            )
+        )
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "nope.bin" in error.details()
 
 
 def test_delete_refused_while_a_fetch_stream_is_open(store: StoreHandle) -> None:
     pull(store, "test-tiny")
-    stream = store.stub.FetchModelFiles(pb.FetchModelFilesRequest(model_id="test-tiny", chunk_size=256 << 10), timeout=60)
+    stream = store.stub.FetchModelFiles(
+        pb.FetchModelFilesRequest(model_id="test-tiny", chunk_size=256 << 10), timeout=60
+    )
     first = next(stream)
     assert first.offset == 0 and first.file_index == 0
     error = rpc_error(lambda: store.stub.DeleteModel(pb.DeleteModelRequest(model_id="test-tiny")))
@@ -152,7 +164,9 @@ def test_import_missing_required_file_names_it(store: StoreHandle, tmp_path: Pat
     source.mkdir()
     for name in ("config.json", "model.bin", "vocabulary.txt"):  # no tokenizer.json
         shutil.copy(TINY_EN_DIR / name, source / name)
-    error = rpc_error(lambda: store.stub.ImportModel(pb.ImportModelRequest(model_id="test-tiny", source_dir=str(source))))
+    error = rpc_error(
+        lambda: store.stub.ImportModel(pb.ImportModelRequest(model_id="test-tiny", source_dir=str(source)))
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "tokenizer.json" in error.details()
     assert get(store, "test-tiny").state == pb.NOT_DOWNLOADED
@@ -173,7 +187,9 @@ def test_import_refused_while_the_model_downloads(store: StoreHandle, hub: HubSe
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     wait_for(lambda: get(store, "test-tiny").state == pb.DOWNLOADING, message="download running")
-    error = rpc_error(lambda: store.stub.ImportModel(pb.ImportModelRequest(model_id="test-tiny", source_dir=str(TINY_EN_DIR))))
+    error = rpc_error(
+        lambda: store.stub.ImportModel(pb.ImportModelRequest(model_id="test-tiny", source_dir=str(TINY_EN_DIR)))
+    )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "cancel" in error.details().lower()
     assert get(store, "test-tiny").state == pb.DOWNLOADING
     store.stub.CancelDownload(pb.CancelDownloadRequest(model_id="test-tiny"))

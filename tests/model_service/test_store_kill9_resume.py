@@ -135,7 +135,9 @@ def partial_size(data_dir: Path, model_id: str, name: str) -> int:
     return part.stat().st_size if part.is_file() else 0
 
 
-def kill_mid_download(tmp_path: Path, data_dir: Path, hub: HubServer, store_processes: list[StoreProcess], min_bytes: int) -> None:
+def kill_mid_download(
+    tmp_path: Path, data_dir: Path, hub: HubServer, store_processes: list[StoreProcess], min_bytes: int
+) -> None:
     """Start a throttled pull of test-tiny in a subprocess store and SIGKILL it once
     ``min_bytes`` of model.bin are in its partial file."""
     hub.throttle(8 << 20, path="model.bin")
@@ -143,13 +145,19 @@ def kill_mid_download(tmp_path: Path, data_dir: Path, hub: HubServer, store_proc
     store_processes.append(first)
     first.wait_serving()
     thread, _ = start_pull_thread(first.stub, "test-tiny")
-    wait_for(lambda: partial_size(data_dir, "test-tiny", "model.bin") > min_bytes, timeout=60, message="partial model.bin grows")
+    wait_for(
+        lambda: partial_size(data_dir, "test-tiny", "model.bin") > min_bytes,
+        timeout=60,
+        message="partial model.bin grows",
+    )
     first.kill()
     thread.join(10)
     hub.throttle(None)
 
 
-def test_kill9_mid_download_resumes_with_range_after_restart(tmp_path: Path, hub: HubServer, store_processes: list[StoreProcess]) -> None:
+def test_kill9_mid_download_resumes_with_range_after_restart(
+    tmp_path: Path, hub: HubServer, store_processes: list[StoreProcess]
+) -> None:
     data_dir = tmp_path / "data"
     size = (TINY_EN_DIR / "model.bin").stat().st_size
     kill_mid_download(tmp_path, data_dir, hub, store_processes, min_bytes=20_000_000)

@@ -40,7 +40,9 @@ def test_health_and_reflection(store: StoreHandle) -> None:
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
     reflection = reflection_pb2_grpc.ServerReflectionStub(store.channel)
-    replies = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    replies = list(
+        reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    )
     names = {s.name for s in replies[0].list_services_response.service}
     assert SERVICE in names and "grpc.health.v1.Health" in names
 
@@ -141,7 +143,9 @@ def test_json_logs_carry_trace_and_job_ids(tmp_path: Path, hub: HubServer, store
 
 
 def test_sigterm_ends_watch_streams_with_unavailable_and_exits_zero(
-    tmp_path: Path, hub: HubServer, store_processes: list[StoreProcess]  # noqa: F811
+    tmp_path: Path,
+    hub: HubServer,
+    store_processes: list[StoreProcess],  # noqa: F811
 ) -> None:
     config = tmp_path / "store.yaml"
     config.write_text("grace_seconds: 3\nheartbeat_seconds: 30\n")

@@ -52,7 +52,11 @@ def test_restart_marks_missing_file_incomplete_and_pull_fetches_only_it(
     assert second.store.scan_done.is_set()
     model = get(second, "test-text")
     assert model.state == pb.INCOMPLETE
-    assert {f.path: f.present for f in model.files} == {"config.json": True, "weights.bin": True, "sub/notes.txt": False}
+    assert {f.path: f.present for f in model.files} == {
+        "config.json": True,
+        "weights.bin": True,
+        "sub/notes.txt": False,
+    }
     assert state_json(store_config.data_dir)["test-text"]["state"] == "INCOMPLETE"
 
     hub.reset_stats()
@@ -96,7 +100,11 @@ def test_silent_same_size_corruption_found_by_verify_and_repaired(store: StoreHa
 
 
 def test_crash_mid_download_never_comes_back_ready_with_partial_files(
-    tmp_path: Path, start_store: Callable[..., StoreHandle], store_config: ModelStoreConfig, hub: HubServer, store_processes: list[StoreProcess]
+    tmp_path: Path,
+    start_store: Callable[..., StoreHandle],
+    store_config: ModelStoreConfig,
+    hub: HubServer,
+    store_processes: list[StoreProcess],
 ) -> None:
     kill_mid_download(tmp_path, store_config.data_dir, hub, store_processes, min_bytes=4_000_000)
     recorded = state_json(store_config.data_dir)  # valid JSON although the writer was killed
@@ -164,7 +172,10 @@ def test_orphans_removed_at_start_and_valid_partial_kept(
     assert pull(handle, "test-tiny")[-1].state == pb.READY
     size = (TINY_EN_DIR / "model.bin").stat().st_size
     assert hub.bytes_served(TINY_REPO, "model.bin") == size - kept_bytes
-    assert hashlib.sha256((handle.store.model_dir("test-tiny") / "model.bin").read_bytes()).hexdigest() == entry["lfs"]["oid"]
+    assert (
+        hashlib.sha256((handle.store.model_dir("test-tiny") / "model.bin").read_bytes()).hexdigest()
+        == entry["lfs"]["oid"]
+    )
 
 
 def test_ready_model_survives_restart_without_network(

@@ -22,7 +22,9 @@ class Watch:
     """A WatchModels stream read by a background thread into a queue."""
 
     def __init__(self, handle: StoreHandle, after_sequence: int = 0, model_ids: tuple[str, ...] = ()) -> None:
-        self.call = handle.stub.WatchModels(pb.WatchModelsRequest(after_sequence=after_sequence, model_ids=model_ids), timeout=120)
+        self.call = handle.stub.WatchModels(
+            pb.WatchModelsRequest(after_sequence=after_sequence, model_ids=model_ids), timeout=120
+        )
         self.events: queue.Queue[pb.ModelEvent | grpc.RpcError | None] = queue.Queue()
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -108,7 +110,9 @@ def test_snapshot_then_live_events_then_heartbeat(store: StoreHandle, watches: l
     assert heartbeat.sequence == sequences[-1] == store.store.bus.sequence
 
 
-def test_resume_after_disconnect_gets_exactly_the_missed_events(store: StoreHandle, hub: HubServer, watches: list[Watch]) -> None:
+def test_resume_after_disconnect_gets_exactly_the_missed_events(
+    store: StoreHandle, hub: HubServer, watches: list[Watch]
+) -> None:
     watch = Watch(store)
     watches.append(watch)
     read_snapshot(watch)
@@ -118,7 +122,9 @@ def test_resume_after_disconnect_gets_exactly_the_missed_events(store: StoreHand
     seen = watch.until(lambda e: e.type == pb.PROGRESS and e.current_file == "model.bin" and e.bytes_done > 0)
     last = seen[-1].sequence
     watch.cancel()
-    wait_for(lambda: store.store.metrics.active_watchers.labels("WatchModels")._value.get() == 0, message="watch closed")
+    wait_for(
+        lambda: store.store.metrics.active_watchers.labels("WatchModels")._value.get() == 0, message="watch closed"
+    )
     hub.throttle(None)
     pulling.join(120)
     assert store.stub.GetModel(pb.GetModelRequest(model_id="test-tiny")).state == pb.READY
@@ -135,7 +141,9 @@ def test_resume_after_disconnect_gets_exactly_the_missed_events(store: StoreHand
     assert all(e.type not in (pb.SNAPSHOT, pb.SNAPSHOT_END) for e in events)
 
 
-def test_client_too_far_behind_gets_a_resync_snapshot(start_store: Callable[..., StoreHandle], watches: list[Watch]) -> None:
+def test_client_too_far_behind_gets_a_resync_snapshot(
+    start_store: Callable[..., StoreHandle], watches: list[Watch]
+) -> None:
     handle = start_store(event_history=20)
     old = handle.store.bus.sequence
     while handle.store.bus.sequence - old <= 25:
@@ -169,7 +177,9 @@ def test_model_filter_applies_to_snapshot_and_live_events(store: StoreHandle, wa
     assert {e.model_id for e in live if e.type != pb.HEARTBEAT} == {"test-tiny"}
 
 
-def test_progress_events_are_rate_limited_but_state_changes_all_arrive(store: StoreHandle, hub: HubServer, watches: list[Watch]) -> None:
+def test_progress_events_are_rate_limited_but_state_changes_all_arrive(
+    store: StoreHandle, hub: HubServer, watches: list[Watch]
+) -> None:
     watch = Watch(store, model_ids=("test-tiny",))
     watches.append(watch)
     read_snapshot(watch)
