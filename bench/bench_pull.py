@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import benchlib  # noqa: I001 - sets sys.path for the imports below
+import benchlib
 import grpc
 from huggingface_hub import snapshot_download
 from support import LoopThread

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import benchlib  # noqa: I001 - sets sys.path for the imports below
+import benchlib
 import grpc
 from faster_whisper import BatchedInferencePipeline, WhisperModel, decode_audio
 from grpc_health.v1 import health_pb2, health_pb2_grpc

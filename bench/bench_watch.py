@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import benchlib  # noqa: I001 - sets sys.path for the imports below
+import benchlib
 import grpc
 
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
@@ -199,7 +200,7 @@ def measure_k(
         seqs = [r[0] for r in records if r[0] > start_seq]
         received = set(seqs)
         duplicates += len(seqs) - len(received)
-        out_of_order += sum(1 for a, b in zip(seqs, seqs[1:], strict=False) if b <= a)
+        out_of_order += sum(1 for a, b in itertools.pairwise(seqs) if b <= a)
         missed_events += len(expected_all - received)
         missing_state = [s for s in expected_state if s not in received]
         missed_state += len(missing_state)

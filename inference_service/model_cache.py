@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
@@ -623,10 +624,8 @@ class ModelCache:
         )
         if self._metrics is not None:
             self._metrics.cache_evictions.labels(entry.model_id, reason).inc()
-            try:
+            with contextlib.suppress(KeyError):
                 self._metrics.loaded_model_bytes.remove(entry.model_id)
-            except KeyError:
-                pass
         self._update_gauges_locked()
 
     def _free(self, entries: list[_Entry]) -> None:
@@ -671,11 +670,10 @@ class ModelCache:
 
         Raises what acquire raises.
         """
-        with self.acquire(model_id, expected_kind=expected_kind, on_progress=on_progress) as lease:
-            with self._lock:
-                if pin:
-                    lease._entry.pinned = True
-                return self._info_locked(lease._entry, own_leases=1)
+        with self.acquire(model_id, expected_kind=expected_kind, on_progress=on_progress) as lease, self._lock:
+            if pin:
+                lease._entry.pinned = True
+            return self._info_locked(lease._entry, own_leases=1)
 
     def touch_loaded(self, model_id: str, pin: bool = False) -> LoadedModelInfo | None:
         """If the model is loaded: count a hit, mark it used (and pinned) and return its
@@ -722,7 +720,7 @@ class ModelCache:
         for model_id, pin in items:
             try:
                 self.load_model(model_id, pin=pin)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a failed preload is reported, the others still run
                 logger.warning("model preload failed", extra={"model_id": model_id, "error": str(exc)})
                 failures.append((model_id, exc))
         return failures

@@ -84,10 +84,7 @@ class StoreModelSource:
                 )
             model = self._pull(model_id, on_progress)
         kind = KIND_NAMES.get(model.kind, "unknown")
-        if self.config.store_access == "fetch":
-            path = self._fetch(model, on_progress)
-        else:
-            path = self._shared_path(model)
+        path = self._fetch(model, on_progress) if self.config.store_access == "fetch" else self._shared_path(model)
         return ModelSpec(model_id, kind, path, model.size_bytes)
 
     def _pull(self, model_id: str, on_progress: ProgressCallback | None) -> store_pb.Model:

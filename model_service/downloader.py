@@ -173,7 +173,7 @@ class DownloadQueue:
             self._on_change()
             try:
                 job.context.run(self._run, job)
-            except BaseException as error:  # noqa: BLE001 - recorded on the job for its watchers
+            except BaseException as error:
                 if not job.done_event.is_set():
                     job.finish(error)
                 logger.debug("download job ended with error", exc_info=error)
@@ -232,10 +232,8 @@ class PartialFile:
 
     def remove(self) -> None:
         for path in (self.part, self.sidecar):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            except FileNotFoundError:
-                pass
 
 
 @dataclass

@@ -87,13 +87,10 @@ def describe_error(error: BaseException) -> tuple[str, bool]:
 
 def default_endpoints(configured: Sequence[str], hf_endpoint: str | None) -> tuple[str, ...]:
     """Configured endpoints in order; else HF_ENDPOINT (if set) then the official hub."""
-    if configured:
-        chosen = list(configured)
-    else:
-        chosen = [e for e in (hf_endpoint, OFFICIAL_ENDPOINT) if e]
+    chosen = list(configured) if configured else [e for e in (hf_endpoint, OFFICIAL_ENDPOINT) if e]
     unique: list[str] = []
-    for endpoint in chosen:
-        endpoint = endpoint.rstrip("/")
+    for given in chosen:
+        endpoint = given.rstrip("/")
         if not endpoint.startswith(("http://", "https://")):
             raise ValueError(f"hub endpoint {endpoint!r} must start with http:// or https://")
         if endpoint not in unique:
@@ -120,7 +117,7 @@ class HubClient:
         api = HfApi(endpoint=endpoint, token=self.token or False)
         try:
             info = api.model_info(entry.repo_id, revision=revision, files_metadata=True, timeout=self.timeout)
-        except Exception as error:  # noqa: BLE001 - every failure becomes this source's reason
+        except Exception as error:
             reason, not_found = describe_error(error)
             raise SourceError(endpoint, reason, not_found) from error
         commit = info.sha or ""
@@ -172,7 +169,7 @@ class HubClient:
                 hf_raise_for_status(response)
             except SourceError:
                 raise
-            except Exception as error:  # noqa: BLE001 - every failure becomes this source's reason
+            except Exception as error:
                 reason, not_found = describe_error(error)
                 raise SourceError(endpoint, reason, not_found) from error
             start = offset if response.status_code == 206 else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -115,10 +116,8 @@ class StateFile:
                 "state file unreadable; moved aside, disk scan will rebuild state",
                 extra={"error": str(exc), "moved_to": str(broken)},
             )
-            try:
+            with contextlib.suppress(OSError):
                 os.replace(self.path, broken)
-            except OSError:
-                pass
             return {}
         records = {}
         for item in data.get("models", []):

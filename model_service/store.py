@@ -214,7 +214,7 @@ class ModelStore:
             for model_id in list(self._records):
                 try:
                     self._reconcile(model_id, deep=self.config.verify_on_startup)
-                except Exception:  # noqa: BLE001 - one bad model must not stop the scan
+                except Exception:
                     logger.exception("startup scan failed for a model", extra={"model_id": model_id})
             if self.config.import_embedded:
                 self._import_embedded_defaults()
@@ -403,7 +403,7 @@ class ModelStore:
             except VoxserveError as error:
                 self._fail(job, error, source)
                 return
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 logger.exception("download crashed")
                 self._fail(
                     job,
@@ -944,10 +944,8 @@ class ModelStore:
                     self.metrics.model_disk_bytes.labels(model_id).set(record.size_bytes)
                 elif record.state == ModelState.NOT_DOWNLOADED:
                     self.metrics.model_disk_bytes.labels(model_id).set(0)
-        try:
+        with contextlib.suppress(OSError):
             self.metrics.disk_free_bytes.set(shutil.disk_usage(self.data_dir).free)
-        except OSError:
-            pass
 
     @property
     def records(self) -> Mapping[str, ModelRecord]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -14,12 +15,12 @@ import pytest
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.pop("HF_HUB_OFFLINE", None)
 
-from hubserver import HubServer  # noqa: E402
-from support import TINY_EN_DIR, TINY_EN_FILES, LoopThread  # noqa: E402
+from hubserver import HubServer
+from support import TINY_EN_DIR, TINY_EN_FILES, LoopThread
 
-from model_service.catalog import WHISPER_FILES, WHISPER_REQUIRED, CatalogEntry  # noqa: E402
-from model_service.config import ModelStoreConfig  # noqa: E402
-from voxserve.modelstore.v1 import modelstore_pb2_grpc  # noqa: E402
+from model_service.catalog import WHISPER_FILES, WHISPER_REQUIRED, CatalogEntry
+from model_service.config import ModelStoreConfig
+from voxserve.modelstore.v1 import modelstore_pb2_grpc
 
 TINY_REPO = "test-org/faster-whisper-tiny.en"
 TEXT_REPO = "test-org/text-files"
@@ -108,10 +109,8 @@ def start_store(loop_thread: LoopThread, store_config: ModelStoreConfig) -> Iter
 
     yield start
     for handle in handles:
-        try:
+        with contextlib.suppress(Exception):  # already stopped by the test
             handle.stop()
-        except Exception:  # noqa: BLE001 - already stopped by the test
-            pass
 
 
 @pytest.fixture
@@ -172,10 +171,8 @@ def start_inference(
 
     yield start
     for handle in handles:
-        try:
+        with contextlib.suppress(Exception):  # already stopped by the test
             handle.stop()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 @pytest.fixture

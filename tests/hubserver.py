@@ -17,6 +17,7 @@ client always uses plain HTTP downloads against this server only.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import http.server
@@ -258,10 +259,8 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         with self.connections_lock:
             connections = list(self.connections)
         for conn in connections:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Connections cut by the client, by drop_after or by stop() are expected in these tests.
@@ -423,7 +422,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
             "id": repo_id,
             "modelId": repo_id,
-            "author": repo_id.split("/")[0] if "/" in repo_id else None,
+            "author": repo_id.split("/", maxsplit=1)[0] if "/" in repo_id else None,
             "sha": commit.sha,
             "lastModified": _FIXED_DATE,
             "createdAt": _FIXED_DATE,
@@ -502,10 +501,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     raise _ConnectionCut()
         if drop is not None and limit < stop:
             self.wfile.flush()
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             raise _ConnectionCut()
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import httpx2
 import huggingface_hub
 import pytest
+from hubserver import LFS_THRESHOLD, HubServer, refused_endpoint
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -31,8 +32,6 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import get_session
-
-from hubserver import LFS_THRESHOLD, HubServer, refused_endpoint
 
 REPO_ID = "voxserve/tiny-model"
 
@@ -207,11 +206,10 @@ def test_drop_after_closes_the_connection_mid_body(hub: HubServer, repo: Repo) -
     received = bytearray()
 
     hub.drop_after(70_000, path="model.bin")
-    with pytest.raises(httpx2.RemoteProtocolError):
-        with get_session().stream("GET", url) as response:
-            assert int(response.headers["Content-Length"]) == size
-            for chunk in response.iter_raw():
-                received += chunk
+    with pytest.raises(httpx2.RemoteProtocolError), get_session().stream("GET", url) as response:
+        assert int(response.headers["Content-Length"]) == size
+        for chunk in response.iter_raw():
+            received += chunk
 
     assert bytes(received) == repo.files["model.bin"][:70_000]
     assert hub.bytes_served(path="model.bin") == 70_000
@@ -283,11 +281,13 @@ def test_stop_refuses_requests_on_kept_alive_connections_and_restarts_on_the_sam
 def test_stop_cuts_a_download_in_progress(hub: HubServer, repo: Repo) -> None:
     hub.throttle(100_000)
 
-    with pytest.raises(httpx2.HTTPError):
-        with get_session().stream("GET", hub.file_url(repo.repo_id, "model.bin")) as response:
-            for read, _ in enumerate(response.iter_raw(8_192)):
-                if read == 2:
-                    hub.stop()
+    with (
+        pytest.raises(httpx2.HTTPError),
+        get_session().stream("GET", hub.file_url(repo.repo_id, "model.bin")) as response,
+    ):
+        for read, _ in enumerate(response.iter_raw(8_192)):
+            if read == 2:
+                hub.stop()
 
     assert hub.bytes_served() < len(repo.files["model.bin"])
 

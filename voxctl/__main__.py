@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from voxctl import inference, models
-from voxctl.health import cmd_health
 from voxctl.formats import WRITERS
+from voxctl.health import cmd_health
 from voxctl.rpc import CliError, Session, command_trace, status_line
 
 DEFAULT_STORE = "127.0.0.1:50051"

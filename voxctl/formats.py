@@ -31,7 +31,7 @@ def human_duration(seconds: float) -> str:
     """``M:SS`` or ``H:MM:SS`` for ETAs and elapsed times; ``--:--`` when unknown."""
     if seconds < 0 or math.isnan(seconds) or math.isinf(seconds):
         return "--:--"
-    total = int(round(seconds))
+    total = round(seconds)
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:

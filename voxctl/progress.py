@@ -90,7 +90,7 @@ class StatusLine:
 def bar(fraction: float, width: int = 24) -> str:
     """``[#########...............]`` for a fraction in 0..1 (clamped)."""
     fraction = min(1.0, max(0.0, fraction))
-    filled = int(round(fraction * width))
+    filled = round(fraction * width)
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 

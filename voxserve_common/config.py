@@ -35,9 +35,9 @@ def _convert(key: str, value: Any, annotation: Any, origin_desc: str) -> Any:
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("", "none", "null"))
+        if is_none and type(None) in args:
+            return None
         return _convert(key, value, non_none[0], origin_desc)
     if origin in (tuple, list):
         item_type = args[0] if args else str
@@ -76,7 +76,7 @@ def _convert(key: str, value: Any, annotation: Any, origin_desc: str) -> Any:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{origin_desc} {key}: expected a string, got {value!r}")
         return str(value)
-    if isinstance(value, Mapping) or isinstance(value, list):
+    if isinstance(value, (Mapping, list)):
         return value
     return value
 

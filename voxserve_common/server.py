@@ -81,7 +81,7 @@ class _RpcScope:
                         self.metrics.requests.labels(self.method, self.code.name).inc()
                         self.metrics.duration.labels(self.method).observe(duration)
                     level = logging.INFO if self.code in _QUIET_CODES else logging.WARNING
-                    if self.code == grpc.StatusCode.INTERNAL or self.code == grpc.StatusCode.UNKNOWN:
+                    if self.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
                         level = logging.ERROR
                     logger.log(
                         level,
@@ -139,7 +139,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        if method.startswith("/grpc.health") or method.startswith("/grpc.reflection"):
+        if method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
         metrics = self.metrics
 

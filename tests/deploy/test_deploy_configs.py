@@ -23,9 +23,9 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
+from inference_service.memory import parse_memory_budget
 from inference_service.metrics import InferenceMetrics
 from model_service.metrics import ModelStoreMetrics
-from inference_service.memory import parse_memory_budget
 from model_service.state import ModelState
 from voxserve.inference.v1 import inference_pb2
 from voxserve.modelstore.v1 import modelstore_pb2
@@ -557,7 +557,7 @@ def test_dashboard_structure(name: str, dashboards: dict[str, dict[str, Any]]) -
     cells: dict[tuple[int, int], str] = {}
     for panel in board["panels"]:
         pos = panel["gridPos"]
-        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, panel["title"]
         for x in range(pos["x"], pos["x"] + pos["w"]):
             for y in range(pos["y"], pos["y"] + pos["h"]):
                 assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 import re
@@ -132,7 +133,7 @@ def test_multi_sentence_file_streams_several_segments_lazily_with_wer_at_most_0_
     assert lazy
     assert len(result) >= 3
     assert [s.index for s in result] == list(range(len(result)))
-    assert all(a.start <= b.start for a, b in zip(result, result[1:]))
+    assert all(a.start <= b.start for a, b in itertools.pairwise(result))
     assert all(0.0 <= s.start < s.end <= info.duration + 0.5 for s in result)
     text = " ".join(s.text for s in result)
     assert word_error_rate(TRANSCRIPTS["speech_multi.wav"], text) <= MAX_WER, text
@@ -206,7 +207,7 @@ def test_stereo_audio_is_invalid_for_whisper(whisper: WhisperEngine) -> None:
 
 def test_whisper_load_without_model_files_names_what_is_missing(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelFilesMissing, match="model.bin, tokenizer.json missing"):
+    with pytest.raises(ModelFilesMissing, match=r"model\.bin, tokenizer\.json missing"):
         WhisperEngine.load("broken", tmp_path, CPU)
 
 
@@ -237,7 +238,7 @@ def test_vad_finds_no_speech_in_silence(vad: SileroVadEngine) -> None:
 
 def test_vad_separates_the_sentences_of_the_multi_file(vad: SileroVadEngine) -> None:
     spans = vad.speech_timestamps(load_audio("speech_multi.wav"))
-    long_pauses = [b[0] - a[1] for a, b in zip(spans, spans[1:]) if b[0] - a[1] > 0.7]
+    long_pauses = [b[0] - a[1] for a, b in itertools.pairwise(spans) if b[0] - a[1] > 0.7]
     assert len(long_pauses) >= 5  # six sentences, ~1 s apart
 
 
@@ -341,5 +342,5 @@ def test_separator_needs_a_name_when_the_dir_has_two_bags(tiny_bag: Path, tmp_pa
 
 def test_separator_load_names_a_missing_weights_file(tmp_path: Path) -> None:
     (tmp_path / "bag.yaml").write_text("models: [deadbeef]\n")
-    with pytest.raises(ModelFilesMissing, match="deadbeef.safetensors"):
+    with pytest.raises(ModelFilesMissing, match=r"deadbeef\.safetensors"):
         DemucsSeparator.load("bag", tmp_path, CPU)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 
 import grpc
 import pytest
 from conftest import InferenceHandle
-from support import DATA_DIR, wait_for
+from support import DATA_DIR
 
 from voxserve.inference.v1 import inference_pb2 as pb
 

@@ -81,7 +81,7 @@ def test_hostile_hub_file_names_write_nothing_outside(start_store, hub, tmp_path
         list(handle.stub.PullModel(pb.PullModelRequest(model_id="evil"), timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unsafe file name" in info.value.details()
-    escaped = [p for p in tmp_path.rglob("escape.txt")]
+    escaped = list(tmp_path.rglob("escape.txt"))
     assert escaped == []
     assert handle.stub.GetModel(pb.GetModelRequest(model_id="evil")).state == pb.ERROR
 

@@ -104,7 +104,7 @@ def test_crash_mid_download_never_comes_back_ready_with_partial_files(
     start_store: Callable[..., StoreHandle],
     store_config: ModelStoreConfig,
     hub: HubServer,
-    store_processes: list[StoreProcess],
+    store_processes: list[StoreProcess],  # noqa: F811 - the fixture imported above
 ) -> None:
     kill_mid_download(tmp_path, store_config.data_dir, hub, store_processes, min_bytes=4_000_000)
     recorded = state_json(store_config.data_dir)  # valid JSON although the writer was killed

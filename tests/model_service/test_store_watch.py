@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -99,7 +100,7 @@ def test_snapshot_then_live_events_then_heartbeat(store: StoreHandle, watches: l
     live = [e for e in live if e.type != pb.HEARTBEAT]
     sequences = [e.sequence for e in live]
     assert sequences[0] > end.sequence
-    assert all(b > a for a, b in zip(sequences, sequences[1:])), sequences
+    assert all(b > a for a, b in itertools.pairwise(sequences)), sequences
     states = [e.state for e in live if e.type == pb.STATE_CHANGED]
     assert states[0] == pb.WAITING and states[-1] == pb.READY
     assert pb.DOWNLOADING in states and pb.VERIFYING in states
