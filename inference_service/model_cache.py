@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import statistics
 import threading
 import time
 from collections import OrderedDict
@@ -34,9 +35,10 @@ KINDS = ("whisper", "vad", "demucs")
 # cache has never loaded (afterwards the measured bytes of that model_id are used).
 # Measured on CPU (RSS delta around the load, psutil), 2 cores, torch 2.13 / CT2 4.8.5:
 # - whisper: tiny.en CTranslate2 (float16 model.bin 75.5 MB, 78 MB with the tokenizer)
-#   with compute_type=int8 took 66-69 MiB (0.9x) when freed memory had been returned to
-#   the OS first (as the cache does); float32 took 155 MiB (2x). 1.0x fits int8, the
-#   project's CPU default; a float32/float16 load is corrected by its first measurement.
+#   with compute_type=int8 took 51-55 MiB (0.7x) with freed memory returned to the OS
+#   before and after the load (as the cache does), 66-91 MiB without the trim after it;
+#   float32 took 155 MiB (2x). 1.0x fits int8, the project's CPU default, with room to
+#   spare; a float32/float16 load is corrected by its first measurement.
 # - vad: Silero VAD 6.2.3 as shipped: JIT (2.3 MB) 3.9 MiB (1.7x); ONNX (2.3 MB) 21.7 MiB
 #   on its first onnxruntime session (9x), nothing for later ones. 4x.
 # - demucs: safetensors exports of HDemucs/HTDemucs (2.3-46 MB) hold their weights once
@@ -48,6 +50,9 @@ UNKNOWN_KIND_FACTOR = 2.0
 # reuses pages freed earlier (or negative when another thread frees memory meanwhile).
 MIN_MODEL_BYTES = 1 << 20
 DEFAULT_BUDGET_FRACTION = 0.8
+# Measurements per model_id whose median is its estimate: one outlier is outvoted once
+# two more loads were measured.
+MEASUREMENTS_KEPT = 3
 EVICTION_REASONS = ("count_limit", "memory_budget", "watchdog", "unload")
 
 
@@ -334,7 +339,8 @@ class ModelCache:
         self._load_lock = threading.RLock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._flights: dict[str, _Flight] = {}
-        self._measured: dict[str, tuple[int, int]] = {}  # model_id -> (size_bytes, max measured bytes)
+        # model_id -> (size_bytes on disk, the last measured footprints)
+        self._measured: dict[str, tuple[int, tuple[int, ...]]] = {}
         self._hits = 0
         self._misses = 0
         self._loads = 0
@@ -475,6 +481,11 @@ class ModelCache:
             started = time.perf_counter()
             model = self._load(spec)
             seconds = time.perf_counter() - started
+            # A load's transient buffers (file reads, weight conversion) are freed but stay
+            # resident in glibc's arenas: without a trim they were counted as the model's
+            # footprint, by an amount that depends on the process's allocation history
+            # (tiny.en int8: 51 MiB after the trim, 66-91 MiB before, up to 226 MiB seen).
+            self._probe.return_freed_memory(self._device)
             after = self._load_measure()
         measured = max(after - before, MIN_MODEL_BYTES)
         flight.report(LoadProgress(model_id, "loaded", message=f"loaded in {seconds:.2f} s, {format_bytes(measured)}"))
@@ -494,12 +505,7 @@ class ModelCache:
             entry.refcount = sum(1 for k in flight.expected_kinds if _kind_accepted(k, spec.kind))
             self._entries[model_id] = entry
             del self._flights[model_id]
-            previous = self._measured.get(model_id)
-            if previous is not None and previous[0] == spec.size_bytes:
-                measured_max = max(previous[1], measured)
-            else:
-                measured_max = measured
-            self._measured[model_id] = (spec.size_bytes, measured_max)
+            self._remember_measurement(spec, measured)
             self._loads += 1
             # The measurement may exceed the estimate: trim idle models to the budget again.
             over = self._evict_over_budget_locked()
@@ -533,16 +539,28 @@ class ModelCache:
             return max(self._probe.cuda_allocated_bytes(self._device), self._probe.device_used_bytes(self._device))
         return self._probe.process_rss_bytes()
 
+    def _remember_measurement(self, spec: ModelSpec, measured: int) -> None:
+        """Keep the last MEASUREMENTS_KEPT measurements of a model_id (call with the lock).
+
+        An RSS delta also counts what other threads allocate during the load (a job
+        decoding on another model); keeping the largest one forever let a single noisy
+        load make a model look too big for the budget until a restart.
+        """
+        size, samples = self._measured.get(spec.model_id, (spec.size_bytes, ()))
+        if size != spec.size_bytes:
+            samples = ()
+        self._measured[spec.model_id] = (spec.size_bytes, (*samples, measured)[-MEASUREMENTS_KEPT:])
+
     def estimate_bytes(self, spec: ModelSpec) -> int:
         """Memory the model is expected to take once loaded.
 
-        The largest measurement of earlier loads of this model_id (while its size on disk
-        is unchanged), else its size on disk times the factor of its kind.
+        The median of the last loads of this model_id by this cache (while its size on
+        disk is unchanged), else its size on disk times the factor of its kind.
         """
         with self._lock:
             measured = self._measured.get(spec.model_id)
-        if measured is not None and measured[0] == spec.size_bytes:
-            return measured[1]
+        if measured is not None and measured[0] == spec.size_bytes and measured[1]:
+            return int(statistics.median(measured[1]))
         factor = FOOTPRINT_FACTORS.get(spec.kind, UNKNOWN_KIND_FACTOR)
         return max(int(spec.size_bytes * factor), MIN_MODEL_BYTES)
 

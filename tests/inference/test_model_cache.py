@@ -178,7 +178,10 @@ def test_count_limit_evicts_the_least_recently_used_model(
 
 
 def test_memory_budget_evicts_and_estimates_learn_from_measurement(make_cache: MakeCache) -> None:
-    budget = int(WHISPER_ESTIMATE * 1.6)  # room for one tiny.en (measured 66-80 MiB), not two
+    # Room for one tiny.en, not two: its static estimate (1.0x its files, 74.5 MiB) fits, and
+    # so does its measurement (51-55 MiB), but not the measurement plus another estimate;
+    # the asserts below hold for any measurement between 0.3x and 1.3x the estimate.
+    budget = int(WHISPER_ESTIMATE * 1.3)
     cache, loader, _ = make_cache(max_models=5, memory_budget_bytes=budget)
     assert cache.estimate_bytes(spec("whisper-a")) == WHISPER_ESTIMATE
 
@@ -201,6 +204,40 @@ def test_memory_budget_evicts_and_estimates_learn_from_measurement(make_cache: M
     cache.load_model("whisper-a")
     assert ids(cache) == ["whisper-a"]
     assert cache.stats().evictions_by_reason["memory_budget"] == 2
+
+
+class NoisyLoader(Loader):
+    """Allocates ``noise_bytes`` of real memory during a load and keeps it until the test
+    drops it: what another thread's work (a decode on another model) does to an RSS delta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noise_bytes = 0
+        self.noise: np.ndarray | None = None
+
+    def __call__(self, spec: ModelSpec) -> TinyWhisper:
+        model = super().__call__(spec)
+        if self.noise_bytes:
+            self.noise = np.ones(self.noise_bytes, dtype=np.uint8)  # written, so resident
+        return model
+
+
+def test_one_noisy_measurement_does_not_stick_to_the_model(make_cache: MakeCache) -> None:
+    loader = NoisyLoader()
+    cache, _, _ = make_cache(loader=loader, max_models=1)
+    loader.noise_bytes = 200 * MiB
+    noisy = cache.load_model("whisper-a").memory_bytes
+    loader.noise, loader.noise_bytes = None, 0
+    assert noisy >= 200 * MiB  # the RSS delta took in the other allocation
+    assert cache.estimate_bytes(spec("whisper-a")) == noisy
+
+    clean = []
+    for _ in range(2):
+        cache.unload("whisper-a")
+        clean.append(cache.load_model("whisper-a").memory_bytes)
+    assert max(clean) < 200 * MiB
+    # The median of the last loads: the outlier is outvoted, not kept as the maximum.
+    assert cache.estimate_bytes(spec("whisper-a")) == sorted([noisy, *clean])[1] < noisy
 
 
 def test_model_larger_than_the_budget_is_refused_without_loading(make_cache: MakeCache) -> None:
