@@ -17,6 +17,9 @@ from typing import Any
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
+from voxserve_common.logfiles import LogFileSettings, RotatingLogFile
+from voxserve_common.redaction import RedactingFormatter, Redactor
+
 _model_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("model_id", default=None)
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
 
@@ -100,26 +103,47 @@ class ConsoleFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(service: str, *, level: str = "INFO", fmt: str = "json", stream: Any = None) -> logging.Handler:
-    """Replace root handlers with one that writes ``fmt`` ("json" or "console") to stream."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+def json_formatter() -> logging.Formatter:
+    return VoxJsonFormatter(
+        "%(message)s",
+        rename_fields={"levelname": "level", "name": "logger"},
+        json_ensure_ascii=False,
+    )
+
+
+def configure_logging(
+    service: str,
+    *,
+    level: str = "INFO",
+    fmt: str = "json",
+    stream: Any = None,
+    files: LogFileSettings | None = None,
+    redactor: Redactor | None = None,
+) -> logging.Handler:
+    """Replace root handlers with one that writes ``fmt`` ("json" or "console") to stream,
+    plus ``<service>.log`` and ``<service>.error.log`` (JSON, rotated) when files has a
+    directory. Every handler redacts secrets (``redactor`` knows the configured ones)."""
+    redactor = redactor or Redactor()
     if fmt == "json":
-        handler.setFormatter(
-            VoxJsonFormatter(
-                "%(message)s",
-                rename_fields={"levelname": "level", "name": "logger"},
-                json_ensure_ascii=False,
-            )
-        )
+        formatter = json_formatter()
     elif fmt == "console":
-        handler.setFormatter(ConsoleFormatter())
+        formatter = ConsoleFormatter()
     else:
         raise ValueError(f"log format must be 'json' or 'console', not {fmt!r}")
-    handler.addFilter(ContextFilter(service))
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(RedactingFormatter(formatter, redactor))
+    handlers: list[logging.Handler] = [handler]
+    if files is not None and files.directory is not None:
+        for name, file_level in ((f"{service}.log", logging.NOTSET), (f"{service}.error.log", logging.ERROR)):
+            file_handler = RotatingLogFile(files.directory / name, files, level=file_level)
+            file_handler.setFormatter(RedactingFormatter(json_formatter(), redactor))
+            handlers.append(file_handler)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    for new_handler in handlers:
+        new_handler.addFilter(ContextFilter(service))
+        root.addHandler(new_handler)
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "filelock", "faster_whisper"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
