@@ -6,11 +6,16 @@ formatting, so every line a request causes carries the same ids.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
+import copy
 import logging
+import logging.handlers
+import os
+import queue
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,18 +27,55 @@ from voxserve_common.redaction import RedactingFormatter, Redactor
 
 _model_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("model_id", default=None)
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
+_method: contextvars.ContextVar[str | None] = contextvars.ContextVar("method", default=None)
+_peer: contextvars.ContextVar[str | None] = contextvars.ContextVar("peer", default=None)
+_segment: contextvars.ContextVar[int | None] = contextvars.ContextVar("segment", default=None)
 
-CONTEXT_FIELDS = ("trace_id", "span_id", "model_id", "job_id")
+CONTEXT_FIELDS = ("trace_id", "span_id", "model_id", "job_id", "method", "peer", "segment")
+_CONTEXT_VARS: dict[str, contextvars.ContextVar[Any]] = {
+    "model_id": _model_id,
+    "job_id": _job_id,
+    "method": _method,
+    "peer": _peer,
+    "segment": _segment,
+}
+
+# Libraries that log per request or per file at INFO; their levels are settings
+# (``log_levels``), these are the defaults (never below the root level).
+DEFAULT_LIBRARY_LEVELS: Mapping[str, str] = dict.fromkeys(
+    (
+        "faster_whisper",
+        "ctranslate2",
+        "huggingface_hub",
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "httpcore2",
+        "urllib3",
+        "filelock",
+        "grpc",
+        "torch",
+        "onnxruntime",
+        "demucs",
+    ),
+    "WARNING",
+)
 
 
 @contextlib.contextmanager
-def log_context(*, model_id: str | None = None, job_id: str | None = None) -> Iterator[None]:
-    """Attach model_id / job_id to every log record emitted inside the block."""
-    tokens = []
-    if model_id is not None:
-        tokens.append((_model_id, _model_id.set(model_id)))
-    if job_id is not None:
-        tokens.append((_job_id, _job_id.set(job_id)))
+def log_context(
+    *,
+    model_id: str | None = None,
+    job_id: str | None = None,
+    method: str | None = None,
+    peer: str | None = None,
+    segment: int | None = None,
+) -> Iterator[None]:
+    """Attach ids (model, job, RPC method, peer, segment index) to every record in the block."""
+    given = {"model_id": model_id, "job_id": job_id, "method": method, "peer": peer, "segment": segment}
+    tokens = [
+        (_CONTEXT_VARS[name], _CONTEXT_VARS[name].set(value)) for name, value in given.items() if value is not None
+    ]
     try:
         yield
     finally:
@@ -57,10 +99,9 @@ class ContextFilter(logging.Filter):
         else:
             record.trace_id = getattr(record, "trace_id", None)
             record.span_id = getattr(record, "span_id", None)
-        if getattr(record, "model_id", None) is None:
-            record.model_id = _model_id.get()
-        if getattr(record, "job_id", None) is None:
-            record.job_id = _job_id.get()
+        for name, var in _CONTEXT_VARS.items():
+            if getattr(record, name, None) is None:
+                setattr(record, name, var.get())
         return True
 
 
@@ -78,6 +119,9 @@ class VoxJsonFormatter(JsonFormatter):
         log_data["level"] = record.levelname
         log_data["service"] = getattr(record, "service", None)
         log_data["logger"] = record.name
+        log_data["module"] = record.module
+        log_data["function"] = record.funcName
+        log_data["line"] = record.lineno
         for field in CONTEXT_FIELDS:
             value = getattr(record, field, None)
             if value is None:
@@ -86,8 +130,22 @@ class VoxJsonFormatter(JsonFormatter):
                 log_data[field] = value
 
 
+_LEVEL_COLOURS = {
+    "DEBUG": "\x1b[2m",
+    "INFO": "\x1b[36m",
+    "WARNING": "\x1b[33m",
+    "ERROR": "\x1b[31m",
+    "CRITICAL": "\x1b[1;31m",
+}
+_RESET = "\x1b[0m"
+
+
 class ConsoleFormatter(logging.Formatter):
-    """Readable one-line format for people at a terminal."""
+    """Readable one-line format for people at a terminal, coloured by level when asked."""
+
+    def __init__(self, colour: bool = False) -> None:
+        super().__init__()
+        self.colour = colour
 
     def format(self, record: logging.LogRecord) -> str:
         ids = " ".join(
@@ -95,11 +153,16 @@ class ConsoleFormatter(logging.Formatter):
             for name in ("model_id", "job_id", "trace_id")
             if getattr(record, name, None)
         )
-        line = f"{_utc_timestamp(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        level = f"{record.levelname:<7}"
+        if self.colour:
+            level = f"{_LEVEL_COLOURS.get(record.levelname, '')}{level}{_RESET}"
+        line = f"{_utc_timestamp(record)} {level} {record.name}: {record.getMessage()}"
         if ids:
             line += f" [{ids}]"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
+        elif record.exc_text:
+            line += "\n" + record.exc_text
         return line
 
 
@@ -111,6 +174,66 @@ def json_formatter() -> logging.Formatter:
     )
 
 
+class ContextQueueHandler(logging.handlers.QueueHandler):
+    """Takes each record's context in the caller's thread, hands the record to the
+    listener thread that formats and writes it, so logging never waits on a disk."""
+
+    def __init__(self, queue: queue.Queue[Any], service: str) -> None:
+        super().__init__(queue)
+        self.addFilter(ContextFilter(service))
+        self._plain = logging.Formatter()
+        self.listener: logging.handlers.QueueListener | None = None
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        prepared = copy.copy(record)
+        prepared.message = record.getMessage()
+        prepared.msg, prepared.args = prepared.message, None
+        if record.exc_info:
+            prepared.exc_text = self._plain.formatException(record.exc_info)
+            prepared.exc_info = None
+        return prepared
+
+    def flush(self) -> None:
+        """Block until every record queued so far is written."""
+        listener = self.listener
+        if listener is not None and getattr(listener, "_thread", None) is not None:
+            self.queue.join()  # type: ignore[attr-defined]
+            for handler in listener.handlers:
+                handler.flush()
+
+    def stop(self) -> None:
+        """Write what is queued, then stop the listener (at shutdown; idempotent)."""
+        listener, self.listener = self.listener, None
+        if listener is not None and getattr(listener, "_thread", None) is not None:
+            listener.stop()
+            for handler in listener.handlers:
+                handler.close()
+
+
+def level_number(level: str, logger_name: str = "root") -> int:
+    """The number of a level name (DEBUG ... CRITICAL); ValueError naming the logger otherwise."""
+    number = logging.getLevelNamesMapping().get(level.upper())
+    if number is None:
+        raise ValueError(
+            f"log level of {logger_name!r} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not {level!r}"
+        )
+    return number
+
+
+_active: ContextQueueHandler | None = None
+
+
+def stop_logging() -> None:
+    """Flush and stop the log listener (atexit runs it too, so SIGTERM exits lose nothing)."""
+    global _active
+    if _active is not None:
+        _active.stop()
+        _active = None
+
+
+atexit.register(stop_logging)
+
+
 def configure_logging(
     service: str,
     *,
@@ -119,18 +242,30 @@ def configure_logging(
     stream: Any = None,
     files: LogFileSettings | None = None,
     redactor: Redactor | None = None,
-) -> logging.Handler:
-    """Replace root handlers with one that writes ``fmt`` ("json" or "console") to stream,
-    plus ``<service>.log`` and ``<service>.error.log`` (JSON, rotated) when files has a
-    directory. Every handler redacts secrets (``redactor`` knows the configured ones)."""
+    library_levels: Mapping[str, str] | None = None,
+) -> ContextQueueHandler:
+    """Route the root logger through a queue to: ``stream`` (stderr) in ``fmt`` ("json",
+    "console", or "auto" = console on a terminal), and, when files has a directory,
+    ``<service>.log`` and ``<service>.error.log`` (JSON, rotated). Every handler redacts
+    secrets (``redactor`` knows the configured ones). Returns the root's handler."""
+    global _active
+    root_level = level_number(level)
+    levels = {
+        name: max(level_number(value, name), root_level)
+        for name, value in {**DEFAULT_LIBRARY_LEVELS, **(library_levels or {})}.items()
+    }
     redactor = redactor or Redactor()
+    output = stream or sys.stderr
+    tty = bool(getattr(output, "isatty", lambda: False)())
+    if fmt == "auto":
+        fmt = "console" if tty else "json"
     if fmt == "json":
         formatter = json_formatter()
     elif fmt == "console":
-        formatter = ConsoleFormatter()
+        formatter = ConsoleFormatter(colour=tty and not os.environ.get("NO_COLOR"))
     else:
-        raise ValueError(f"log format must be 'json' or 'console', not {fmt!r}")
-    handler = logging.StreamHandler(stream or sys.stderr)
+        raise ValueError(f"log format must be 'json', 'console' or 'auto', not {fmt!r}")
+    handler = logging.StreamHandler(output)
     handler.setFormatter(RedactingFormatter(formatter, redactor))
     handlers: list[logging.Handler] = [handler]
     if files is not None and files.directory is not None:
@@ -138,13 +273,17 @@ def configure_logging(
             file_handler = RotatingLogFile(files.directory / name, files, level=file_level)
             file_handler.setFormatter(RedactingFormatter(json_formatter(), redactor))
             handlers.append(file_handler)
+    stop_logging()
+    records: queue.Queue[Any] = queue.Queue()
+    root_handler = ContextQueueHandler(records, service)
+    root_handler.listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
+    root_handler.listener.start()
+    _active = root_handler
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    for new_handler in handlers:
-        new_handler.addFilter(ContextFilter(service))
-        root.addHandler(new_handler)
-    root.setLevel(level.upper())
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "filelock", "faster_whisper"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    return handler
+    root.addHandler(root_handler)
+    root.setLevel(root_level)
+    for name, number in levels.items():
+        logging.getLogger(name).setLevel(number)
+    return root_handler

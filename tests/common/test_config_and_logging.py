@@ -67,6 +67,7 @@ def test_json_log_line_fields() -> None:
     try:
         with log_context(model_id="whisper-tiny.en", job_id="j1"):
             logging.getLogger("voxserve.test").info("step done", extra={"bytes": 5})
+        handler.flush()  # records are written by the listener thread
     finally:
         root.removeHandler(handler)
         for old in saved_handlers:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from voxserve_common.logfiles import LogFileSettings, RotatingLogFile, next_rollover
-from voxserve_common.logs import configure_logging
+from voxserve_common.logs import configure_logging, stop_logging
 from voxserve_common.redaction import MASK, Redactor, redact_settings
 
 HF_TOKEN = "hf_" + "Q7pZr2Lx9Vb4Nm6Kd8Ws1Ty3"
@@ -29,9 +29,9 @@ def restore_root() -> Iterator[None]:
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     yield
+    stop_logging()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-        handler.close()
     for handler in saved_handlers:
         root.addHandler(handler)
     root.setLevel(saved_level)
