@@ -20,6 +20,7 @@ from opentelemetry import trace
 
 from voxserve_common.errors import VoxserveError
 from voxserve_common.grpc_errors import status_for
+from voxserve_common.logs import log_context
 from voxserve_common.metrics import MetricsEndpoint, RpcMetrics, start_metrics_endpoint
 from voxserve_common.tracing import context_from_metadata
 
@@ -59,7 +60,12 @@ class _RpcScope:
         if self.metrics:
             self.metrics.in_flight.labels(self.method).inc()
         try:
-            with tracer.start_as_current_span(self.method, kind=trace.SpanKind.SERVER) as span:
+            service, _, method = self.method.lstrip("/").partition("/")
+            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+            with (
+                tracer.start_as_current_span(self.method, kind=trace.SpanKind.SERVER, attributes=attributes) as span,
+                log_context(method=self.method, peer=peer),
+            ):
                 try:
                     yield
                 except grpc.aio.AbortError:
