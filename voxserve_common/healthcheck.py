@@ -6,6 +6,7 @@ Used by container HEALTHCHECKs and compose; asks grpc.health.v1 with a short tim
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -13,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 def check(address: str, service: str = "", timeout: float = 3.0, quiet: bool = False) -> bool:
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs package declares no methods on it
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as error:
@@ -21,7 +22,7 @@ def check(address: str, service: str = "", timeout: float = 3.0, quiet: bool = F
                 return False
             print(f"{address}: {error.code().name}: {error.details()}", file=sys.stderr)
             return False
-    serving = response.status == health_pb2.HealthCheckResponse.SERVING
+    serving: bool = response.status == health_pb2.HealthCheckResponse.SERVING
     if not serving and not quiet:
         print(f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}", file=sys.stderr)
     return serving

@@ -10,7 +10,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,7 +43,7 @@ logging.getLogger("opentelemetry.context").addFilter(_CancelledStreamDetachFilte
 class _RpcScope:
     """Per-call bookkeeping: span, status code, duration, one log line at the end."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext, metrics: RpcMetrics | None) -> None:
+    def __init__(self, method: str, context: grpc.aio.ServicerContext[Any, Any], metrics: RpcMetrics | None) -> None:
         self.method = method
         self.context = context
         self.metrics = metrics
@@ -138,9 +138,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -150,9 +150,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         metrics = self.metrics
 
         if handler.unary_unary or handler.stream_unary:
-            inner = handler.unary_unary or handler.stream_unary
+            # typeshed types handlers as sync callables; on a grpc.aio server they are coroutines.
+            inner: Any = handler.unary_unary or handler.stream_unary
 
-            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 scope = _RpcScope(method, context, metrics)
                 with scope.run():
                     try:
@@ -164,15 +165,15 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
             if handler.unary_unary:
                 return grpc.unary_unary_rpc_method_handler(
-                    unary_behavior, handler.request_deserializer, handler.response_serializer
+                    cast(Any, unary_behavior), handler.request_deserializer, handler.response_serializer
                 )
             return grpc.stream_unary_rpc_method_handler(
                 unary_behavior, handler.request_deserializer, handler.response_serializer
             )
 
-        inner_stream = handler.unary_stream or handler.stream_stream
+        inner_stream: Any = handler.unary_stream or handler.stream_stream
 
-        async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             scope = _RpcScope(method, context, metrics)
             with scope.run():
                 try:
@@ -185,7 +186,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                stream_behavior, handler.request_deserializer, handler.response_serializer
+                cast(Any, stream_behavior), handler.request_deserializer, handler.response_serializer
             )
         return grpc.stream_stream_rpc_method_handler(
             stream_behavior, handler.request_deserializer, handler.response_serializer
