@@ -7,6 +7,7 @@ gets every remaining event exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import enum
@@ -15,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from voxserve_common.errors import (
     NotFound,
     ResourceExhausted,
 )
+from voxserve_common.eventlog import EventLog, Followed
 from voxserve_common.logs import log_context
 
 logger = logging.getLogger(__name__)
@@ -111,7 +113,7 @@ class JobRequest:
 
 
 class Job:
-    """One transcription with its bounded event history and wake-up listeners."""
+    """One transcription with its bounded, sequenced event log; the log ends with the job."""
 
     def __init__(self, job_id: str, request: JobRequest, history: int, client_named: bool) -> None:
         self.job_id = job_id
@@ -127,41 +129,25 @@ class Job:
         self.finished: float | None = None
         self.first_segment_at: float | None = None
         self._lock = threading.Lock()
-        self._events: collections.deque[JobEvent] = collections.deque(maxlen=history)
-        self._sequence = 0
-        self._listeners: set[Callable[[], None]] = set()
+        self._log: EventLog[JobEvent] = EventLog(history)
 
     @property
     def sequence(self) -> int:
-        return self._sequence
+        return self._log.sequence
 
     def emit(self, payload: Payload) -> JobEvent:
-        with self._lock:
-            self._sequence += 1
-            event = JobEvent(self._sequence, time.time(), payload)
-            self._events.append(event)
-            listeners = list(self._listeners)
-        for listener in listeners:
-            listener()
-        return event
+        return self._log.append(lambda sequence: JobEvent(sequence, time.time(), payload))
 
     def events_after(self, sequence: int) -> list[JobEvent] | None:
-        """Events with sequence > ``sequence``; None if some already left the history."""
-        with self._lock:
-            if sequence >= self._sequence:
-                return []
-            count = self._sequence - sequence
-            if count > len(self._events):
-                return None
-            return [self._events[-i] for i in range(count, 0, -1)]
+        """Events with sequence > ``sequence``; None if some already left the history or
+        ``sequence`` is past the job's last event."""
+        return self._log.events_after(sequence)
 
-    def add_listener(self, listener: Callable[[], None]) -> None:
-        with self._lock:
-            self._listeners.add(listener)
-
-    def remove_listener(self, listener: Callable[[], None]) -> None:
-        with self._lock:
-            self._listeners.discard(listener)
+    def follow(
+        self, after_sequence: int, stop: Sequence[asyncio.Event] = ()
+    ) -> AsyncGenerator[Followed[JobEvent], None]:
+        """EventLog.follow over the job's events; End comes after the job's last event."""
+        return self._log.follow(after_sequence, stop=stop)
 
     def should_stop(self) -> bool:
         if self.cancel_event.is_set():
@@ -174,10 +160,8 @@ class Job:
             self.state = state
             self.error = error
             self.finished = time.monotonic()
-            listeners = list(self._listeners)
         self.done_event.set()
-        for listener in listeners:
-            listener()
+        self._log.close()
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,8 +17,9 @@ from inference_service.model_cache import LoadedModelInfo, ModelCache
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc as pb_grpc
 from voxserve_common.errors import InvalidArgument, Unavailable
+from voxserve_common.eventlog import End, Resync
 from voxserve_common.logs import log_context
-from voxserve_common.streams import Wakeup, to_timestamp
+from voxserve_common.streams import to_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -206,32 +208,34 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     job.cancel_event.set()
                     logger.info("client left; job cancelled")
 
-    async def _follow(self, job: Job, after: int) -> AsyncIterator[pb.TranscribeEvent]:
-        """Every event of ``job`` after ``after``, live, until it ends; then its status."""
-        wakeup = Wakeup(asyncio.get_running_loop())
-        job.add_listener(wakeup)
-        last = after
-        try:
-            while True:
-                done = job.done_event.is_set()
-                events = job.events_after(last)
-                if events is None:
+    async def _follow(self, job: Job, after: int, stop_at_shutdown: bool = True) -> AsyncIterator[pb.TranscribeEvent]:
+        """Every event of ``job`` after ``after``, live, until it ends; then its status.
+
+        At shutdown a job without a client job_id cannot be re-attached to after the
+        restart: it is cancelled, and the stream ends with its outcome once it stopped.
+        """
+        stop = (self.shutting_down,) if stop_at_shutdown and not job.client_named else ()
+        items = job.follow(after, stop=stop)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                if isinstance(item, JobEvent):
+                    yield event_to_pb(job.job_id, item)
+                elif isinstance(item, Resync):
+                    if item.from_the_future:
+                        raise InvalidArgument(
+                            f"after_sequence {item.after} is past the last event ({item.sequence}) of job {job.job_id}"
+                        )
                     raise Unavailable(
-                        f"events after {last} of job {job.job_id} are no longer kept; the history holds the last "
-                        f"{self.jobs.limits.history_events}"
+                        f"events after {item.after} of job {job.job_id} are no longer kept; the history holds the "
+                        f"last {self.jobs.limits.history_events}"
                     )
-                for event in events:
-                    last = event.sequence
-                    yield event_to_pb(job.job_id, event)
-                if done:
-                    if job.error is not None:
+                elif isinstance(item, End):
+                    if not item.closed:
+                        job.cancel_event.set()
+                        async for message in self._follow(job, item.sequence, stop_at_shutdown=False):
+                            yield message
+                    elif job.error is not None:
                         raise job.error
-                    return
-                if self.shutting_down.is_set() and not job.client_named:
-                    job.cancel_event.set()
-                await wakeup.wait(5.0)
-        finally:
-            job.remove_listener(wakeup)
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext

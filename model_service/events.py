@@ -1,15 +1,16 @@
-"""Server-wide event sequence with bounded history, listeners and progress rate limiting."""
+"""The store's events: server-wide sequence with bounded history (an EventLog) and progress rate limiting."""
 
 from __future__ import annotations
 
-import collections
+import asyncio
 import enum
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Collection, Sequence
 from dataclasses import dataclass, replace
 
 from model_service.state import ModelState
+from voxserve_common.eventlog import EventLog, Followed
 
 
 class EventType(enum.StrEnum):
@@ -41,21 +42,16 @@ class StoreEvent:
     message: str = ""
 
 
-Listener = Callable[[], None]
-
-
 class EventBus:
-    """Assigns sequences, keeps the last ``history_size`` events, wakes listeners.
+    """The store's event log: server-wide sequences, bounded history, PROGRESS rate limit.
 
-    Listeners are cheap wake-up callbacks; they read ``events_after`` themselves, so a
-    slow consumer never blocks publishers and one that falls out of history resyncs.
+    Followers read the log themselves (``follow``), so a slow consumer never blocks a
+    publisher and one that falls out of history resyncs.
     """
 
     def __init__(self, history_size: int = 10_000, progress_interval: float = 0.1, first_sequence: int = 0) -> None:
         self._lock = threading.Lock()
-        self._history: collections.deque[StoreEvent] = collections.deque(maxlen=history_size)
-        self._sequence = first_sequence
-        self._listeners: set[Listener] = set()
+        self._log: EventLog[StoreEvent] = EventLog(history_size, first_sequence)
         self._progress_interval = progress_interval
         self._last_progress: dict[str, float] = {}
 
@@ -66,7 +62,7 @@ class EventBus:
 
     @property
     def sequence(self) -> int:
-        return self._sequence
+        return self._log.sequence
 
     def publish(self, event: StoreEvent) -> StoreEvent | None:
         """Stamp the event with the next sequence and record it; PROGRESS events of a
@@ -80,27 +76,29 @@ class EventBus:
                 self._last_progress[event.model_id] = now
             elif event.type == EventType.STATE_CHANGED:
                 self._last_progress.pop(event.model_id, None)
-            self._sequence += 1
-            stamped = replace(event, sequence=self._sequence)
-            self._history.append(stamped)
-            listeners = list(self._listeners)
-        for listener in listeners:
-            listener()
-        return stamped
+            return self._log.append(lambda sequence: replace(event, sequence=sequence))
 
     def events_after(self, sequence: int) -> list[StoreEvent] | None:
         """Events with sequence > ``sequence``; None when some of them left the history
         (or the sequence is from the future, e.g. another server incarnation)."""
-        with self._lock:
-            if sequence > self._sequence:
-                return None
-            if sequence == self._sequence:
-                return []
-            if not self._history or self._history[0].sequence > sequence + 1:
-                return None
-            count = self._sequence - sequence
-            history = self._history
-            return [history[-i] for i in range(count, 0, -1)]
+        return self._log.events_after(sequence)
+
+    def follow(
+        self,
+        after_sequence: int,
+        *,
+        model_ids: Collection[str] = (),
+        heartbeat: float | None = None,
+        stop: Sequence[asyncio.Event] = (),
+    ) -> AsyncGenerator[Followed[StoreEvent], None]:
+        """EventLog.follow over the store's events, only those of ``model_ids`` if given."""
+        wanted = frozenset(model_ids)
+        return self._log.follow(
+            after_sequence,
+            filter=(lambda event: event.model_id in wanted) if wanted else None,
+            heartbeat=heartbeat,
+            stop=stop,
+        )
 
     def allow_next_progress(self, model_id: str) -> None:
         """Let the next PROGRESS event of model_id through the rate limit (a new file)."""
@@ -109,17 +107,14 @@ class EventBus:
 
     def history(self) -> list[StoreEvent]:
         """Every event still in the bounded history, oldest first."""
-        with self._lock:
-            return list(self._history)
-
-    def add_listener(self, listener: Listener) -> None:
-        with self._lock:
-            self._listeners.add(listener)
-
-    def remove_listener(self, listener: Listener) -> None:
-        with self._lock:
-            self._listeners.discard(listener)
+        return self._log.history()
 
     @property
     def listener_count(self) -> int:
-        return len(self._listeners)
+        """Event loops woken per burst of events (one for every stream of a server)."""
+        return self._log.loop_count
+
+    @property
+    def follower_count(self) -> int:
+        """Streams following the events now."""
+        return self._log.follower_count

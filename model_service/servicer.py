@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -17,8 +18,9 @@ from model_service.store import ModelStore, ModelView, PullTicket
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from voxserve_common.errors import InvalidArgument, Unavailable
+from voxserve_common.eventlog import End, Heartbeat, Resync
 from voxserve_common.logs import log_context
-from voxserve_common.streams import Broadcast, Subscription, to_timestamp
+from voxserve_common.streams import to_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,24 @@ def snapshot_event(view: ModelView, sequence: int, resync: bool) -> pb.ModelEven
     )
 
 
+def already_ready_event(view: ModelView, sequence: int) -> pb.ModelEvent:
+    """The one event of a PullModel whose model is READY and intact already."""
+    return pb.ModelEvent(
+        sequence=sequence,
+        model_id=view.model_id,
+        type=pb.STATE_CHANGED,
+        state=pb.READY,
+        bytes_done=view.size_bytes,
+        bytes_total=view.size_bytes,
+        files_done=len(view.files),
+        files_total=len(view.files),
+        source=view.source,
+        message="already downloaded and intact",
+        timestamp=to_timestamp(view.updated_at),
+        model=model_to_pb(view),
+    )
+
+
 def _require_id(model_id: str) -> str:
     if not model_id:
         raise InvalidArgument("model_id is required; ListModels shows the catalog")
@@ -104,7 +124,6 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         self.store = store
         self.heartbeat_seconds = heartbeat_seconds
         self.shutting_down = shutting_down or asyncio.Event()
-        self._broadcast: Broadcast | None = None
         # Each event is encoded once however many streams send it.
         self._encoded: collections.OrderedDict[int, pb.ModelEvent] = collections.OrderedDict()
 
@@ -116,24 +135,15 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
                 self._encoded.popitem(last=False)
         return message
 
-    def _subscribe(self) -> Subscription:
-        """A wake-up for one stream; the store's bus has one listener for all of them."""
-        if self._broadcast is None:
-            self._broadcast = Broadcast(asyncio.get_running_loop())
-            self.store.bus.add_listener(self._broadcast)
-        return self._broadcast.subscribe()
-
     @property
     def open_streams(self) -> int:
-        """PullModel and WatchModels streams currently waiting for events."""
-        return len(self._broadcast.subscriptions) if self._broadcast is not None else 0
+        """PullModel and WatchModels streams currently following the store's events."""
+        return self.store.bus.follower_count
 
     def shut_down(self) -> None:
-        """Flag the shutdown and wake every open stream, so each ends now with UNAVAILABLE
-        (and its resume point) instead of sleeping until the grace period cancels it."""
+        """Flag the shutdown: every open stream ends now with UNAVAILABLE (and its resume
+        point) instead of sleeping until the grace period cancels it."""
         self.shutting_down.set()
-        if self._broadcast is not None:
-            self._broadcast.wake_all()
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -185,69 +195,51 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelEvent]:
         model_id = _require_id(request.model_id)
-        wakeup = self._subscribe()
         self.store.metrics.active_watchers.labels("PullModel").inc()
         job: DownloadJob | None = None
+        job_done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_job_done() -> None:
+            loop.call_soon_threadsafe(job_done.set)
+
         try:
             with log_context(model_id=model_id):
                 ticket: PullTicket = await asyncio.to_thread(self.store.pull, model_id, request.revision or None)
             if ticket.job is None:
-                view = ticket.view or self.store.get_model(model_id)
-                yield pb.ModelEvent(
-                    sequence=self.store.bus.sequence,
-                    model_id=model_id,
-                    type=pb.STATE_CHANGED,
-                    state=pb.READY,
-                    bytes_done=view.size_bytes,
-                    bytes_total=view.size_bytes,
-                    files_done=len(view.files),
-                    files_total=len(view.files),
-                    source=view.source,
-                    message="already downloaded and intact",
-                    timestamp=to_timestamp(view.updated_at),
-                    model=model_to_pb(view),
-                )
+                yield already_ready_event(ticket.view or self.store.get_model(model_id), self.store.bus.sequence)
                 return
             job = ticket.job
-            job.add_done_callback(wakeup.broadcast)
-            last = ticket.start_sequence
+            job.add_done_callback(on_job_done)
             if ticket.joined:
-                view = self.store.get_model(model_id)
-                yield snapshot_event(view, self.store.bus.sequence, resync=False)
-            while True:
-                events = self.store.bus.events_after(last)
-                if events is None:  # fell out of history: report where the model is now
-                    view = self.store.get_model(model_id)
-                    last = self.store.bus.sequence
-                    yield snapshot_event(view, last, resync=True)
-                    events = []
-                for event in events:
-                    last = event.sequence
-                    if event.model_id == model_id:
-                        yield self._encode(event)
-                if job.done_event.is_set():
-                    trailing = self.store.bus.events_after(last) or []
-                    for event in trailing:
-                        if event.model_id == model_id:
-                            yield self._encode(event)
-                    if job.error is not None:
-                        raise job.error
-                    final = self.store.get_model(model_id)
-                    if final.state != ModelState.READY:
-                        raise Unavailable(f"{model_id} ended {final.state.value}: {final.error}")
-                    return
-                if self.shutting_down.is_set():
-                    raise Unavailable(
-                        "model store is shutting down; the download continues after restart when pulled again"
-                    )
-                await wakeup.wait(self.heartbeat_seconds)
+                yield snapshot_event(self.store.get_model(model_id), self.store.bus.sequence, resync=False)
+            events = self.store.bus.follow(
+                ticket.start_sequence, model_ids=(model_id,), stop=(job_done, self.shutting_down)
+            )
+            async with contextlib.aclosing(events):
+                async for item in events:
+                    if isinstance(item, StoreEvent):
+                        yield self._encode(item)
+                    elif isinstance(item, Resync):  # fell out of history: report where the model is now
+                        views, sequence = await asyncio.to_thread(self.store.snapshot, {model_id})
+                        yield snapshot_event(views[0], sequence, resync=True)
+                        item.resume_after(sequence)
+                    elif isinstance(item, End):
+                        break
+            if job.done_event.is_set():
+                if job.error is not None:
+                    raise job.error
+                final = self.store.get_model(model_id)
+                if final.state != ModelState.READY:
+                    raise Unavailable(f"{model_id} ended {final.state.value}: {final.error}")
+                return
+            raise Unavailable("model store is shutting down; the download continues after restart when pulled again")
         except asyncio.CancelledError:
             logger.info("pull stream closed by client; the download continues", extra={"model_id": model_id})
             raise
         finally:
             if job is not None:
-                job.remove_done_callback(wakeup.broadcast)
-            wakeup.close()
+                job.remove_done_callback(on_job_done)
             self.store.metrics.active_watchers.labels("PullModel").dec()
 
     async def WatchModels(
@@ -256,55 +248,43 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         wanted = set(request.model_ids)
         for model_id in wanted:
             self.store.catalog.get(model_id)
-        wakeup = self._subscribe()
         self.store.metrics.active_watchers.labels("WatchModels").inc()
-        bus = self.store.bus
         try:
-            last = request.after_sequence
-            backlog = bus.events_after(last) if last else None
-            if backlog is None:
-                async for item in self._snapshot(wanted, resync=bool(last)):
-                    if isinstance(item, int):
-                        last = item
-                    else:
-                        yield item
-            else:
-                for event in backlog:
-                    last = event.sequence
-                    if not wanted or event.model_id in wanted:
-                        yield self._encode(event)
-            while not self.shutting_down.is_set():
-                woke = await wakeup.wait(self.heartbeat_seconds)
-                if self.shutting_down.is_set():
-                    break
-                if not woke:
-                    yield pb.ModelEvent(sequence=bus.sequence, type=pb.HEARTBEAT, timestamp=_timestamp_now())
-                    continue
-                events = bus.events_after(last)
-                if events is None:
-                    async for item in self._snapshot(wanted, resync=True):
-                        if isinstance(item, int):
-                            last = item
-                        else:
-                            yield item
-                    continue
-                for event in events:
-                    last = event.sequence
-                    if not wanted or event.model_id in wanted:
-                        yield self._encode(event)
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"model store is shutting down; reconnect with after_sequence={last}"
+            after = request.after_sequence
+            if not after:
+                snapshot, after = await self._snapshot(wanted, resync=False)
+                for message in snapshot:
+                    yield message
+            events = self.store.bus.follow(
+                after, model_ids=wanted, heartbeat=self.heartbeat_seconds, stop=(self.shutting_down,)
             )
+            async with contextlib.aclosing(events):
+                async for item in events:
+                    if isinstance(item, StoreEvent):
+                        yield self._encode(item)
+                    elif isinstance(item, Resync):
+                        snapshot, sequence = await self._snapshot(wanted, resync=True)
+                        for message in snapshot:
+                            yield message
+                        item.resume_after(sequence)
+                    elif isinstance(item, Heartbeat):
+                        yield pb.ModelEvent(sequence=item.sequence, type=pb.HEARTBEAT, timestamp=_timestamp_now())
+                    else:
+                        await context.abort(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"model store is shutting down; reconnect with after_sequence={item.sequence}",
+                        )
         finally:
-            wakeup.close()
             self.store.metrics.active_watchers.labels("WatchModels").dec()
 
-    async def _snapshot(self, wanted: set[str], resync: bool) -> AsyncIterator[pb.ModelEvent | int]:
+    async def _snapshot(self, wanted: set[str], resync: bool) -> tuple[list[pb.ModelEvent], int]:
+        """SNAPSHOT events of the wanted models and SNAPSHOT_END, and the sequence they show."""
         views, sequence = await asyncio.to_thread(self.store.snapshot, wanted or None)
-        for view in views:
-            yield snapshot_event(view, sequence, resync)
-        yield pb.ModelEvent(sequence=sequence, type=pb.SNAPSHOT_END, resync=resync, timestamp=_timestamp_now())
-        yield sequence
+        messages = [snapshot_event(view, sequence, resync) for view in views]
+        messages.append(
+            pb.ModelEvent(sequence=sequence, type=pb.SNAPSHOT_END, resync=resync, timestamp=_timestamp_now())
+        )
+        return messages, sequence
 
     async def FetchModelFiles(
         self, request: pb.FetchModelFilesRequest, context: grpc.aio.ServicerContext
