@@ -15,14 +15,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import httpx2
-from huggingface_hub import HfApi, hf_hub_url
+from huggingface_hub import HfApi, get_session, hf_hub_url, hf_raise_for_status
 from huggingface_hub.errors import (
     HfHubHTTPError,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+# Public (documented as huggingface_hub.utils.build_hf_headers) but imported there only under
+# TYPE_CHECKING without an explicit re-export, so mypy --strict flags it; the type still resolves.
+from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
 from model_service.catalog import CatalogEntry
 from model_service.errors import UnsafePath

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path, PurePosixPath
 
 from model_service.errors import InvalidModelId, UnsafePath
@@ -71,3 +72,11 @@ def safe_join(base: Path, relative: str) -> Path:
     if resolved != target or not resolved.is_relative_to(base_resolved):
         raise UnsafePath(f"refusing {relative!r}: it resolves outside {base_resolved}")
     return target
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a symlink (not its target) or a directory tree; absent is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ class ModelState(enum.StrEnum):
 BUSY_STATES = frozenset({ModelState.WAITING, ModelState.DOWNLOADING, ModelState.VERIFYING})
 
 
-@dataclass
+@dataclass(frozen=True)
 class FileRecord:
     """A file the model needs: expected size and hashes (sha256 when the hub gives one)."""
 
@@ -39,15 +40,19 @@ class FileRecord:
     required: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelRecord:
-    """What the store knows about one model; persisted in state.json."""
+    """What the store knows about one model; persisted in state.json.
+
+    Immutable: a change is a new record (``dataclasses.replace``), so a record read under
+    the registry lock can be used, and written to state.json, after the lock is released.
+    """
 
     model_id: str
     state: ModelState = ModelState.NOT_DOWNLOADED
     revision: str = ""  # resolved commit (or "local" for imports)
     requested_revision: str = ""
-    files: list[FileRecord] = field(default_factory=list)
+    files: tuple[FileRecord, ...] = ()
     source: str = ""
     error: str = ""
     updated_at: float = field(default_factory=time.time)
@@ -60,12 +65,13 @@ class ModelRecord:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["state"] = self.state.value
+        data["files"] = [asdict(f) for f in self.files]
         data.pop("queue_position")
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelRecord:
-        files = [FileRecord(**f) for f in data.get("files", [])]
+        files = tuple(FileRecord(**f) for f in data.get("files", []))
         return cls(
             model_id=data["model_id"],
             state=ModelState(data.get("state", "NOT_DOWNLOADED")),
@@ -129,9 +135,11 @@ class StateFile:
             records[record.model_id] = record
         return records
 
-    def save(self, records: dict[str, ModelRecord]) -> None:
+    def save(self, records: Iterable[ModelRecord]) -> None:
+        """Write every record (fsync, rename, fsync the directory): slow, so never call it
+        with a lock held that readers wait on."""
         payload = {
             "version": self.VERSION,
-            "models": [r.to_json() for r in records.values() if r.files or r.state != ModelState.NOT_DOWNLOADED],
+            "models": [r.to_json() for r in records if r.files or r.state != ModelState.NOT_DOWNLOADED],
         }
         atomic_write_bytes(self.path, json.dumps(payload, indent=1, sort_keys=True).encode())

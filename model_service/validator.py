@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from model_service.errors import DownloadCancelled
+from model_service.paths import safe_join
 from model_service.state import FileRecord
 
 HASH_CHUNK = 4 * 1024 * 1024
@@ -74,8 +75,6 @@ class FileCheck:
 
 def check_file(model_dir: Path, record: FileRecord, deep: bool, cancel: threading.Event | None = None) -> FileCheck:
     """Compare one file with its record: presence and size always; hashes when deep."""
-    from model_service.paths import safe_join
-
     path = safe_join(model_dir, record.path)
     base: dict[str, Any] = {"path": record.path, "expected_size": record.size, "expected_sha256": record.sha256}
     if not path.is_file():

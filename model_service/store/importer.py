@@ -1,0 +1,161 @@
+"""ImportModel: copy a model from a directory on this host (or its embedded copy), hashing as it copies."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from model_service.catalog import CatalogEntry
+from model_service.errors import ImportFailed, ModelBusy, UnsafePath
+from model_service.paths import remove_path, safe_join, validate_relative_file
+from model_service.state import BUSY_STATES, FileRecord, ModelState, fsync_dir
+from model_service.store.registry import ModelRegistry, ModelView
+from model_service.validator import FileHasher
+from voxserve_common.errors import InvalidArgument, VoxserveError
+
+logger = logging.getLogger(__name__)
+
+COPY_BLOCK = 4 << 20
+
+
+class Importer:
+    """Imports into staging/, then swaps the model directory in; READY only when complete.
+
+    Blocking (copies and fsyncs whole models): call from a worker thread.
+    """
+
+    def __init__(self, registry: ModelRegistry, is_downloading: Callable[[str], bool]) -> None:
+        self.registry = registry
+        self._is_downloading = is_downloading
+
+    def import_model(self, model_id: str, source_dir: str) -> ModelView:
+        """Copy ``source_dir`` (absolute, on this host; empty: the embedded copy).
+
+        Raises ImportFailed for a bad source (not a directory, symlinks, required files
+        missing or empty), ModelBusy while the model downloads or is being fetched.
+        """
+        entry = self.registry.catalog.get(model_id)
+        sources, origin = self._sources(entry, source_dir)
+        missing = [name for name in entry.required_files if name not in sources or sources[name].stat().st_size == 0]
+        if missing:
+            raise ImportFailed(
+                f"cannot import {model_id}: required files missing or empty in {source_dir or 'the embedded copy'}: {missing}"
+            )
+        registry = self.registry
+        with registry.locked():
+            record = registry.record(model_id)
+            if record.state in BUSY_STATES or self._is_downloading(model_id):
+                raise ModelBusy(f"{model_id} is {record.state.value}; cancel the download before importing")
+            if registry.readers(model_id):
+                raise ModelBusy(f"{model_id} is being copied by FetchModelFiles; retry when it ends")
+            previous = record.state
+            registry.transition(model_id, ModelState.VERIFYING, message=f"importing from {origin}", persist=False)
+        staging = registry.staging_dir / f"{model_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            files = _copy_files(sources, staging, set(entry.required_files))
+            self._swap_in(model_id, staging, files, origin)
+        except Exception as error:
+            remove_path(staging)
+            registry.transition(
+                model_id,
+                previous if previous not in BUSY_STATES else ModelState.NOT_DOWNLOADED,
+                message=f"import failed: {error}",
+            )
+            if isinstance(error, VoxserveError):
+                raise
+            raise ImportFailed(f"import of {model_id} from {origin} failed: {error}") from error
+        logger.info("model imported", extra={"model_id": model_id, "source": origin, "files": len(files)})
+        return registry.view(model_id)
+
+    def import_embedded(self) -> None:
+        """Import every catalog model that ships an embedded copy and is not READY."""
+        for entry in self.registry.catalog:
+            if not entry.embedded_files or self.registry.record(entry.model_id).state == ModelState.READY:
+                continue
+            try:
+                self.import_model(entry.model_id, "")
+            except VoxserveError as error:
+                logger.warning("embedded import failed", extra={"model_id": entry.model_id, "error": str(error)})
+
+    def _sources(self, entry: CatalogEntry, source_dir: str) -> tuple[Mapping[str, Path], str]:
+        if source_dir:
+            root = Path(source_dir)
+            if not root.is_absolute():
+                raise ImportFailed(f"source_dir must be an absolute path on the store's host, not {source_dir!r}")
+            if not root.is_dir():
+                raise ImportFailed(f"source_dir {source_dir!r} is not a directory on the store's host")
+            return _scan_import_dir(entry, root), f"import:{root}"
+        if not entry.embedded_files:
+            raise InvalidArgument(
+                f"{entry.model_id} has no embedded copy; give source_dir (a directory on the store's host)"
+            )
+        return dict(entry.embedded_files), "embedded"
+
+    def _swap_in(self, model_id: str, staging: Path, files: list[FileRecord], origin: str) -> None:
+        registry = self.registry
+        model_dir = registry.model_dir(model_id)
+        trash = registry.staging_dir / f"trash-{model_id}-{uuid.uuid4().hex[:8]}"
+        with registry.locked():
+            if model_dir.exists():
+                os.replace(model_dir, trash)
+            os.replace(staging, model_dir)
+            fsync_dir(registry.models_dir)
+            registry.transition(
+                model_id,
+                ModelState.READY,
+                message=f"imported from {origin}",
+                files=files,
+                revision="local",
+                requested_revision="local",
+                source=origin,
+                error="",
+            )
+        remove_path(trash)
+        remove_path(registry.partial_root(model_id))
+
+
+def _copy_files(sources: Mapping[str, Path], staging: Path, required: set[str]) -> list[FileRecord]:
+    files = []
+    for relative, source in sorted(sources.items()):
+        target = safe_join(staging, relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        hasher = FileHasher(source.stat().st_size)
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            while block := src.read(COPY_BLOCK):
+                dst.write(block)
+                hasher.update(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        files.append(
+            FileRecord(
+                relative, hasher.size, hasher.sha256.hexdigest(), hasher.git_sha1.hexdigest(), relative in required
+            )
+        )
+    return files
+
+
+def _scan_import_dir(entry: CatalogEntry, root: Path) -> dict[str, Path]:
+    sources: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        current = Path(dirpath)
+        for name in dirnames:
+            if (current / name).is_symlink():
+                raise ImportFailed(f"refusing to import: {current / name} is a symlink")
+        for name in filenames:
+            path = current / name
+            relative = path.relative_to(root).as_posix()
+            if not entry.allows(relative):
+                continue
+            if path.is_symlink():
+                raise ImportFailed(f"refusing to import: {path} is a symlink")
+            try:
+                validate_relative_file(relative)
+            except UnsafePath as error:
+                raise ImportFailed(f"refusing to import {relative!r}: {error}") from None
+            sources[relative] = path
+    if not sources:
+        raise ImportFailed(f"{root} holds no files matching {list(entry.allow_patterns)} for {entry.model_id}")
+    return sources
