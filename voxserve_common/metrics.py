@@ -6,11 +6,28 @@ servers in one process and every /metrics page shows only its own service.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import shutil
+import sys
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+import psutil
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 RPC_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -57,3 +74,97 @@ def start_metrics_endpoint(registry: CollectorRegistry, host: str, port: int) ->
     """Serve ``registry`` on http://host:port/metrics in a daemon thread."""
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsEndpoint(server=server, thread=thread, port=server.server_port)
+
+
+def runtime_metrics(registry: CollectorRegistry, disk_paths: Mapping[str, Path] | None = None) -> RuntimeMetrics:
+    """The registry's RuntimeMetrics, registered on first use (a registry takes them once)."""
+    existing = getattr(registry, "_voxserve_runtime", None)
+    if isinstance(existing, RuntimeMetrics):
+        return existing
+    runtime = RuntimeMetrics(registry, disk_paths)
+    registry._voxserve_runtime = runtime  # type: ignore[attr-defined]
+    return runtime
+
+
+class RuntimeMetrics:
+    """Process, host and device figures every service exports beside its own metrics.
+
+    CPU seconds, RSS, open fds and threads come from prometheus_client's process and
+    platform collectors; available memory and free disk are what the model cache and the
+    store decide on; GPU memory and utilisation appear only where CUDA is present.
+    """
+
+    def __init__(self, registry: CollectorRegistry, disk_paths: Mapping[str, Path] | None = None) -> None:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        registry.register(_HostCollector(dict(disk_paths or {})))
+        self.event_loop_lag = Gauge(
+            "voxserve_event_loop_lag_seconds",
+            "How late the event loop ran a timer at the last check (time callbacks wait for the loop).",
+            registry=registry,
+        )
+        self.event_loop_lag_samples = Histogram(
+            "voxserve_event_loop_lag_observed_seconds",
+            "Event-loop lag samples, one per check interval.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+
+    async def watch_event_loop(self, interval: float = 0.5) -> None:
+        """Sample the running loop's lag until cancelled (a task of the server)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            scheduled = loop.time() + interval
+            await asyncio.sleep(interval)
+            lag = max(0.0, loop.time() - scheduled)
+            self.event_loop_lag.set(lag)
+            self.event_loop_lag_samples.observe(lag)
+
+
+class _HostCollector(Collector):
+    """Reads host memory, free disk and (with CUDA) GPU figures at every scrape."""
+
+    def __init__(self, disk_paths: dict[str, Path]) -> None:
+        self.disk_paths = disk_paths
+
+    def collect(self) -> Iterable[Metric]:
+        memory = psutil.virtual_memory()
+        yield GaugeMetricFamily("voxserve_host_memory_total_bytes", "Memory of the host.", value=memory.total)
+        yield GaugeMetricFamily(
+            "voxserve_host_memory_available_bytes",
+            "Memory available to new allocations without swapping (psutil's 'available').",
+            value=memory.available,
+        )
+        disk = GaugeMetricFamily(
+            "voxserve_host_disk_free_bytes",
+            "Free bytes on the file system of a directory the service uses.",
+            labels=["dir"],
+        )
+        for name, path in self.disk_paths.items():
+            with contextlib.suppress(OSError):
+                disk.add_metric([name], shutil.disk_usage(path).free)
+        yield disk
+        yield from _gpu_families()
+
+
+def _gpu_families() -> Iterable[Metric]:
+    torch = sys.modules.get("torch")  # only a process that already uses torch reports its GPUs
+    if torch is None or not torch.cuda.is_available():
+        return
+    used = GaugeMetricFamily(
+        "voxserve_gpu_memory_used_bytes", "Memory in use on a GPU (all processes).", labels=["device"]
+    )
+    total = GaugeMetricFamily("voxserve_gpu_memory_total_bytes", "Memory of a GPU.", labels=["device"])
+    utilisation = GaugeMetricFamily(
+        "voxserve_gpu_utilization_ratio", "Share of time a GPU was busy (NVML), 0-1.", labels=["device"]
+    )
+    for index in range(torch.cuda.device_count()):
+        free, size = torch.cuda.mem_get_info(index)
+        device = f"cuda:{index}"
+        used.add_metric([device], size - free)
+        total.add_metric([device], size)
+        with contextlib.suppress(Exception):  # NVML (pynvml) is optional
+            utilisation.add_metric([device], torch.cuda.utilization(index) / 100.0)
+    yield used
+    yield total
+    yield utilisation

@@ -8,8 +8,9 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -21,7 +22,7 @@ from opentelemetry import trace
 from voxserve_common.errors import VoxserveError
 from voxserve_common.grpc_errors import status_for
 from voxserve_common.logs import log_context
-from voxserve_common.metrics import MetricsEndpoint, RpcMetrics, start_metrics_endpoint
+from voxserve_common.metrics import MetricsEndpoint, RpcMetrics, runtime_metrics, start_metrics_endpoint
 from voxserve_common.tracing import context_from_metadata
 
 logger = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ async def start_server(
     metrics_registry: Any = None,
     metrics_port: int | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
+    disk_paths: Mapping[str, Path] | None = None,
 ) -> RunningServer:
     """Build, bind and start an aio server with health and reflection; returns
     RunningServer whose ``port`` is the bound one (pass port 0 in tests)."""
@@ -260,6 +262,14 @@ async def start_server(
     if metrics_registry is not None and metrics_port is not None and metrics_port >= 0:
         endpoint = start_metrics_endpoint(metrics_registry, host, metrics_port)
     running = RunningServer(server, bound, health_servicer, service_names, endpoint)
+    if metrics_registry is not None:
+        runtime = runtime_metrics(metrics_registry, disk_paths)
+        lag_watch = asyncio.create_task(runtime.watch_event_loop(), name="event-loop-lag")
+
+        def stop_lag_watch() -> None:
+            lag_watch.cancel()
+
+        running.on_stop.append(stop_lag_watch)
     await running.set_serving(True)
     logger.info(
         "server started",
