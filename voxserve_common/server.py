@@ -19,8 +19,12 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from voxserve.admin.v1 import admin_pb2_grpc
+from voxserve_common.admin import SERVICE_NAME as ADMIN_SERVICE
+from voxserve_common.admin import AdminServicer
 from voxserve_common.errors import VoxserveError
 from voxserve_common.grpc_errors import status_for
+from voxserve_common.log_levels import LogLevelControl
 from voxserve_common.logs import log_context
 from voxserve_common.metrics import MetricsEndpoint, RpcMetrics, runtime_metrics, start_metrics_endpoint
 from voxserve_common.tracing import context_from_metadata
@@ -204,6 +208,7 @@ class RunningServer:
     service_names: Sequence[str]
     metrics_endpoint: MetricsEndpoint | None = None
     on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    log_levels: LogLevelControl = field(default_factory=LogLevelControl)
 
     @property
     def address(self) -> str:
@@ -238,6 +243,7 @@ async def start_server(
     metrics_port: int | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
     disk_paths: Mapping[str, Path] | None = None,
+    log_levels: LogLevelControl | None = None,
 ) -> RunningServer:
     """Build, bind and start an aio server with health and reflection; returns
     RunningServer whose ``port`` is the bound one (pass port 0 in tests)."""
@@ -248,10 +254,17 @@ async def start_server(
     ]
     server = grpc.aio.server(interceptors=[ObservabilityInterceptor(rpc_metrics)], options=options)
     register(server)
+    log_levels = log_levels or LogLevelControl()
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(log_levels), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            *service_names,
+            ADMIN_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -270,6 +283,8 @@ async def start_server(
             lag_watch.cancel()
 
         running.on_stop.append(stop_lag_watch)
+    running.on_stop.append(log_levels.close)
+    running.log_levels = log_levels
     await running.set_serving(True)
     logger.info(
         "server started",
