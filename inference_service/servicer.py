@@ -7,12 +7,23 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import grpc
 
 from inference_service.audio import check_audio_size
 from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo
-from inference_service.jobs import Accepted, Completed, Job, JobEvent, JobManager, JobRequest, JobState, Progress
+from inference_service.jobs import (
+    Accepted,
+    Completed,
+    Job,
+    JobEvent,
+    JobManager,
+    JobRequest,
+    JobState,
+    Phase,
+    Progress,
+)
 from inference_service.model_cache import LoadedModelInfo, ModelCache
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc as pb_grpc
@@ -31,6 +42,9 @@ JOB_STATES = {
     JobState.FAILED: pb.JOB_FAILED,
     JobState.CANCELLED: pb.JOB_CANCELLED,
 }
+
+
+PHASE_TO_PB = {phase: cast(pb.Phase, pb.Phase.Value(phase.value)) for phase in Phase}
 
 
 def event_to_pb(job_id: str, event: JobEvent) -> pb.TranscribeEvent:
@@ -53,7 +67,7 @@ def event_to_pb(job_id: str, event: JobEvent) -> pb.TranscribeEvent:
     elif isinstance(payload, Progress):
         message.progress.CopyFrom(
             pb.Progress(
-                phase=pb.Phase.Value(payload.phase.value),
+                phase=PHASE_TO_PB[payload.phase],
                 percent=payload.percent,
                 message=payload.message,
                 bytes_done=payload.bytes_done,
@@ -154,13 +168,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     # ------------------------------------------------------------- transcription
 
     async def Transcribe(
-        self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext
+        self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext[pb.TranscribeRequest, pb.TranscribeEvent]
     ) -> AsyncIterator[pb.TranscribeEvent]:
         async for event in self._run_job(merged_options(request), request.audio, context):
             yield event
 
     async def TranscribeStream(
-        self, request_iterator: AsyncIterator[pb.TranscribeChunk], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.TranscribeChunk],
+        context: grpc.aio.ServicerContext[pb.TranscribeChunk, pb.TranscribeEvent],
     ) -> AsyncIterator[pb.TranscribeEvent]:
         options: pb.TranscribeOptions | None = None
         parts: list[bytes] = []
@@ -181,7 +197,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             yield event
 
     async def _run_job(
-        self, options: pb.TranscribeOptions, audio: bytes, context: grpc.aio.ServicerContext
+        self, options: pb.TranscribeOptions, audio: bytes, context: grpc.aio.ServicerContext[Any, pb.TranscribeEvent]
     ) -> AsyncIterator[pb.TranscribeEvent]:
         model_id, engine_options, separate, job_id = options_from_pb(options, self.default_model)
         if not audio:
@@ -238,7 +254,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         raise job.error
 
     async def WatchJob(
-        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext[pb.WatchJobRequest, pb.TranscribeEvent]
     ) -> AsyncIterator[pb.TranscribeEvent]:
         if not request.job_id:
             raise InvalidArgument("job_id is required")
@@ -246,7 +262,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async for event in self._follow(job, request.after_sequence):
             yield event
 
-    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.CancelJobResponse:
+    async def CancelJob(
+        self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext[pb.CancelJobRequest, pb.CancelJobResponse]
+    ) -> pb.CancelJobResponse:
         if not request.job_id:
             raise InvalidArgument("job_id is required")
         job = self.jobs.cancel(request.job_id)
@@ -255,7 +273,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # ------------------------------------------------------------- cache
 
-    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadedModel:
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[pb.LoadModelRequest, pb.LoadedModel]
+    ) -> pb.LoadedModel:
         if not request.model_id:
             raise InvalidArgument("model_id is required")
         info = self.cache.touch_loaded(request.model_id, request.pin)
@@ -265,7 +285,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return loaded_to_pb(info)
 
     async def UnloadModel(
-        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.UnloadModelRequest,
+        context: grpc.aio.ServicerContext[pb.UnloadModelRequest, pb.UnloadModelResponse],
     ) -> pb.UnloadModelResponse:
         if not request.model_id:
             raise InvalidArgument("model_id is required")
@@ -274,11 +296,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.UnloadModelResponse(model_id=info.model_id, unloaded=True, freed_bytes=info.memory_bytes)
 
     async def ListLoadedModels(
-        self, request: pb.ListLoadedModelsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListLoadedModelsRequest,
+        context: grpc.aio.ServicerContext[pb.ListLoadedModelsRequest, pb.ListLoadedModelsResponse],
     ) -> pb.ListLoadedModelsResponse:
         return pb.ListLoadedModelsResponse(models=[loaded_to_pb(m) for m in self.cache.loaded()])
 
-    async def GetCacheStats(self, request: pb.GetCacheStatsRequest, context: grpc.aio.ServicerContext) -> pb.CacheStats:
+    async def GetCacheStats(
+        self,
+        request: pb.GetCacheStatsRequest,
+        context: grpc.aio.ServicerContext[pb.GetCacheStatsRequest, pb.CacheStats],
+    ) -> pb.CacheStats:
         stats = self.cache.stats()
         return pb.CacheStats(
             hits=stats.hits,

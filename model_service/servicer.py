@@ -7,6 +7,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -26,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 KIND_TO_PB = {"whisper": pb.WHISPER, "vad": pb.VAD, "demucs": pb.DEMUCS}
 PB_TO_KIND = {v: k for k, v in KIND_TO_PB.items()}
-STATE_TO_PB = {state: pb.ModelState.Value(state.value) for state in ModelState}
-EVENT_TO_PB = {etype: pb.EventType.Value(etype.value) for etype in EventType}
+STATE_TO_PB = {state: cast(pb.ModelState, pb.ModelState.Value(state.value)) for state in ModelState}
+EVENT_TO_PB = {etype: cast(pb.EventType, pb.EventType.Value(etype.value)) for etype in EventType}
 TERMINAL_OK = {ModelState.READY}
 
 
@@ -146,25 +147,35 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         self.shutting_down.set()
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListModelsRequest,
+        context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
     ) -> pb.ListModelsResponse:
         kind = PB_TO_KIND.get(request.kind) if request.kind else None
         views = await asyncio.to_thread(self.store.list_models, kind)
         return pb.ListModelsResponse(models=[model_to_pb(v) for v in views])
 
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[pb.GetModelRequest, pb.Model]
+    ) -> pb.Model:
         return model_to_pb(self.store.get_model(_require_id(request.model_id)))
 
-    async def CancelDownload(self, request: pb.CancelDownloadRequest, context: grpc.aio.ServicerContext) -> pb.Model:
+    async def CancelDownload(
+        self, request: pb.CancelDownloadRequest, context: grpc.aio.ServicerContext[pb.CancelDownloadRequest, pb.Model]
+    ) -> pb.Model:
         with log_context(model_id=request.model_id):
             return model_to_pb(await asyncio.to_thread(self.store.cancel, _require_id(request.model_id)))
 
-    async def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext[pb.DeleteModelRequest, pb.Model]
+    ) -> pb.Model:
         with log_context(model_id=request.model_id):
             return model_to_pb(await asyncio.to_thread(self.store.delete, _require_id(request.model_id)))
 
     async def VerifyModel(
-        self, request: pb.VerifyModelRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.VerifyModelRequest,
+        context: grpc.aio.ServicerContext[pb.VerifyModelRequest, pb.VerifyModelResponse],
     ) -> pb.VerifyModelResponse:
         with log_context(model_id=request.model_id):
             result = await asyncio.to_thread(self.store.verify, _require_id(request.model_id))
@@ -186,13 +197,15 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
             ],
         )
 
-    async def ImportModel(self, request: pb.ImportModelRequest, context: grpc.aio.ServicerContext) -> pb.Model:
+    async def ImportModel(
+        self, request: pb.ImportModelRequest, context: grpc.aio.ServicerContext[pb.ImportModelRequest, pb.Model]
+    ) -> pb.Model:
         with log_context(model_id=request.model_id):
             view = await asyncio.to_thread(self.store.import_model, _require_id(request.model_id), request.source_dir)
         return model_to_pb(view)
 
     async def PullModel(
-        self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
+        self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext[pb.PullModelRequest, pb.ModelEvent]
     ) -> AsyncIterator[pb.ModelEvent]:
         model_id = _require_id(request.model_id)
         self.store.metrics.active_watchers.labels("PullModel").inc()
@@ -243,7 +256,7 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
             self.store.metrics.active_watchers.labels("PullModel").dec()
 
     async def WatchModels(
-        self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext[pb.WatchModelsRequest, pb.ModelEvent]
     ) -> AsyncIterator[pb.ModelEvent]:
         wanted = set(request.model_ids)
         for model_id in wanted:
@@ -287,7 +300,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         return messages, sequence
 
     async def FetchModelFiles(
-        self, request: pb.FetchModelFilesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.FetchModelFilesRequest,
+        context: grpc.aio.ServicerContext[pb.FetchModelFilesRequest, pb.FileChunk],
     ) -> AsyncIterator[pb.FileChunk]:
         model_id = _require_id(request.model_id)
         if request.chunk_size < 0:
