@@ -80,3 +80,13 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
     elif path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_files_except(directory: Path, keep: set[str]) -> None:
+    """Remove files under ``directory`` whose relative '/'-path is not in ``keep``, then empty directories."""
+    for path in sorted(directory.rglob("*"), reverse=True):
+        relative = path.relative_to(directory).as_posix()
+        if path.is_file() and relative not in keep:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()

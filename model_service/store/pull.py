@@ -29,7 +29,13 @@ from model_service.errors import (
 )
 from model_service.hub import HubClient, RemoteFile, RemoteManifest, SourceError
 from model_service.metrics import ModelStoreMetrics
-from model_service.paths import remove_path, safe_join, validate_relative_file, validate_revision
+from model_service.paths import (
+    remove_files_except,
+    remove_path,
+    safe_join,
+    validate_relative_file,
+    validate_revision,
+)
 from model_service.state import FileRecord, ModelState, fsync_dir
 from model_service.store.progress import DownloadProgress, ProgressReporter
 from model_service.store.registry import ModelRegistry, ModelView
@@ -355,7 +361,7 @@ class PullService:
                 self.metrics.verification_failures.labels(model_id).inc()
             raise IntegrityError(f"{model_id} failed verification: " + "; ".join(f"{c.path}: {c.problem}" for c in bad))
         remove_path(registry.partial_root(model_id))
-        _remove_extra_files(model_dir, {f.path for f in files})
+        remove_files_except(model_dir, {f.path for f in files})
         registry.transition(model_id, ModelState.READY, message=f"ready from {source}", source=source, error="")
         logger.info("verification passed", extra={"files": len(files)})
         return source
@@ -391,12 +397,3 @@ def _move_into_place(partial: PartialFile, model_dir: Path, relative: str) -> No
     os.replace(partial.part, target)
     fsync_dir(target.parent)
     partial.remove()
-
-
-def _remove_extra_files(model_dir: Path, keep: set[str]) -> None:
-    for path in sorted(model_dir.rglob("*"), reverse=True):
-        relative = path.relative_to(model_dir).as_posix()
-        if path.is_file() and relative not in keep:
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
