@@ -50,3 +50,27 @@ class DeadlineExceeded(VoxserveError):
 
 class Internal(VoxserveError):
     """A bug or an unexpected failure; the message says what was being done."""
+
+
+# The categories in the order of the error table (voxserve_common.grpc_errors); a log
+# record or a metric names the first one an error is an instance of.
+CATEGORIES: tuple[type[VoxserveError], ...] = (
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+    DataLoss,
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+)
+
+
+def category_of(error: BaseException) -> str:
+    """The error table's class name for an error; anything unexpected is Internal."""
+    for category in CATEGORIES:
+        if isinstance(error, category):
+            return category.__name__
+    return Internal.__name__

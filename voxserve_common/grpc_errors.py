@@ -34,3 +34,11 @@ def error_for_status(code: grpc.StatusCode, message: str) -> errors.VoxserveErro
         if mapped == code:
             return error_type(message)
     return errors.Unavailable(message) if code == grpc.StatusCode.UNAVAILABLE else errors.Internal(message)
+
+
+def category_for_code(code: grpc.StatusCode) -> str:
+    """The error table's class name for a status code (the category of a failed RPC)."""
+    for error_type, mapped in STATUS_BY_ERROR:
+        if mapped == code:
+            return error_type.__name__
+    return errors.Internal.__name__

@@ -22,6 +22,7 @@ from typing import Any
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
+from voxserve_common.errors import Internal, category_of
 from voxserve_common.logfiles import LogFileSettings, RotatingLogFile
 from voxserve_common.redaction import RedactingFormatter, Redactor
 
@@ -102,7 +103,23 @@ class ContextFilter(logging.Filter):
         for name, var in _CONTEXT_VARS.items():
             if getattr(record, name, None) is None:
                 setattr(record, name, var.get())
+        category = error_category(record)
+        if category is not None:
+            record.error_category = category
         return True
+
+
+def error_category(record: logging.LogRecord) -> str | None:
+    """The error table's class a record is about: given by the code that logged it (a
+    failed RPC), else its exception's, else Internal for ERROR and above; None otherwise."""
+    given = getattr(record, "error_category", None)
+    if given is not None:
+        return str(given)
+    if record.exc_info and record.exc_info[1] is not None:
+        return category_of(record.exc_info[1])
+    if record.levelno >= logging.ERROR:
+        return Internal.__name__
+    return None
 
 
 def _utc_timestamp(record: logging.LogRecord) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import sys
 import threading
@@ -28,6 +29,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from voxserve_common.errors import CATEGORIES
+from voxserve_common.logs import error_category
 
 RPC_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -95,6 +99,12 @@ class RuntimeMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry, disk_paths: Mapping[str, Path] | None = None) -> None:
+        self.errors = Counter(
+            "voxserve_errors",
+            "Log records about an error (failed RPCs, exceptions, ERROR and above), by service and error category.",
+            ["service", "category"],
+            registry=registry,
+        )
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         registry.register(_HostCollector(dict(disk_paths or {})))
@@ -168,3 +178,20 @@ def _gpu_families() -> Iterable[Metric]:
     yield used
     yield total
     yield utilisation
+
+
+class ErrorCountingHandler(logging.Handler):
+    """Counts every log record about an error into voxserve_errors_total (on the caller's
+    thread: a counter increment, nothing else)."""
+
+    def __init__(self, counter: Counter, service: str) -> None:
+        super().__init__(level=logging.INFO)
+        self.counter = counter
+        self.service = service
+        for category in CATEGORIES:  # dashboards and rate() see every category from the start
+            counter.labels(service, category.__name__)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        category = error_category(record)
+        if category is not None:
+            self.counter.labels(getattr(record, "service", None) or self.service, category).inc()

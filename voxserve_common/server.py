@@ -23,10 +23,16 @@ from voxserve.admin.v1 import admin_pb2_grpc
 from voxserve_common.admin import SERVICE_NAME as ADMIN_SERVICE
 from voxserve_common.admin import AdminServicer
 from voxserve_common.errors import VoxserveError
-from voxserve_common.grpc_errors import status_for
+from voxserve_common.grpc_errors import category_for_code, status_for
 from voxserve_common.log_levels import LogLevelControl
 from voxserve_common.logs import log_context
-from voxserve_common.metrics import MetricsEndpoint, RpcMetrics, runtime_metrics, start_metrics_endpoint
+from voxserve_common.metrics import (
+    ErrorCountingHandler,
+    MetricsEndpoint,
+    RpcMetrics,
+    runtime_metrics,
+    start_metrics_endpoint,
+)
 from voxserve_common.tracing import context_from_metadata
 
 logger = logging.getLogger(__name__)
@@ -103,6 +109,11 @@ class _RpcScope:
                             "duration_ms": round(duration * 1000, 3),
                             "peer": peer,
                             **({"detail": self.detail} if self.detail else {}),
+                            **(
+                                {"error_category": category_for_code(self.code)}
+                                if self.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
+                                else {}
+                            ),
                         },
                     )
         finally:
@@ -244,6 +255,7 @@ async def start_server(
     max_message_bytes: int = 64 * 1024 * 1024,
     disk_paths: Mapping[str, Path] | None = None,
     log_levels: LogLevelControl | None = None,
+    service_label: str = "",
 ) -> RunningServer:
     """Build, bind and start an aio server with health and reflection; returns
     RunningServer whose ``port`` is the bound one (pass port 0 in tests)."""
@@ -283,6 +295,15 @@ async def start_server(
             lag_watch.cancel()
 
         running.on_stop.append(stop_lag_watch)
+        error_counter = ErrorCountingHandler(
+            runtime.errors, service_label or (service_names[0] if service_names else "")
+        )
+        logging.getLogger().addHandler(error_counter)
+
+        def stop_error_counter() -> None:
+            logging.getLogger().removeHandler(error_counter)
+
+        running.on_stop.append(stop_error_counter)
     running.on_stop.append(log_levels.close)
     running.log_levels = log_levels
     await running.set_serving(True)

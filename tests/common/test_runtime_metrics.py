@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from voxserve_common.metrics import runtime_metrics
+from voxserve_common.errors import InvalidArgument
+from voxserve_common.metrics import ErrorCountingHandler, runtime_metrics
 
 
 def scrape(registry: CollectorRegistry) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -57,3 +59,25 @@ def test_event_loop_lag_sees_a_blocked_loop() -> None:
     assert samples["voxserve_event_loop_lag_observed_seconds_count"][0][1] >= 2
     # The sample that covered the blocked stretch saw most of it.
     assert samples["voxserve_event_loop_lag_observed_seconds_sum"][0][1] >= 0.3
+
+
+def test_errors_are_counted_by_category_from_zero() -> None:
+    registry = CollectorRegistry()
+    runtime = runtime_metrics(registry)
+    handler = ErrorCountingHandler(runtime.errors, "unit")
+    log = logging.getLogger("voxserve.test.errors")
+    log.addHandler(handler)
+    try:
+        before = scrape(registry)["voxserve_errors_total"]
+        assert {labels["category"] for labels, value in before if value == 0} >= {"InvalidArgument", "Internal"}
+        try:
+            raise InvalidArgument("sample rate 0")
+        except InvalidArgument:
+            log.exception("request refused")
+        log.error("disk full while writing state.json")
+        log.warning("rpc finished", extra={"error_category": "NotFound"})
+        log.info("pull started")
+    finally:
+        log.removeHandler(handler)
+    counts = {labels["category"]: value for labels, value in scrape(registry)["voxserve_errors_total"]}
+    assert (counts["InvalidArgument"], counts["Internal"], counts["NotFound"], counts["Unavailable"]) == (1, 1, 1, 0)
