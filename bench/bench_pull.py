@@ -1,6 +1,6 @@
 """Pull throughput: PullModel through the model store vs huggingface_hub.snapshot_download, same run.
 
-A loopback hub (tests/hubserver.py) serves the real tiny.en files (75.5 MB model.bin and
+A loopback hub (tests.hubserver) serves the real tiny.en files (75.5 MB model.bin and
 three small files). Each round times, in alternating order:
 
   raw         huggingface_hub.snapshot_download(repo, endpoint=hub, cache_dir=<fresh>, allow_patterns=<catalog>)
@@ -17,8 +17,8 @@ store/(raw+sha256) (goal >= 0.95). The legs rotate their order every round. The 
 sockets run with TCP_NODELAY (see benchlib.configure_hub_sockets; --hub-nagle to keep
 the test server's random 40 ms delayed-ACK stalls).
 
-    .venv/bin/python bench/bench_pull.py            # 10 rounds after 1 warm-up (~25 s)
-    .venv/bin/python bench/bench_pull.py --quick    # 2 rounds (< 20 s)
+    .venv/bin/python -m bench.bench_pull            # 10 rounds after 1 warm-up (~25 s)
+    .venv/bin/python -m bench.bench_pull --quick    # 2 rounds (< 20 s)
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import benchlib
 import grpc
 from huggingface_hub import snapshot_download
-from support import LoopThread
 
+from bench import benchlib
 from model_service.catalog import WHISPER_FILES
+from tests.support import LoopThread, sha256, tiny_en_files
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 
@@ -46,11 +46,7 @@ MB = 1_000_000
 
 def sha256_files(paths: list[Path]) -> None:
     for path in paths:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(4 << 20):
-                digest.update(block)
-        digest.hexdigest()
+        sha256(path)
 
 
 def raw_download(endpoint: str, cache_dir: Path) -> tuple[float, float, int]:
@@ -79,7 +75,7 @@ def minimal_download(endpoint: str, dest: Path) -> float:
 
     dest.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    for name in sorted(benchlib.tiny_en_files()):
+    for name in sorted(tiny_en_files()):
         digest = hashlib.sha256()
         with get_session().stream("GET", hf_hub_url(benchlib.TINY_REPO, name, endpoint=endpoint)) as response:
             response.raise_for_status()
@@ -125,7 +121,7 @@ def store_pull(stub: pb_grpc.ModelStoreStub) -> tuple[float, float, dict[str, fl
 
 def diagnostics(work: Path) -> dict[str, float]:
     """Costs the store pays that a plain download does not, on this machine, for model.bin."""
-    source = benchlib.tiny_en_files()["model.bin"]
+    source = tiny_en_files()["model.bin"]
     data = source.read_bytes()
     out: dict[str, float] = {}
 
@@ -195,22 +191,11 @@ def main() -> None:
         default="process",
         help="hub in a child process (default) or on threads of this process",
     )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=120.0,
-        metavar="SECONDS",
-        help="first wait up to this long for other processes to leave the CPU idle (0 = do not wait)",
-    )
-    parser.add_argument(
-        "--name", help="result file name under bench/results/ (default bench_pull, bench_pull_quick with --quick)"
-    )
+    benchlib.add_run_options(parser, "bench_pull")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.warmup = 2, 1
-    args.name = args.name or ("bench_pull_quick" if args.quick else "bench_pull")
-    quiet = benchlib.wait_for_quiet_machine(timeout=args.wait_quiet) if args.wait_quiet > 0 else None
-    audit = benchlib.CpuAudit()
+    quiet, audit = benchlib.start_run(args, "bench_pull")
 
     loop_thread = LoopThread()
     hub = benchlib.start_hub(args.hub_mode, nodelay=not args.hub_nagle)

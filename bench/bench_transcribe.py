@@ -33,8 +33,8 @@ inference_service), so their gRPC loops do not share this process's GIL with the
 or the direct model. --mode inprocess runs both on a background asyncio loop of this
 process (as the tests do). --mode both measures both (throughput only in subprocess).
 
-    .venv/bin/python bench/bench_transcribe.py               # ~3.5 min
-    .venv/bin/python bench/bench_transcribe.py --quick       # smoke run on the 3 s file, < 60 s
+    .venv/bin/python -m bench.bench_transcribe               # ~3.5 min
+    .venv/bin/python -m bench.bench_transcribe --quick       # smoke run on the 3 s file, < 60 s
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import benchlib
 import grpc
 from faster_whisper import BatchedInferencePipeline, WhisperModel, decode_audio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import TINY_EN_DIR, LoopThread
 
+from bench import benchlib
+from tests.support import DATA_DIR, TINY_EN_DIR, LoopThread, free_port
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc as pb_grpc
 
@@ -194,7 +194,7 @@ def start_services(
 ) -> Services:
     level_args = ["--log-level", log_level] if log_level else []
     if mode == "subprocess":
-        store_port = benchlib.free_port()
+        store_port = free_port()
         store = benchlib.start_service_process(
             "model_service",
             ["--data-dir", str(work / "store"), *level_args],
@@ -213,7 +213,7 @@ def start_services(
                 "VOXSERVE_BATCHED": "true" if settings.get("batched") else "false",
                 "VOXSERVE_BATCH_SIZE": str(settings.get("batch_size", 8)),
             }
-            port = benchlib.free_port()
+            port = free_port()
             name = "-".join(f"{k}={v}" for k, v in sorted(settings.items())) + tag
             return benchlib.start_service_process(
                 "inference_service",
@@ -798,26 +798,14 @@ def main() -> None:
         action="store_true",
         help="smoke run: 3 s audio, 3 reps, 2 cold reps, 200 calls, clients 1 2, jobs1 only",
     )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=120.0,
-        metavar="SECONDS",
-        help="first wait up to this long for other processes to leave the CPU idle (0 = do not wait)",
-    )
-    parser.add_argument(
-        "--name",
-        help="result file name under bench/results/ (default bench_transcribe, bench_transcribe_quick with --quick)",
-    )
+    benchlib.add_run_options(parser, "bench_transcribe")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.warmup, args.cold_reps, args.load_calls = 3, 1, 2, 200
         args.concurrency, args.configs = [1, 2], ["jobs1"]
     if args.audio is None:
-        args.audio = benchlib.TESTS / "data" / ("speech_short.wav" if args.quick else "speech_multi.wav")
-    args.name = args.name or ("bench_transcribe_quick" if args.quick else "bench_transcribe")
-    quiet = benchlib.wait_for_quiet_machine(timeout=args.wait_quiet) if args.wait_quiet > 0 else None
-    audit = benchlib.CpuAudit()
+        args.audio = DATA_DIR / ("speech_short.wav" if args.quick else "speech_multi.wav")
+    quiet, audit = benchlib.start_run(args, "bench_transcribe")
 
     data = args.audio.read_bytes()
     audio_seconds = decode_audio(io.BytesIO(data)).shape[0] / 16000

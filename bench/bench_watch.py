@@ -18,8 +18,8 @@ process decoding K streams), so it is an upper bound of the server's part. Check
 every watcher received every event of the model the server published during the pulls
 (state changes and progress), none missed, none twice.
 
-    .venv/bin/python bench/bench_watch.py            # K = 1 50 200 500, 2 pulls each (~1.5 min)
-    .venv/bin/python bench/bench_watch.py --quick    # K = 1 50, 1 pull each at 40 MB/s (< 30 s)
+    .venv/bin/python -m bench.bench_watch            # K = 1 50 200 500, 2 pulls each (~1.5 min)
+    .venv/bin/python -m bench.bench_watch --quick    # K = 1 50, 1 pull each at 40 MB/s (< 30 s)
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import benchlib
 import grpc
 
+from bench import benchlib
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 
@@ -149,7 +149,8 @@ def measure_k(
     out = work / f"watchers-{k}.json"
     command = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        "bench.bench_watch",
         "--child",
         "--address",
         store.address,
@@ -256,16 +257,7 @@ def main() -> None:
     parser.add_argument(
         "--shared-channel", action="store_true", help="all watchers on one channel (one HTTP/2 connection)"
     )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=120.0,
-        metavar="SECONDS",
-        help="first wait up to this long for other processes to leave the CPU idle (0 = do not wait)",
-    )
-    parser.add_argument(
-        "--name", help="result file name under bench/results/ (default bench_watch, bench_watch_quick with --quick)"
-    )
+    benchlib.add_run_options(parser, "bench_watch")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -275,11 +267,9 @@ def main() -> None:
         return
     if args.quick:
         args.watchers, args.pulls, args.rate_mb = [1, 50], 1, 40.0
-    args.name = args.name or ("bench_watch_quick" if args.quick else "bench_watch")
-    quiet = benchlib.wait_for_quiet_machine(timeout=args.wait_quiet) if args.wait_quiet > 0 else None
-    audit = benchlib.CpuAudit()
+    quiet, audit = benchlib.start_run(args, "bench_watch")
 
-    from support import LoopThread
+    from tests.support import LoopThread
 
     loop_thread = LoopThread()
     hub = benchlib.start_hub("process", int(args.rate_mb * 1e6))

@@ -1,12 +1,13 @@
 """Shared plumbing of the benchmarks: paths, statistics, tables, JSON results, servers.
 
-Self-contained on purpose: it imports the project and the test helpers
-(tests/hubserver.py, tests/support.py) by putting the repo root and tests/ on sys.path,
-so a bench script runs as ``.venv/bin/python bench/bench_<name>.py`` from anywhere.
+The loopback hub and the in-process helpers come from the test suite's package
+(tests.hubserver, tests.support); benches run as modules from the repo root
+(``.venv/bin/python -m bench.bench_<name>``), which puts both packages on the path.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -24,19 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 REPO = Path(__file__).resolve().parents[1]
-TESTS = REPO / "tests"
 BENCH = REPO / "bench"
 RESULTS_DIR = BENCH / "results"
-for _path in (str(REPO), str(TESTS)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.pop("HF_HUB_OFFLINE", None)
-
-import grpc  # noqa: E402
 
 TINY_REPO = "bench-org/faster-whisper-tiny.en"
 TINY_MODEL_ID = "bench-tiny"
@@ -197,6 +190,28 @@ def wait_for_quiet_machine(
     return {"waited_seconds": time.monotonic() - started, "busy_cores": load, "quiet": False}
 
 
+def add_run_options(parser: argparse.ArgumentParser, bench: str) -> None:
+    """--wait-quiet and --name, the options every bench takes (see start_run)."""
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="first wait up to this long for other processes to leave the CPU idle (0 = do not wait)",
+    )
+    parser.add_argument(
+        "--name", help=f"result file name under bench/results/ (default {bench}, {bench}_quick with --quick)"
+    )
+
+
+def start_run(args: argparse.Namespace, bench: str) -> tuple[dict[str, float] | None, CpuAudit]:
+    """Name the result file (args.name), wait for a quiet machine, start the CPU audit:
+    (what the wait saw, or None with --wait-quiet 0; the audit) for write_result."""
+    args.name = args.name or (f"{bench}_quick" if args.quick else bench)
+    quiet = wait_for_quiet_machine(timeout=args.wait_quiet) if args.wait_quiet > 0 else None
+    return quiet, CpuAudit()
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -271,13 +286,20 @@ def write_result(
         )
     document = {
         "bench": name,
-        "command": " ".join([".venv/bin/python", *[_relative(a) for a in sys.argv]]),
+        "command": _command(),
         "machine": machine,
         **payload,
     }
     path.write_text(json.dumps(document, indent=2, sort_keys=False, default=_json_default) + "\n")
     print(f"\nwrote {path.relative_to(REPO)}")
     return path
+
+
+def _command() -> str:
+    """This run's command line, as typed at the repo root (``-m bench.<name>`` and its arguments)."""
+    script = Path(sys.argv[0]).resolve()
+    module = ".".join(script.relative_to(REPO).with_suffix("").parts) if script.is_relative_to(REPO) else str(script)
+    return " ".join([".venv/bin/python", "-m", module, *[_relative(a) for a in sys.argv[1:]]])
 
 
 def _relative(arg: str) -> str:
@@ -320,12 +342,6 @@ def drop_dirty_pages() -> None:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    from support import free_port as _free_port
-
-    return _free_port()
 
 
 def wait_serving(
@@ -431,27 +447,22 @@ def configure_hub_sockets(nodelay: bool = True) -> None:
     the tree listing, config.json...) then costs 0 or ~40 ms at random, and a 0.5 s pull
     moves by tens of percent between rounds. Hubs behind real HTTP servers do not do that.
     """
-    from hubserver import _Handler
+    from tests.hubserver import _Handler
 
     _Handler.disable_nagle_algorithm = nodelay
 
 
-def tiny_en_files() -> dict[str, Path]:
-    from support import TINY_EN_DIR, TINY_EN_FILES
-
-    return {name: TINY_EN_DIR / name for name in TINY_EN_FILES}
-
-
 def start_hub(mode: str = "process", throttle_bytes_per_second: int | None = None, nodelay: bool = True) -> HubHandle:
-    """tests/hubserver.HubServer serving the real tiny.en files as TINY_REPO.
+    """tests.hubserver.HubServer serving the real tiny.en files as TINY_REPO.
 
-    mode "process" (default) runs it in a child process (bench/hub_process.py), as a real
+    mode "process" (default) runs it in a child process (bench.hub_process), as a real
     hub is another machine: its HTTP threads then do not share this process's GIL with the
     client being measured. mode "inprocess" runs it on threads of this process.
     nodelay: see configure_hub_sockets.
     """
     if mode == "inprocess":
-        from hubserver import HubServer
+        from tests.hubserver import HubServer
+        from tests.support import tiny_en_files
 
         configure_hub_sockets(nodelay)
         hub = HubServer()
@@ -462,7 +473,7 @@ def start_hub(mode: str = "process", throttle_bytes_per_second: int | None = Non
         return HubHandle(hub.endpoint, hub.stop, None, {"hub": hub})
     if mode != "process":
         raise ValueError(f"hub mode must be 'process' or 'inprocess', not {mode!r}")
-    command = [sys.executable, str(BENCH / "hub_process.py"), "--repo-id", TINY_REPO]
+    command = [sys.executable, "-m", "bench.hub_process", "--repo-id", TINY_REPO]
     if not nodelay:
         command.append("--nagle")
     if throttle_bytes_per_second:

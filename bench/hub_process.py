@@ -1,4 +1,4 @@
-"""Child process for the benches: the loopback hub (tests/hubserver.py) serving tiny.en.
+"""Child process for the benches (``python -m bench.hub_process``): the loopback hub (tests.hubserver) serving tiny.en.
 
 Prints one JSON line ``{"endpoint": ...}`` once serving, then serves until stdin closes.
 """
@@ -9,8 +9,9 @@ import argparse
 import json
 import sys
 
-import benchlib
-from hubserver import HubServer
+from bench import benchlib
+from tests.hubserver import HubServer
+from tests.support import tiny_en_files
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
     benchlib.configure_hub_sockets(nodelay=not args.nagle)
     hub = HubServer()
     hub.start()
-    hub.add_repo(args.repo_id, benchlib.tiny_en_files())
+    hub.add_repo(args.repo_id, tiny_en_files())
     if args.throttle:
         hub.throttle(args.throttle)
     print(json.dumps({"endpoint": hub.endpoint}), flush=True)

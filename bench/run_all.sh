@@ -12,5 +12,5 @@ if [[ ! -x "$PYTHON" ]]; then
 fi
 for bench in bench_pull bench_watch bench_transcribe; do
     echo "=== $bench $*"
-    "$PYTHON" "bench/$bench.py" "$@"
+    "$PYTHON" -m "bench.$bench" "$@"
 done

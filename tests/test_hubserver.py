@@ -21,7 +21,6 @@ from typing import Any
 import httpx2
 import huggingface_hub
 import pytest
-from hubserver import LFS_THRESHOLD, HubServer, refused_endpoint
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -32,6 +31,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import get_session
+
+from tests.hubserver import LFS_THRESHOLD, HubServer, refused_endpoint
 
 REPO_ID = "voxserve/tiny-model"
 

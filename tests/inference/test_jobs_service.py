@@ -8,9 +8,8 @@ import wave
 
 import grpc
 import pytest
-from conftest import InferenceHandle
-from support import DATA_DIR, wait_for
 
+from tests.support import DATA_DIR, InferenceHandle, wait_for
 from voxserve.inference.v1 import inference_pb2 as pb
 
 MULTI = (DATA_DIR / "speech_multi.wav").read_bytes()

@@ -3,7 +3,6 @@ vocal separation with a tiny Demucs bag, LRU/pinning through the RPCs, metrics, 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import urllib.request
@@ -11,21 +10,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import InferenceHandle, make_catalog
-from support import DATA_DIR, TINY_EN_DIR, TINY_EN_FILES
-from tiny_demucs import export_tiny_demucs_bag
 
 from model_service.catalog import CatalogEntry
+from tests.support import DATA_DIR, TINY_EN_DIR, TINY_EN_FILES, InferenceHandle, make_catalog, sha256, transcribe
+from tests.tiny_demucs import export_tiny_demucs_bag
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2 as store_pb
 from voxserve_common.logs import ContextFilter
 
 SHORT = (DATA_DIR / "speech_short.wav").read_bytes()
-
-
-def transcribe(handle: InferenceHandle, audio: bytes = SHORT, metadata=None, **options) -> list[pb.TranscribeEvent]:
-    request = pb.TranscribeRequest(audio=audio, options=pb.TranscribeOptions(**options))
-    return list(handle.stub.Transcribe(request, timeout=180, metadata=metadata))
 
 
 def text_of(events: list[pb.TranscribeEvent]) -> str:
@@ -39,7 +32,7 @@ def phases(events: list[pb.TranscribeEvent]) -> list[int]:
 def test_auto_pull_through_the_store_relays_progress(start_store, start_inference, hub) -> None:
     store = start_store()
     handle = start_inference(store=store)
-    events = transcribe(handle, model_id="test-tiny")
+    events = transcribe(handle, SHORT, model_id="test-tiny")
     pulling = [
         e.progress for e in events if e.WhichOneof("event") == "progress" and e.progress.phase == pb.PULLING_MODEL
     ]
@@ -53,29 +46,26 @@ def test_auto_pull_through_the_store_relays_progress(start_store, start_inferenc
 def test_auto_pull_off_is_failed_precondition(start_store, start_inference) -> None:
     handle = start_inference(store=start_store(), auto_pull=False)
     with pytest.raises(grpc.RpcError) as info:
-        transcribe(handle, model_id="test-tiny")
+        transcribe(handle, SHORT, model_id="test-tiny")
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "auto_pull" in info.value.details()
 
 
 def test_fetch_mode_copies_files_into_the_cache_dir_with_hashes(start_inference, tmp_path: Path) -> None:
     handle = start_inference(store_access="fetch", cache_dir=tmp_path / "node-cache")
-    events = transcribe(handle)
+    events = transcribe(handle, SHORT)
     assert "report" in text_of(events)
     copies = list((tmp_path / "node-cache" / "whisper-tiny.en").glob("*/model.bin"))
     assert len(copies) == 1
     for name in TINY_EN_FILES:
         copied = copies[0].parent / name
-        assert (
-            hashlib.sha256(copied.read_bytes()).hexdigest()
-            == hashlib.sha256((TINY_EN_DIR / name).read_bytes()).hexdigest()
-        )
+        assert sha256(copied) == sha256(TINY_EN_DIR / name)
     store_dir = handle.store.store.model_dir("whisper-tiny.en")
     assert not copies[0].is_relative_to(store_dir)
 
 
 def test_vad_filter_uses_the_shipped_silero_model(inference: InferenceHandle) -> None:
-    events = transcribe(inference, vad_filter=True)
+    events = transcribe(inference, SHORT, vad_filter=True)
     assert pb.VAD in phases(events)
     assert "office" in text_of(events)
     loaded = {m.model_id: m for m in inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest()).models}
@@ -93,13 +83,13 @@ def test_vocal_separation_with_a_tiny_demucs_bag(start_store, start_inference, t
     model = store.stub.ImportModel(store_pb.ImportModelRequest(model_id="tiny-demucs", source_dir=str(bag_dir)))
     assert model.state == store_pb.READY
     handle = start_inference(store=store)
-    events = transcribe(handle, separate_model_id="tiny-demucs")
+    events = transcribe(handle, SHORT, separate_model_id="tiny-demucs")
     assert pb.SEPARATING in phases(events)
     assert events[-1].WhichOneof("event") == "completed"
     loaded = {m.model_id: m.kind for m in handle.stub.ListLoadedModels(pb.ListLoadedModelsRequest()).models}
     assert loaded["tiny-demucs"] == "demucs"
     with pytest.raises(grpc.RpcError) as info:
-        transcribe(handle, separate_model_id="whisper-tiny.en")
+        transcribe(handle, SHORT, separate_model_id="whisper-tiny.en")
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -142,7 +132,7 @@ def test_concurrent_load_requests_for_a_cold_model_load_once(inference: Inferenc
 def test_memory_budget_too_small_is_resource_exhausted(start_inference) -> None:
     handle = start_inference(memory_budget="1MiB")
     with pytest.raises(grpc.RpcError) as info:
-        transcribe(handle)
+        transcribe(handle, SHORT)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "budget" in info.value.details()
 
@@ -151,8 +141,8 @@ def test_metrics_endpoint_serves_cache_and_job_metrics(start_inference) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     handle = start_inference(metrics_port=0)
-    transcribe(handle)
-    transcribe(handle)
+    transcribe(handle, SHORT)
+    transcribe(handle, SHORT)
     port = handle.app.server.metrics_endpoint.port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     samples = {
@@ -189,7 +179,7 @@ def test_traceparent_continues_into_the_model_store(start_store, start_inference
     try:
         handle = start_inference(store=start_store(import_embedded=True))
         trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-        transcribe(handle, metadata=[("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01")])
+        transcribe(handle, SHORT, metadata=[("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01")])
     finally:
         root.removeHandler(collector)
         root.setLevel(old_level)

@@ -9,15 +9,14 @@ import subprocess
 import sys
 
 import grpc
-from conftest import InferenceHandle
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import DATA_DIR, free_port, wait_for
 
+from tests.support import DATA_DIR, TRANSCRIPTS, InferenceHandle, free_port, wait_for
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc
 
 MULTI = (DATA_DIR / "speech_multi.wav").read_bytes()
-TRANSCRIPT = json.loads((DATA_DIR / "transcripts.json").read_text())["speech_multi.wav"]
+TRANSCRIPT = TRANSCRIPTS["speech_multi.wav"]
 
 
 def test_preload_and_pin_at_start_up_and_failed_preload_is_not_fatal(start_inference) -> None:

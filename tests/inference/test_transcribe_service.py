@@ -2,37 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import re
-
 import grpc
 import pytest
-from conftest import InferenceHandle
-from support import DATA_DIR
 
+from tests.support import DATA_DIR, TRANSCRIPTS, InferenceHandle, transcribe, word_error_rate
 from voxserve.inference.v1 import inference_pb2 as pb
-
-TRANSCRIPTS = json.loads((DATA_DIR / "transcripts.json").read_text())
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    ref, hyp = words(reference), words(hypothesis)
-    previous = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        current = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h))
-        previous = current
-    return previous[-1] / max(1, len(ref))
-
-
-def transcribe(handle: InferenceHandle, audio: bytes, timeout: float = 120, **options) -> list[pb.TranscribeEvent]:
-    request = pb.TranscribeRequest(audio=audio, options=pb.TranscribeOptions(**options))
-    return list(handle.stub.Transcribe(request, timeout=timeout))
 
 
 def segments_of(events: list[pb.TranscribeEvent]) -> list[pb.Segment]:

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import TEXT_REPO, TINY_REPO, StoreHandle, text_repo_files
-from hubserver import refused_endpoint
-from support import TINY_EN_DIR, TINY_EN_FILES
 
+from tests.hubserver import refused_endpoint
+from tests.support import TEXT_REPO, TINY_EN_DIR, TINY_EN_FILES, TINY_REPO, StoreHandle, pull, sha256, text_repo_files
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
-
-
-def pull(handle: StoreHandle, model_id: str, revision: str = "", timeout: float = 120) -> list[pb.ModelEvent]:
-    return list(handle.stub.PullModel(pb.PullModelRequest(model_id=model_id, revision=revision), timeout=timeout))
 
 
 def pull_error(handle: StoreHandle, model_id: str, timeout: float = 120) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         pull(handle, model_id, timeout=timeout)
     return info.value
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_pull_downloads_real_tiny_en_and_verifies_it(store: StoreHandle, hub) -> None:

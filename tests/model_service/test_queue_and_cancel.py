@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import TEXT_REPO, TINY_REPO, StoreHandle, make_catalog
-from support import TINY_EN_DIR, wait_for
 
 from model_service.catalog import CatalogEntry
+from tests.support import TEXT_REPO, TINY_EN_DIR, TINY_REPO, StoreHandle, make_catalog, start_pull, wait_for
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 
 
 def state_of(handle: StoreHandle, model_id: str) -> int:
     return handle.stub.GetModel(pb.GetModelRequest(model_id=model_id)).state
-
-
-def start_pull(handle: StoreHandle, model_id: str) -> tuple[threading.Thread, dict]:
-    result: dict = {"events": []}
-
-    def run() -> None:
-        try:
-            for event in handle.stub.PullModel(pb.PullModelRequest(model_id=model_id), timeout=120):
-                result["events"].append(event)
-        except grpc.RpcError as error:
-            result["error"] = error
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, result
 
 
 def test_concurrent_pulls_join_one_download(store: StoreHandle, hub) -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import StoreHandle
 
 from model_service.catalog import CatalogEntry
 from model_service.errors import InvalidModelId, UnsafePath
 from model_service.paths import safe_join, validate_model_id, validate_relative_file, validate_revision
+from tests.support import StoreHandle
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 
 BAD_IDS = ["../etc", "..", "a/b", "/abs", "UPPER", "with space", "a..b", "-lead", "x" * 65, "nul\x00", "é"]

@@ -10,31 +10,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import StoreHandle
-from hubserver import HubServer
-from support import TINY_EN_DIR, TINY_EN_FILES, wait_for
 
+from tests.hubserver import HubServer
+from tests.support import TINY_EN_DIR, TINY_EN_FILES, StoreHandle, get_model, pull, sha256, wait_for
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(4 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 ORIGINAL_SHA256 = {name: sha256(TINY_EN_DIR / name) for name in TINY_EN_FILES}
-
-
-def pull(handle: StoreHandle, model_id: str) -> list[pb.ModelEvent]:
-    return list(handle.stub.PullModel(pb.PullModelRequest(model_id=model_id), timeout=120))
-
-
-def get(handle: StoreHandle, model_id: str) -> pb.Model:
-    return handle.stub.GetModel(pb.GetModelRequest(model_id=model_id))
 
 
 def fetch(
@@ -69,7 +51,7 @@ def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
 
 def test_fetch_round_trip_matches_get_model_and_originals(store: StoreHandle) -> None:
     pull(store, "test-tiny")
-    model = get(store, "test-tiny")
+    model = get_model(store, "test-tiny")
     files = fetch(store, "test-tiny")
     assert set(files) == {f.path for f in model.files} == set(TINY_EN_FILES)
     for record in model.files:
@@ -116,7 +98,7 @@ def test_delete_refused_while_a_fetch_stream_is_open(store: StoreHandle) -> None
     assert first.offset == 0 and first.file_index == 0
     error = rpc_error(lambda: store.stub.DeleteModel(pb.DeleteModelRequest(model_id="test-tiny")))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "FetchModelFiles" in error.details()
-    assert get(store, "test-tiny").state == pb.READY
+    assert get_model(store, "test-tiny").state == pb.READY
     stream.cancel()
     # The reader is released once the server notices the cancellation.
     wait_for(lambda: store.store._readers.get("test-tiny") == 0, timeout=10, message="fetch reader released")
@@ -151,11 +133,11 @@ def test_embedded_models_imported_at_start(start_store: Callable[..., StoreHandl
     handle = start_store(import_embedded=True)
     assert handle.store.scan_done.is_set()
     for model_id in ("whisper-tiny.en", "silero-vad"):
-        model = get(handle, model_id)
+        model = get_model(handle, model_id)
         assert model.state == pb.READY, (model_id, model.error_message)
         assert model.files and all(f.present and f.sha256 for f in model.files)
-    assert [f.path for f in get(handle, "silero-vad").files] == ["onnx/model.onnx"]
-    assert get(handle, "test-tiny").state == pb.NOT_DOWNLOADED
+    assert [f.path for f in get_model(handle, "silero-vad").files] == ["onnx/model.onnx"]
+    assert get_model(handle, "test-tiny").state == pb.NOT_DOWNLOADED
     assert hub.requests == []
 
 
@@ -169,7 +151,7 @@ def test_import_missing_required_file_names_it(store: StoreHandle, tmp_path: Pat
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "tokenizer.json" in error.details()
-    assert get(store, "test-tiny").state == pb.NOT_DOWNLOADED
+    assert get_model(store, "test-tiny").state == pb.NOT_DOWNLOADED
     assert not store.store.model_dir("test-tiny").exists()
     assert list(store.store.staging_dir.iterdir()) == []
 
@@ -186,12 +168,12 @@ def test_import_refused_while_the_model_downloads(store: StoreHandle, hub: HubSe
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    wait_for(lambda: get(store, "test-tiny").state == pb.DOWNLOADING, message="download running")
+    wait_for(lambda: get_model(store, "test-tiny").state == pb.DOWNLOADING, message="download running")
     error = rpc_error(
         lambda: store.stub.ImportModel(pb.ImportModelRequest(model_id="test-tiny", source_dir=str(TINY_EN_DIR)))
     )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "cancel" in error.details().lower()
-    assert get(store, "test-tiny").state == pb.DOWNLOADING
+    assert get_model(store, "test-tiny").state == pb.DOWNLOADING
     store.stub.CancelDownload(pb.CancelDownloadRequest(model_id="test-tiny"))
     thread.join(30)
     assert errors and errors[0].code() == grpc.StatusCode.CANCELLED

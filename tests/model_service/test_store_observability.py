@@ -15,13 +15,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import TEXT_REPO, StoreHandle, text_repo_files
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from hubserver import HubServer
 from prometheus_client.parser import text_string_to_metric_families
-from test_store_kill9_resume import REPO_ROOT, StoreProcess, store_processes  # noqa: F401 - fixture
 
+from tests.hubserver import HubServer
+from tests.support import REPO_ROOT, TEXT_REPO, StoreHandle, StoreProcess, text_repo_files
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 
 SERVICE = "voxserve.modelstore.v1.ModelStore"
@@ -104,7 +103,7 @@ def log_lines(stderr: str) -> list[dict]:
     return parsed
 
 
-def test_json_logs_carry_trace_and_job_ids(tmp_path: Path, hub: HubServer, store_processes: list[StoreProcess]) -> None:  # noqa: F811
+def test_json_logs_carry_trace_and_job_ids(tmp_path: Path, hub: HubServer, store_processes: list[StoreProcess]) -> None:
     process = StoreProcess(tmp_path, tmp_path / "data", hub)
     store_processes.append(process)
     process.wait_serving()
@@ -145,7 +144,7 @@ def test_json_logs_carry_trace_and_job_ids(tmp_path: Path, hub: HubServer, store
 def test_sigterm_ends_watch_streams_with_unavailable_and_exits_zero(
     tmp_path: Path,
     hub: HubServer,
-    store_processes: list[StoreProcess],  # noqa: F811
+    store_processes: list[StoreProcess],
 ) -> None:
     config = tmp_path / "store.yaml"
     config.write_text("grace_seconds: 3\nheartbeat_seconds: 30\n")

@@ -8,23 +8,23 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import TEXT_REPO, TINY_REPO, StoreHandle, text_repo_files
-from hubserver import HubServer
-from support import TINY_EN_DIR
-from test_store_kill9_resume import StoreProcess, kill_mid_download, store_processes  # noqa: F401 - fixture
-
 from model_service.config import ModelStoreConfig
+from tests.hubserver import HubServer
+from tests.support import (
+    TEXT_REPO,
+    TINY_EN_DIR,
+    TINY_REPO,
+    StoreHandle,
+    StoreProcess,
+    get_model,
+    kill_mid_download,
+    pull,
+    sha256,
+    text_repo_files,
+)
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 
 TEXT_SIZES = {name: len(data) for name, data in text_repo_files().items()}
-
-
-def pull(handle: StoreHandle, model_id: str) -> list[pb.ModelEvent]:
-    return list(handle.stub.PullModel(pb.PullModelRequest(model_id=model_id), timeout=120))
-
-
-def get(handle: StoreHandle, model_id: str) -> pb.Model:
-    return handle.stub.GetModel(pb.GetModelRequest(model_id=model_id))
 
 
 def state_json(data_dir: Path) -> dict[str, dict]:
@@ -50,7 +50,7 @@ def test_restart_marks_missing_file_incomplete_and_pull_fetches_only_it(
 
     second = start_store(config=store_config)
     assert second.store.scan_done.is_set()
-    model = get(second, "test-text")
+    model = get_model(second, "test-text")
     assert model.state == pb.INCOMPLETE
     assert {f.path: f.present for f in model.files} == {
         "config.json": True,
@@ -65,7 +65,7 @@ def test_restart_marks_missing_file_incomplete_and_pull_fetches_only_it(
     assert hub.bytes_served(TEXT_REPO, "weights.bin") == 0
     assert hub.bytes_served(TEXT_REPO, "config.json") == 0
     assert hub.bytes_served(TEXT_REPO) == TEXT_SIZES["sub/notes.txt"]
-    root = Path(get(second, "test-text").local_path)
+    root = Path(get_model(second, "test-text").local_path)
     for name, content in text_repo_files().items():
         assert (root / name).read_bytes() == content
     assert state_json(store_config.data_dir)["test-text"]["state"] == "READY"
@@ -86,7 +86,7 @@ def test_silent_same_size_corruption_found_by_verify_and_repaired(store: StoreHa
     assert checks["weights.bin"].expected_sha256 == hashlib.sha256(original).hexdigest()
     assert checks["config.json"].ok and checks["sub/notes.txt"].ok
     assert result.model.state == pb.INCOMPLETE
-    assert get(store, "test-text").state == pb.INCOMPLETE
+    assert get_model(store, "test-text").state == pb.INCOMPLETE
     assert failures(store, "test-text") == before + 1
     assert state_json(store.store.data_dir)["test-text"]["state"] == "INCOMPLETE"
 
@@ -104,14 +104,14 @@ def test_crash_mid_download_never_comes_back_ready_with_partial_files(
     start_store: Callable[..., StoreHandle],
     store_config: ModelStoreConfig,
     hub: HubServer,
-    store_processes: list[StoreProcess],  # noqa: F811 - the fixture imported above
+    store_processes: list[StoreProcess],
 ) -> None:
     kill_mid_download(tmp_path, store_config.data_dir, hub, store_processes, min_bytes=4_000_000)
     recorded = state_json(store_config.data_dir)  # valid JSON although the writer was killed
     assert recorded["test-tiny"]["state"] in ("DOWNLOADING", "WAITING", "VERIFYING")
 
     handle = start_store(config=store_config)
-    model = get(handle, "test-tiny")
+    model = get_model(handle, "test-tiny")
     assert model.state in (pb.INCOMPLETE, pb.NOT_DOWNLOADED)
     assert state_json(store_config.data_dir)["test-tiny"]["state"] in ("INCOMPLETE", "NOT_DOWNLOADED")
     expected_sizes = {f.path: f.size for f in model.files}
@@ -165,17 +165,14 @@ def test_orphans_removed_at_start_and_valid_partial_kept(
     assert valid.is_file() and valid.stat().st_size == kept_bytes
     assert valid.with_name("model.bin.part.json").is_file()
     # Nothing resumable is left for test-text: it has nothing on disk.
-    assert get(handle, "test-text").state == pb.NOT_DOWNLOADED
-    assert get(handle, "test-tiny").state == pb.INCOMPLETE
+    assert get_model(handle, "test-text").state == pb.NOT_DOWNLOADED
+    assert get_model(handle, "test-tiny").state == pb.INCOMPLETE
 
     hub.reset_stats()
     assert pull(handle, "test-tiny")[-1].state == pb.READY
     size = (TINY_EN_DIR / "model.bin").stat().st_size
     assert hub.bytes_served(TINY_REPO, "model.bin") == size - kept_bytes
-    assert (
-        hashlib.sha256((handle.store.model_dir("test-tiny") / "model.bin").read_bytes()).hexdigest()
-        == entry["lfs"]["oid"]
-    )
+    assert sha256(handle.store.model_dir("test-tiny") / "model.bin") == entry["lfs"]["oid"]
 
 
 def test_ready_model_survives_restart_without_network(
@@ -186,6 +183,6 @@ def test_ready_model_survives_restart_without_network(
     first.stop()
     hub.stop()  # no network after restart: a READY model must not need it
     second = start_store(config=store_config)
-    assert get(second, "test-text").state == pb.READY
+    assert get_model(second, "test-text").state == pb.READY
     events = pull(second, "test-text")
     assert len(events) == 1 and events[0].state == pb.READY

@@ -10,10 +10,9 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from conftest import StoreHandle
-from hubserver import HubServer
-from support import TINY_EN_DIR, wait_for
 
+from tests.hubserver import HubServer
+from tests.support import TINY_EN_DIR, StoreHandle, pull, wait_for
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 
 STATE_NAMES = {v: k for k, v in pb.ModelState.items()}
@@ -65,10 +64,6 @@ def watches() -> Iterator[list[Watch]]:
     yield opened
     for watch in opened:
         watch.call.cancel()
-
-
-def pull(handle: StoreHandle, model_id: str) -> list[pb.ModelEvent]:
-    return list(handle.stub.PullModel(pb.PullModelRequest(model_id=model_id), timeout=120))
 
 
 def is_ready(model_id: str) -> Callable[[pb.ModelEvent], bool]:
