@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -27,6 +28,24 @@ from tests.support import (
     text_repo_files,
     tiny_en_files,
 )
+from voxserve_common.logs import stop_logging
+
+
+@pytest.fixture
+def restore_root() -> Iterator[None]:
+    """Undo a test's configure_logging: stop its listener, put back the root logger's
+    handlers and level and the faster_whisper logger's level."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    saved_library = logging.getLogger("faster_whisper").level
+    yield
+    stop_logging()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in saved_handlers:
+        root.addHandler(handler)
+    root.setLevel(saved_level)
+    logging.getLogger("faster_whisper").setLevel(saved_library)
 
 
 @pytest.fixture(scope="session")

@@ -9,32 +9,18 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from voxserve_common.logfiles import LogFileSettings, RotatingLogFile, next_rollover
-from voxserve_common.logs import configure_logging, stop_logging
+from voxserve_common.logs import configure_logging
 from voxserve_common.redaction import MASK, Redactor, redact_settings
 
 HF_TOKEN = "hf_" + "Q7pZr2Lx9Vb4Nm6Kd8Ws1Ty3"
 BEARER = "vx-token-3f9a1c7e5b2d"
 SETTING_SECRET = "store-secret-8d41e0"
 URL_PASSWORD = "pa55w0rd-91"
-
-
-@pytest.fixture
-def restore_root() -> Iterator[None]:
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    yield
-    stop_logging()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in saved_handlers:
-        root.addHandler(handler)
-    root.setLevel(saved_level)
 
 
 def read_lines(path: Path) -> list[dict[str, object]]:

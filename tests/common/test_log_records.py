@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,19 +18,7 @@ class TtyStream(io.StringIO):
         return True
 
 
-@pytest.fixture(autouse=True)
-def restore_root() -> Iterator[None]:
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    saved_library = logging.getLogger("faster_whisper").level
-    yield
-    stop_logging()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in saved_handlers:
-        root.addHandler(handler)
-    root.setLevel(saved_level)
-    logging.getLogger("faster_whisper").setLevel(saved_library)
+pytestmark = pytest.mark.usefixtures("restore_root")
 
 
 def emit_in_context() -> None:
