@@ -9,7 +9,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,19 +31,6 @@ def voxctl_logs(*argv: str) -> str:
     out = io.StringIO()
     assert logs.run(parse(*argv), out=out, environ={}) == 0
     return out.getvalue()
-
-
-@pytest.fixture
-def restore_root() -> Iterator[None]:
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    yield
-    stop_logging()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in saved_handlers:
-        root.addHandler(handler)
-    root.setLevel(saved_level)
 
 
 def write_service_logs(directory: Path, service: str, lines: list[tuple[str, dict[str, object]]]) -> None:
