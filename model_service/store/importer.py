@@ -98,21 +98,22 @@ class Importer:
         registry = self.registry
         model_dir = registry.model_dir(model_id)
         trash = registry.staging_dir / f"trash-{model_id}-{uuid.uuid4().hex[:8]}"
-        with registry.locked():
-            if model_dir.exists():
-                os.replace(model_dir, trash)
-            os.replace(staging, model_dir)
-            fsync_dir(registry.models_dir)
-            registry.transition(
-                model_id,
-                ModelState.READY,
-                message=f"imported from {origin}",
-                files=files,
-                revision="local",
-                requested_revision="local",
-                source=origin,
-                error="",
-            )
+        # The model is VERIFYING, so no reader can open it and DeleteModel refuses: the
+        # swap needs no lock (and its fsync must not hold one that get_model waits on).
+        if model_dir.exists():
+            os.replace(model_dir, trash)
+        os.replace(staging, model_dir)
+        fsync_dir(registry.models_dir)
+        registry.transition(
+            model_id,
+            ModelState.READY,
+            message=f"imported from {origin}",
+            files=files,
+            revision="local",
+            requested_revision="local",
+            source=origin,
+            error="",
+        )
         remove_path(trash)
         remove_path(registry.partial_root(model_id))
 
