@@ -48,6 +48,14 @@ class DeadlineExceeded(VoxserveError):
     """The work ran past its deadline."""
 
 
+class Unauthenticated(VoxserveError):
+    """The call carries no valid credentials (no token, an unknown or revoked one)."""
+
+
+class PermissionDenied(VoxserveError):
+    """The caller is known but not allowed to do this (a role it lacks, a path outside the allowed roots)."""
+
+
 class Internal(VoxserveError):
     """A bug or an unexpected failure; the message says what was being done."""
 
@@ -64,6 +72,8 @@ CATEGORIES: tuple[type[VoxserveError], ...] = (
     DataLoss,
     Cancelled,
     DeadlineExceeded,
+    Unauthenticated,
+    PermissionDenied,
     Internal,
 )
 

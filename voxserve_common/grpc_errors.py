@@ -16,6 +16,8 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.VoxserveError], grpc.StatusCode], ...] 
     (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
     (errors.Cancelled, grpc.StatusCode.CANCELLED),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.Internal, grpc.StatusCode.INTERNAL),
 )
 

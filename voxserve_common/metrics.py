@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from voxserve_common.errors import CATEGORIES
 from voxserve_common.logs import error_category
+from voxserve_common.tls import ServerTls
 
 RPC_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -74,9 +75,23 @@ class MetricsEndpoint:
         self.server.server_close()
 
 
-def start_metrics_endpoint(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
-    """Serve ``registry`` on http://host:port/metrics in a daemon thread."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
+def start_metrics_endpoint(
+    registry: CollectorRegistry, host: str, port: int, tls: ServerTls | None = None
+) -> MetricsEndpoint:
+    """Serve ``registry`` on http(s)://host:port/metrics in a daemon thread; with ``tls``
+    over HTTPS with the server's certificate (and client certificates with its client CA)."""
+    if tls is None:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    else:
+        server, thread = start_http_server(
+            port,
+            addr=host,
+            registry=registry,
+            certfile=str(tls.cert),
+            keyfile=str(tls.key),
+            client_cafile=str(tls.client_ca) if tls.client_ca else None,
+            client_auth_required=tls.mutual,
+        )
     return MetricsEndpoint(server=server, thread=thread, port=server.server_port)
 
 
@@ -99,6 +114,12 @@ class RuntimeMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry, disk_paths: Mapping[str, Path] | None = None) -> None:
+        self.auth_failures = Counter(
+            "voxserve_auth_failures",
+            "Calls refused by authentication, by service and reason (missing, malformed, invalid, forbidden).",
+            ["service", "reason"],
+            registry=registry,
+        )
         self.errors = Counter(
             "voxserve_errors",
             "Log records about an error (failed RPCs, exceptions, ERROR and above), by service and error category.",

@@ -22,6 +22,7 @@ from opentelemetry import trace
 from voxserve.admin.v1 import admin_pb2_grpc
 from voxserve_common.admin import SERVICE_NAME as ADMIN_SERVICE
 from voxserve_common.admin import AdminServicer
+from voxserve_common.auth import AUTH_FAILURE_REASONS, Authenticator
 from voxserve_common.errors import VoxserveError
 from voxserve_common.grpc_errors import category_for_code, status_for
 from voxserve_common.log_levels import LogLevelControl
@@ -33,6 +34,7 @@ from voxserve_common.metrics import (
     runtime_metrics,
     start_metrics_endpoint,
 )
+from voxserve_common.tls import ServerTls, server_credentials
 from voxserve_common.tracing import context_from_metadata
 
 logger = logging.getLogger(__name__)
@@ -146,11 +148,13 @@ def _code_from_int(value: int) -> grpc.StatusCode:
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every handler: continues the caller's trace, maps domain errors to statuses
-    through the one table, counts and times the RPC, and logs one line per call."""
+    """Wraps every handler: continues the caller's trace, checks the caller's token and
+    role (when authentication is on), maps domain errors to statuses through the one table,
+    counts and times the RPC, and logs one line per call."""
 
-    def __init__(self, metrics: RpcMetrics | None) -> None:
+    def __init__(self, metrics: RpcMetrics | None, authenticator: Authenticator | None = None) -> None:
         self.metrics = metrics
+        self.authenticator = authenticator
 
     async def intercept_service(
         self,
@@ -164,6 +168,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
         metrics = self.metrics
+        authenticator = self.authenticator
+
+        def authorize(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            if authenticator is not None:
+                authenticator.authorize(method, context.invocation_metadata(), context.peer())
 
         if handler.unary_unary or handler.stream_unary:
             # typeshed types handlers as sync callables; on a grpc.aio server they are coroutines.
@@ -173,6 +182,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 scope = _RpcScope(method, context, metrics)
                 with scope.run():
                     try:
+                        authorize(context)
                         return await inner(request, context)
                     except (grpc.aio.AbortError, asyncio.CancelledError):
                         raise
@@ -193,6 +203,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             scope = _RpcScope(method, context, metrics)
             with scope.run():
                 try:
+                    authorize(context)
                     async for item in inner_stream(request, context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -256,6 +267,8 @@ async def start_server(
     disk_paths: Mapping[str, Path] | None = None,
     log_levels: LogLevelControl | None = None,
     service_label: str = "",
+    tls: ServerTls | None = None,
+    authenticator: Authenticator | None = None,
 ) -> RunningServer:
     """Build, bind and start an aio server with health and reflection; returns
     RunningServer whose ``port`` is the bound one (pass port 0 in tests)."""
@@ -264,7 +277,13 @@ async def start_server(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[ObservabilityInterceptor(rpc_metrics)], options=options)
+    runtime = runtime_metrics(metrics_registry, disk_paths) if metrics_registry is not None else None
+    if authenticator is not None and runtime is not None:
+        failures, label = runtime.auth_failures, service_label or (service_names[0] if service_names else "")
+        for reason in AUTH_FAILURE_REASONS:
+            failures.labels(label, reason)
+        authenticator.on_failure = lambda reason: failures.labels(label, reason).inc()
+    server = grpc.aio.server(interceptors=[ObservabilityInterceptor(rpc_metrics, authenticator)], options=options)
     register(server)
     log_levels = log_levels or LogLevelControl()
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(log_levels), server)
@@ -279,16 +298,19 @@ async def start_server(
         ),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None:
+        credentials, _ = server_credentials(tls)
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind gRPC port {host}:{port}")
     await server.start()
     endpoint = None
     if metrics_registry is not None and metrics_port is not None and metrics_port >= 0:
-        endpoint = start_metrics_endpoint(metrics_registry, host, metrics_port)
+        endpoint = start_metrics_endpoint(metrics_registry, host, metrics_port, tls)
     running = RunningServer(server, bound, health_servicer, service_names, endpoint)
-    if metrics_registry is not None:
-        runtime = runtime_metrics(metrics_registry, disk_paths)
+    if runtime is not None:
         lag_watch = asyncio.create_task(runtime.watch_event_loop(), name="event-loop-lag")
 
         def stop_lag_watch() -> None:
