@@ -196,6 +196,8 @@ class EventLog(Generic[T]):
                 if closed or stopping:
                     yield End(cursor, closed=closed)
                     return
+                if wakeup.is_set():  # woken while the consumer held an item: read again at once
+                    continue
                 if heartbeat is None:
                     await wakeup.wait()
                     continue
