@@ -258,7 +258,10 @@ class StoreProcess:
 
 def partial_size(data_dir: Path, model_id: str, name: str) -> int:
     part = data_dir / "partial" / model_id / f"{name}.part"
-    return part.stat().st_size if part.is_file() else 0
+    try:
+        return part.stat().st_size
+    except FileNotFoundError:  # not started yet, or moved into place meanwhile
+        return 0
 
 
 def kill_mid_download(

@@ -8,7 +8,16 @@ import grpc
 import pytest
 
 from model_service.catalog import CatalogEntry
-from tests.support import TEXT_REPO, TINY_EN_DIR, TINY_REPO, StoreHandle, make_catalog, start_pull, wait_for
+from tests.support import (
+    TEXT_REPO,
+    TINY_EN_DIR,
+    TINY_REPO,
+    StoreHandle,
+    make_catalog,
+    partial_size,
+    start_pull,
+    wait_for,
+)
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 
 
@@ -62,7 +71,9 @@ def test_cancel_running_download_removes_partial_files(store: StoreHandle, hub) 
     hub.throttle(4 << 20, path="model.bin")
     thread, result = start_pull(store, "test-tiny")
     partial_dir = store.store.partial_dir / "test-tiny"
-    wait_for(lambda: any(p.stat().st_size > 0 for p in partial_dir.rglob("*.part")) if partial_dir.exists() else False)
+    # model.bin is the throttled file, so its .part stays in place until the cancel (a
+    # small file's .part can be moved into models/ between listing and stat).
+    wait_for(lambda: partial_size(store.store.data_dir, "test-tiny", "model.bin") > 0)
     model = store.stub.CancelDownload(pb.CancelDownloadRequest(model_id="test-tiny"))
     thread.join(30)
     assert not thread.is_alive()
@@ -126,7 +137,9 @@ def test_cancel_is_prompt_on_a_slow_source(store: StoreHandle, hub) -> None:
     hub.throttle(32 << 10, path="model.bin")
     thread, result = start_pull(store, "test-tiny")
     partial_dir = store.store.partial_dir / "test-tiny"
-    wait_for(lambda: any(p.stat().st_size > 0 for p in partial_dir.rglob("*.part")) if partial_dir.exists() else False)
+    # model.bin is the throttled file, so its .part stays in place until the cancel (a
+    # small file's .part can be moved into models/ between listing and stat).
+    wait_for(lambda: partial_size(store.store.data_dir, "test-tiny", "model.bin") > 0)
     model = store.stub.CancelDownload(pb.CancelDownloadRequest(model_id="test-tiny"))
     assert model.state in (pb.NOT_DOWNLOADED, pb.INCOMPLETE)
     thread.join(30)
