@@ -23,7 +23,7 @@ from voxserve.admin.v1 import admin_pb2_grpc
 from voxserve_common.admin import SERVICE_NAME as ADMIN_SERVICE
 from voxserve_common.admin import AdminServicer
 from voxserve_common.auth import AUTH_FAILURE_REASONS, Authenticator
-from voxserve_common.errors import VoxserveError
+from voxserve_common.errors import InvalidArgument, VoxserveError
 from voxserve_common.grpc_errors import category_for_code, status_for
 from voxserve_common.log_levels import LogLevelControl
 from voxserve_common.logs import log_context
@@ -147,6 +147,39 @@ def _code_from_int(value: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    method: str
+    reason: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and friends: the caller's bytes
+            return _Undecodable(method, str(error) or type(error).__name__)
+
+    return decode
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(
+            f"the request to {request.method} is not a valid protobuf message ({request.reason}); "
+            "check that the client's generated code comes from the service's .proto files"
+        )
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: continues the caller's trace, checks the caller's token and
     role (when authentication is on), maps domain errors to statuses through the one table,
@@ -174,6 +207,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             if authenticator is not None:
                 authenticator.authorize(method, context.invocation_metadata(), context.peer())
 
+        # Bytes that are not a valid request message: INVALID_ARGUMENT from the handler,
+        # instead of grpc's own UNKNOWN for an exception in its deserializer.
+        deserializer = _tolerant(handler.request_deserializer, method)
+        checked = _checked_stream if handler.request_streaming else _checked
+
         if handler.unary_unary or handler.stream_unary:
             # typeshed types handlers as sync callables; on a grpc.aio server they are coroutines.
             inner: Any = handler.unary_unary or handler.stream_unary
@@ -183,7 +221,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 with scope.run():
                     try:
                         authorize(context)
-                        return await inner(request, context)
+                        return await inner(checked(request), context)
                     except (grpc.aio.AbortError, asyncio.CancelledError):
                         raise
                     except Exception as error:  # noqa: BLE001 - the edge maps every error
@@ -191,11 +229,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
             if handler.unary_unary:
                 return grpc.unary_unary_rpc_method_handler(
-                    cast(Any, unary_behavior), handler.request_deserializer, handler.response_serializer
+                    cast(Any, unary_behavior), deserializer, handler.response_serializer
                 )
-            return grpc.stream_unary_rpc_method_handler(
-                unary_behavior, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.stream_unary_rpc_method_handler(unary_behavior, deserializer, handler.response_serializer)
 
         inner_stream: Any = handler.unary_stream or handler.stream_stream
 
@@ -204,7 +240,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             with scope.run():
                 try:
                     authorize(context)
-                    async for item in inner_stream(request, context):
+                    async for item in inner_stream(checked(request), context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
@@ -213,11 +249,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                cast(Any, stream_behavior), handler.request_deserializer, handler.response_serializer
+                cast(Any, stream_behavior), deserializer, handler.response_serializer
             )
-        return grpc.stream_stream_rpc_method_handler(
-            stream_behavior, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.stream_stream_rpc_method_handler(stream_behavior, deserializer, handler.response_serializer)
 
 
 @dataclass
