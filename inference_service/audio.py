@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import av
 import av.error
@@ -17,6 +18,14 @@ from voxserve_common.errors import InvalidArgument
 logger = logging.getLogger(__name__)
 
 WHISPER_SAMPLE_RATE = 16000
+# Longest audio one request may decode to (a long meeting). A tiny compressed file can
+# declare or hold hours of silence: decoded at 16 kHz float32 each hour takes 230 MB, so
+# decoding stops as soon as the limit is passed, and a declared duration over it is refused
+# before anything is decoded.
+MAX_AUDIO_SECONDS = 3 * 3600.0
+# Sample rates a real recording has; outside them a header is lying (a 1 Hz "recording"
+# resampled to 16 kHz would multiply its size by 16000).
+MIN_SOURCE_RATE, MAX_SOURCE_RATE = 1_000, 768_000
 _LAYOUTS = {1: "mono", 2: "stereo"}
 _SEND_INSTEAD = "send a WAV, FLAC, OGG, MP3 or M4A file"
 
@@ -67,15 +76,38 @@ def _decoded_frames(container: av.container.InputContainer) -> Iterator[av.Audio
         yield from frames
 
 
-def decode_audio(data: bytes, sampling_rate: int = WHISPER_SAMPLE_RATE, channels: int = 1) -> FloatArray:
+def _check_stream(stream: Any, max_seconds: float) -> None:
+    """Refuse a stream whose header already says it is unusable, before decoding it."""
+    rate = stream.sample_rate or 0
+    if rate and not MIN_SOURCE_RATE <= rate <= MAX_SOURCE_RATE:
+        raise InvalidAudio(
+            f"the audio declares a sample rate of {rate} Hz, outside {MIN_SOURCE_RATE}-{MAX_SOURCE_RATE} Hz; "
+            f"{_SEND_INSTEAD}"
+        )
+    declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else 0.0
+    if declared > max_seconds:
+        raise AudioTooLarge(
+            f"the audio declares {declared:.0f} s, over the limit of {max_seconds:.0f} s per request; "
+            "split it or send a shorter clip"
+        )
+
+
+def decode_audio(
+    data: bytes,
+    sampling_rate: int = WHISPER_SAMPLE_RATE,
+    channels: int = 1,
+    max_seconds: float = MAX_AUDIO_SECONDS,
+) -> FloatArray:
     """Decode and resample audio bytes in memory (no ffmpeg binary, no temp file).
 
     Returns float32 in [-1, 1]: shape ``(samples,)`` when ``channels == 1``, else
-    ``(channels, samples)``.
+    ``(channels, samples)``. Memory stays within ``max_seconds`` of output audio.
 
     Raises:
         InvalidAudio: empty bytes, bytes FFmpeg cannot read as a media file, a file with
-            no audio stream, or one whose audio stream decodes to zero samples.
+            no audio stream, one whose audio stream decodes to zero samples, or a sample
+            rate no recording has.
+        AudioTooLarge: the audio declares or decodes to more than ``max_seconds``.
         InvalidArgument: an unsupported ``channels`` or ``sampling_rate``.
     """
     layout = _layout(channels)
@@ -96,11 +128,22 @@ def decode_audio(data: bytes, sampling_rate: int = WHISPER_SAMPLE_RATE, channels
             raise InvalidAudio(
                 f"the file ({container.format.name}) has no audio stream, only: {', '.join(kinds)}; {_SEND_INSTEAD}"
             )
+        _check_stream(container.streams.audio[0], max_seconds)
         resampler = av.AudioResampler(format="fltp", layout=layout, rate=sampling_rate)
+        limit = int(max_seconds * sampling_rate)
+        decoded = 0
         try:
             for frame in _decoded_frames(container):
+                if frame.sample_rate and not MIN_SOURCE_RATE <= frame.sample_rate <= MAX_SOURCE_RATE:
+                    raise InvalidAudio(f"a frame has a sample rate of {frame.sample_rate} Hz; {_SEND_INSTEAD}")
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray())
+                    decoded += out.samples
+                if decoded > limit:
+                    raise AudioTooLarge(
+                        f"the audio is longer than the limit of {max_seconds:.0f} s per request; "
+                        "split it or send a shorter clip"
+                    )
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray())
         except av.error.FFmpegError as exc:
