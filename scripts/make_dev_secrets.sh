@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Make a development CA, server and client certificates and bearer tokens for running both
+# services with mutual TLS and authentication (docker-compose, Kubernetes Secrets, a laptop).
+#
+#   bash scripts/make_dev_secrets.sh [DIR]      (default deploy/secrets; never commit it)
+#
+# DIR/ca.pem                 the CA every client trusts and every server checks clients with
+# DIR/server.pem, .key       one certificate for both services (SANs: model-store, inference,
+#                            http-gateway, localhost, 127.0.0.1)
+# DIR/inference.pem, .key    the inference service's client certificate (to the store)
+# DIR/voxctl.pem, .key       a client certificate for voxctl / other backend services
+# DIR/gateway.pem, .key      the HTTP gateway's client certificate
+# DIR/tokens.yaml            the tokens file both services read: sha256 hashes and roles only
+# DIR/token-<name>           each token itself, for the client that uses it (ops, ci-bot,
+#                            inference, gateway)
+# Existing files are kept, so running it again does not rotate anything; delete DIR to start over.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir="${1:-deploy/secrets}"
+mkdir -p "$dir"
+chmod 700 "$dir"
+days=825
+
+if [[ ! -f "$dir/ca.pem" ]]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days "$days" \
+        -subj "/O=voxserve dev/CN=voxserve dev CA" -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+fi
+
+issue() {  # issue NAME SUBJECT_CN EXTENDED_KEY_USAGE [SAN]
+    local name=$1 cn=$2 usage=$3 san=${4:-}
+    [[ -f "$dir/$name.pem" ]] && return
+    local ext
+    ext=$(mktemp)
+    {
+        echo "basicConstraints=CA:FALSE"
+        echo "keyUsage=digitalSignature,keyEncipherment"
+        echo "extendedKeyUsage=$usage"
+        [[ -n "$san" ]] && echo "subjectAltName=$san"
+    } >"$ext"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/O=voxserve dev/CN=$cn" \
+        -keyout "$dir/$name.key" -out "$dir/$name.csr" 2>/dev/null
+    openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
+        -days "$days" -extfile "$ext" -out "$dir/$name.pem" 2>/dev/null
+    rm -f "$dir/$name.csr" "$ext"
+    chmod 600 "$dir/$name.key"
+}
+
+issue server "voxserve services" serverAuth \
+    "DNS:model-store,DNS:inference,DNS:http-gateway,DNS:localhost,IP:127.0.0.1"
+issue inference "inference" clientAuth
+issue voxctl "voxctl" clientAuth
+issue gateway "http-gateway" clientAuth
+
+declare -A roles=([ops]="admin" [ci-bot]="read, transcribe" [inference]="read, pull" [gateway]="read, pull, transcribe")
+if [[ ! -f "$dir/tokens.yaml" ]]; then
+    {
+        echo "# sha256 of each token and its roles; the tokens themselves are in token-<name>."
+        echo "tokens:"
+        for name in ops ci-bot inference gateway; do
+            openssl rand -hex 32 >"$dir/token-$name"
+            chmod 600 "$dir/token-$name"
+            digest=$(tr -d '\n' <"$dir/token-$name" | sha256sum | cut -d' ' -f1)
+            echo "  $name: {sha256: $digest, roles: [${roles[$name]}]}"
+        done
+    } >"$dir/tokens.yaml"
+fi
+chmod 644 "$dir"/*.pem "$dir/tokens.yaml"
+echo "dev secrets in $dir (CA, certificates, tokens.yaml, token-*)"
