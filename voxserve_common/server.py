@@ -23,7 +23,7 @@ from voxserve.admin.v1 import admin_pb2_grpc
 from voxserve_common.admin import SERVICE_NAME as ADMIN_SERVICE
 from voxserve_common.admin import AdminServicer
 from voxserve_common.auth import AUTH_FAILURE_REASONS, Authenticator
-from voxserve_common.errors import InvalidArgument, VoxserveError
+from voxserve_common.errors import InvalidArgument, ResourceExhausted, VoxserveError
 from voxserve_common.grpc_errors import category_for_code, status_for
 from voxserve_common.log_levels import LogLevelControl
 from voxserve_common.logs import log_context
@@ -147,6 +147,66 @@ def _code_from_int(value: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+# Transport limits, set on purpose (docs/security.md): a client may not open unbounded
+# streams on one connection or ping the server in a loop, idle connections are closed, and
+# long-lived ones are recycled (streams resume by sequence after a reconnect).
+MAX_CONCURRENT_STREAMS = 256
+MAX_CONNECTION_IDLE_MS = 30 * 60 * 1000
+MAX_CONNECTION_AGE_MS = 24 * 3600 * 1000
+MAX_CONNECTION_AGE_GRACE_MS = 5 * 60 * 1000
+MIN_PING_INTERVAL_MS = 10_000
+# Long-lived event streams one client address may hold open at once (a leak in a client
+# must not exhaust the server); more get RESOURCE_EXHAUSTED.
+MAX_WATCH_STREAMS_PER_PEER = 1024  # bench/bench_watch.py runs 500 watchers from one host
+WATCH_METHODS = frozenset(
+    {"/voxserve.modelstore.v1.ModelStore/WatchModels", "/voxserve.inference.v1.Inference/WatchJob"}
+)
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+        ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
+        ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+        ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class PeerStreamLimit:
+    """Counts open watch streams per client address (the port left out)."""
+
+    def __init__(self, limit: int = MAX_WATCH_STREAMS_PER_PEER) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    @staticmethod
+    def address(peer: str) -> str:
+        return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+    @contextlib.contextmanager
+    def hold(self, peer: str, method: str) -> Iterator[None]:
+        """Runs on the event loop (no lock needed); ResourceExhausted beyond the limit."""
+        address = self.address(peer)
+        if self._open.get(address, 0) >= self.limit:
+            raise ResourceExhausted(
+                f"{address} already has {self.limit} watch streams open; close some before opening more "
+                f"({method.rsplit('/', 1)[-1]} resumes with after_sequence)"
+            )
+        self._open[address] = self._open.get(address, 0) + 1
+        try:
+            yield
+        finally:
+            self._open[address] -= 1
+            if not self._open[address]:
+                del self._open[address]
+
+
 @dataclass(frozen=True)
 class _Undecodable:
     method: str
@@ -185,9 +245,15 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     role (when authentication is on), maps domain errors to statuses through the one table,
     counts and times the RPC, and logs one line per call."""
 
-    def __init__(self, metrics: RpcMetrics | None, authenticator: Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        metrics: RpcMetrics | None,
+        authenticator: Authenticator | None = None,
+        watch_limit: PeerStreamLimit | None = None,
+    ) -> None:
         self.metrics = metrics
         self.authenticator = authenticator
+        self.watch_limit = watch_limit or PeerStreamLimit()
 
     async def intercept_service(
         self,
@@ -210,6 +276,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         # Bytes that are not a valid request message: INVALID_ARGUMENT from the handler,
         # instead of grpc's own UNKNOWN for an exception in its deserializer.
         deserializer = _tolerant(handler.request_deserializer, method)
+        watch_limit = self.watch_limit
+
+        def watch_slot(context: grpc.aio.ServicerContext[Any, Any]) -> contextlib.AbstractContextManager[None]:
+            if method in WATCH_METHODS:
+                return watch_limit.hold(context.peer(), method)
+            return contextlib.nullcontext()
+
         checked = _checked_stream if handler.request_streaming else _checked
 
         if handler.unary_unary or handler.stream_unary:
@@ -240,8 +313,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             with scope.run():
                 try:
                     authorize(context)
-                    async for item in inner_stream(checked(request), context):
-                        yield item
+                    with watch_slot(context):
+                        async for item in inner_stream(checked(request), context):
+                            yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as error:  # noqa: BLE001
@@ -303,21 +377,23 @@ async def start_server(
     service_label: str = "",
     tls: ServerTls | None = None,
     authenticator: Authenticator | None = None,
+    max_watch_streams_per_peer: int = MAX_WATCH_STREAMS_PER_PEER,
 ) -> RunningServer:
     """Build, bind and start an aio server with health and reflection; returns
     RunningServer whose ``port`` is the bound one (pass port 0 in tests)."""
-    options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
+    options = [*server_options(max_message_bytes)]
     runtime = runtime_metrics(metrics_registry, disk_paths) if metrics_registry is not None else None
     if authenticator is not None and runtime is not None:
         failures, label = runtime.auth_failures, service_label or (service_names[0] if service_names else "")
         for reason in AUTH_FAILURE_REASONS:
             failures.labels(label, reason)
         authenticator.on_failure = lambda reason: failures.labels(label, reason).inc()
-    server = grpc.aio.server(interceptors=[ObservabilityInterceptor(rpc_metrics, authenticator)], options=options)
+    server = grpc.aio.server(
+        interceptors=[
+            ObservabilityInterceptor(rpc_metrics, authenticator, PeerStreamLimit(max_watch_streams_per_peer))
+        ],
+        options=options,
+    )
     register(server)
     log_levels = log_levels or LogLevelControl()
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(log_levels), server)

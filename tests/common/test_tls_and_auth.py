@@ -264,3 +264,29 @@ def test_tokens_file_holds_hashes_not_tokens(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"tokens": {"ci": {"sha256": "a" * 64, "roles": ["root"]}}}))
     with pytest.raises(TokenFileError, match="read, pull, transcribe, admin"):
         load_tokens(path)
+
+
+def test_watch_streams_per_client_address_are_capped(serve: Callable[..., RunningServer]) -> None:
+    running = serve(max_watch_streams_per_peer=3)
+    with grpc.insecure_channel(running.address) as channel:
+        store = modelstore_pb2_grpc.ModelStoreStub(channel)
+        streams = [store.WatchModels(pb.WatchModelsRequest(), timeout=60) for _ in range(3)]
+        for stream in streams:
+            assert next(stream).type == pb.SNAPSHOT  # each is open and served
+        extra = store.WatchModels(pb.WatchModelsRequest(), timeout=60)
+        error = refused(lambda: next(extra))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "3 watch streams" in error.details()
+        streams[0].cancel()
+        wait_for(lambda: _opens(store), timeout=30, message="a slot is free after a stream closed")
+        for stream in streams[1:]:
+            stream.cancel()
+
+
+def _opens(store: modelstore_pb2_grpc.ModelStoreStub) -> bool:
+    stream = store.WatchModels(pb.WatchModelsRequest(), timeout=60)
+    try:
+        return next(stream).type == pb.SNAPSHOT
+    except grpc.RpcError:
+        return False
+    finally:
+        stream.cancel()
