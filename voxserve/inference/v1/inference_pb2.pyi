@@ -36,6 +36,18 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_COMPLETED: _ClassVar[JobState]
     JOB_FAILED: _ClassVar[JobState]
     JOB_CANCELLED: _ClassVar[JobState]
+
+class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AUDIO_ENCODING_UNSPECIFIED: _ClassVar[AudioEncoding]
+    LINEAR16: _ClassVar[AudioEncoding]
+    FLOAT32: _ClassVar[AudioEncoding]
+
+class SpeechEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPEECH_EVENT_UNSPECIFIED: _ClassVar[SpeechEventType]
+    SPEECH_STARTED: _ClassVar[SpeechEventType]
+    END_OF_UTTERANCE: _ClassVar[SpeechEventType]
 TASK_UNSPECIFIED: Task
 TRANSCRIBE: Task
 TRANSLATE: Task
@@ -54,9 +66,15 @@ JOB_RUNNING: JobState
 JOB_COMPLETED: JobState
 JOB_FAILED: JobState
 JOB_CANCELLED: JobState
+AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
+LINEAR16: AudioEncoding
+FLOAT32: AudioEncoding
+SPEECH_EVENT_UNSPECIFIED: SpeechEventType
+SPEECH_STARTED: SpeechEventType
+END_OF_UTTERANCE: SpeechEventType
 
 class TranscribeOptions(_message.Message):
-    __slots__ = ("model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id")
+    __slots__ = ("model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id", "fast_first_segment")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +85,7 @@ class TranscribeOptions(_message.Message):
     HOTWORDS_FIELD_NUMBER: _ClassVar[int]
     SEPARATE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FAST_FIRST_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     language: str
     task: Task
@@ -77,7 +96,8 @@ class TranscribeOptions(_message.Message):
     hotwords: str
     separate_model_id: str
     job_id: str
-    def __init__(self, model_id: _Optional[str] = ..., language: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., beam_size: _Optional[int] = ..., vad_filter: _Optional[bool] = ..., word_timestamps: _Optional[bool] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[str] = ..., separate_model_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+    fast_first_segment: bool
+    def __init__(self, model_id: _Optional[str] = ..., language: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., beam_size: _Optional[int] = ..., vad_filter: _Optional[bool] = ..., word_timestamps: _Optional[bool] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[str] = ..., separate_model_id: _Optional[str] = ..., job_id: _Optional[str] = ..., fast_first_segment: _Optional[bool] = ...) -> None: ...
 
 class TranscribeRequest(_message.Message):
     __slots__ = ("options", "audio", "model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id")
@@ -324,3 +344,77 @@ class CacheStats(_message.Message):
     loaded_models: int
     device: str
     def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., loads: _Optional[int] = ..., load_failures: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., max_models: _Optional[int] = ..., loaded_models: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class StreamingConfig(_message.Message):
+    __slots__ = ("options", "encoding", "sample_rate_hertz", "channels", "interim_results", "endpoint_silence_seconds", "max_lag_seconds")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HERTZ_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    INTERIM_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_SILENCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    options: TranscribeOptions
+    encoding: AudioEncoding
+    sample_rate_hertz: int
+    channels: int
+    interim_results: bool
+    endpoint_silence_seconds: float
+    max_lag_seconds: float
+    def __init__(self, options: _Optional[_Union[TranscribeOptions, _Mapping]] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., channels: _Optional[int] = ..., interim_results: _Optional[bool] = ..., endpoint_silence_seconds: _Optional[float] = ..., max_lag_seconds: _Optional[float] = ...) -> None: ...
+
+class StreamingTranscribeRequest(_message.Message):
+    __slots__ = ("config", "audio")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    config: StreamingConfig
+    audio: bytes
+    def __init__(self, config: _Optional[_Union[StreamingConfig, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
+
+class SpeechEvent(_message.Message):
+    __slots__ = ("type", "time")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    type: SpeechEventType
+    time: float
+    def __init__(self, type: _Optional[_Union[SpeechEventType, str]] = ..., time: _Optional[float] = ...) -> None: ...
+
+class StreamingResult(_message.Message):
+    __slots__ = ("result_id", "is_final", "stability", "start", "end", "text", "words")
+    RESULT_ID_FIELD_NUMBER: _ClassVar[int]
+    IS_FINAL_FIELD_NUMBER: _ClassVar[int]
+    STABILITY_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    result_id: str
+    is_final: bool
+    stability: float
+    start: float
+    end: float
+    text: str
+    words: _containers.RepeatedCompositeFieldContainer[Word]
+    def __init__(self, result_id: _Optional[str] = ..., is_final: _Optional[bool] = ..., stability: _Optional[float] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., text: _Optional[str] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ...) -> None: ...
+
+class StreamingTranscribeResponse(_message.Message):
+    __slots__ = ("job_id", "sequence", "timestamp", "audio_received_seconds", "audio_processed_seconds", "accepted", "result", "speech_event", "completed")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_RECEIVED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_PROCESSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_EVENT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    sequence: int
+    timestamp: _timestamp_pb2.Timestamp
+    audio_received_seconds: float
+    audio_processed_seconds: float
+    accepted: Accepted
+    result: StreamingResult
+    speech_event: SpeechEvent
+    completed: Completed
+    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., audio_received_seconds: _Optional[float] = ..., audio_processed_seconds: _Optional[float] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., result: _Optional[_Union[StreamingResult, _Mapping]] = ..., speech_event: _Optional[_Union[SpeechEvent, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ...) -> None: ...

@@ -74,6 +74,11 @@ class InferenceStub:
                 request_serializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.GetCacheStatsRequest.SerializeToString,
                 response_deserializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.CacheStats.FromString,
                 _registered_method=True)
+        self.StreamingTranscribe = channel.stream_stream(
+                '/voxserve.inference.v1.Inference/StreamingTranscribe',
+                request_serializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.StreamingTranscribeRequest.SerializeToString,
+                response_deserializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.StreamingTranscribeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -132,6 +137,17 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamingTranscribe(self, request_iterator, context):
+        """Live transcription: a StreamingConfig first, then raw PCM audio as it is captured;
+        streams drafts (interim results) and final results. Half-closing the request stream
+        flushes: every pending result becomes final, then `completed`.
+        INVALID_ARGUMENT: no config first, a second config, bad encoding, rate or channels;
+        RESOURCE_EXHAUSTED: too many live streams, or processing fell too far behind the audio.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +190,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetCacheStats,
                     request_deserializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.GetCacheStatsRequest.FromString,
                     response_serializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.CacheStats.SerializeToString,
+            ),
+            'StreamingTranscribe': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamingTranscribe,
+                    request_deserializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.StreamingTranscribeRequest.FromString,
+                    response_serializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.StreamingTranscribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +413,33 @@ class Inference:
             '/voxserve.inference.v1.Inference/GetCacheStats',
             voxserve_dot_inference_dot_v1_dot_inference__pb2.GetCacheStatsRequest.SerializeToString,
             voxserve_dot_inference_dot_v1_dot_inference__pb2.CacheStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamingTranscribe(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/voxserve.inference.v1.Inference/StreamingTranscribe',
+            voxserve_dot_inference_dot_v1_dot_inference__pb2.StreamingTranscribeRequest.SerializeToString,
+            voxserve_dot_inference_dot_v1_dot_inference__pb2.StreamingTranscribeResponse.FromString,
             options,
             channel_credentials,
             insecure,
