@@ -187,7 +187,7 @@ class ModelRegistry:
             self._models[model_id].record = record
             if persist:
                 self._version += 1
-            self.bus.publish(_state_event(record, message))
+            self.bus.publish(_state_event(record, message, self._models[model_id].progress))
             self._refresh_state_gauge()
         return record
 
@@ -300,7 +300,15 @@ class ModelRegistry:
             self.metrics.disk_free_bytes.set(shutil.disk_usage(self.data_dir).free)
 
 
-def _state_event(record: ModelRecord, message: str) -> StoreEvent:
+def _state_event(record: ModelRecord, message: str, progress: DownloadProgress | None) -> StoreEvent:
+    """A STATE_CHANGED event; during a download it carries the download's counts, so a
+    progress bar fed by the stream never goes back (VERIFYING and READY keep the totals)."""
+    if progress is not None:
+        bytes_done, files_done = progress.bytes_done, progress.files_done
+    elif record.state == ModelState.READY:
+        bytes_done, files_done = record.size_bytes, len(record.files)
+    else:
+        bytes_done, files_done = 0, 0
     return StoreEvent(
         0,
         record.model_id,
@@ -308,7 +316,8 @@ def _state_event(record: ModelRecord, message: str) -> StoreEvent:
         record.state,
         record.updated_at,
         bytes_total=record.size_bytes,
-        bytes_done=record.size_bytes if record.state == ModelState.READY else 0,
+        bytes_done=bytes_done,
+        files_done=files_done,
         files_total=len(record.files),
         source=record.source,
         queue_position=record.queue_position,

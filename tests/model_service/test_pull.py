@@ -138,3 +138,29 @@ def _metrics_text(handle: StoreHandle) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(handle.store.metrics.registry).decode()
+
+
+def assert_progress_never_goes_back(events: list[pb.ModelEvent]) -> None:
+    counted = [e for e in events if e.type in (pb.PROGRESS, pb.STATE_CHANGED) and e.bytes_total]
+    done = [e.bytes_done for e in counted]
+    assert done == sorted(done), [(pb.ModelState.Name(e.state), e.bytes_done) for e in counted]
+    files = [e.files_done for e in counted]
+    assert files == sorted(files)
+
+
+def test_progress_is_monotonic_and_verifying_and_ready_carry_the_totals(store: StoreHandle, hub) -> None:
+    events = pull(store, "test-tiny")
+    assert_progress_never_goes_back(events)
+    verifying = [e for e in events if e.type == pb.STATE_CHANGED and e.state == pb.VERIFYING]
+    ready = events[-1]
+    assert verifying and ready.state == pb.READY
+    for event in (*verifying, ready):
+        assert event.bytes_done == event.bytes_total > 0
+        assert event.files_done == event.files_total == len(TINY_EN_FILES)
+
+
+def test_progress_of_a_resumed_pull_is_monotonic_too(store: StoreHandle, hub) -> None:
+    hub.drop_after(8 << 20, times=1, path="model.bin")
+    events = pull(store, "test-tiny")
+    assert events[-1].state == pb.READY
+    assert_progress_never_goes_back(events)
