@@ -88,16 +88,19 @@ class EventBus:
         after_sequence: int,
         *,
         model_ids: Collection[str] = (),
+        types: Collection[EventType] = (),
         heartbeat: float | None = None,
         stop: Sequence[asyncio.Event] = (),
     ) -> AsyncGenerator[Followed[StoreEvent], None]:
-        """EventLog.follow over the store's events, only those of ``model_ids`` if given."""
-        wanted = frozenset(model_ids)
+        """EventLog.follow over the store's events, only those of ``model_ids`` and of
+        ``types`` if given (filtered events still move the follower's position)."""
+        wanted, kinds = frozenset(model_ids), frozenset(types)
+
+        def keep(event: StoreEvent) -> bool:
+            return (not wanted or event.model_id in wanted) and (not kinds or event.type in kinds)
+
         return self._log.follow(
-            after_sequence,
-            filter=(lambda event: event.model_id in wanted) if wanted else None,
-            heartbeat=heartbeat,
-            stop=stop,
+            after_sequence, filter=keep if wanted or kinds else None, heartbeat=heartbeat, stop=stop
         )
 
     def allow_next_progress(self, model_id: str) -> None:

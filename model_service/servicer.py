@@ -6,7 +6,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import cast
 
 import grpc
@@ -29,6 +29,7 @@ KIND_TO_PB = {"whisper": pb.WHISPER, "vad": pb.VAD, "demucs": pb.DEMUCS}
 PB_TO_KIND = {v: k for k, v in KIND_TO_PB.items()}
 STATE_TO_PB = {state: cast(pb.ModelState, pb.ModelState.Value(state.value)) for state in ModelState}
 EVENT_TO_PB = {etype: cast(pb.EventType, pb.EventType.Value(etype.value)) for etype in EventType}
+PB_TO_EVENT = {int(value): etype for etype, value in EVENT_TO_PB.items()}
 TERMINAL_OK = {ModelState.READY}
 
 
@@ -261,15 +262,18 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         wanted = set(request.model_ids)
         for model_id in wanted:
             self.store.catalog.get(model_id)
+        types = _event_types(request.types)
         self.store.metrics.active_watchers.labels("WatchModels").inc()
         try:
             after = request.after_sequence
-            if not after:
+            if not after and (not types or EventType.SNAPSHOT in types):
                 snapshot, after = await self._snapshot(wanted, resync=False)
                 for message in snapshot:
                     yield message
+            elif not after:
+                after = self.store.bus.sequence
             events = self.store.bus.follow(
-                after, model_ids=wanted, heartbeat=self.heartbeat_seconds, stop=(self.shutting_down,)
+                after, model_ids=wanted, types=types, heartbeat=self.heartbeat_seconds, stop=(self.shutting_down,)
             )
             async with contextlib.aclosing(events):
                 async for item in events:
@@ -281,7 +285,8 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
                             yield message
                         item.resume_after(sequence)
                     elif isinstance(item, Heartbeat):
-                        yield pb.ModelEvent(sequence=item.sequence, type=pb.HEARTBEAT, timestamp=_timestamp_now())
+                        if not types or EventType.HEARTBEAT in types:
+                            yield pb.ModelEvent(sequence=item.sequence, type=pb.HEARTBEAT, timestamp=_timestamp_now())
                     else:
                         await context.abort(
                             grpc.StatusCode.UNAVAILABLE,
@@ -335,6 +340,18 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
                 pending.add_done_callback(lambda _: chunks.close())
             else:
                 chunks.close()
+
+
+def _event_types(values: Iterable[int]) -> frozenset[EventType]:
+    """The requested event types; INVALID_ARGUMENT for a value the API does not define."""
+    types = set()
+    for value in values:
+        if value not in PB_TO_EVENT:
+            raise InvalidArgument(
+                f"types: {value} is not an event type; use {', '.join(e.value for e in EventType)} (or none for all)"
+            )
+        types.add(PB_TO_EVENT[value])
+    return frozenset(types)
 
 
 def _timestamp_now() -> Timestamp:

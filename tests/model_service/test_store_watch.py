@@ -252,3 +252,50 @@ def test_pull_stream_ends_when_the_job_ends_not_at_the_next_heartbeat(start_stor
         store_logger.setLevel(level)
     assert events[-1].state == pb.READY
     assert stream.code() == grpc.StatusCode.OK
+
+
+def typed_watch(handle: StoreHandle, types: list[int], after_sequence: int = 0) -> Iterator[pb.ModelEvent]:
+    return handle.stub.WatchModels(pb.WatchModelsRequest(after_sequence=after_sequence, types=types), timeout=120)
+
+
+def test_types_filter_gets_every_event_of_those_types_in_order_and_resumes(
+    store: StoreHandle, hub: HubServer, watches: list[Watch]
+) -> None:
+    everything = Watch(store)
+    watches.append(everything)
+    everything.until(lambda e: e.type == pb.SNAPSHOT_END)
+    hub.throttle(8 << 20, path="model.bin")
+    states_only = typed_watch(store, [pb.STATE_CHANGED])
+    thread = threading.Thread(target=pull, args=(store, "test-tiny"), daemon=True)
+    thread.start()
+    first = next(states_only)  # no snapshot: the first thing is a live state change
+    assert first.type == pb.STATE_CHANGED
+    received = [first]
+    for event in states_only if first.state != pb.DOWNLOADING else ():  # disconnect mid-pull
+        received.append(event)
+        if event.state == pb.DOWNLOADING:
+            break
+    states_only.cancel()  # type: ignore[attr-defined]
+    assert received[-1].state == pb.DOWNLOADING  # the throttled model.bin keeps it downloading
+    resumed = typed_watch(store, [pb.STATE_CHANGED, pb.HEARTBEAT], after_sequence=received[-1].sequence)
+    for event in resumed:
+        if event.type == pb.HEARTBEAT:
+            continue
+        received.append(event)
+        if is_ready("test-tiny")(event):
+            break
+    resumed.cancel()  # type: ignore[attr-defined]
+    thread.join(60)
+
+    seen_by_all = everything.until(is_ready("test-tiny"))
+    assert any(e.type == pb.PROGRESS for e in seen_by_all)  # there was something to filter out
+    unfiltered = [e for e in seen_by_all if e.type == pb.STATE_CHANGED and e.sequence >= first.sequence]
+    assert {e.type for e in received} == {pb.STATE_CHANGED}
+    assert [e.sequence for e in received] == [e.sequence for e in unfiltered]  # all of them, in order, once
+
+
+def test_unknown_event_type_is_invalid_argument(store: StoreHandle) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        next(typed_watch(store, [99]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "STATE_CHANGED" in caught.value.details()

@@ -186,12 +186,14 @@ class ImportModelRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., source_dir: _Optional[str] = ...) -> None: ...
 
 class WatchModelsRequest(_message.Message):
-    __slots__ = ("after_sequence", "model_ids")
+    __slots__ = ("after_sequence", "model_ids", "types")
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    TYPES_FIELD_NUMBER: _ClassVar[int]
     after_sequence: int
     model_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, after_sequence: _Optional[int] = ..., model_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    types: _containers.RepeatedScalarFieldContainer[EventType]
+    def __init__(self, after_sequence: _Optional[int] = ..., model_ids: _Optional[_Iterable[str]] = ..., types: _Optional[_Iterable[_Union[EventType, str]]] = ...) -> None: ...
 
 class ModelEvent(_message.Message):
     __slots__ = ("sequence", "model_id", "type", "state", "bytes_done", "bytes_total", "bytes_per_second", "eta_seconds", "files_done", "files_total", "current_file", "source", "queue_position", "message", "timestamp", "model", "resync")
