@@ -41,6 +41,16 @@ class InferenceConfig:
     max_audio_bytes: int = 200 * 1024 * 1024
     job_retention_seconds: float = 600.0  # how long ended jobs stay watchable
     job_history_events: int = 20_000  # events kept per job for WatchJob
+    # Live transcription (StreamingTranscribe). Endpoint: silence that ends an utterance
+    # (the client may ask for another); lag: audio received - audio processed, above
+    # live_max_lag_seconds a stream decodes less often on larger chunks, above
+    # live_abandon_lag_seconds it ends with RESOURCE_EXHAUSTED.
+    live_max_streams: int = 8
+    live_endpoint_silence_seconds: float = 0.5
+    live_max_lag_seconds: float = 3.0
+    live_abandon_lag_seconds: float = 20.0
+    live_decode_interval_seconds: float = 0.3
+    live_beam_size: int = 1  # when the client leaves beam_size at 0
     grace_seconds: float = 20.0
     log_level: str = "INFO"
     log_format: str = "json"
@@ -62,6 +72,16 @@ class InferenceConfig:
             (self.watchdog_interval_seconds > 0, "watchdog_interval_seconds", "must be > 0"),
             (self.cpu_threads >= 0, "cpu_threads", "must be >= 0"),
             (self.grace_seconds >= 0, "grace_seconds", "must be >= 0"),
+            (self.live_max_streams >= 0, "live_max_streams", "must be >= 0 (0 refuses live streams)"),
+            (0.1 <= self.live_endpoint_silence_seconds <= 10, "live_endpoint_silence_seconds", "must be 0.1-10"),
+            (self.live_max_lag_seconds > 0, "live_max_lag_seconds", "must be > 0"),
+            (
+                self.live_abandon_lag_seconds > self.live_max_lag_seconds,
+                "live_abandon_lag_seconds",
+                "must be > live_max_lag_seconds",
+            ),
+            (0.05 <= self.live_decode_interval_seconds <= 5, "live_decode_interval_seconds", "must be 0.05-5"),
+            (1 <= self.live_beam_size <= 20, "live_beam_size", "must be 1-20"),
             (self.log_format in ("json", "console"), "log_format", "must be json or console"),
             (bool(self.default_model), "default_model", "must not be empty"),
         ]

@@ -9,6 +9,9 @@ from voxserve_common.metrics import RpcMetrics
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5)
 TTFS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+LIVE_LATENCY_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
+LIVE_LAG_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 30)
+DECODE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2)
 
 
 class InferenceMetrics:
@@ -71,5 +74,49 @@ class InferenceMetrics:
             "From request to the first segment sent.",
             ["model_id"],
             buckets=TTFS_BUCKETS,
+            registry=r,
+        )
+        self.live_time_to_first_result = Histogram(
+            "voxserve_live_time_to_first_result_seconds",
+            "Live streams: from the arrival of the audio where speech started to the first result sent.",
+            ["model_id"],
+            buckets=LIVE_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.live_final_latency = Histogram(
+            "voxserve_live_final_result_latency_seconds",
+            "Live streams: wall time a final result was sent minus the wall time its audio end arrived.",
+            ["model_id"],
+            buckets=LIVE_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.live_lag = Histogram(
+            "voxserve_live_lag_seconds",
+            "Live streams: audio received minus audio processed, after each decode.",
+            ["model_id"],
+            buckets=LIVE_LAG_BUCKETS,
+            registry=r,
+        )
+        self.live_max_lag = Gauge(
+            "voxserve_live_max_lag_seconds", "Live streams: the largest lag among the active streams.", registry=r
+        )
+        self.live_streams_active = Gauge("voxserve_live_streams_active", "Live streams open now.", registry=r)
+        self.live_streams_finished = Counter(
+            "voxserve_live_streams_finished",
+            "Live streams that ended, by outcome (completed, cancelled, overloaded, failed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.live_draft_rewrites = Counter(
+            "voxserve_live_draft_rewrites",
+            "Live interim results whose text is not an extension of the previous draft of the same result.",
+            ["model_id"],
+            registry=r,
+        )
+        self.live_decode_seconds = Histogram(
+            "voxserve_live_decode_seconds",
+            "Live streams: compute time of one decode of a stream's buffer.",
+            ["model_id"],
+            buckets=DECODE_BUCKETS,
             registry=r,
         )
