@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-PACKAGES = ("voxserve_common", "model_service", "inference_service", "voxctl")
+PACKAGES = ("voxserve_common", "model_service", "inference_service", "voxctl", "voxserve_http")
 
 
 def test_mypy_strict_is_clean(tmp_path: Path) -> None:

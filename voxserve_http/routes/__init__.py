@@ -1,0 +1,1 @@
+"""HTTP routes: OpenAI-compatible audio and models, REST model management, health."""

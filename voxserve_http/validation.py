@@ -1,0 +1,98 @@
+"""Checks of the strings a client sends (URLs, form fields) before anything uses them."""
+
+from __future__ import annotations
+
+import re
+
+from model_service.paths import validate_model_id
+from voxserve_common.errors import InvalidArgument
+from voxserve_http.errors import bad_request
+
+# Job ids the gateway accepts in URLs and forms: a safe subset of what the inference
+# service takes (128 printable characters), so no id can mean a path or a query.
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._:-]{0,126}[A-Za-z0-9])?$")
+LANGUAGE_PATTERN = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z]{2,4})?$")
+MAX_PROMPT_CHARS = 8192
+MAX_SEQUENCE = (1 << 64) - 1
+
+
+def model_id(value: str, param: str = "id") -> str:
+    """A catalog model id (the model store's own rule), or 400 naming ``param``."""
+    try:
+        return validate_model_id(value)
+    except InvalidArgument as error:
+        raise bad_request(str(error), param=param, code="invalid_model_id") from None
+
+
+def job_id(value: str, param: str = "id") -> str:
+    if ".." in value or not JOB_ID_PATTERN.fullmatch(value):
+        raise bad_request(
+            f"invalid job id {value!r}: use 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':' or '-', "
+            "starting and ending with a letter or digit",
+            param=param,
+            code="invalid_job_id",
+        )
+    return value
+
+
+def sequence(value: str, param: str) -> int:
+    """An event sequence (Last-Event-ID or ?after_sequence=): a whole number >= 0."""
+    text = value.strip()
+    if not text.isdigit() or int(text) > MAX_SEQUENCE:
+        raise bad_request(
+            f"{param} must be a whole number >= 0 (the id: of the last event received), not {value[:64]!r}",
+            param=param,
+            code="invalid_sequence",
+        )
+    return int(text)
+
+
+def language(value: str | None) -> str:
+    if value is None or not value.strip():
+        return ""
+    text = value.strip()
+    if not LANGUAGE_PATTERN.fullmatch(text):
+        raise bad_request(
+            f"invalid language {value[:32]!r}: use an ISO 639-1 code such as 'en', 'de' or 'fr'", param="language"
+        )
+    return text.lower()
+
+
+def prompt(value: str | None) -> str:
+    if value is None:
+        return ""
+    if len(value) > MAX_PROMPT_CHARS:
+        raise bad_request(f"prompt is {len(value)} characters; at most {MAX_PROMPT_CHARS} are taken", param="prompt")
+    return value
+
+
+def boolean(value: str | None, param: str) -> bool:
+    if value is None or value.strip() == "":
+        return False
+    text = value.strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise bad_request(f"{param} must be true or false, not {value[:32]!r}", param=param)
+
+
+def temperature(value: str | None) -> None:
+    """Whisper here always decodes as OpenAI's temperature 0 does: greedy/beam first, with
+    faster-whisper's fallback to higher temperatures when a segment fails its checks. The
+    inference API has no temperature option, so any other value is refused, not ignored."""
+    if value is None or value.strip() == "":
+        return
+    try:
+        number = float(value)
+    except ValueError:
+        raise bad_request(f"temperature must be a number, not {value[:32]!r}", param="temperature") from None
+    if not 0 <= number <= 1:
+        raise bad_request(f"temperature must be between 0 and 1, got {number}", param="temperature")
+    if number != 0:
+        raise bad_request(
+            "only temperature 0 is supported (decoding starts at 0 and raises the temperature by itself "
+            "when a segment fails the quality checks); leave temperature out or send 0",
+            param="temperature",
+            code="unsupported_value",
+        )
