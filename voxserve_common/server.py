@@ -345,14 +345,24 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
     async def set_serving(self, serving: bool) -> None:
+        """Liveness and readiness together (the overall "" status and every service name)."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def set_ready(self, ready: bool) -> None:
+        """Readiness: the service names' status. NOT_SERVING until the start-up work that
+        requests depend on is done and while draining; "" (liveness) stays SERVING while
+        the process is alive, so an orchestrator does not restart a server that is busy
+        starting or stopping."""
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.service_names:
             await self.health.set(name, status)
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting RPCs, run shutdown hooks (which end long streams), then wait
         up to ``grace`` seconds for in-flight calls before cancelling them."""
-        await self.set_serving(False)
+        await self.set_ready(False)  # draining: not ready for new work, still alive
         for hook in self.on_stop:
             result = hook()
             if asyncio.iscoroutine(result):
@@ -378,9 +388,14 @@ async def start_server(
     tls: ServerTls | None = None,
     authenticator: Authenticator | None = None,
     max_watch_streams_per_peer: int = MAX_WATCH_STREAMS_PER_PEER,
+    ready: bool = True,
 ) -> RunningServer:
     """Build, bind and start an aio server with health and reflection; returns
-    RunningServer whose ``port`` is the bound one (pass port 0 in tests)."""
+    RunningServer whose ``port`` is the bound one (pass port 0 in tests).
+
+    Liveness ("" in grpc.health.v1) is SERVING from here on; readiness (the service names)
+    is ``ready``: pass False when start-up work must finish first, then ``set_ready(True)``.
+    """
     options = [*server_options(max_message_bytes)]
     runtime = runtime_metrics(metrics_registry, disk_paths) if metrics_registry is not None else None
     if authenticator is not None and runtime is not None:
@@ -438,7 +453,8 @@ async def start_server(
         running.on_stop.append(stop_error_counter)
     running.on_stop.append(log_levels.close)
     running.log_levels = log_levels
-    await running.set_serving(True)
+    await running.health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await running.set_ready(ready)
     logger.info(
         "server started",
         extra={
