@@ -26,6 +26,11 @@ class ModelStoreConfig:
     event_history: int = 10_000
     progress_events_per_second: float = 10.0
     import_embedded: bool = True  # import packaged models (tiny.en, Silero) at start-up
+    # ImportModel reads only inside these directories (symlinks resolved); empty: only
+    # the embedded copies can be imported.
+    import_roots: tuple[Path, ...] = ()
+    max_import_files: int = 1_000
+    max_import_bytes: int = 64 << 30
     verify_on_startup: bool = False  # re-hash READY models at start-up, not only sizes
     grace_seconds: float = 20.0
     log_level: str = "INFO"
@@ -40,6 +45,9 @@ class ModelStoreConfig:
             (self.download_retries >= 1, "download_retries", "must be >= 1"),
             (4096 <= self.download_chunk_bytes <= 64 << 20, "download_chunk_bytes", "must be 4 KiB - 64 MiB"),
             (self.disk_reserve_bytes >= 0, "disk_reserve_bytes", "must be >= 0"),
+            (self.max_import_files >= 1, "max_import_files", "must be >= 1"),
+            (self.max_import_bytes >= 1, "max_import_bytes", "must be >= 1"),
+            (all(root.is_absolute() for root in self.import_roots), "import_roots", "must be absolute directories"),
             (self.heartbeat_seconds > 0, "heartbeat_seconds", "must be > 0"),
             (self.event_history >= 10, "event_history", "must be >= 10"),
             (self.progress_events_per_second > 0, "progress_events_per_second", "must be > 0"),

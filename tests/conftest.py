@@ -20,6 +20,7 @@ from model_service.config import ModelStoreConfig
 from tests.hubserver import HubServer
 from tests.support import (
     TEXT_REPO,
+    TINY_EN_DIR,
     TINY_REPO,
     InferenceHandle,
     LoopThread,
@@ -77,6 +78,8 @@ def store_config(tmp_path: Path, hub: HubServer) -> ModelStoreConfig:
         hub_timeout_seconds=5,
         heartbeat_seconds=0.5,
         log_format="json",
+        # Tests import from their own temporary directories and the packaged tiny.en.
+        import_roots=(tmp_path, TINY_EN_DIR),
     )
 
 

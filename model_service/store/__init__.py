@@ -27,7 +27,7 @@ from model_service.hub import HubClient
 from model_service.metrics import ModelStoreMetrics
 from model_service.paths import remove_path
 from model_service.state import BUSY_STATES, ModelRecord, ModelState
-from model_service.store.importer import Importer
+from model_service.store.importer import Importer, ImportLimits
 from model_service.store.pull import PullService, PullTicket
 from model_service.store.reader import DEFAULT_FETCH_CHUNK, MAX_FETCH_CHUNK, FileChunkData, ModelReader
 from model_service.store.reconcile import Reconciler, VerifyResult
@@ -76,7 +76,8 @@ class ModelStore:
         self.queue = self.downloads.queue
         self.fetcher = self.downloads.fetcher
         self.reconciler = Reconciler(self.registry, self.metrics)
-        self.importer = Importer(self.registry, self.downloads.is_downloading)
+        limits = ImportLimits(config.import_roots, config.max_import_bytes, config.max_import_files)
+        self.importer = Importer(self.registry, self.downloads.is_downloading, limits)
         self.reader = ModelReader(self.registry)
         self.scan_done = threading.Event()
         self._scan_thread: threading.Thread | None = None

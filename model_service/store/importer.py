@@ -6,6 +6,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from model_service.catalog import CatalogEntry
@@ -14,7 +15,7 @@ from model_service.paths import remove_path, safe_join, validate_relative_file
 from model_service.state import BUSY_STATES, FileRecord, ModelState, fsync_dir
 from model_service.store.registry import ModelRegistry, ModelView
 from model_service.validator import FileHasher
-from voxserve_common.errors import InvalidArgument, VoxserveError
+from voxserve_common.errors import InvalidArgument, PermissionDenied, ResourceExhausted, VoxserveError
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,15 @@ class Importer:
     Blocking (copies and fsyncs whole models): call from a worker thread.
     """
 
-    def __init__(self, registry: ModelRegistry, is_downloading: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        is_downloading: Callable[[str], bool],
+        limits: ImportLimits | None = None,
+    ) -> None:
         self.registry = registry
         self._is_downloading = is_downloading
+        self.limits = limits or ImportLimits()
 
     def import_model(self, model_id: str, source_dir: str) -> ModelView:
         """Copy ``source_dir`` (absolute, on this host; empty: the embedded copy).
@@ -82,12 +89,12 @@ class Importer:
 
     def _sources(self, entry: CatalogEntry, source_dir: str) -> tuple[Mapping[str, Path], str]:
         if source_dir:
-            root = Path(source_dir)
-            if not root.is_absolute():
-                raise ImportFailed(f"source_dir must be an absolute path on the store's host, not {source_dir!r}")
+            root = self.limits.confine(source_dir)
             if not root.is_dir():
                 raise ImportFailed(f"source_dir {source_dir!r} is not a directory on the store's host")
-            return _scan_import_dir(entry, root), f"import:{root}"
+            sources = _scan_import_dir(entry, root, self.limits)
+            self.limits.check_size(entry.model_id, sources)
+            return sources, f"import:{root}"
         if not entry.embedded_files:
             raise InvalidArgument(
                 f"{entry.model_id} has no embedded copy; give source_dir (a directory on the store's host)"
@@ -138,9 +145,52 @@ def _copy_files(sources: Mapping[str, Path], staging: Path, required: set[str]) 
     return files
 
 
-def _scan_import_dir(entry: CatalogEntry, root: Path) -> dict[str, Path]:
+@dataclass(frozen=True)
+class ImportLimits:
+    """Where ImportModel may read (``roots``; none = only the embedded copies) and how much."""
+
+    roots: tuple[Path, ...] = ()
+    max_bytes: int = 64 << 30
+    max_files: int = 1_000
+
+    def confine(self, source_dir: str) -> Path:
+        """The resolved source_dir if it lies inside a root (symlinks resolved first).
+
+        Raises InvalidArgument for a relative path and PermissionDenied otherwise, with a
+        message that is the same whether or not the path exists on the host.
+        """
+        if "\x00" in source_dir or len(source_dir) > 4096:
+            raise InvalidArgument("source_dir must be an absolute path of at most 4096 characters")
+        given = Path(source_dir)
+        if not given.is_absolute():
+            raise ImportFailed(f"source_dir must be an absolute path on the store's host, not {source_dir[:200]!r}")
+        resolved = given.resolve(strict=False)
+        for root in self.roots:
+            if resolved.is_relative_to(root.resolve(strict=False)):
+                return resolved
+        raise PermissionDenied(
+            "source_dir is not inside the directories this store may import from (the import_roots setting); "
+            "ask its operator to add it, or import the embedded copy with an empty source_dir"
+        )
+
+    def check_size(self, model_id: str, sources: Mapping[str, Path]) -> None:
+        total = sum(path.stat().st_size for path in sources.values())
+        if total > self.max_bytes:
+            raise ResourceExhausted(
+                f"cannot import {model_id}: its files hold {total} bytes, over the import limit of "
+                f"{self.max_bytes} bytes (max_import_bytes)"
+            )
+
+
+def _scan_import_dir(entry: CatalogEntry, root: Path, limits: ImportLimits) -> dict[str, Path]:
     sources: dict[str, Path] = {}
+    seen = 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        seen += len(dirnames) + len(filenames)
+        if seen > limits.max_files * 10:  # a huge tree is not a model: stop walking it
+            raise ResourceExhausted(
+                f"source_dir holds more than {limits.max_files * 10} entries; point it at the model's own directory"
+            )
         current = Path(dirpath)
         for name in dirnames:
             if (current / name).is_symlink():
@@ -157,6 +207,10 @@ def _scan_import_dir(entry: CatalogEntry, root: Path) -> dict[str, Path]:
             except UnsafePath as error:
                 raise ImportFailed(f"refusing to import {relative!r}: {error}") from None
             sources[relative] = path
+            if len(sources) > limits.max_files:
+                raise ResourceExhausted(
+                    f"cannot import {entry.model_id}: more than {limits.max_files} matching files (max_import_files)"
+                )
     if not sources:
         raise ImportFailed(f"{root} holds no files matching {list(entry.allow_patterns)} for {entry.model_id}")
     return sources
