@@ -112,9 +112,9 @@ def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
         redoc_url=None,
         openapi_url="/openapi.json",
     )
-    app.include_router(openai.router)
-    app.include_router(models.router)
-    app.include_router(health.router)
+    routers = (openai.router, models.router, health.router)
+    for router in routers:
+        app.include_router(router)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -122,5 +122,5 @@ def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     app.add_exception_handler(Exception, _unexpected)
     # Added last = outermost: every answer, the 413s included, is traced, counted and logged.
     app.add_middleware(BodyLimitMiddleware, limit=config.max_upload_bytes)
-    app.add_middleware(ObservabilityMiddleware, metrics=metrics, routes=app.router)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, routes=[r for x in routers for r in x.routes])
     return app

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.routing import Match, Router
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from voxserve_common.logs import log_context
@@ -52,16 +53,16 @@ class GatewayMetrics:
         )
 
 
-def route_template(scope: Scope, router: Router | None = None) -> str:
+def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
     """The template of the route that served ``scope``; for an answer given before
     routing (a 413 from the body limit), the route the path would have gone to."""
     path = getattr(scope.get("route"), "path", None)
     if path:
         return str(path)
-    for route in router.routes if router is not None else ():
+    for route in routes:
         match, _ = route.matches(scope)
         if match == Match.FULL:
-            return str(getattr(route, "path", UNMATCHED_ROUTE))
+            return str(getattr(route, "path", None) or UNMATCHED_ROUTE)
     return UNMATCHED_ROUTE
 
 
@@ -70,7 +71,7 @@ class ObservabilityMiddleware:
     handling the request continue it again), counts and times the request by route and
     status, and logs one line when the response has ended."""
 
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, routes: Router | None = None) -> None:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes

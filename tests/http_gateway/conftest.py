@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import threading
+import wave
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,11 +17,11 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.support import InferenceHandle, StoreHandle, wait_for
+from tests.support import DATA_DIR, InferenceHandle, StoreHandle, wait_for
 from voxserve_http.__main__ import GatewayServer
 from voxserve_http.config import GatewayConfig
 
-TEST_UPLOAD_LIMIT = 3 << 20  # 3 MiB: every file in tests/data fits, a 4 MiB upload does not
+TEST_UPLOAD_LIMIT = 6 << 20  # 6 MiB: every file of the tests fits (long_wav() is 3.2 MB), 7 MiB does not
 
 
 @dataclass
@@ -101,3 +104,40 @@ def services(start_inference: Callable[..., InferenceHandle]) -> InferenceHandle
 @pytest.fixture
 def gateway(start_gateway: Callable[..., GatewayHandle], services: InferenceHandle) -> GatewayHandle:
     return start_gateway(store=services.store, inference=services)
+
+
+def long_wav(repeats: int = 4) -> bytes:
+    """speech_multi.wav (25 s) played ``repeats`` times in one WAV: a job that runs for
+    seconds after its first segment, so a test can act while it is still running."""
+    with wave.open(str(DATA_DIR / "speech_multi.wav"), "rb") as source:
+        params = source.getparams()
+        frames = source.readframes(source.getnframes())
+    out = io.BytesIO()
+    with wave.open(out, "wb") as target:
+        target.setparams(params)
+        target.writeframes(frames * repeats)
+    return out.getvalue()
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """Server-sent events from response lines: {"id", "event", "data"} (data parsed as
+    JSON); comment lines are skipped."""
+    event: dict[str, Any] = {}
+    for line in lines:
+        if not line:
+            if event:
+                yield event
+                event = {}
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            event["data"] = json.loads(value)
+        elif name == "id":
+            event["id"] = int(value)
+        else:
+            event[name] = value
+    if event:
+        yield event
