@@ -30,6 +30,9 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal once it has stopped, which kills the process
+        # before main() flushes logs and spans; a graceful stop here exits 0 like the services.
+        self._captured_signals.clear()
         self.begin_shutdown()
 
     def begin_shutdown(self) -> None:

@@ -35,7 +35,8 @@ class GatewayHandle:
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         """The real OpenAI SDK pointed at the gateway; no retries, so each call is one request."""
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=300, **kwargs)
+        settings: dict[str, Any] = {"api_key": "unused", "max_retries": 0, "timeout": 300, **kwargs}
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", **settings)
 
     def http(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=300, **kwargs)
