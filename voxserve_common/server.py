@@ -339,6 +339,16 @@ class RunningServer:
     metrics_endpoint: MetricsEndpoint | None = None
     on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     log_levels: LogLevelControl = field(default_factory=LogLevelControl)
+    # Run (in a worker thread) on SIGHUP: re-read what can change without a restart.
+    on_reload: list[Callable[[], None]] = field(default_factory=list)
+
+    async def reload(self) -> None:
+        """Run every reload hook; one that fails is logged and the others still run."""
+        for hook in self.on_reload:
+            try:
+                await asyncio.to_thread(hook)
+            except Exception:
+                logger.exception("reload failed", extra={"hook": getattr(hook, "__qualname__", repr(hook))})
 
     @property
     def address(self) -> str:
@@ -452,6 +462,8 @@ async def start_server(
 
         running.on_stop.append(stop_error_counter)
     running.on_stop.append(log_levels.close)
+    if authenticator is not None:
+        running.on_reload.append(authenticator.reload)
     running.log_levels = log_levels
     await running.health.set("", health_pb2.HealthCheckResponse.SERVING)
     await running.set_ready(ready)
@@ -467,12 +479,22 @@ async def start_server(
 
 
 async def serve_until_signal(running: RunningServer, grace_seconds: float) -> None:
-    """Block until SIGTERM or SIGINT, then shut down gracefully."""
+    """Block until SIGTERM or SIGINT, then shut down gracefully; SIGHUP runs the reload hooks."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        logger.info("SIGHUP: reloading")
+        task = loop.create_task(running.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
+    loop.remove_signal_handler(signal.SIGHUP)
     logger.info("shutdown requested", extra={"grace_seconds": grace_seconds})
     await running.stop(grace_seconds)
     logger.info("server stopped")
