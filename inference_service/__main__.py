@@ -12,6 +12,7 @@ from pathlib import Path
 from inference_service.config import InferenceConfig
 from inference_service.engines.device import choose_device
 from inference_service.jobs import JobLimits, JobManager
+from inference_service.live.service import LiveLimits, LiveService
 from inference_service.memory import MemoryProbe, parse_memory_budget
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import CacheConfig, ModelCache
@@ -38,6 +39,7 @@ class InferenceApp:
     source: StoreModelSource
     server: RunningServer
     metrics: InferenceMetrics
+    live: LiveService | None = None
     preload_thread: threading.Thread | None = None
 
     @property
@@ -49,6 +51,8 @@ class InferenceApp:
         await asyncio.to_thread(self.close)
 
     def close(self) -> None:
+        if self.live is not None:
+            self.live.close()
         self.jobs.close(wait=True)
         self.cache.close()
         self.source.close()
@@ -69,6 +73,17 @@ def build_cache(config: InferenceConfig, source: StoreModelSource, metrics: Infe
     return ModelCache(cache_config, source.resolve, make_loader(device, config.cpu_threads), metrics, probe)
 
 
+def live_limits(config: InferenceConfig) -> LiveLimits:
+    return LiveLimits(
+        max_streams=config.live_max_streams,
+        endpoint_silence=config.live_endpoint_silence_seconds,
+        max_lag=config.live_max_lag_seconds,
+        abandon_lag=config.live_abandon_lag_seconds,
+        decode_interval=config.live_decode_interval_seconds,
+        beam_size=config.live_beam_size,
+    )
+
+
 async def start_app(config: InferenceConfig, preload_in_background: bool = True) -> InferenceApp:
     """Start the service; preloading runs behind so the server is SERVING at once."""
     metrics = InferenceMetrics()
@@ -80,7 +95,8 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
     )
     jobs = JobManager(limits, transcriber.run, metrics)
     shutting_down = asyncio.Event()
-    servicer = InferenceServicer(jobs, cache, config.default_model, config.max_audio_bytes, shutting_down)
+    live = LiveService(cache, config.vad_model, live_limits(config), metrics)
+    servicer = InferenceServicer(jobs, cache, config.default_model, config.max_audio_bytes, shutting_down, live)
     server = await start_server(
         register=lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s),
         service_names=[SERVICE_NAME],
@@ -92,7 +108,7 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
     )
     server.on_stop.append(shutting_down.set)
     cache.start_watchdog()
-    app = InferenceApp(config, cache, jobs, source, server, metrics)
+    app = InferenceApp(config, cache, jobs, source, server, metrics, live)
     wanted = [(model_id, model_id in config.pin) for model_id in config.preload]
     wanted += [(model_id, True) for model_id in config.pin if model_id not in config.preload]
 

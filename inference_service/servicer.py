@@ -24,6 +24,8 @@ from inference_service.jobs import (
     Phase,
     Progress,
 )
+from inference_service.live.adapter import stream_responses
+from inference_service.live.service import LiveService
 from inference_service.model_cache import LoadedModelInfo, ModelCache
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc as pb_grpc
@@ -158,7 +160,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         default_model: str,
         max_audio_bytes: int,
         shutting_down: asyncio.Event | None = None,
+        live: LiveService | None = None,
     ) -> None:
+        self.live = live
         self.jobs = jobs
         self.cache = cache
         self.default_model = default_model
@@ -270,6 +274,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         job = self.jobs.cancel(request.job_id)
         await asyncio.to_thread(job.done_event.wait, 5.0)
         return pb.CancelJobResponse(job_id=job.job_id, state=JOB_STATES[job.state])
+
+    async def StreamingTranscribe(
+        self,
+        request_iterator: AsyncIterator[pb.StreamingTranscribeRequest],
+        context: grpc.aio.ServicerContext[pb.StreamingTranscribeRequest, pb.StreamingTranscribeResponse],
+    ) -> AsyncIterator[pb.StreamingTranscribeResponse]:
+        if self.live is None:
+            raise Unavailable("live transcription is not enabled on this instance")
+        responses = stream_responses(self.live, request_iterator, lambda o: options_from_pb(o, self.default_model))
+        async with contextlib.aclosing(responses):
+            async for response in responses:
+                yield response
 
     # ------------------------------------------------------------- cache
 

@@ -1,0 +1,267 @@
+"""Live transcription streams: admission, model leases shared across streams, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from inference_service.engines.whisper import TranscribeOptions
+from inference_service.jobs import Accepted, Completed
+from inference_service.live.decoder import BufferDecoder, DecodeSettings, raw_model
+from inference_service.live.pcm import Encoding, PcmDecoder
+from inference_service.live.session import LiveResult, LiveSession, LiveSettings
+from inference_service.live.stream import LiveStream, StreamEvent
+from inference_service.live.vad import SpeechDetector, VadSessions
+from inference_service.live.worker import DecodeWorker
+from inference_service.metrics import InferenceMetrics
+from inference_service.model_cache import Lease, ModelCache
+from voxserve_common.errors import Cancelled, InvalidArgument, ResourceExhausted
+from voxserve_common.logs import log_context
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LiveLimits:
+    max_streams: int = 8
+    endpoint_silence: float = 0.5
+    max_lag: float = 3.0
+    abandon_lag: float = 20.0
+    decode_interval: float = 0.3
+    beam_size: int = 1
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """A StreamingConfig in domain terms; 0 for endpoint_silence / max_lag means the service default."""
+
+    model_id: str
+    options: TranscribeOptions
+    encoding: Encoding
+    sample_rate: int
+    channels: int = 1
+    interim_results: bool = True
+    endpoint_silence: float = 0.0
+    max_lag: float = 0.0
+    job_id: str = ""
+    beam_size_given: bool = False
+
+
+class _Observer:
+    def __init__(self, metrics: InferenceMetrics | None, model_id: str, on_lag: Callable[[], None]) -> None:
+        self.metrics = metrics
+        self.model_id = model_id
+        self.on_lag = on_lag
+        self.lag = 0.0
+
+    def first_result(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.live_time_to_first_result.labels(self.model_id).observe(seconds)
+
+    def final_result(self, latency: float) -> None:
+        if self.metrics is not None:
+            self.metrics.live_final_latency.labels(self.model_id).observe(latency)
+
+    def draft_rewritten(self) -> None:
+        if self.metrics is not None:
+            self.metrics.live_draft_rewrites.labels(self.model_id).inc()
+
+    def decoded(self, seconds: float, lag: float) -> None:
+        self.lag = lag
+        if self.metrics is not None:
+            self.metrics.live_decode_seconds.labels(self.model_id).observe(seconds)
+            self.metrics.live_lag.labels(self.model_id).observe(lag)
+            self.on_lag()
+
+
+class LiveService:
+    """Runs live streams: every stream of a model holds a lease on the one loaded copy and
+    queues its decodes on one shared DecodeWorker."""
+
+    def __init__(
+        self, cache: ModelCache, vad_model_id: str, limits: LiveLimits, metrics: InferenceMetrics | None = None
+    ) -> None:
+        self.cache = cache
+        self.vad_model_id = vad_model_id
+        self.limits = limits
+        self.metrics = metrics
+        self.worker = DecodeWorker()
+        self.vad_sessions = VadSessions()
+        self._lock = threading.Lock()
+        self._active: dict[int, _Observer] = {}
+        self._ids = 0
+
+    def active(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def close(self) -> None:
+        self.worker.close()
+        self.vad_sessions.clear()
+
+    def settings_for(self, request: StreamRequest) -> LiveSettings:
+        """The stream's settings (InvalidArgument for a negative or absurd endpoint or lag)."""
+        if not 0 <= request.endpoint_silence <= 10:
+            raise InvalidArgument(
+                f"endpoint_silence_seconds must be 0-10 (0 = default), got {request.endpoint_silence}"
+            )
+        if not 0 <= request.max_lag <= self.limits.abandon_lag:
+            raise InvalidArgument(
+                f"max_lag_seconds must be 0-{self.limits.abandon_lag:g} (0 = default), got {request.max_lag}"
+            )
+        return LiveSettings(
+            interim_results=request.interim_results,
+            endpoint_silence=request.endpoint_silence or self.limits.endpoint_silence,
+            max_lag=request.max_lag or self.limits.max_lag,
+            decode_interval=self.limits.decode_interval,
+            initial_prompt=request.options.initial_prompt or "",
+        )
+
+    async def run(self, request: StreamRequest, audio: AsyncIterator[bytes]) -> AsyncIterator[StreamEvent]:
+        """Accepted, then the stream's events, then Completed once the client half-closed.
+
+        Raises InvalidArgument (bad config or options, a bad message), ResourceExhausted
+        (too many streams, the model cannot fit, processing too far behind), NotFound.
+        """
+        settings = self.settings_for(request)
+        pcm = PcmDecoder(request.encoding, request.sample_rate, request.channels)
+        key, observer = self._admit(request.model_id)
+        job_id = request.job_id or uuid.uuid4().hex
+        leases: list[Lease] = []
+        stream: LiveStream | None = None
+        outcome = "failed"
+        started = time.monotonic()
+        try:
+            with log_context(job_id=job_id, model_id=request.model_id):
+                leases.append(await _acquire(self.cache, request.model_id, "whisper"))
+                leases.append(await _acquire(self.cache, self.vad_model_id, "vad"))
+                stream = self._stream(request, settings, pcm, leases, observer)
+                logger.info("live stream started", extra={"rate": request.sample_rate, "encoding": request.encoding})
+                yield stream.event(Accepted(0, request.model_id))
+                texts: list[str] = []
+                async for event in stream.run(audio):
+                    if isinstance(event.payload, LiveResult) and event.payload.is_final:
+                        texts.append(event.payload.text)
+                    yield event
+                yield stream.event(self._completed(stream, leases[0], started, texts))
+                outcome = "completed"
+        except ResourceExhausted:
+            outcome = "overloaded"
+            raise
+        except (asyncio.CancelledError, GeneratorExit, Cancelled):
+            outcome = "cancelled"
+            raise
+        finally:
+            self._release(stream, leases)
+            self._leave(key, outcome)
+            logger.info("live stream ended", extra={"outcome": outcome, "job_id": job_id})
+
+    def _stream(
+        self,
+        request: StreamRequest,
+        settings: LiveSettings,
+        pcm: PcmDecoder,
+        leases: list[Lease],
+        observer: _Observer,
+    ) -> LiveStream:
+        engine, vad = leases[0].model, leases[1].model
+        options = engine.validate(request.options)  # type: ignore[attr-defined]
+        beam = options.beam_size if request.beam_size_given else self.limits.beam_size
+        decoder = BufferDecoder(
+            raw_model(engine),
+            DecodeSettings(options.language, options.task, beam, options.word_timestamps, options.hotwords),
+        )
+        detector = SpeechDetector(self.vad_sessions.session(vad.path))  # type: ignore[attr-defined]
+        return LiveStream(LiveSession(settings), pcm, detector, decoder, self.worker, self.limits.abandon_lag, observer)
+
+    @staticmethod
+    def _completed(stream: LiveStream, lease: Lease, started: float, texts: list[str]) -> Completed:
+        audio = stream.session.received
+        compute = stream.stats.decode_seconds
+        return Completed(
+            audio_seconds=audio,
+            processing_seconds=time.monotonic() - started,
+            real_time_factor=compute / audio if audio > 0 else 0.0,
+            model_load_seconds=lease.load_seconds,
+            cache_hit=lease.cache_hit,
+            segments=len(texts),
+            text=" ".join(texts),
+        )
+
+    def _admit(self, model_id: str) -> tuple[int, _Observer]:
+        with self._lock:
+            if len(self._active) >= self.limits.max_streams:
+                raise ResourceExhausted(
+                    f"too many live streams: {len(self._active)} open (limit {self.limits.max_streams}); "
+                    "retry later or on another instance"
+                )
+            self._ids += 1
+            observer = _Observer(self.metrics, model_id, self._update_gauges)
+            self._active[self._ids] = observer
+            key = self._ids
+        self._update_gauges()
+        return key, observer
+
+    def _leave(self, key: int, outcome: str) -> None:
+        with self._lock:
+            self._active.pop(key, None)
+        if self.metrics is not None:
+            self.metrics.live_streams_finished.labels(outcome).inc()
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        with self._lock:
+            count = len(self._active)
+            lag = max((o.lag for o in self._active.values()), default=0.0)
+        self.metrics.live_streams_active.set(count)
+        self.metrics.live_max_lag.set(lag)
+
+    @staticmethod
+    def _release(stream: LiveStream | None, leases: list[Lease]) -> None:
+        """Give the models back, after the decode still running on them if there is one."""
+        future = stream.in_flight if stream is not None else None
+        if future is not None and not future.cancel() and not future.done():
+            future.add_done_callback(lambda _: _release_all(leases))
+            return
+        for lease in leases:
+            lease.release()
+
+
+async def _acquire(cache: ModelCache, model_id: str, kind: str) -> Lease:
+    """A lease taken in a thread (it may load the model); if the caller is cancelled
+    meanwhile, the lease is released as soon as the acquire returns."""
+    loop = asyncio.get_running_loop()
+    future: Future[Lease] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(cache.acquire(model_id, expected_kind=kind))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting stream
+            future.set_exception(exc)
+
+    loop.run_in_executor(None, run)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_release_when_acquired)
+        raise
+
+
+def _release_when_acquired(future: Future[Lease]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().release()
+
+
+def _release_all(leases: list[Lease]) -> None:
+    for lease in leases:
+        lease.release()
