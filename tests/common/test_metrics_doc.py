@@ -15,10 +15,16 @@ from prometheus_client.metrics import MetricWrapperBase
 from inference_service.metrics import InferenceMetrics
 from model_service.metrics import ModelStoreMetrics
 from voxserve_common.metrics import runtime_metrics
+from voxserve_http.metrics import GatewayMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "metrics.md"
-SECTIONS = {"Both services": "both", "Model store": "store", "Inference service": "inference"}
+SECTIONS = {
+    "Both services": "both",
+    "Model store": "store",
+    "Inference service": "inference",
+    "HTTP gateway": "gateway",
+}
 
 
 def documented() -> dict[str, dict[str, tuple[str, tuple[str, ...], str]]]:
@@ -68,6 +74,23 @@ def test_every_registered_metric_is_documented_and_nothing_else() -> None:
         assert set(listed) - set(actual) - cuda_only == set(), f"{service}: documented but not registered"
         for name, (kind, labels) in actual.items():
             assert (listed[name][0], listed[name][1]) == (kind, labels), f"{name}: type or labels differ from the doc"
+
+
+def test_the_gateway_registry_is_its_section_plus_the_runtime_metrics() -> None:
+    docs = documented()
+    gateway = GatewayMetrics()
+    runtime_metrics(gateway.registry, {"data": ROOT})
+    actual = registered(gateway.registry)
+    runtime_only = CollectorRegistry()
+    runtime_metrics(runtime_only, {"data": ROOT})
+    shared = registered(runtime_only)
+    own = {name: value for name, value in actual.items() if name not in shared}
+    assert set(own) == set(docs["gateway"]), "the gateway's own metrics and its docs/metrics.md section differ"
+    for name, (kind, labels) in own.items():
+        assert docs["gateway"][name][:2] == (kind, labels), f"{name}: type or labels differ from the doc"
+    for name, (kind, labels) in shared.items():
+        assert name in docs["both"], f"{name} (on the gateway too) is not under Both services"
+        assert docs["both"][name][:2] == (kind, labels), f"{name}: type or labels differ from the doc"
 
 
 def _uses() -> dict[str, set[str]]:

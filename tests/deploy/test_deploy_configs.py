@@ -53,6 +53,13 @@ COMPOSE_SERVICE = {"model_service": "model-store", "inference_service": "inferen
 K8S_WORKLOAD = {"model_service": ("StatefulSet", "model-store"), "inference_service": ("Deployment", "inference")}
 DASHBOARD_JOB = {"model-store.json": "model_service", "inference.json": "inference_service"}
 DEFAULT_GRACE_SECONDS = 20
+# The HTTP gateway: not a gRPC service, so it has its own checks below.
+GATEWAY_JOB = "http_gateway"
+GATEWAY_HTTP_PORT = 8080
+GATEWAY_METRICS_PORT = 9103
+GATEWAY_COMPOSE_SERVICE = "http-gateway"
+GATEWAY_K8S_WORKLOAD = ("Deployment", "http-gateway")
+MAIN_MODULE_GATEWAY = "voxserve_http"
 SCRAPE_LABELS = frozenset({"job", "instance"})
 
 
@@ -812,7 +819,7 @@ def test_dockerfile(pyproject: dict[str, Any]) -> None:
     (healthcheck,) = [args for op, args in instructions if op == "HEALTHCHECK"]
     assert "python -m voxserve_common.healthcheck" in healthcheck
     exposed = {int(p) for op, args in instructions if op == "EXPOSE" for p in args.split()}
-    assert exposed == {*GRPC_PORT.values(), *METRICS_PORT.values()}
+    assert exposed == {*GRPC_PORT.values(), *METRICS_PORT.values(), GATEWAY_HTTP_PORT, GATEWAY_METRICS_PORT}
     (cmd,) = [json.loads(args) for op, args in instructions if op == "CMD"]
     assert cmd[0] in pyproject["project"]["scripts"]
 
@@ -847,7 +854,7 @@ def test_healthcheck_module_exists() -> None:
 def _load_service_config(job: str, argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
     """The service's own config from a deployed command line and environment: its
     argparse flags, VOXSERVE_* env vars and validate() reject anything wrong."""
-    module = importlib.import_module(f"{MAIN_MODULE[job]}.__main__")
+    module = importlib.import_module(f"{MAIN_MODULE.get(job, MAIN_MODULE_GATEWAY)}.__main__")
     for key in list(os.environ):
         if key.startswith("VOXSERVE_"):
             monkeypatch.delenv(key)
@@ -973,3 +980,90 @@ def test_promtool_accepts_dashboard_queries(
     result = _run([promtool, "check", "rules", str(path)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+# --- the HTTP gateway -----------------------------------------------------------------
+
+
+def test_compose_runs_the_gateway_against_both_services(
+    compose: dict[str, Any], pyproject: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = compose["services"][GATEWAY_COMPOSE_SERVICE]
+    command = [str(c) for c in service["command"]]
+    assert command[0] == "voxserve-http" and command[0] in pyproject["project"]["scripts"]
+    assert service["image"] == compose["services"]["model-store"]["image"], "one image for every service"
+    assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+    config = _load_service_config(GATEWAY_JOB, command, _compose_env(service), monkeypatch)
+    assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", GATEWAY_HTTP_PORT, GATEWAY_METRICS_PORT)
+    assert config.inference == f"{COMPOSE_SERVICE['inference_service']}:{GRPC_PORT['inference_service']}"
+    assert config.model_store == f"{COMPOSE_SERVICE['model_service']}:{GRPC_PORT['model_service']}"
+    published = [str(p).rsplit(":", 1)[-1] for p in service.get("ports", [])]
+    assert str(GATEWAY_HTTP_PORT) in published
+    for backend in ("model_service", "inference_service"):
+        assert service["depends_on"][COMPOSE_SERVICE[backend]]["condition"] == "service_healthy"
+    health = " ".join(service["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{GATEWAY_HTTP_PORT}/healthz" in health
+    grace = re.fullmatch(r"(\d+)s", str(service["stop_grace_period"]))
+    assert grace and int(grace.group(1)) > config.grace_seconds
+
+
+def test_prometheus_scrapes_the_gateway(prometheus_config: dict[str, Any], k8s_objects: list[dict[str, Any]]) -> None:
+    job = _scrape_jobs(prometheus_config)[GATEWAY_JOB]
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"{GATEWAY_COMPOSE_SERVICE}:{GATEWAY_METRICS_PORT}"]
+    k8s = _scrape_jobs(yaml.safe_load((PROMETHEUS_DIR / "prometheus-k8s.yml").read_text()))[GATEWAY_JOB]
+    (sd,) = k8s["dns_sd_configs"]
+    assert sd["port"] == GATEWAY_METRICS_PORT
+    (name,) = sd["names"]
+    service_name, namespace = name.split(".")[:2]
+    assert namespace == _kustomization()["namespace"]
+    (service,) = [o for o in k8s_objects if o["kind"] == "Service" and o["metadata"]["name"] == service_name]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    (workload,) = [
+        o
+        for o in k8s_objects
+        if o["kind"] == GATEWAY_K8S_WORKLOAD[0] and o["metadata"]["name"] == GATEWAY_K8S_WORKLOAD[1]
+    ]
+    assert service["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
+
+
+def test_k8s_gateway_workload(k8s_objects: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    kind, name = GATEWAY_K8S_WORKLOAD
+    (workload,) = [o for o in k8s_objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    container = _container(workload)
+    assert "command" not in container, "args keep the image's tini entrypoint"
+    config = _load_service_config(GATEWAY_JOB, container["args"], _k8s_env(container, k8s_objects), monkeypatch)
+    assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", GATEWAY_HTTP_PORT, GATEWAY_METRICS_PORT)
+    services = {o["metadata"]["name"]: o for o in k8s_objects if o["kind"] == "Service"}
+    for address, job in ((config.inference, "inference_service"), (config.model_store, "model_service")):
+        host, port = address.rsplit(":", 1)
+        assert host == K8S_WORKLOAD[job][1] and host in services
+        assert int(port) == GRPC_PORT[job]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": GATEWAY_HTTP_PORT, "metrics": GATEWAY_METRICS_PORT}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    spec = workload["spec"]["template"]["spec"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert spec["terminationGracePeriodSeconds"] > config.grace_seconds + int(pre_stop[1])
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(GATEWAY_METRICS_PORT)
+    assert annotations["voxserve.io/metrics-job"] == GATEWAY_JOB
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "/tmp" in [m["mountPath"] for m in container["volumeMounts"]], "uploads spool to /tmp (read-only root)"
+    service = services[name]
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
+        "http": (GATEWAY_HTTP_PORT, "http"),
+        "metrics": (GATEWAY_METRICS_PORT, "metrics"),
+    }
+    assert service["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
+
+
+def test_service_down_alert_covers_the_gateway(alert_rules: list[dict[str, Any]]) -> None:
+    (rule,) = [r for r in alert_rules if r["alert"] == "VoxserveServiceDown"]
+    (selector,) = _up_selectors(rule["expr"])
+    op, value = selector.value("job") or ("", "")
+    assert op == "=~" and GATEWAY_JOB in value.split("|")
