@@ -14,12 +14,21 @@ class ModelStoreConfig:
     port: int = 50051
     metrics_port: int = 9101  # -1 disables the /metrics endpoint
     data_dir: Path = Path("data/models")
-    hub_endpoints: tuple[str, ...] = ()  # empty: HF_ENDPOINT if set, then the official hub
+    # "URL" or "name=URL" (PullModelRequest.source and ListSources use the name; a plain
+    # URL is named "official" for the official hub, else its host). Empty: HF_ENDPOINT if
+    # set, then the official hub.
+    hub_endpoints: tuple[str, ...] = ()
     hf_token: str | None = None
     catalog_file: Path | None = None
     max_concurrent_downloads: int = 1
     hub_timeout_seconds: float = 10.0
     download_retries: int = 3
+    # A hub endpoint with this many consecutive failed requests is skipped for the
+    # cool-down, then one half-open probe decides (ListSources shows the breakers).
+    breaker_failures: int = 3
+    breaker_cooldown_seconds: float = 30.0
+    # Queue again, at start-up, the pulls that ran or waited at the last graceful stop.
+    resume_downloads_on_start: bool = True
     download_chunk_bytes: int = 1 << 20
     disk_reserve_bytes: int = 0  # keep this much free beyond what a download needs
     heartbeat_seconds: float = 15.0
@@ -43,6 +52,8 @@ class ModelStoreConfig:
             (self.max_concurrent_downloads >= 1, "max_concurrent_downloads", "must be >= 1"),
             (self.hub_timeout_seconds > 0, "hub_timeout_seconds", "must be > 0"),
             (self.download_retries >= 1, "download_retries", "must be >= 1"),
+            (self.breaker_failures >= 1, "breaker_failures", "must be >= 1"),
+            (self.breaker_cooldown_seconds > 0, "breaker_cooldown_seconds", "must be > 0"),
             (4096 <= self.download_chunk_bytes <= 64 << 20, "download_chunk_bytes", "must be 4 KiB - 64 MiB"),
             (self.disk_reserve_bytes >= 0, "disk_reserve_bytes", "must be >= 0"),
             (self.max_import_files >= 1, "max_import_files", "must be >= 1"),
@@ -61,5 +72,13 @@ class ModelStoreConfig:
         ]
         check_settings(self, checks)
         for endpoint in self.hub_endpoints:
-            if not endpoint.startswith(("http://", "https://")):
-                raise ConfigError(f"invalid setting hub_endpoints: {endpoint!r} must start with http:// or https://")
+            name, sep, url = endpoint.partition("=")
+            if not sep or "://" in name:
+                name, url = "", endpoint
+            if sep and not name.strip():
+                raise ConfigError(f"invalid setting hub_endpoints: {endpoint!r} has an empty name before '='")
+            if not url.strip().startswith(("http://", "https://")):
+                raise ConfigError(
+                    f"invalid setting hub_endpoints: {endpoint!r} must be URL or name=URL, "
+                    "the URL starting with http:// or https://"
+                )
