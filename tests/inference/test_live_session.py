@@ -1,0 +1,106 @@
+"""LiveSession's decisions without a model: agreement, finals, endpoints, backpressure."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from inference_service.live.decoder import DecodedSegment, Hypothesis
+from inference_service.live.session import DecodeJob, LiveResult, LiveSession, LiveSettings, SpeechEvent
+from inference_service.live.vad import CHUNK
+
+STEP = CHUNK / 16000  # seconds per VAD probability
+
+
+def feed(session: LiveSession, seconds: float, probability: float) -> list[object]:
+    steps = round(seconds / STEP)
+    return list(session.push(np.zeros(steps * CHUNK, np.float32), [probability] * steps))
+
+
+def hypothesis(*segments: tuple[float, float, str, bool]) -> Hypothesis:
+    return Hypothesis(tuple(DecodedSegment(s, e, t, (), c) for s, e, t, c in segments), 0.0, 0.01, False)
+
+
+def run(session: LiveSession, *segments: tuple[float, float, str, bool]) -> tuple[DecodeJob, list[object]]:
+    job = session.next_job()
+    assert job is not None
+    return job, list(session.apply(job, hypothesis(*segments)))
+
+
+def results(events: list[object]) -> list[LiveResult]:
+    return [e for e in events if isinstance(e, LiveResult)]
+
+
+def test_words_two_decodes_agree_on_are_committed_and_the_rest_stays_a_draft() -> None:
+    session = LiveSession(LiveSettings(min_cut_buffer=100))
+    assert feed(session, 0.5, 0.9) == [SpeechEvent("SPEECH_STARTED", 0.0)]
+    _, first = run(session, (0.0, 0.5, "good morning", False))
+    assert results(first)[0].stability == 0.0 and not results(first)[0].is_final
+    feed(session, 0.35, 0.9)
+    _, second = run(session, (0.0, 0.8, "good morning and", False))
+    draft = results(second)[0]
+    assert draft.text == "good morning and" and draft.stability == 2 / 3 and draft.result_id == "1"
+
+
+def test_an_agreed_sentence_before_a_pause_is_final_before_the_endpoint_and_never_repeated() -> None:
+    session = LiveSession(LiveSettings(endpoint_silence=0.5))
+    feed(session, 1.0, 0.9)
+    run(session, (0.0, 1.0, "Hello there.", True))
+    feed(session, 0.2, 0.0)  # the pause begins
+    _, events = run(session, (0.0, 1.0, "Hello there.", True))
+    final = results(events)
+    assert [(r.text, r.is_final) for r in final] == [("Hello there.", True)]
+    assert final[0].end >= 1.0 - 1e-6  # where the VAD heard the speech stop
+    events = feed(session, 0.4, 0.0)
+    assert [e.kind for e in events if isinstance(e, SpeechEvent)] == ["END_OF_UTTERANCE"]
+    assert session.settle() == [] and session.next_job() is None and not session.has_open_utterance
+
+
+def test_an_endpoint_finalises_the_whole_utterance_from_a_decode_that_heard_its_end() -> None:
+    session = LiveSession(LiveSettings(endpoint_silence=0.5))
+    feed(session, 1.0, 0.9)
+    run(session, (0.0, 1.0, "one two", False))
+    feed(session, 0.6, 0.0)  # silence: the endpoint is reached
+    job = session.next_job()
+    assert job is not None and job.final
+    events = results(session.apply(job, hypothesis((0.0, 1.0, "one two three", True))))
+    assert [(r.text, r.is_final, r.result_id) for r in events] == [("one two three", True, "1")]
+    feed(session, 0.5, 0.9)
+    _, next_events = run(session, (0.0, 0.5, "four", False))
+    assert results(next_events)[0].result_id == "2"
+    assert results(next_events)[0].start >= events[0].end
+
+
+def test_a_stream_behind_by_more_than_max_lag_decodes_less_often_on_larger_chunks() -> None:
+    session = LiveSession(LiveSettings(max_lag=1.0, decode_interval=0.3))
+    feed(session, 0.5, 0.9)
+    job = session.next_job()
+    assert job is not None
+    feed(session, 1.5, 0.9)  # 1.5 s arrived while that decode ran: 1.5 s behind
+    session.apply(job, hypothesis((0.0, 0.5, "a", False)))
+    assert session.lag > 1.0
+    waits = 0
+    while (job := session.next_job()) is None:
+        feed(session, 0.1, 0.9)
+        waits += 1
+    assert waits > 0 and job.audio_end - 0.5 >= 2.0 - 1e-6  # one decode over >= 2 x max_lag of new audio
+    session.apply(job, hypothesis((0.0, job.audio_end, "a b", False)))
+    feed(session, 0.35, 0.9)
+    assert session.lag <= 1.0 and session.next_job() is not None  # caught up: the normal cadence again
+
+
+def test_silence_is_skipped_and_counts_as_processed() -> None:
+    session = LiveSession(LiveSettings())
+    feed(session, 5.0, 0.0)
+    assert session.next_job() is None and session.finish_job() is None
+    assert session.lag <= 0.25
+
+
+def test_the_buffer_is_cut_at_max_buffer_without_agreement() -> None:
+    session = LiveSession(LiveSettings(max_buffer=3.0, decode_interval=0.3))
+    feed(session, 3.5, 0.9)
+    _, events = run(session, (0.0, 2.0, "first part.", True), (2.0, 3.5, "second", False))
+    finals = [r for r in results(events) if r.is_final]
+    assert [r.text for r in finals] == ["first part."]
+    feed(session, 0.5, 0.9)
+    job = session.next_job()
+    assert job is not None and job.buffer_start >= 2.0 - 1e-6  # the buffer starts at the cut
