@@ -11,7 +11,7 @@ from pathlib import Path
 
 from model_service.catalog import Catalog
 from model_service.config import ModelStoreConfig
-from model_service.hub import HubClient, default_endpoints
+from model_service.hub import HubClient, default_sources
 from model_service.metrics import ModelStoreMetrics
 from model_service.servicer import ModelStoreServicer
 from model_service.store import ModelStore
@@ -46,8 +46,8 @@ class ModelStoreApp:
 def build_store(config: ModelStoreConfig, extra_catalog: dict | None = None) -> ModelStore:
     """The domain object with its catalog and hub chain (no server)."""
     catalog = Catalog.load(config.catalog_file, extra_catalog)
-    endpoints = default_endpoints(config.hub_endpoints, os.environ.get("HF_ENDPOINT"))
-    hub = HubClient(endpoints, timeout=config.hub_timeout_seconds, token=config.hf_token)
+    sources = default_sources(config.hub_endpoints, os.environ.get("HF_ENDPOINT"))
+    hub = HubClient(sources, timeout=config.hub_timeout_seconds, token=config.hf_token)
     return ModelStore(config, catalog, hub, ModelStoreMetrics())
 
 
@@ -85,8 +85,8 @@ def parse_config(argv: Sequence[str] | None = None) -> ModelStoreConfig:
         "--hub-endpoint",
         action="append",
         dest="hub_endpoints",
-        metavar="URL",
-        help="hub endpoint, repeatable, tried in order (default: $HF_ENDPOINT, then https://huggingface.co)",
+        metavar="[NAME=]URL",
+        help="hub endpoint, repeatable, tried in order, optionally named (default: $HF_ENDPOINT, then https://huggingface.co)",
     )
     parser.add_argument(
         "--catalog", type=Path, dest="catalog_file", help="YAML file adding or overriding catalog models"

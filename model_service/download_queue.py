@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import enum
 import logging
 import threading
 import time
@@ -17,6 +18,14 @@ from model_service.errors import DownloadCancelled
 logger = logging.getLogger(__name__)
 
 
+class StopReason(enum.StrEnum):
+    """Why a job's ``cancel_event`` was set: what the job must do with its partial files."""
+
+    CANCEL = "cancel"  # CancelDownload: remove them
+    PAUSE = "pause"  # PauseDownload: keep them, the model is PAUSED
+    SHUTDOWN = "shutdown"  # graceful stop: keep them, the queue file resumes the job
+
+
 @dataclass
 class DownloadJob:
     """One pull of one model; every PullModel of the same model while it waits or runs
@@ -24,6 +33,7 @@ class DownloadJob:
 
     model_id: str
     revision: str | None
+    source: str | None = None  # the one endpoint (name) to use; None = every configured one
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     cancel_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
@@ -35,7 +45,14 @@ class DownloadJob:
     # Files already on disk were hashed when stored and nothing has found them bad since
     # (the model was READY): a size check is enough to keep them.
     trust_sizes: bool = False
+    stop_reason: StopReason | None = None  # set with cancel_event
     _done_callbacks: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False)
+
+    def stop(self, reason: StopReason) -> None:
+        """Ask the job to stop; the first reason given wins."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.cancel_event.set()
 
     @property
     def running(self) -> bool:
@@ -88,13 +105,15 @@ class DownloadQueue:
                 job.joiners += 1  # the one place a joining pull is counted
             return job
 
-    def submit(self, model_id: str, revision: str | None, trust_sizes: bool = False) -> tuple[DownloadJob, bool]:
+    def submit(
+        self, model_id: str, revision: str | None, trust_sizes: bool = False, source: str | None = None
+    ) -> tuple[DownloadJob, bool]:
         """Queue a job, or join the waiting/running one of the same model (joined=True)."""
         with self._cond:
             existing = self.join(model_id)
             if existing is not None:
                 return existing, True
-            job = DownloadJob(model_id, revision, trust_sizes=trust_sizes)
+            job = DownloadJob(model_id, revision, source, trust_sizes=trust_sizes)
             self._waiting.append(job)
             self._cond.notify()
         self._on_change()
@@ -117,13 +136,25 @@ class DownloadQueue:
         with self._cond:
             return [job.model_id for job in self._waiting]
 
+    def jobs(self) -> list[DownloadJob]:
+        """Running jobs (in the order they started), then waiting ones in queue order."""
+        with self._cond:
+            return [*self._running.values(), *self._waiting]
+
     def cancel(self, model_id: str) -> DownloadJob | None:
         """Signal a running job to stop, or take a waiting one out of the line."""
+        return self.stop_job(
+            model_id, StopReason.CANCEL, DownloadCancelled(f"download of {model_id} cancelled while waiting")
+        )
+
+    def stop_job(self, model_id: str, reason: StopReason, waiting_error: BaseException) -> DownloadJob | None:
+        """Signal the running job of ``model_id`` to stop for ``reason``, or take a waiting
+        one out of the line and finish it with ``waiting_error``; None when neither exists."""
         removed = None
         with self._cond:
             job = self._running.get(model_id)
             if job is not None:
-                job.cancel_event.set()
+                job.stop(reason)
                 return job
             for candidate in self._waiting:
                 if candidate.model_id == model_id:
@@ -131,9 +162,9 @@ class DownloadQueue:
                     break
             if removed is not None:
                 self._waiting.remove(removed)
-                removed.cancel_event.set()
+                removed.stop(reason)
         if removed is not None:
-            removed.finish(DownloadCancelled(f"download of {model_id} cancelled while waiting"))
+            removed.finish(waiting_error)
             self._on_change()
         return removed
 
@@ -142,16 +173,16 @@ class DownloadQueue:
             return len(self._waiting)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel everything and join the workers."""
+        """Stop every job (reason SHUTDOWN: partial files stay) and join the workers."""
         with self._cond:
             self._stopping = True
             waiting = list(self._waiting)
             self._waiting.clear()
             for job in self._running.values():
-                job.cancel_event.set()
+                job.stop(StopReason.SHUTDOWN)
             self._cond.notify_all()
         for job in waiting:
-            job.cancel_event.set()
+            job.stop(StopReason.SHUTDOWN)
             job.finish(DownloadCancelled("store shutting down"))
         for worker in self._workers:
             worker.join(timeout)

@@ -16,7 +16,7 @@ import httpx2
 
 from model_service.download_queue import DownloadJob, DownloadQueue
 from model_service.errors import DownloadCancelled, IntegrityError, SourcesFailed
-from model_service.hub import HubClient, RemoteFile, SourceError
+from model_service.hub import HubClient, RemoteFile, SourceBreakers, SourceError, backoff_delay
 from model_service.validator import FileHasher, hash_file
 
 __all__ = ["DownloadJob", "DownloadQueue", "FetchResult", "FileFetcher", "PartialFile"]  # queue re-exported
@@ -103,11 +103,19 @@ class FileFetcher:
     """Fetches one file through the endpoint chain, resuming with Range, hashing while
     writing, checking size and hash before the caller moves it into place."""
 
-    def __init__(self, hub: HubClient, chunk_size: int = 1 << 20, retries: int = 3, backoff: float = 0.25) -> None:
+    def __init__(
+        self,
+        hub: HubClient,
+        chunk_size: int = 1 << 20,
+        retries: int = 3,
+        backoff: float = 0.25,
+        breakers: SourceBreakers | None = None,
+    ) -> None:
         self.hub = hub
         self.chunk_size = chunk_size
         self.retries = retries
         self.backoff = backoff
+        self.breakers = breakers or SourceBreakers(hub.sources)
 
     def fetch(
         self,
@@ -134,13 +142,15 @@ class FileFetcher:
         integrity_failures = 0
         for endpoint in endpoints:
             try:
-                return self._fetch_from(endpoint, transfer)
+                result = self._fetch_from(endpoint, transfer)
             except _EndpointFailed as failure:
                 reasons.append(f"{endpoint}: {failure.reason}")
                 if failure.integrity:
                     integrity_failures += 1
                     on_verify_failed(failure.reason)
                 on_source_failed(endpoint, failure.reason)
+            else:
+                return result
         message = f"could not download {remote.path} of {repo_id}@{commit[:12]}: " + "; ".join(reasons)
         if integrity_failures:
             raise IntegrityError(message)
@@ -148,12 +158,19 @@ class FileFetcher:
 
     def _fetch_from(self, endpoint: str, transfer: _Transfer) -> FetchResult:
         """Attempts against one endpoint; a drop after new bytes resets the retry budget,
-        a definitive not-found gives up on the endpoint at once."""
+        a definitive not-found gives up on the endpoint at once. Retries wait with
+        exponential backoff and jitter; every failed request counts in the endpoint's
+        circuit breaker, and an open breaker ends the attempts at once."""
         remote, partial = transfer.remote, transfer.partial
         identity = partial.describe(transfer.repo_id, transfer.commit, remote)
+        breakers = self.breakers
         attempts_left = self.retries
+        failed_in_a_row = 0
         while True:
             transfer.check_cancel()
+            refused = breakers.allow(endpoint)
+            if refused:
+                raise _EndpointFailed(refused)
             offset = partial.resumable_bytes(identity)
             if offset == 0:
                 partial.start(identity)
@@ -161,24 +178,34 @@ class FileFetcher:
                 hasher, fetched = self._stream(endpoint, transfer, offset)
             except SourceError as error:
                 attempts_left -= 1
+                failed_in_a_row += 1
+                if not error.not_found:
+                    breakers.failure(endpoint, error.kind, error.reason)
                 if error.not_found or attempts_left <= 0:
                     raise _EndpointFailed(error.reason) from error
-                transfer.cancel.wait(self.backoff)
+                transfer.cancel.wait(backoff_delay(failed_in_a_row, self.backoff))
                 continue
             except _DroppedConnection as error:
-                attempts_left = self.retries if error.progressed else attempts_left - 1
+                if error.progressed:  # bytes flowed: the endpoint works, the network hiccuped
+                    breakers.success(endpoint)
+                    attempts_left, failed_in_a_row = self.retries, 0
+                else:
+                    breakers.failure(endpoint, "reset", str(error))
+                    attempts_left, failed_in_a_row = attempts_left - 1, failed_in_a_row + 1
                 if attempts_left <= 0:
                     raise _EndpointFailed(str(error)) from error
                 logger.info(
                     "connection dropped; resuming",
                     extra={"file": remote.path, "endpoint": endpoint, "offset": partial.part.stat().st_size},
                 )
-                transfer.cancel.wait(self.backoff)
+                transfer.cancel.wait(backoff_delay(max(failed_in_a_row, 1), self.backoff))
                 continue
             problem = self._check(remote, hasher)
             if problem:
                 partial.remove()
+                breakers.failure(endpoint, "integrity", problem)
                 raise _EndpointFailed(problem, integrity=True)
+            breakers.success(endpoint)
             return FetchResult(endpoint, hasher.sha256.hexdigest(), fetched, offset)
 
     def _stream(self, endpoint: str, transfer: _Transfer, offset: int) -> tuple[FileHasher, int]:

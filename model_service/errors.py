@@ -61,5 +61,13 @@ class DownloadCancelled(Cancelled):
     """A client cancelled the download."""
 
 
+class DownloadPaused(FailedPrecondition):
+    """PauseDownload stopped the download a pull was following; ResumeDownload continues it."""
+
+
+class UnknownSource(InvalidArgument):
+    """PullModelRequest.source names no configured hub endpoint."""
+
+
 class ImportFailed(InvalidArgument):
     """The import source directory lacks required files or is unreadable."""

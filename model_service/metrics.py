@@ -54,6 +54,18 @@ class ModelStoreMetrics:
         self.verification_failures = Counter(
             "voxserve_verification_failures", "Files that failed size or hash verification.", ["model_id"], registry=r
         )
+        self.source_up = Gauge(
+            "voxserve_source_up",
+            "1 while a hub source's circuit breaker is closed, 0 while it is open or probing.",
+            ["source"],
+            registry=r,
+        )
+        self.source_failures = Counter(
+            "voxserve_source_failures",
+            "Failed requests to a hub source, by source and reason (http_5xx, timeout, ...).",
+            ["source", "reason"],
+            registry=r,
+        )
         self.active_watchers = Gauge(
             "voxserve_active_watchers", "Open WatchModels and PullModel streams.", ["rpc"], registry=r
         )

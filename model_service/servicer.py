@@ -14,8 +14,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from model_service.downloader import DownloadJob
 from model_service.events import EventType, StoreEvent
+from model_service.hub import BreakerState
 from model_service.state import ModelState
-from model_service.store import ModelStore, ModelView, PullTicket
+from model_service.store import ModelStore, ModelView, PullTicket, SourceHealth
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 from voxserve_common.errors import InvalidArgument, Unavailable
@@ -30,6 +31,7 @@ PB_TO_KIND = {v: k for k, v in KIND_TO_PB.items()}
 STATE_TO_PB = {state: cast(pb.ModelState, pb.ModelState.Value(state.value)) for state in ModelState}
 EVENT_TO_PB = {etype: cast(pb.EventType, pb.EventType.Value(etype.value)) for etype in EventType}
 PB_TO_EVENT = {int(value): etype for etype, value in EVENT_TO_PB.items()}
+BREAKER_TO_PB = {state: cast(pb.BreakerState, pb.BreakerState.Value(state.value)) for state in BreakerState}
 TERMINAL_OK = {ModelState.READY}
 
 
@@ -113,6 +115,22 @@ def already_ready_event(view: ModelView, sequence: int) -> pb.ModelEvent:
     )
 
 
+def source_to_pb(health: SourceHealth) -> pb.Source:
+    message = pb.Source(
+        name=health.name,
+        url=health.url,
+        last_failure_reason=health.last_failure_reason,
+        consecutive_failures=health.consecutive_failures,
+        breaker_state=BREAKER_TO_PB[health.state],
+        retry_after_seconds=health.retry_after_seconds,
+    )
+    if health.last_success_at is not None:
+        message.last_success_at.CopyFrom(to_timestamp(health.last_success_at))
+    if health.last_failure_at is not None:
+        message.last_failure_at.CopyFrom(to_timestamp(health.last_failure_at))
+    return message
+
+
 def _require_id(model_id: str) -> str:
     if not model_id:
         raise InvalidArgument("model_id is required; ListModels shows the catalog")
@@ -167,6 +185,25 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
         with log_context(model_id=request.model_id):
             return model_to_pb(await asyncio.to_thread(self.store.cancel, _require_id(request.model_id)))
 
+    async def PauseDownload(
+        self, request: pb.PauseDownloadRequest, context: grpc.aio.ServicerContext[pb.PauseDownloadRequest, pb.Model]
+    ) -> pb.Model:
+        with log_context(model_id=request.model_id):
+            return model_to_pb(await asyncio.to_thread(self.store.pause, _require_id(request.model_id)))
+
+    async def ResumeDownload(
+        self, request: pb.ResumeDownloadRequest, context: grpc.aio.ServicerContext[pb.ResumeDownloadRequest, pb.Model]
+    ) -> pb.Model:
+        with log_context(model_id=request.model_id):
+            return model_to_pb(await asyncio.to_thread(self.store.resume, _require_id(request.model_id)))
+
+    async def ListSources(
+        self,
+        request: pb.ListSourcesRequest,
+        context: grpc.aio.ServicerContext[pb.ListSourcesRequest, pb.ListSourcesResponse],
+    ) -> pb.ListSourcesResponse:
+        return pb.ListSourcesResponse(sources=[source_to_pb(h) for h in self.store.list_sources()])
+
     async def DeleteModel(
         self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext[pb.DeleteModelRequest, pb.Model]
     ) -> pb.Model:
@@ -219,7 +256,9 @@ class ModelStoreServicer(pb_grpc.ModelStoreServicer):
 
         try:
             with log_context(model_id=model_id):
-                ticket: PullTicket = await asyncio.to_thread(self.store.pull, model_id, request.revision or None)
+                ticket: PullTicket = await asyncio.to_thread(
+                    self.store.pull, model_id, request.revision or None, request.source or None
+                )
             if ticket.job is None:
                 yield already_ready_event(ticket.view or self.store.get_model(model_id), self.store.bus.sequence)
                 return

@@ -24,6 +24,7 @@ class ModelState(enum.StrEnum):
     READY = "READY"
     INCOMPLETE = "INCOMPLETE"
     ERROR = "ERROR"
+    PAUSED = "PAUSED"  # PauseDownload stopped it; partial files kept; no queue slot
 
 
 BUSY_STATES = frozenset({ModelState.WAITING, ModelState.DOWNLOADING, ModelState.VERIFYING})

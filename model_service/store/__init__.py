@@ -23,7 +23,7 @@ from model_service.catalog import Catalog
 from model_service.config import ModelStoreConfig
 from model_service.errors import ModelBusy
 from model_service.events import EventBus
-from model_service.hub import HubClient
+from model_service.hub import HubClient, SourceHealth
 from model_service.metrics import ModelStoreMetrics
 from model_service.paths import remove_path
 from model_service.state import BUSY_STATES, ModelRecord, ModelState
@@ -40,6 +40,7 @@ __all__ = [
     "ModelStore",
     "ModelView",
     "PullTicket",
+    "SourceHealth",
     "VerifyResult",
 ]
 
@@ -85,8 +86,10 @@ class ModelStore:
     # ----------------------------------------------------------------- life cycle
 
     def start(self) -> None:
-        """Load state.json at once; reconcile with the disk in a background thread."""
+        """Load state.json at once and queue again the pulls a graceful stop left (unless
+        resume_downloads_on_start is off); reconcile with the disk in a background thread."""
         self.registry.restore()
+        self.downloads.restore_queue(self.config.resume_downloads_on_start)
         self._scan_thread = threading.Thread(target=self._startup_scan, name="startup-scan", daemon=True)
         self._scan_thread.start()
 
@@ -136,14 +139,28 @@ class ModelStore:
 
     # ----------------------------------------------------------------- changes
 
-    def pull(self, model_id: str, revision: str | None = None) -> PullTicket:
-        """Start, join or short-circuit a download (see PullService.pull)."""
-        return self.downloads.pull(model_id, revision)
+    def pull(self, model_id: str, revision: str | None = None, source: str | None = None) -> PullTicket:
+        """Start, join, resume or short-circuit a download (see PullService.pull)."""
+        return self.downloads.pull(model_id, revision, source)
 
     def cancel(self, model_id: str, wait_seconds: float = 15.0) -> ModelView:
-        """Stop a running or waiting download; its partial files are removed."""
+        """Stop a running, waiting or paused download; its partial files are removed."""
         self.downloads.cancel(model_id, wait_seconds)
         return self.get_model(model_id)
+
+    def pause(self, model_id: str, wait_seconds: float = 15.0) -> ModelView:
+        """Stop a running or waiting download keeping its bytes: PAUSED, no queue slot."""
+        self.downloads.pause(model_id, wait_seconds)
+        return self.get_model(model_id)
+
+    def resume(self, model_id: str) -> ModelView:
+        """Queue a PAUSED model again (at the end); it continues from the bytes on disk."""
+        self.downloads.resume(model_id)
+        return self.get_model(model_id)
+
+    def list_sources(self) -> list[SourceHealth]:
+        """Every configured hub endpoint with its health and breaker state, in order."""
+        return self.downloads.source_health()
 
     def delete(self, model_id: str) -> ModelView:
         """Remove a model's files; ModelBusy while it downloads or is being fetched."""
@@ -160,6 +177,7 @@ class ModelStore:
                 )
             remove_path(registry.model_dir(model_id))
             remove_path(registry.partial_root(model_id))
+            self.downloads.forget_paused(model_id)
             registry.transition(
                 model_id, ModelState.NOT_DOWNLOADED, message="deleted", files=(), revision="", source="", error=""
             )

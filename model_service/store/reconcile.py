@@ -47,8 +47,8 @@ class Reconciler:
     def reconcile(self, model_id: str, deep: bool) -> None:
         registry = self.registry
         record = registry.record(model_id)
-        if record.state in BUSY_STATES:
-            return
+        if record.state in BUSY_STATES or record.state == ModelState.PAUSED:
+            return  # a download in progress, or a paused one whose partial files wait
         model_dir = registry.model_dir(model_id)
         has_partials = registry.partial_root(model_id).exists()
         if not record.files:
@@ -70,19 +70,22 @@ class Reconciler:
                     )
         with registry.locked():
             current = registry.record(model_id)
-            if current.state in BUSY_STATES or current.state == new_state:
+            if current.state in BUSY_STATES or current.state in (new_state, ModelState.PAUSED):
                 return
             error = current.error if new_state == ModelState.ERROR else ""
             registry.transition(model_id, new_state, message="start-up disk scan", error=error)
 
     def clean_orphans(self) -> None:
-        """Remove partial files nobody can resume: unknown models, no sidecar, stale temp."""
+        """Remove partial files nobody can resume: unknown models, no sidecar, stale temp.
+        Partial files of downloads queued again at start-up (or running) are left alone."""
         registry = self.registry
         known = registry.records()
         for child in registry.partial_dir.iterdir() if registry.partial_dir.exists() else []:
             if child.name not in known or not child.is_dir():
                 logger.info("removing orphaned partial download", extra={"path": str(child)})
                 remove_path(child)
+                continue
+            if registry.record(child.name).state in BUSY_STATES:
                 continue
             for part in list(child.rglob("*")):
                 if part.is_symlink():
@@ -113,6 +116,8 @@ class Reconciler:
         record = registry.record(model_id)
         if record.state in BUSY_STATES:
             raise ModelBusy(f"{model_id} is {record.state.value}; verify after the download ends")
+        if record.state == ModelState.PAUSED:
+            raise ModelBusy(f"{model_id} is PAUSED; ResumeDownload (or CancelDownload) it before verifying")
         if not record.files:
             raise ModelNotReady(
                 f"{model_id} has not been downloaded; nothing to verify (PullModel or ImportModel first)"

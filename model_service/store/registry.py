@@ -13,7 +13,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -96,6 +96,7 @@ class ModelRegistry:
         # written last only grows, so an older snapshot never replaces a newer one.
         self._persist_lock = threading.Lock()
         self._saved_version = 0
+        self._after_unlock: list[Callable[[], None]] = []  # run when the outermost locked() ends
 
     # ----------------------------------------------------------------- directories
 
@@ -123,6 +124,19 @@ class ModelRegistry:
         finally:
             if outermost:
                 self._persist()
+                with self._lock:
+                    callbacks, self._after_unlock = self._after_unlock, []
+                for callback in callbacks:
+                    callback()
+
+    def after_unlock(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` (disk work, e.g. an fsync) once this thread's outermost
+        ``locked()`` has released the lock; at once when it holds none."""
+        with self._lock:
+            if self._depth > 0:  # held by this thread (the lock is reentrant, others wait above)
+                self._after_unlock.append(callback)
+                return
+        callback()
 
     def _persist(self) -> None:
         with self._persist_lock:
@@ -136,7 +150,8 @@ class ModelRegistry:
 
     def restore(self) -> None:
         """Load state.json for every catalog model; a download that died with the last
-        process is INCOMPLETE now (state.json is rewritten at once so it never says it runs)."""
+        process is INCOMPLETE now (state.json is rewritten at once so it never says it runs).
+        PAUSED stays PAUSED: its partial files wait for ResumeDownload."""
         loaded = self._state_file.load()
         with self.locked():
             for entry in self.catalog:
@@ -258,6 +273,8 @@ class ModelRegistry:
                 size = -1
             on_disk += max(size, 0)
             files.append(FileView(f.path, f.size, f.sha256, f.required, size == f.size))
+        if record.state == ModelState.PAUSED and bytes_done is None:
+            on_disk += self._partial_bytes(record.model_id)
         has_files = record.state in (ModelState.READY, ModelState.INCOMPLETE)
         return ModelView(
             model_id=record.model_id,
@@ -276,6 +293,17 @@ class ModelRegistry:
             queue_position=record.queue_position,
             description=entry.description,
         )
+
+    def _partial_bytes(self, model_id: str) -> int:
+        """Bytes in a model's ``.part`` files (a paused download's progress)."""
+        total = 0
+        root = self.partial_root(model_id)
+        with contextlib.suppress(OSError):
+            for part in root.rglob("*.part"):
+                with contextlib.suppress(OSError):
+                    if not part.is_symlink():
+                        total += part.stat().st_size
+        return total
 
     # ----------------------------------------------------------------- gauges
 

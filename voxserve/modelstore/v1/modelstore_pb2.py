@@ -25,19 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'voxserve/modelstore/v1/modelstore.proto\x12\x16voxserve.modelstore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\tModelFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x0f\n\x07present\x18\x05 \x01(\x08\"\xb1\x03\n\x05Model\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.voxserve.modelstore.v1.ModelKind\x12\x0f\n\x07repo_id\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\t\x12\x31\n\x05state\x18\x05 \x01(\x0e\x32\".voxserve.modelstore.v1.ModelState\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x12\n\nlocal_path\x18\x07 \x01(\t\x12\x30\n\x05\x66iles\x18\x08 \x03(\x0b\x32!.voxserve.modelstore.v1.ModelFile\x12\x0e\n\x06source\x18\t \x01(\t\x12\x15\n\rerror_message\x18\n \x01(\t\x12\x1a\n\x12requested_revision\x18\x0b \x01(\t\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rbytes_on_disk\x18\r \x01(\x03\x12\x16\n\x0equeue_position\x18\x0e \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x0f \x01(\t\"D\n\x11ListModelsRequest\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.voxserve.modelstore.v1.ModelKind\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.voxserve.modelstore.v1.Model\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"6\n\x10PullModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\")\n\x15\x43\x61ncelDownloadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"&\n\x12\x44\x65leteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"&\n\x12VerifyModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x92\x01\n\tFileCheck\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07problem\x18\x03 \x01(\t\x12\x15\n\rexpected_size\x18\x04 \x01(\x03\x12\x13\n\x0b\x61\x63tual_size\x18\x05 \x01(\x03\x12\x17\n\x0f\x65xpected_sha256\x18\x06 \x01(\t\x12\x15\n\ractual_sha256\x18\x07 \x01(\t\"\x92\x01\n\x13VerifyModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.voxserve.modelstore.v1.Model\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x30\n\x05\x66iles\x18\x03 \x03(\x0b\x32!.voxserve.modelstore.v1.FileCheck\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\":\n\x12ImportModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nsource_dir\x18\x02 \x01(\t\"q\n\x12WatchModelsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\x12\x30\n\x05types\x18\x03 \x03(\x0e\x32!.voxserve.modelstore.v1.EventType\"\xd1\x03\n\nModelEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12/\n\x04type\x18\x03 \x01(\x0e\x32!.voxserve.modelstore.v1.EventType\x12\x31\n\x05state\x18\x04 \x01(\x0e\x32\".voxserve.modelstore.v1.ModelState\x12\x12\n\nbytes_done\x18\x05 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x06 \x01(\x03\x12\x18\n\x10\x62ytes_per_second\x18\x07 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x08 \x01(\x01\x12\x12\n\nfiles_done\x18\t \x01(\x05\x12\x13\n\x0b\x66iles_total\x18\n \x01(\x05\x12\x14\n\x0c\x63urrent_file\x18\x0b \x01(\t\x12\x0e\n\x06source\x18\x0c \x01(\t\x12\x16\n\x0equeue_position\x18\r \x01(\x05\x12\x0f\n\x07message\x18\x0e \x01(\t\x12-\n\ttimestamp\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05model\x18\x10 \x01(\x0b\x32\x1d.voxserve.modelstore.v1.Model\x12\x0e\n\x06resync\x18\x11 \x01(\x08\"M\n\x16\x46\x65tchModelFilesRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\x12\r\n\x05paths\x18\x03 \x03(\t\"\x95\x01\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tfile_size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x12\n\nfile_index\x18\x07 \x01(\x05\x12\x13\n\x0b\x66iles_total\x18\x08 \x01(\x05*I\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07WHISPER\x10\x01\x12\x07\n\x03VAD\x10\x02\x12\n\n\x06\x44\x45MUCS\x10\x03*\x90\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eNOT_DOWNLOADED\x10\x01\x12\x0b\n\x07WAITING\x10\x02\x12\x0f\n\x0b\x44OWNLOADING\x10\x03\x12\r\n\tVERIFYING\x10\x04\x12\t\n\x05READY\x10\x05\x12\x0e\n\nINCOMPLETE\x10\x06\x12\t\n\x05\x45RROR\x10\x07*w\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\x10\n\x0cSNAPSHOT_END\x10\x02\x12\x11\n\rSTATE_CHANGED\x10\x03\x12\x0c\n\x08PROGRESS\x10\x04\x12\r\n\tHEARTBEAT\x10\x05\x32\xe7\x06\n\nModelStore\x12\x63\n\nListModels\x12).voxserve.modelstore.v1.ListModelsRequest\x1a*.voxserve.modelstore.v1.ListModelsResponse\x12R\n\x08GetModel\x12\'.voxserve.modelstore.v1.GetModelRequest\x1a\x1d.voxserve.modelstore.v1.Model\x12[\n\tPullModel\x12(.voxserve.modelstore.v1.PullModelRequest\x1a\".voxserve.modelstore.v1.ModelEvent0\x01\x12^\n\x0e\x43\x61ncelDownload\x12-.voxserve.modelstore.v1.CancelDownloadRequest\x1a\x1d.voxserve.modelstore.v1.Model\x12X\n\x0b\x44\x65leteModel\x12*.voxserve.modelstore.v1.DeleteModelRequest\x1a\x1d.voxserve.modelstore.v1.Model\x12\x66\n\x0bVerifyModel\x12*.voxserve.modelstore.v1.VerifyModelRequest\x1a+.voxserve.modelstore.v1.VerifyModelResponse\x12X\n\x0bImportModel\x12*.voxserve.modelstore.v1.ImportModelRequest\x1a\x1d.voxserve.modelstore.v1.Model\x12_\n\x0bWatchModels\x12*.voxserve.modelstore.v1.WatchModelsRequest\x1a\".voxserve.modelstore.v1.ModelEvent0\x01\x12\x66\n\x0f\x46\x65tchModelFiles\x12..voxserve.modelstore.v1.FetchModelFilesRequest\x1a!.voxserve.modelstore.v1.FileChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'voxserve/modelstore/v1/modelstore.proto\x12\x16voxserve.modelstore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\tModelFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x0f\n\x07present\x18\x05 \x01(\x08\"\xb1\x03\n\x05Model\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.voxserve.modelstore.v1.ModelKind\x12\x0f\n\x07repo_id\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\t\x12\x31\n\x05state\x18\x05 \x01(\x0e\x32\".voxserve.modelstore.v1.ModelState\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x12\n\nlocal_path\x18\x07 \x01(\t\x12\x30\n\x05\x66iles\x18\x08 \x03(\x0b\x32!.voxserve.modelstore.v1.ModelFile\x12\x0e\n\x06source\x18\t \x01(\t\x12\x15\n\rerror_message\x18\n \x01(\t\x12\x1a\n\x12requested_revision\x18\x0b \x01(\t\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rbytes_on_disk\x18\r \x01(\x03\x12\x16\n\x0equeue_position\x18\x0e \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x0f \x01(\t\"D\n\x11ListModelsRequest\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.voxserve.modelstore.v1.ModelKind\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.voxserve.modelstore.v1.Model\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"F\n\x10PullModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\")\n\x15\x43\x61ncelDownloadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"(\n\x14PauseDownloadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\")\n\x15ResumeDownloadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x14\n\x12ListSourcesRequest\"\xa2\x02\n\x06Source\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x33\n\x0flast_success_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_failure_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13last_failure_reason\x18\x05 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x06 \x01(\x05\x12;\n\rbreaker_state\x18\x07 \x01(\x0e\x32$.voxserve.modelstore.v1.BreakerState\x12\x1b\n\x13retry_after_seconds\x18\x08 \x01(\x01\"F\n\x13ListSourcesResponse\x12/\n\x07sources\x18\x01 \x03(\x0b\x32\x1e.voxserve.modelstore.v1.Source\"&\n\x12\x44\x65leteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"&\n\x12VerifyModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x92\x01\n\tFileCheck\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07problem\x18\x03 \x01(\t\x12\x15\n\rexpected_size\x18\x04 \x01(\x03\x12\x13\n\x0b\x61\x63tual_size\x18\x05 \x01(\x03\x12\x17\n\x0f\x65xpected_sha256\x18\x06 \x01(\t\x12\x15\n\ractual_sha256\x18\x07 \x01(\t\"\x92\x01\n\x13VerifyModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.voxserve.modelstore.v1.Model\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x30\n\x05\x66iles\x18\x03 \x03(\x0b\x32!.voxserve.modelstore.v1.FileCheck\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\":\n\x12ImportModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nsource_dir\x18\x02 \x01(\t\"q\n\x12WatchModelsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\x12\x30\n\x05types\x18\x03 \x03(\x0e\x32!.voxserve.modelstore.v1.EventType\"\xd1\x03\n\nModelEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12/\n\x04type\x18\x03 \x01(\x0e\x32!.voxserve.modelstore.v1.EventType\x12\x31\n\x05state\x18\x04 \x01(\x0e\x32\".voxserve.modelstore.v1.ModelState\x12\x12\n\nbytes_done\x18\x05 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x06 \x01(\x03\x12\x18\n\x10\x62ytes_per_second\x18\x07 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x08 \x01(\x01\x12\x12\n\nfiles_done\x18\t \x01(\x05\x12\x13\n\x0b\x66iles_total\x18\n \x01(\x05\x12\x14\n\x0c\x63urrent_file\x18\x0b \x01(\t\x12\x0e\n\x06source\x18\x0c \x01(\t\x12\x16\n\x0equeue_position\x18\r \x01(\x05\x12\x0f\n\x07message\x18\x0e \x01(\t\x12-\n\ttimestamp\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05model\x18\x10 \x01(\x0b\x32\x1d.voxserve.modelstore.v1.Model\x12\x0e\n\x06resync\x18\x11 \x01(\x08\"M\n\x16\x46\x65tchModelFilesRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\x12\r\n\x05paths\x18\x03 \x03(\t\"\x95\x01\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tfile_size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x12\n\nfile_index\x18\x07 \x01(\x05\x12\x13\n\x0b\x66iles_total\x18\x08 \x01(\x05*I\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07WHISPER\x10\x01\x12\x07\n\x03VAD\x10\x02\x12\n\n\x06\x44\x45MUCS\x10\x03*\x9c\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eNOT_DOWNLOADED\x10\x01\x12\x0b\n\x07WAITING\x10\x02\x12\x0f\n\x0b\x44OWNLOADING\x10\x03\x12\r\n\tVERIFYING\x10\x04\x12\t\n\x05READY\x10\x05\x12\x0e\n\nINCOMPLETE\x10\x06\x12\t\n\x05\x45RROR\x10\x07\x12\n\n\x06PAUSED\x10\x08*R\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x43LOSED\x10\x01\x12\x08\n\x04OPEN\x10\x02\x12\r\n\tHALF_OPEN\x10\x03*w\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\x10\n\x0cSNAPSHOT_END\x10\x02\x12\x11\n\rSTATE_CHANGED\x10\x03\x12\x0c\n\x08PROGRESS\x10\x04\x12\r\n\tHEARTBEAT\x10\x05\x32\x8d\t\n\nModelStore\x12\x63\n\nListModels\x12).voxserve.modelstore.v1.ListModelsRequest\x1a*.voxserve.modelstore.v1.ListModelsResponse\x12R\n\x08GetModel\x12\'.voxserve.modelstore.v1.GetModelRequest\x1a\x1d.voxserve.modelstore.v1.Model\x12[\n\tPullModel\x12(.voxserve.modelstore.v1.PullModelRequest\x1a\".voxserve.modelstore.v1.ModelEvent0\x01\x12^\n\x0e\x43\x61ncelDownload\x12-.voxserve.modelstore.v1.CancelDownloadRequest\x1a\x1d.voxserve.modelstore.v1.Model\x12\\\n\rPauseDownload\x12,.voxserve.modelstore.v1.PauseDownloadRequest\x1a\x1d.voxserve.modelstore.v1.Model\x12^\n\x0eResumeDownload\x12-.voxserve.modelstore.v1.ResumeDownloadRequest\x1a\x1d.voxserve.modelstore.v1.Model\x12\x66\n\x0bListSources\x12*.voxserve.modelstore.v1.ListSourcesRequest\x1a+.voxserve.modelstore.v1.ListSourcesResponse\x12X\n\x0b\x44\x65leteModel\x12*.voxserve.modelstore.v1.DeleteModelRequest\x1a\x1d.voxserve.modelstore.v1.Model\x12\x66\n\x0bVerifyModel\x12*.voxserve.modelstore.v1.VerifyModelRequest\x1a+.voxserve.modelstore.v1.VerifyModelResponse\x12X\n\x0bImportModel\x12*.voxserve.modelstore.v1.ImportModelRequest\x1a\x1d.voxserve.modelstore.v1.Model\x12_\n\x0bWatchModels\x12*.voxserve.modelstore.v1.WatchModelsRequest\x1a\".voxserve.modelstore.v1.ModelEvent0\x01\x12\x66\n\x0f\x46\x65tchModelFiles\x12..voxserve.modelstore.v1.FetchModelFilesRequest\x1a!.voxserve.modelstore.v1.FileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voxserve.modelstore.v1.modelstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELKIND']._serialized_start=2155
-  _globals['_MODELKIND']._serialized_end=2228
-  _globals['_MODELSTATE']._serialized_start=2231
-  _globals['_MODELSTATE']._serialized_end=2375
-  _globals['_EVENTTYPE']._serialized_start=2377
-  _globals['_EVENTTYPE']._serialized_end=2496
+  _globals['_MODELKIND']._serialized_start=2643
+  _globals['_MODELKIND']._serialized_end=2716
+  _globals['_MODELSTATE']._serialized_start=2719
+  _globals['_MODELSTATE']._serialized_end=2875
+  _globals['_BREAKERSTATE']._serialized_start=2877
+  _globals['_BREAKERSTATE']._serialized_end=2959
+  _globals['_EVENTTYPE']._serialized_start=2961
+  _globals['_EVENTTYPE']._serialized_end=3080
   _globals['_MODELFILE']._serialized_start=100
   _globals['_MODELFILE']._serialized_end=190
   _globals['_MODEL']._serialized_start=193
@@ -49,27 +51,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELREQUEST']._serialized_start=767
   _globals['_GETMODELREQUEST']._serialized_end=802
   _globals['_PULLMODELREQUEST']._serialized_start=804
-  _globals['_PULLMODELREQUEST']._serialized_end=858
-  _globals['_CANCELDOWNLOADREQUEST']._serialized_start=860
-  _globals['_CANCELDOWNLOADREQUEST']._serialized_end=901
-  _globals['_DELETEMODELREQUEST']._serialized_start=903
-  _globals['_DELETEMODELREQUEST']._serialized_end=941
-  _globals['_VERIFYMODELREQUEST']._serialized_start=943
-  _globals['_VERIFYMODELREQUEST']._serialized_end=981
-  _globals['_FILECHECK']._serialized_start=984
-  _globals['_FILECHECK']._serialized_end=1130
-  _globals['_VERIFYMODELRESPONSE']._serialized_start=1133
-  _globals['_VERIFYMODELRESPONSE']._serialized_end=1279
-  _globals['_IMPORTMODELREQUEST']._serialized_start=1281
-  _globals['_IMPORTMODELREQUEST']._serialized_end=1339
-  _globals['_WATCHMODELSREQUEST']._serialized_start=1341
-  _globals['_WATCHMODELSREQUEST']._serialized_end=1454
-  _globals['_MODELEVENT']._serialized_start=1457
-  _globals['_MODELEVENT']._serialized_end=1922
-  _globals['_FETCHMODELFILESREQUEST']._serialized_start=1924
-  _globals['_FETCHMODELFILESREQUEST']._serialized_end=2001
-  _globals['_FILECHUNK']._serialized_start=2004
-  _globals['_FILECHUNK']._serialized_end=2153
-  _globals['_MODELSTORE']._serialized_start=2499
-  _globals['_MODELSTORE']._serialized_end=3370
+  _globals['_PULLMODELREQUEST']._serialized_end=874
+  _globals['_CANCELDOWNLOADREQUEST']._serialized_start=876
+  _globals['_CANCELDOWNLOADREQUEST']._serialized_end=917
+  _globals['_PAUSEDOWNLOADREQUEST']._serialized_start=919
+  _globals['_PAUSEDOWNLOADREQUEST']._serialized_end=959
+  _globals['_RESUMEDOWNLOADREQUEST']._serialized_start=961
+  _globals['_RESUMEDOWNLOADREQUEST']._serialized_end=1002
+  _globals['_LISTSOURCESREQUEST']._serialized_start=1004
+  _globals['_LISTSOURCESREQUEST']._serialized_end=1024
+  _globals['_SOURCE']._serialized_start=1027
+  _globals['_SOURCE']._serialized_end=1317
+  _globals['_LISTSOURCESRESPONSE']._serialized_start=1319
+  _globals['_LISTSOURCESRESPONSE']._serialized_end=1389
+  _globals['_DELETEMODELREQUEST']._serialized_start=1391
+  _globals['_DELETEMODELREQUEST']._serialized_end=1429
+  _globals['_VERIFYMODELREQUEST']._serialized_start=1431
+  _globals['_VERIFYMODELREQUEST']._serialized_end=1469
+  _globals['_FILECHECK']._serialized_start=1472
+  _globals['_FILECHECK']._serialized_end=1618
+  _globals['_VERIFYMODELRESPONSE']._serialized_start=1621
+  _globals['_VERIFYMODELRESPONSE']._serialized_end=1767
+  _globals['_IMPORTMODELREQUEST']._serialized_start=1769
+  _globals['_IMPORTMODELREQUEST']._serialized_end=1827
+  _globals['_WATCHMODELSREQUEST']._serialized_start=1829
+  _globals['_WATCHMODELSREQUEST']._serialized_end=1942
+  _globals['_MODELEVENT']._serialized_start=1945
+  _globals['_MODELEVENT']._serialized_end=2410
+  _globals['_FETCHMODELFILESREQUEST']._serialized_start=2412
+  _globals['_FETCHMODELFILESREQUEST']._serialized_end=2489
+  _globals['_FILECHUNK']._serialized_start=2492
+  _globals['_FILECHUNK']._serialized_end=2641
+  _globals['_MODELSTORE']._serialized_start=3083
+  _globals['_MODELSTORE']._serialized_end=4248
 # @@protoc_insertion_point(module_scope)

@@ -27,6 +27,14 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     READY: _ClassVar[ModelState]
     INCOMPLETE: _ClassVar[ModelState]
     ERROR: _ClassVar[ModelState]
+    PAUSED: _ClassVar[ModelState]
+
+class BreakerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BREAKER_STATE_UNSPECIFIED: _ClassVar[BreakerState]
+    CLOSED: _ClassVar[BreakerState]
+    OPEN: _ClassVar[BreakerState]
+    HALF_OPEN: _ClassVar[BreakerState]
 
 class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -48,6 +56,11 @@ VERIFYING: ModelState
 READY: ModelState
 INCOMPLETE: ModelState
 ERROR: ModelState
+PAUSED: ModelState
+BREAKER_STATE_UNSPECIFIED: BreakerState
+CLOSED: BreakerState
+OPEN: BreakerState
+HALF_OPEN: BreakerState
 EVENT_TYPE_UNSPECIFIED: EventType
 SNAPSHOT: EventType
 SNAPSHOT_END: EventType
@@ -122,18 +135,62 @@ class GetModelRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class PullModelRequest(_message.Message):
-    __slots__ = ("model_id", "revision")
+    __slots__ = ("model_id", "revision", "source")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
+    source: str
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class CancelDownloadRequest(_message.Message):
     __slots__ = ("model_id",)
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class PauseDownloadRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class ResumeDownloadRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class ListSourcesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Source(_message.Message):
+    __slots__ = ("name", "url", "last_success_at", "last_failure_at", "last_failure_reason", "consecutive_failures", "breaker_state", "retry_after_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    LAST_SUCCESS_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_STATE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    url: str
+    last_success_at: _timestamp_pb2.Timestamp
+    last_failure_at: _timestamp_pb2.Timestamp
+    last_failure_reason: str
+    consecutive_failures: int
+    breaker_state: BreakerState
+    retry_after_seconds: float
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., last_success_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_failure_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_failure_reason: _Optional[str] = ..., consecutive_failures: _Optional[int] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., retry_after_seconds: _Optional[float] = ...) -> None: ...
+
+class ListSourcesResponse(_message.Message):
+    __slots__ = ("sources",)
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    sources: _containers.RepeatedCompositeFieldContainer[Source]
+    def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ...) -> None: ...
 
 class DeleteModelRequest(_message.Message):
     __slots__ = ("model_id",)

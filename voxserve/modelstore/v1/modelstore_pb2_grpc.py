@@ -54,6 +54,21 @@ class ModelStoreStub:
                 request_serializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.CancelDownloadRequest.SerializeToString,
                 response_deserializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.Model.FromString,
                 _registered_method=True)
+        self.PauseDownload = channel.unary_unary(
+                '/voxserve.modelstore.v1.ModelStore/PauseDownload',
+                request_serializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.PauseDownloadRequest.SerializeToString,
+                response_deserializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.Model.FromString,
+                _registered_method=True)
+        self.ResumeDownload = channel.unary_unary(
+                '/voxserve.modelstore.v1.ModelStore/ResumeDownload',
+                request_serializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.ResumeDownloadRequest.SerializeToString,
+                response_deserializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.Model.FromString,
+                _registered_method=True)
+        self.ListSources = channel.unary_unary(
+                '/voxserve.modelstore.v1.ModelStore/ListSources',
+                request_serializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.ListSourcesRequest.SerializeToString,
+                response_deserializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.ListSourcesResponse.FromString,
+                _registered_method=True)
         self.DeleteModel = channel.unary_unary(
                 '/voxserve.modelstore.v1.ModelStore/DeleteModel',
                 request_serializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.DeleteModelRequest.SerializeToString,
@@ -107,7 +122,32 @@ class ModelStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelDownload(self, request, context):
-        """Stops a running or waiting download and removes its partial files.
+        """Stops a running or waiting download and removes its partial files (a PAUSED model's
+        partial files too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseDownload(self, request, context):
+        """Stops a running download, or takes a waiting one out of the queue, keeping its bytes on
+        disk: the model is PAUSED and holds no queue slot. FAILED_PRECONDITION (naming the
+        state) when the model neither downloads nor waits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeDownload(self, request, context):
+        """Queues a PAUSED model again (at the end of the queue); its download continues with
+        Range from the bytes on disk. FAILED_PRECONDITION (naming the state) unless PAUSED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSources(self, request, context):
+        """Every configured hub endpoint with its health and circuit-breaker state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +210,21 @@ def add_ModelStoreServicer_to_server(servicer, server):
                     servicer.CancelDownload,
                     request_deserializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.CancelDownloadRequest.FromString,
                     response_serializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.Model.SerializeToString,
+            ),
+            'PauseDownload': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseDownload,
+                    request_deserializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.PauseDownloadRequest.FromString,
+                    response_serializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.Model.SerializeToString,
+            ),
+            'ResumeDownload': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeDownload,
+                    request_deserializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.ResumeDownloadRequest.FromString,
+                    response_serializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.Model.SerializeToString,
+            ),
+            'ListSources': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSources,
+                    request_deserializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.ListSourcesRequest.FromString,
+                    response_serializer=voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.ListSourcesResponse.SerializeToString,
             ),
             'DeleteModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteModel,
@@ -305,6 +360,87 @@ class ModelStore:
             '/voxserve.modelstore.v1.ModelStore/CancelDownload',
             voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.CancelDownloadRequest.SerializeToString,
             voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseDownload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxserve.modelstore.v1.ModelStore/PauseDownload',
+            voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.PauseDownloadRequest.SerializeToString,
+            voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeDownload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxserve.modelstore.v1.ModelStore/ResumeDownload',
+            voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.ResumeDownloadRequest.SerializeToString,
+            voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSources(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxserve.modelstore.v1.ModelStore/ListSources',
+            voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.ListSourcesRequest.SerializeToString,
+            voxserve_dot_modelstore_dot_v1_dot_modelstore__pb2.ListSourcesResponse.FromString,
             options,
             channel_credentials,
             insecure,
