@@ -89,7 +89,9 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
     metrics = InferenceMetrics()
     source = StoreModelSource(config)
     cache = build_cache(config, source, metrics)
-    transcriber = Transcriber(cache, config.vad_model, metrics, config.batch_size if config.batched else 0)
+    transcriber = Transcriber(
+        cache, config.vad_model, metrics, config.batch_size if config.batched else 0, config.fast_first_segment
+    )
     limits = JobLimits(
         config.max_running_jobs, config.max_queued_jobs, config.job_retention_seconds, config.job_history_events
     )

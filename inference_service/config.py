@@ -51,6 +51,9 @@ class InferenceConfig:
     live_abandon_lag_seconds: float = 20.0
     live_decode_interval_seconds: float = 0.3
     live_beam_size: int = 1  # when the client leaves beam_size at 0
+    # Transcribe/TranscribeStream: decode the first utterance on its own so its segment is
+    # sent before the first 30 s window is decoded (see docs/performance.md for its cost).
+    fast_first_segment: bool = False
     grace_seconds: float = 20.0
     log_level: str = "INFO"
     log_format: str = "json"

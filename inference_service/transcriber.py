@@ -17,7 +17,10 @@ import numpy as np
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, audio_duration, decode_audio
 from inference_service.engines.device import DeviceChoice
+from inference_service.engines.whisper import TranscribeOptions
 from inference_service.jobs import Completed, Job, Phase, Progress
+from inference_service.live.first_segment import FirstUtterance, decode_first_utterance
+from inference_service.live.vad import SpeechDetector, VadSessions
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import LoadedModel, LoadProgress, ModelCache, ModelSpec
 from voxserve_common.errors import Cancelled, InvalidArgument
@@ -68,7 +71,10 @@ class Transcriber:
         vad_model_id: str,
         metrics: InferenceMetrics | None = None,
         batch_size: int = 0,
+        fast_first_segment: bool = False,
     ) -> None:
+        self.fast_first_segment = fast_first_segment
+        self._vad_sessions: VadSessions | None = None
         self.cache = cache
         self.batch_size = batch_size  # > 0: use faster-whisper's BatchedInferencePipeline
         self.vad_model_id = vad_model_id
@@ -116,6 +122,9 @@ class Transcriber:
                     return
                 flat = tuple(t for span in spans for t in span)
                 options = replace(options, vad_filter=False, clip_timestamps=flat)
+            first = self._first_utterance(job, lease.model, audio, options, relay)
+            if first is not None:
+                options = replace(options, clip_timestamps=(first.resume_at,))
             job.emit(Progress(Phase.TRANSCRIBING, 0.0, "transcribing"))
             if self.batch_size > 0:
                 info, segments = lease.model.transcribe_batched(  # type: ignore[attr-defined]
@@ -128,7 +137,9 @@ class Transcriber:
             else:
                 info, segments = lease.model.transcribe(audio, options, job.should_stop)  # type: ignore[attr-defined]
             job.emit(info)
-            texts: list[str] = []
+            texts: list[str] = [first.segment.text] if first is not None else []
+            if first is not None:
+                segments = (replace(segment, index=segment.index + 1) for segment in segments)
             for segment in segments:
                 if job.first_segment_at is None:
                     job.first_segment_at = time.monotonic()
@@ -141,6 +152,31 @@ class Transcriber:
                 percent = min(100.0, 100.0 * segment.end / duration) if duration else 100.0
                 job.emit(Progress(Phase.TRANSCRIBING, percent))
             self._complete(job, started, duration, load_seconds, cache_hit, texts)
+
+    def _first_utterance(
+        self,
+        job: Job,
+        engine: object,
+        audio: np.ndarray,
+        options: TranscribeOptions,
+        relay: Callable[[LoadProgress], None],
+    ) -> FirstUtterance | None:
+        """With fast_first_segment: the first utterance decoded alone and sent now (None: the plain path)."""
+        if not self.fast_first_segment or self.batch_size > 0 or options.clip_timestamps:
+            return None
+        with self.cache.acquire(self.vad_model_id, expected_kind="vad", on_progress=relay) as vad:
+            if self._vad_sessions is None:
+                self._vad_sessions = VadSessions()
+            detector = SpeechDetector(self._vad_sessions.session(vad.model.path))  # type: ignore[attr-defined]
+            first = decode_first_utterance(engine, detector, audio, options)
+        if first is not None:
+            job.first_segment_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.time_to_first_segment.labels(job.request.model_id).observe(
+                    job.first_segment_at - job.created
+                )
+            job.emit(first.segment)
+        return first
 
     def _complete(
         self, job: Job, started: float, duration: float, load_seconds: float, cache_hit: bool, texts: list[str]

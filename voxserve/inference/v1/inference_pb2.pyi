@@ -74,7 +74,7 @@ SPEECH_STARTED: SpeechEventType
 END_OF_UTTERANCE: SpeechEventType
 
 class TranscribeOptions(_message.Message):
-    __slots__ = ("model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id", "fast_first_segment")
+    __slots__ = ("model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -85,7 +85,6 @@ class TranscribeOptions(_message.Message):
     HOTWORDS_FIELD_NUMBER: _ClassVar[int]
     SEPARATE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    FAST_FIRST_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     language: str
     task: Task
@@ -96,8 +95,7 @@ class TranscribeOptions(_message.Message):
     hotwords: str
     separate_model_id: str
     job_id: str
-    fast_first_segment: bool
-    def __init__(self, model_id: _Optional[str] = ..., language: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., beam_size: _Optional[int] = ..., vad_filter: _Optional[bool] = ..., word_timestamps: _Optional[bool] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[str] = ..., separate_model_id: _Optional[str] = ..., job_id: _Optional[str] = ..., fast_first_segment: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., language: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., beam_size: _Optional[int] = ..., vad_filter: _Optional[bool] = ..., word_timestamps: _Optional[bool] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[str] = ..., separate_model_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class TranscribeRequest(_message.Message):
     __slots__ = ("options", "audio", "model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id")
