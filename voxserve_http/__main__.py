@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from types import FrameType
@@ -60,7 +61,8 @@ class GatewayServer:
                 access_log=False,  # ObservabilityMiddleware logs one line per request
                 server_header=False,
                 lifespan="on",
-                timeout_graceful_shutdown=int(config.grace_seconds) or None,
+                # after this, requests still running are cancelled (0: at once)
+                timeout_graceful_shutdown=math.ceil(config.grace_seconds),
             )
         )
 
