@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_service.catalog import Catalog
+from model_service.catalog import Catalog, CatalogEntry
 from model_service.config import ModelStoreConfig
 from model_service.hub import HubClient, default_sources
 from model_service.metrics import ModelStoreMetrics
@@ -43,7 +43,7 @@ class ModelStoreApp:
         await asyncio.to_thread(self.store.close)
 
 
-def build_store(config: ModelStoreConfig, extra_catalog: dict | None = None) -> ModelStore:
+def build_store(config: ModelStoreConfig, extra_catalog: dict[str, CatalogEntry] | None = None) -> ModelStore:
     """The domain object with its catalog and hub chain (no server)."""
     catalog = Catalog.load(config.catalog_file, extra_catalog)
     sources = default_sources(config.hub_endpoints, os.environ.get("HF_ENDPOINT"))
@@ -51,7 +51,7 @@ def build_store(config: ModelStoreConfig, extra_catalog: dict | None = None) -> 
     return ModelStore(config, catalog, hub, ModelStoreMetrics())
 
 
-async def start_app(config: ModelStoreConfig, extra_catalog: dict | None = None) -> ModelStoreApp:
+async def start_app(config: ModelStoreConfig, extra_catalog: dict[str, CatalogEntry] | None = None) -> ModelStoreApp:
     """Start the store and its gRPC server (SERVING at once; the disk scan runs behind)."""
     store = build_store(config, extra_catalog)
     store.start()

@@ -320,10 +320,12 @@ class PullService:
                     self._paused[request.model_id] = request
         if not resume or not graceful:
             if queued:
-                why = "resume_downloads_on_start is off" if graceful else "the last stop was not graceful"
                 logger.info(
-                    "not resuming downloads: " + why + "; the next pull continues from the partial files",
-                    extra={"models": [r.model_id for r in queued]},
+                    "downloads not resumed; the next pull continues them from their partial files",
+                    extra={
+                        "models": [r.model_id for r in queued],
+                        "reason": "resume_downloads_on_start is off" if graceful else "the last stop was not graceful",
+                    },
                 )
             self._save_queue()
             return
