@@ -13,7 +13,7 @@ import pytest
 
 from tests.http_gateway.conftest import GatewayHandle, sse_events
 from tests.hubserver import HubServer
-from tests.support import DATA_DIR, InferenceHandle
+from tests.support import DATA_DIR, InferenceHandle, wait_for
 
 
 def ndjson_lines(response: httpx.Response) -> Iterator[dict[str, Any]]:
@@ -249,6 +249,12 @@ def test_metrics_label_routes_by_template(gateway: GatewayHandle) -> None:
         http.post("/v1/audio/transcriptions", files={"file": ("big.wav", b"\0" * (7 << 20))})
     registry = gateway.server.metrics.registry
     value = registry.get_sample_value
+    # A request is counted when its handling ends, just after the client has the answer.
+    wait_for(
+        lambda: value("voxserve_http_request_duration_seconds_count", {"route": "/v1/audio/transcriptions"}),
+        timeout=30,
+        message="the last request counted",
+    )
     assert value("voxserve_http_requests_total", {"route": "/api/models/{id}", "status": "200"}) == 1
     assert value("voxserve_http_requests_total", {"route": "/api/models/{id}", "status": "404"}) == 1
     assert value("voxserve_http_requests_total", {"route": "unmatched", "status": "404"}) == 1
