@@ -181,8 +181,14 @@ def test_the_entry_point_traces_logs_counts_and_stops_gracefully(
         (r.getMessage(), getattr(r, "trace_id", None)) for r in records.records
     ]
 
-    metrics = httpx.get(f"http://127.0.0.1:{gateway_process.metrics_port}/metrics", timeout=10).text
-    assert 'voxserve_http_requests_total{route="/v1/audio/transcriptions",status="200"} 1.0' in metrics
+    counted = 'voxserve_http_requests_total{route="/v1/audio/transcriptions",status="200"} 1.0'
+
+    def scrape() -> str:
+        text = httpx.get(f"http://127.0.0.1:{gateway_process.metrics_port}/metrics", timeout=10).text
+        return text if counted in text else ""
+
+    # counted when the request's handling ends, just after the client has the answer
+    metrics = wait_for(scrape, timeout=30, message=counted)
     assert 'voxserve_http_request_duration_seconds_count{route="/v1/audio/transcriptions"} 1.0' in metrics
     assert "process_resident_memory_bytes" in metrics
 
