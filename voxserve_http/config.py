@@ -32,7 +32,7 @@ class GatewayConfig:
     sse_keepalive_seconds: float = 15.0
     grace_seconds: float = 20.0
     log_level: str = "INFO"
-    log_format: str = "json"
+    log_format: str = "json"  # json | console | auto (console on a terminal)
 
     def validate(self) -> None:
         checks = [
@@ -48,11 +48,11 @@ class GatewayConfig:
             (self.max_event_streams >= 1, "max_event_streams", "must be >= 1"),
             (self.sse_keepalive_seconds > 0, "sse_keepalive_seconds", "must be > 0"),
             (self.grace_seconds >= 0, "grace_seconds", "must be >= 0"),
-            (self.log_format in ("json", "console"), "log_format", "must be json or console"),
+            (self.log_format in ("auto", "json", "console"), "log_format", "must be auto, json or console"),
             (
-                self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+                self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
                 "log_level",
-                "must be DEBUG, INFO, WARNING or ERROR",
+                "must be DEBUG, INFO, WARNING, ERROR or CRITICAL",
             ),
         ]
         check_settings(self, checks)
