@@ -26,10 +26,9 @@ from voxserve_common.errors import (
     ResourceExhausted,
     VoxserveError,
 )
+from voxserve_common.kinds import ModelKind
 
 logger = logging.getLogger(__name__)
-
-KINDS = ("whisper", "vad", "demucs")
 
 # Memory a loaded model takes, as a multiple of its files on disk, for a model_id the
 # cache has never loaded (afterwards the measured bytes of that model_id are used).
@@ -44,7 +43,7 @@ KINDS = ("whisper", "vad", "demucs")
 # - demucs: safetensors exports of HDemucs/HTDemucs (2.3-46 MB) hold their weights once
 #   loaded (~1x) but briefly hold them twice during load_safetensors_model (the file's
 #   tensors and the module's), so 2x.
-FOOTPRINT_FACTORS: Mapping[str, float] = {"whisper": 1.0, "vad": 4.0, "demucs": 2.0}
+FOOTPRINT_FACTORS: Mapping[ModelKind, float] = {ModelKind.WHISPER: 1.0, ModelKind.VAD: 4.0, ModelKind.DEMUCS: 2.0}
 UNKNOWN_KIND_FACTOR = 2.0
 # No model is accounted below this: an RSS delta can come out near zero when a load
 # reuses pages freed earlier (or negative when another thread frees memory meanwhile).
@@ -103,16 +102,23 @@ ProgressCallback = Callable[[LoadProgress], None]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What is needed to load a model: its kind and files (size_bytes: all its files on disk)."""
+    """What is needed to load a model: its kind and files (size_bytes: all its files on disk).
+
+    A kind's name ("whisper") is accepted and converted to its ModelKind.
+    """
 
     model_id: str
-    kind: str
+    kind: ModelKind
     path: Path
     size_bytes: int
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise InvalidArgument(f"model {self.model_id!r} has kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        kind = ModelKind.parse(self.kind)
+        if kind is None:
+            raise InvalidArgument(
+                f"model {self.model_id!r} has kind {self.kind!r}; expected one of {', '.join(ModelKind)}"
+            )
+        object.__setattr__(self, "kind", kind)
         if self.size_bytes < 0:
             raise InvalidArgument(f"model {self.model_id!r} has a negative size ({self.size_bytes} bytes)")
 
@@ -169,7 +175,7 @@ class LoadedModelInfo:
     """A snapshot of one cache entry (loaded_at and last_used are wall-clock epoch seconds)."""
 
     model_id: str
-    kind: str
+    kind: ModelKind
     device: str
     compute_type: str
     memory_bytes: int
@@ -199,7 +205,7 @@ class CacheStats:
 class _Entry:
     spec: ModelSpec
     model: LoadedModel | None
-    kind: str
+    kind: ModelKind
     device: str
     compute_type: str
     memory_bytes: int
@@ -255,11 +261,11 @@ def _notify(callback: ProgressCallback, event: LoadProgress) -> None:
         logger.exception("progress callback failed", extra={"model_id": event.model_id})
 
 
-def _kind_accepted(expected_kind: str | None, kind: str) -> bool:
+def _kind_accepted(expected_kind: str | None, kind: ModelKind) -> bool:
     return expected_kind is None or expected_kind == kind
 
 
-def _wrong_kind(model_id: str, kind: str, expected_kind: str | None) -> WrongModelKind:
+def _wrong_kind(model_id: str, kind: ModelKind, expected_kind: str | None) -> WrongModelKind:
     return WrongModelKind(f"model {model_id!r} is a {kind} model, but this request needs a {expected_kind} model")
 
 

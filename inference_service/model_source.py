@@ -16,6 +16,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
+from typing import BinaryIO, NoReturn
 
 import grpc
 
@@ -25,14 +26,19 @@ from voxserve.modelstore.v1 import modelstore_pb2 as store_pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from voxserve_common.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
 from voxserve_common.grpc_errors import error_for_status
+from voxserve_common.kinds import ModelKind
 from voxserve_common.tracing import trace_metadata
 
 logger = logging.getLogger(__name__)
 
-KIND_NAMES = {store_pb.WHISPER: "whisper", store_pb.VAD: "vad", store_pb.DEMUCS: "demucs"}
+KIND_NAMES: dict[store_pb.ModelKind, ModelKind] = {
+    store_pb.WHISPER: ModelKind.WHISPER,
+    store_pb.VAD: ModelKind.VAD,
+    store_pb.DEMUCS: ModelKind.DEMUCS,
+}
 
 
-def _raise_from_rpc(error: grpc.RpcError, action: str) -> None:
+def _raise_from_rpc(error: grpc.RpcError, action: str) -> NoReturn:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -59,15 +65,16 @@ class StoreModelSource:
         if not model_id:
             raise InvalidArgument("model_id is required")
         try:
-            return self.stub.GetModel(
+            model: store_pb.Model = self.stub.GetModel(
                 store_pb.GetModelRequest(model_id=model_id), metadata=trace_metadata(), timeout=30
             )
         except grpc.RpcError as error:
             _raise_from_rpc(error, f"looking up {model_id}")
-            raise  # unreachable
+        return model
 
-    def kind_of(self, model_id: str) -> str:
-        return KIND_NAMES.get(self.describe(model_id).kind, "unknown")
+    def kind_of(self, model_id: str) -> ModelKind | None:
+        """The model's kind as the store reports it; None for a kind this service does not know."""
+        return KIND_NAMES.get(self.describe(model_id).kind)
 
     def resolve(self, model_id: str, on_progress: ProgressCallback | None = None) -> ModelSpec:
         """A READY model's local directory; pulls it first when allowed.
@@ -83,7 +90,11 @@ class StoreModelSource:
                     f"{model_id} is {state} in the model store and auto_pull is off; pull it first (voxctl models pull {model_id})"
                 )
             model = self._pull(model_id, on_progress)
-        kind = KIND_NAMES.get(model.kind, "unknown")
+        kind = KIND_NAMES.get(model.kind)
+        if kind is None:
+            raise InvalidArgument(
+                f"model {model_id!r} has kind {model.kind} in the model store; expected one of {', '.join(ModelKind)}"
+            )
         path = self._fetch(model, on_progress) if self.config.store_access == "fetch" else self._shared_path(model)
         return ModelSpec(model_id, kind, path, model.size_bytes)
 
@@ -147,7 +158,7 @@ class StoreModelSource:
         expected = {f.path: f for f in model.files}
         hashes: dict[str, hashlib._Hash] = {}
         sizes: dict[str, int] = {}
-        handles: dict[str, object] = {}
+        handles: dict[str, BinaryIO] = {}
         done = 0
         total = sum(f.size for f in model.files)
         root = staging.resolve()
@@ -168,7 +179,7 @@ class StoreModelSource:
                     sizes[chunk.path] = 0
                 if chunk.offset != sizes[chunk.path]:
                     raise DataLoss(f"{chunk.path}: chunk at offset {chunk.offset}, expected {sizes[chunk.path]}")
-                handles[chunk.path].write(chunk.data)  # type: ignore[attr-defined]
+                handles[chunk.path].write(chunk.data)
                 hashes[chunk.path].update(chunk.data)
                 sizes[chunk.path] += len(chunk.data)
                 done += len(chunk.data)
@@ -178,7 +189,7 @@ class StoreModelSource:
             _raise_from_rpc(error, f"copying {model.model_id}")
         finally:
             for handle in handles.values():
-                handle.close()  # type: ignore[attr-defined]
+                handle.close()
         for path, file in expected.items():
             if sizes.get(path) != file.size:
                 raise DataLoss(f"{model.model_id}/{path}: received {sizes.get(path, 0)} bytes, expected {file.size}")

@@ -14,7 +14,7 @@ A built-in list of real models, extended or overridden by a user YAML file:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,7 @@ import yaml
 
 from model_service.errors import InvalidModelId, ModelNotFound
 from model_service.paths import validate_model_id, validate_relative_file, validate_repo_id, validate_revision
-
-KINDS = ("whisper", "vad", "demucs")
+from voxserve_common.kinds import ModelKind
 
 WHISPER_FILES = ("config.json", "preprocessor_config.json", "model.bin", "tokenizer.json", "vocabulary.*")
 WHISPER_REQUIRED = ("config.json", "model.bin", "tokenizer.json")
@@ -35,7 +34,7 @@ class CatalogEntry:
     """One model the store knows how to fetch."""
 
     model_id: str
-    kind: str
+    kind: ModelKind  # a kind's name ("whisper") is accepted and converted
     repo_id: str
     revision: str = "main"
     allow_patterns: tuple[str, ...] = ()
@@ -44,15 +43,19 @@ class CatalogEntry:
     # Files that can be imported with no network: repo path -> path on this host.
     embedded_files: Mapping[str, Path] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        kind = ModelKind.parse(self.kind)
+        if kind is None:
+            raise InvalidModelId(
+                f"catalog entry {self.model_id}: kind must be one of {', '.join(ModelKind)}, not {self.kind!r}"
+            )
+        object.__setattr__(self, "kind", kind)
+
     def allows(self, path: str) -> bool:
         return not self.allow_patterns or any(fnmatch.fnmatchcase(path, p) for p in self.allow_patterns)
 
     def validate(self) -> None:
         validate_model_id(self.model_id)
-        if self.kind not in KINDS:
-            raise InvalidModelId(
-                f"catalog entry {self.model_id}: kind must be one of {', '.join(KINDS)}, not {self.kind!r}"
-            )
         validate_repo_id(self.repo_id)
         validate_revision(self.revision)
         for name in self.required_files:
@@ -60,12 +63,18 @@ class CatalogEntry:
 
 
 def _whisper(model_id: str, repo_id: str, description: str) -> CatalogEntry:
-    return CatalogEntry(model_id, "whisper", repo_id, "main", WHISPER_FILES, WHISPER_REQUIRED, description)
+    return CatalogEntry(model_id, ModelKind.WHISPER, repo_id, "main", WHISPER_FILES, WHISPER_REQUIRED, description)
 
 
 def _demucs(name: str, repo: str, description: str) -> CatalogEntry:
     return CatalogEntry(
-        name, "demucs", f"adefossez/{repo}", "main", (f"{name}.yaml", "*.safetensors"), (f"{name}.yaml",), description
+        name,
+        ModelKind.DEMUCS,
+        f"adefossez/{repo}",
+        "main",
+        (f"{name}.yaml", "*.safetensors"),
+        (f"{name}.yaml",),
+        description,
     )
 
 
@@ -113,7 +122,7 @@ def builtin_catalog() -> dict[str, CatalogEntry]:
         _whisper("whisper-distil-large-v3", "Systran/faster-distil-whisper-large-v3", "Distil-Whisper large-v3"),
         CatalogEntry(
             "silero-vad",
-            "vad",
+            ModelKind.VAD,
             "onnx-community/silero-vad",
             "main",
             ("onnx/model.onnx",),
@@ -126,6 +135,13 @@ def builtin_catalog() -> dict[str, CatalogEntry]:
         _demucs("mdx_extra", "Demucs-mdx_extra", "Demucs MDX extra (trained with extra data)"),
     ]
     return {entry.model_id: entry for entry in entries}
+
+
+def _kind(value: object, model_id: str, origin: str) -> ModelKind:
+    kind = ModelKind.parse(str(value))
+    if kind is None:
+        raise InvalidModelId(f"{origin}: model {model_id!r} has kind {value!r}; use one of {', '.join(ModelKind)}")
+    return kind
 
 
 def _entry_from_mapping(model_id: str, data: Mapping[str, Any], base: CatalogEntry | None, origin: str) -> CatalogEntry:
@@ -148,10 +164,10 @@ def _entry_from_mapping(model_id: str, data: Mapping[str, Any], base: CatalogEnt
         missing = [k for k in ("kind", "repo_id") if k not in data]
         if missing:
             raise InvalidModelId(f"{origin}: new model {model_id!r} needs {', '.join(missing)}")
-        base = CatalogEntry(model_id, str(data["kind"]), str(data["repo_id"]))
+        base = CatalogEntry(model_id, _kind(data["kind"], model_id, origin), str(data["repo_id"]))
     entry = replace(
         base,
-        kind=str(data.get("kind", base.kind)),
+        kind=_kind(data.get("kind", base.kind), model_id, origin),
         repo_id=str(data.get("repo_id", base.repo_id)),
         revision=str(data.get("revision", base.revision)),
         allow_patterns=as_tuple("allow_patterns") or base.allow_patterns,
@@ -204,7 +220,7 @@ class Catalog:
     def __contains__(self, model_id: object) -> bool:
         return model_id in self._entries
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[CatalogEntry]:
         return iter(sorted(self._entries.values(), key=lambda e: e.model_id))
 
     def ids(self) -> list[str]:

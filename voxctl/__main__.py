@@ -13,6 +13,7 @@ from voxctl import inference, models
 from voxctl.formats import WRITERS
 from voxctl.health import cmd_health
 from voxctl.rpc import CliError, Session, command_trace, status_line
+from voxserve_common.kinds import ModelKind
 
 DEFAULT_STORE = "127.0.0.1:50051"
 DEFAULT_INFERENCE = "127.0.0.1:50052"
@@ -88,7 +89,7 @@ def _add_models(commands: argparse._SubParsersAction[argparse.ArgumentParser], s
     sub = models_parser.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("ls", aliases=["list"], parents=[shared], help="every catalog model with its state")
-    ls.add_argument("--kind", choices=sorted(models.KINDS), help="only models of this kind")
+    ls.add_argument("--kind", choices=sorted(kind.value for kind in ModelKind), help="only models of this kind")
     ls.set_defaults(handler=models.cmd_ls)
 
     get = sub.add_parser("get", aliases=["show"], parents=[shared], help="one model with its files")

@@ -13,9 +13,14 @@ from voxctl.output import message_to_dict, print_json, print_json_line, render_t
 from voxctl.progress import StatusLine, bar
 from voxctl.rpc import CliError, Session, error_code, status_line
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
+from voxserve_common.kinds import ModelKind
 from voxserve_common.tracing import trace_metadata
 
-KINDS = {"whisper": pb.WHISPER, "vad": pb.VAD, "demucs": pb.DEMUCS}
+KINDS: dict[ModelKind, pb.ModelKind] = {
+    ModelKind.WHISPER: pb.WHISPER,
+    ModelKind.VAD: pb.VAD,
+    ModelKind.DEMUCS: pb.DEMUCS,
+}
 RECONNECT_MAX_SECONDS = 5.0
 
 
@@ -32,7 +37,7 @@ def event_type_name(event_type: int) -> str:
 
 
 def cmd_ls(session: Session, args: argparse.Namespace) -> int:
-    request = pb.ListModelsRequest(kind=KINDS[args.kind] if args.kind else pb.MODEL_KIND_UNSPECIFIED)
+    request = pb.ListModelsRequest(kind=KINDS[ModelKind(args.kind)] if args.kind else pb.MODEL_KIND_UNSPECIFIED)
     response = session.call(session.store().ListModels, request)
     if session.json:
         print_json(message_to_dict(response), session.out)

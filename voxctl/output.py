@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+
+if TYPE_CHECKING:
+    # Message.DESCRIPTOR is typed as either implementation's descriptor (pure Python or upb).
+    from google._upb._message import FieldDescriptor as UpbFieldDescriptor
 
 _TIMESTAMP = "google.protobuf.Timestamp"
 
@@ -29,12 +33,12 @@ def message_to_dict(message: Message) -> dict[str, Any]:
     return result
 
 
-def _value(field: FieldDescriptor, value: Any) -> Any:
+def _value(field: FieldDescriptor | UpbFieldDescriptor, value: Any) -> Any:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
-        if field.message_type.full_name == _TIMESTAMP:
+        if field.message_type is not None and field.message_type.full_name == _TIMESTAMP:
             return value.ToJsonString() if (value.seconds or value.nanos) else None
         return message_to_dict(value)
-    if field.type == FieldDescriptor.TYPE_ENUM:
+    if field.type == FieldDescriptor.TYPE_ENUM and field.enum_type is not None:
         enum_value = field.enum_type.values_by_number.get(value)
         return enum_value.name if enum_value is not None else value
     if field.type == FieldDescriptor.TYPE_BYTES:

@@ -18,6 +18,7 @@ from inference_service.audio import WHISPER_SAMPLE_RATE, FloatArray, decode_audi
 from inference_service.engines.device import DeviceChoice
 from inference_service.errors import InvalidAudio, InvalidOptions, ModelFilesMissing, ModelLoadFailed
 from voxserve_common.errors import Cancelled, FailedPrecondition
+from voxserve_common.kinds import ModelKind
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def find_bag_yaml(model_dir: Path, name: str | None) -> Path:
 class DemucsSeparator:
     """A Demucs bag of models on one device; separation runs under ``torch.inference_mode``."""
 
-    kind: ClassVar[str] = "demucs"
+    kind: ClassVar[ModelKind] = ModelKind.DEMUCS
 
     def __init__(self, model_id: str, bag: BagOfModels, device: DeviceChoice) -> None:
         self.model_id = model_id

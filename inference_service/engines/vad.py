@@ -17,6 +17,7 @@ import torch
 from inference_service.engines.device import DeviceChoice
 from inference_service.errors import InvalidAudio, ModelFilesMissing, ModelLoadFailed
 from voxserve_common.errors import FailedPrecondition
+from voxserve_common.kinds import ModelKind
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def find_onnx_model(model_dir: Path) -> Path:
 class SileroVadEngine:
     """A Silero VAD ONNX session; calls are serialised because the model keeps recurrent state."""
 
-    kind: ClassVar[str] = "vad"
+    kind: ClassVar[ModelKind] = ModelKind.VAD
 
     def __init__(self, model_id: str, model: Any, device: DeviceChoice, path: Path) -> None:
         self.model_id = model_id

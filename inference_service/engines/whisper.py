@@ -16,6 +16,7 @@ from faster_whisper.tokenizer import _LANGUAGE_CODES
 from inference_service.engines.device import DeviceChoice
 from inference_service.errors import InvalidAudio, InvalidOptions, ModelFilesMissing, ModelLoadFailed
 from voxserve_common.errors import Cancelled, FailedPrecondition
+from voxserve_common.kinds import ModelKind
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class TranscriptionInfo:
 class WhisperEngine:
     """A loaded faster-whisper model; one instance may serve many requests (CTranslate2 is thread-safe)."""
 
-    kind: ClassVar[str] = "whisper"
+    kind: ClassVar[ModelKind] = ModelKind.WHISPER
 
     def __init__(self, model_id: str, model: WhisperModel, device: DeviceChoice) -> None:
         self.model_id = model_id
