@@ -21,6 +21,7 @@ from inference_service.servicer import InferenceServicer
 from inference_service.transcriber import Transcriber, make_loader
 from voxserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from voxserve_common.cli import common_parser, config_from_args
+from voxserve_common.security import server_security
 from voxserve_common.server import RunningServer, start_server
 from voxserve_common.service import run_service
 
@@ -99,6 +100,7 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
     shutting_down = asyncio.Event()
     live = LiveService(cache, config.vad_model, live_limits(config), metrics)
     servicer = InferenceServicer(jobs, cache, config.default_model, config.max_audio_bytes, shutting_down, live)
+    tls, authenticator = server_security(config, "inference_service")
     server = await start_server(
         register=lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s),
         service_names=[SERVICE_NAME],
@@ -107,8 +109,14 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
         rpc_metrics=metrics.rpc,
         metrics_registry=metrics.registry,
         metrics_port=config.metrics_port,
+        disk_paths={"cache": config.cache_dir},
+        service_label="inference_service",
+        tls=tls,
+        authenticator=authenticator,
+        ready=False,
     )
     server.on_stop.append(shutting_down.set)
+    loop = asyncio.get_running_loop()
     cache.start_watchdog()
     app = InferenceApp(config, cache, jobs, source, server, metrics, live)
     wanted = [(model_id, model_id in config.pin) for model_id in config.preload]
@@ -120,6 +128,8 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
                 "preload failed; the model loads on first use instead",
                 extra={"model_id": model_id, "error": str(error)},
             )
+        if not shutting_down.is_set():  # readiness: preloading is the start-up work requests wait for
+            asyncio.run_coroutine_threadsafe(server.set_ready(True), loop)
 
     if preload_in_background:
         app.preload_thread = threading.Thread(target=preload, name="preload", daemon=True)
@@ -162,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config=parse_config(argv),
         start=start_app,
         close=lambda app: app.close(),
+        reload=lambda: parse_config(argv),
     )
 
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from voxserve_common.config import ConfigError, check_settings
+from voxserve_common.config import ConfigError, ServiceSettings, check_settings
 
 
 @dataclass(frozen=True)
-class InferenceConfig:
-    host: str = "127.0.0.1"
+class InferenceConfig(ServiceSettings):
     port: int = 50052
     metrics_port: int = 9102  # -1 disables the /metrics endpoint
     model_store: str = "127.0.0.1:50051"  # address of the model store
+    # The channel to the store: TLS (CA, and a client certificate for mutual TLS) and the
+    # file holding this service's own token (roles read and pull).
+    store_tls_ca: Path | None = None
+    store_tls_cert: Path | None = None
+    store_tls_key: Path | None = None
+    store_token_file: Path | None = None
     # How READY files reach this node: "shared" reads the store's directory (same host
     # or a shared volume, optionally mounted at shared_store_dir); "fetch" copies them
     # with FetchModelFiles into cache_dir, checking sha256.
@@ -54,14 +59,10 @@ class InferenceConfig:
     # Transcribe/TranscribeStream: decode the first utterance on its own so its segment is
     # sent before the first 30 s window is decoded (see docs/performance.md for its cost).
     fast_first_segment: bool = False
-    grace_seconds: float = 20.0
-    log_level: str = "INFO"
-    log_format: str = "json"
 
     def validate(self) -> None:
         checks = [
-            (0 <= self.port <= 65535, "port", "must be 0-65535"),
-            (-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1 (off) or 0-65535"),
+            *self.common_checks(),
             (self.store_access in ("shared", "fetch"), "store_access", "must be 'shared' or 'fetch'"),
             (self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
             (self.max_models >= 1, "max_models", "must be >= 1"),
@@ -74,7 +75,6 @@ class InferenceConfig:
             (0 < self.watchdog_threshold <= 1, "watchdog_threshold", "must be in (0, 1]"),
             (self.watchdog_interval_seconds > 0, "watchdog_interval_seconds", "must be > 0"),
             (self.cpu_threads >= 0, "cpu_threads", "must be >= 0"),
-            (self.grace_seconds >= 0, "grace_seconds", "must be >= 0"),
             (self.live_max_streams >= 0, "live_max_streams", "must be >= 0 (0 refuses live streams)"),
             (0.1 <= self.live_endpoint_silence_seconds <= 10, "live_endpoint_silence_seconds", "must be 0.1-10"),
             (self.live_max_lag_seconds > 0, "live_max_lag_seconds", "must be > 0"),
@@ -85,7 +85,6 @@ class InferenceConfig:
             ),
             (0.05 <= self.live_decode_interval_seconds <= 5, "live_decode_interval_seconds", "must be 0.05-5"),
             (1 <= self.live_beam_size <= 20, "live_beam_size", "must be 1-20"),
-            (self.log_format in ("json", "console"), "log_format", "must be json or console"),
             (bool(self.default_model), "default_model", "must not be empty"),
         ]
         check_settings(self, checks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from model_service.servicer import ModelStoreServicer
 from model_service.store import ModelStore
 from voxserve.modelstore.v1 import modelstore_pb2, modelstore_pb2_grpc
 from voxserve_common.cli import common_parser, config_from_args
+from voxserve_common.security import server_security
 from voxserve_common.server import RunningServer, start_server
 from voxserve_common.service import run_service
 
@@ -57,6 +59,7 @@ async def start_app(config: ModelStoreConfig, extra_catalog: dict[str, CatalogEn
     store.start()
     shutting_down = asyncio.Event()
     servicer = ModelStoreServicer(store, config.heartbeat_seconds, shutting_down)
+    tls, authenticator = server_security(config, "model_service")
     server = await start_server(
         register=lambda s: modelstore_pb2_grpc.add_ModelStoreServicer_to_server(servicer, s),
         service_names=[SERVICE_NAME],
@@ -65,8 +68,21 @@ async def start_app(config: ModelStoreConfig, extra_catalog: dict[str, CatalogEn
         rpc_metrics=store.metrics.rpc,
         metrics_registry=store.metrics.registry,
         metrics_port=config.metrics_port,
+        disk_paths={"data": store.data_dir},
+        service_label="model_service",
+        tls=tls,
+        authenticator=authenticator,
+        ready=False,
     )
     server.on_stop.append(servicer.shut_down)
+    loop = asyncio.get_running_loop()
+
+    def ready_after_scan() -> None:  # readiness: requests need the start-up scan's states
+        store.scan_done.wait()
+        if not shutting_down.is_set():
+            asyncio.run_coroutine_threadsafe(server.set_ready(True), loop)
+
+    threading.Thread(target=ready_after_scan, name="readiness", daemon=True).start()
     logger.info(
         "model store ready",
         extra={
@@ -112,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config=parse_config(argv),
         start=start_app,
         close=lambda app: app.store.close(),
+        reload=lambda: parse_config(argv),
     )
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from voxserve_common.config import ConfigError, check_settings
+from voxserve_common.config import ConfigError, ServiceSettings, check_settings
 
 
 @dataclass(frozen=True)
-class ModelStoreConfig:
-    host: str = "127.0.0.1"
+class ModelStoreConfig(ServiceSettings):
     port: int = 50051
     metrics_port: int = 9101  # -1 disables the /metrics endpoint
     data_dir: Path = Path("data/models")
@@ -41,14 +40,10 @@ class ModelStoreConfig:
     max_import_files: int = 1_000
     max_import_bytes: int = 64 << 30
     verify_on_startup: bool = False  # re-hash READY models at start-up, not only sizes
-    grace_seconds: float = 20.0
-    log_level: str = "INFO"
-    log_format: str = "json"
 
     def validate(self) -> None:
         checks = [
-            (0 <= self.port <= 65535, "port", "must be 0-65535"),
-            (-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1 (off) or 0-65535"),
+            *self.common_checks(),
             (self.max_concurrent_downloads >= 1, "max_concurrent_downloads", "must be >= 1"),
             (self.hub_timeout_seconds > 0, "hub_timeout_seconds", "must be > 0"),
             (self.download_retries >= 1, "download_retries", "must be >= 1"),
@@ -62,13 +57,6 @@ class ModelStoreConfig:
             (self.heartbeat_seconds > 0, "heartbeat_seconds", "must be > 0"),
             (self.event_history >= 10, "event_history", "must be >= 10"),
             (self.progress_events_per_second > 0, "progress_events_per_second", "must be > 0"),
-            (self.grace_seconds >= 0, "grace_seconds", "must be >= 0"),
-            (self.log_format in ("json", "console"), "log_format", "must be json or console"),
-            (
-                self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
-                "log_level",
-                "must be DEBUG, INFO, WARNING or ERROR",
-            ),
         ]
         check_settings(self, checks)
         for endpoint in self.hub_endpoints:

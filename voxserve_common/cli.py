@@ -18,8 +18,25 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, help="gRPC port")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (-1 disables)")
-    parser.add_argument("--log-format", choices=("json", "console"), help="log line format")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-format", choices=("auto", "json", "console"), help="log line format (auto: console on a terminal)"
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    parser.add_argument("--log-dir", type=Path, help="also write <service>.log and <service>.error.log here (rotated)")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's private key (PEM)")
+    parser.add_argument(
+        "--tls-client-ca", type=Path, metavar="FILE", help="require client certificates signed by this CA (mTLS)"
+    )
+    parser.add_argument(
+        "--auth-tokens", type=Path, metavar="FILE", help="YAML of token sha256 hashes and roles (docs/security.md)"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="allow binding a non-loopback address with neither --auth-tokens nor TLS",
+    )
     return parser
 
 
@@ -31,6 +48,12 @@ def config_from_args(cls: type[T], args: argparse.Namespace, overrides: dict[str
         "metrics_port": args.metrics_port,
         "log_format": args.log_format,
         "log_level": args.log_level,
+        "log_dir": args.log_dir,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "auth_tokens": args.auth_tokens,
+        "insecure": args.insecure,
         **overrides,
     }
     try:

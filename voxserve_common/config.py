@@ -11,6 +11,7 @@ import os
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +46,8 @@ def _convert(key: str, value: Any, annotation: Any, origin_desc: str) -> Any:
             items: list[Any] = [v.strip() for v in value.split(",") if v.strip()]
         elif isinstance(value, (list, tuple)):
             items = list(value)
+        elif isinstance(value, Mapping):  # a YAML mapping for NAME=VALUE entries (log_levels)
+            items = [f"{k}={v}" for k, v in value.items()]
         else:
             raise ConfigError(f"{origin_desc} {key}: expected a list, got {value!r}")
         converted = [_convert(key, item, item_type, origin_desc) for item in items]
@@ -148,3 +151,69 @@ def load_config(
     if callable(validate):
         validate()
     return config
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("auto", "json", "console")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Settings every voxserve service has, declared and validated once.
+
+    Each service's config subclasses it (and may change a default, e.g. its port); its
+    ``validate()`` calls ``common_checks()`` with its own rules.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = -1  # -1 disables the /metrics endpoint
+    grace_seconds: float = 20.0
+    log_level: str = "INFO"
+    log_format: str = "auto"  # auto: console on a terminal, JSON otherwise
+    # Log files: <log_dir>/<service>.log (JSON) and <service>.error.log, rotated by size and
+    # time, gzip-compressed, pruned by count and age (docs/logging.md).
+    log_dir: Path | None = None
+    log_max_bytes: int = 50 << 20
+    log_rotate_when: str = "midnight"
+    log_backup_count: int = 14
+    log_retention_days: float = 30.0
+    # Levels of single loggers, e.g. "huggingface_hub=INFO,httpx=DEBUG" or a YAML mapping.
+    log_levels: tuple[str, ...] = ()
+    # TLS (tls_client_ca adds mutual TLS) and token authentication (docs/security.md).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens: Path | None = None
+    insecure: bool = False  # allow a non-loopback bind with neither tokens nor TLS
+
+    def common_checks(self) -> list[tuple[bool, str, str]]:
+        return [
+            (0 <= self.port <= 65535, "port", "must be 0-65535"),
+            (-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1 (off) or 0-65535"),
+            (self.grace_seconds >= 0, "grace_seconds", "must be >= 0"),
+            (self.log_level.upper() in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}"),
+            (self.log_format in LOG_FORMATS, "log_format", "must be auto, json or console"),
+            (self.log_max_bytes >= 0, "log_max_bytes", "must be >= 0 (0: no size limit)"),
+            (
+                self.log_rotate_when in ("", "midnight", "S", "M", "H", "D"),
+                "log_rotate_when",
+                "must be midnight, S, M, H, D or empty (size only)",
+            ),
+            (self.log_backup_count >= 0, "log_backup_count", "must be >= 0"),
+            (self.log_retention_days >= 0, "log_retention_days", "must be >= 0 (0: keep by count only)"),
+            (_levels_valid(self.log_levels), "log_levels", f"must be LOGGER=LEVEL entries, LEVEL one of {LOG_LEVELS}"),
+        ]
+
+    def library_levels(self) -> dict[str, str]:
+        """log_levels as a mapping of logger name to level."""
+        return dict(_level_pair(entry) for entry in self.log_levels)
+
+
+def _level_pair(entry: str) -> tuple[str, str]:
+    name, _, level = entry.partition("=")
+    return name.strip(), level.strip().upper()
+
+
+def _levels_valid(entries: tuple[str, ...]) -> bool:
+    return all("=" in e and _level_pair(e)[0] and _level_pair(e)[1] in LOG_LEVELS for e in entries)

@@ -25,7 +25,9 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (
         re.compile(
             r"""((?:["']?)\b[\w.-]*?(?:secret|token|passw(?:or)?d|api[_-]?key|private[_-]?key|authorization)s?"""
-            r"""["']?\s*[:=]\s*["']?)(?!\[REDACTED\])(?!Bearer\b|Basic\b)([^"'\s,;&#)}\]]+)""",
+            r"""["']?\s*[:=]\s*["']?)(?!\[REDACTED\])(?!Bearer\b|Basic\b)"""
+            # JSON literals are no secret, and masking them would break the JSON line.
+            r"""(?!(?:null|true|false|None|-?\d[\d.eE+-]*)(?:[\s,;}\]]|$))([^"'\s,;&#)}\]]+)""",
             re.I,
         ),
         r"\1" + MASK,

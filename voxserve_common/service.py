@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from voxserve_common.banner import log_startup
+from voxserve_common.config import ConfigError, ServiceSettings
 from voxserve_common.errors import VoxserveError
-from voxserve_common.logs import configure_logging
+from voxserve_common.logfiles import LogFileSettings
+from voxserve_common.logs import configure_logging, stop_logging
+from voxserve_common.redaction import Redactor
 from voxserve_common.server import RunningServer, serve_until_signal
-from voxserve_common.tracing import setup_tracing
+from voxserve_common.tls import TlsConfigError, read_token_file
+from voxserve_common.tracing import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
 
-
-class ServiceConfig(Protocol):
-    @property
-    def log_level(self) -> str: ...
-    @property
-    def log_format(self) -> str: ...
-    @property
-    def grace_seconds(self) -> float: ...
+# Settings SIGHUP applies without a restart; a change to any other one is reported as
+# needing a restart.
+LIVE_SETTINGS = frozenset({"log_level", "log_levels"})
 
 
 class ServiceApp(Protocol):
@@ -30,8 +31,58 @@ class ServiceApp(Protocol):
     def server(self) -> RunningServer: ...
 
 
-C = TypeVar("C", bound=ServiceConfig)
+C = TypeVar("C", bound=ServiceSettings)
 A = TypeVar("A", bound=ServiceApp)
+
+
+def redactor_for(config: ServiceSettings) -> Redactor:
+    """A redactor that knows this config's secrets: secret-named settings and the tokens
+    in its token files."""
+    redactor = Redactor()
+    redactor.add_secrets_of(config)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name.endswith("token_file") and value:
+            try:
+                token = read_token_file(value)
+            except TlsConfigError:
+                continue  # the service reports the unreadable file itself
+            if token:
+                redactor.add_secret(token)
+    return redactor
+
+
+def setup_logging(service: str, config: ServiceSettings) -> None:
+    files = LogFileSettings(
+        directory=config.log_dir,
+        max_bytes=config.log_max_bytes,
+        rotate_when=config.log_rotate_when,
+        backup_count=config.log_backup_count,
+        retention_days=config.log_retention_days,
+    )
+    configure_logging(
+        service,
+        level=config.log_level,
+        fmt=config.log_format,
+        files=files,
+        redactor=redactor_for(config),
+        library_levels=config.library_levels(),
+    )
+
+
+def apply_reload(server: RunningServer, current: ServiceSettings, load: Callable[[], ServiceSettings]) -> None:
+    """SIGHUP: re-read the settings; apply the log levels, report what needs a restart."""
+    try:
+        new = load()
+    except (SystemExit, Exception) as error:  # noqa: BLE001 - a bad file keeps the running settings
+        logger.error("settings not reloaded; the running ones stay in force", extra={"error": str(error)})
+        return
+    server.log_levels.apply({"root": new.log_level, **new.library_levels()})
+    changed = sorted(f.name for f in dataclasses.fields(current) if getattr(current, f.name) != getattr(new, f.name))
+    needs_restart = [name for name in changed if name not in LIVE_SETTINGS]
+    logger.info("settings reloaded", extra={"changed": changed, "needs_restart": needs_restart})
+    if needs_restart:
+        logger.warning("some changed settings take effect only after a restart", extra={"settings": needs_restart})
 
 
 def run_service(
@@ -41,22 +92,39 @@ def run_service(
     config: C,
     start: Callable[[C], Awaitable[A]],
     close: Callable[[A], Any],
+    reload: Callable[[], C] | None = None,
 ) -> None:
-    """Configure logs and tracing, start the app, serve until SIGTERM/SIGINT, then close
-    the domain objects; a start-up failure exits 1 with the reason on stderr."""
-    configure_logging(service, level=config.log_level, fmt=config.log_format)
+    """Configure logs and tracing, start the app, log the start-up record, serve until
+    SIGTERM/SIGINT (SIGHUP re-reads the settings with ``reload``), then close the domain
+    objects; a start-up failure exits 1 with the reason on stderr."""
+    setup_logging(service, config)
     setup_tracing(service)
 
     async def serve() -> None:
         app = await start(config)
+        server = app.server
+        addresses = {"grpc": f"{config.host}:{server.port}"}
+        if server.metrics_endpoint is not None:
+            addresses["metrics"] = f"{config.host}:{server.metrics_endpoint.port}"
+        console = config.log_format == "console" or (config.log_format == "auto" and sys.stderr.isatty())
+        log_startup(service, addresses, config, console=console)
+        if reload is not None:
+            server.on_reload.append(lambda: apply_reload(server, config, reload))
         try:
-            await serve_until_signal(app.server, config.grace_seconds)
+            await serve_until_signal(server, config.grace_seconds)
         finally:
             await asyncio.to_thread(close, app)
 
     try:
         asyncio.run(serve())
+    except ConfigError as error:  # found when starting (a certificate, the tokens file, the bind)
+        logger.error("configuration error", extra={"error": str(error)})
+        print(f"configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (VoxserveError, OSError) as error:
         logger.error("service failed", extra={"error": str(error)})
         print(f"{program}: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        shutdown_tracing()
+        stop_logging()

@@ -109,6 +109,7 @@ def test_secrets_never_reach_any_handler(tmp_path: Path, restore_root: None) -> 
     log.info("calling hub with token %s", HF_TOKEN)
     log.warning("rpc metadata", extra={"metadata": [("authorization", f"Bearer {BEARER}")]})
     log.info("config", extra={"settings": {"auth_token": SETTING_SECRET, "store": "x"}})
+    log.info("unset secrets", extra={"tls_key": None, "max_tokens": 5})  # JSON literals stay valid JSON
     log.info("fetching https://ops:%s@mirror.internal/x?token=%s&page=2", URL_PASSWORD, BEARER)
     try:
         raise RuntimeError(f"hub refused authorization: Bearer {BEARER} (token {SETTING_SECRET})")
