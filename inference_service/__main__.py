@@ -150,6 +150,10 @@ def parse_config(argv: Sequence[str] | None = None) -> InferenceConfig:
         "--store-access", choices=("shared", "fetch"), help="read the store's directory or copy files over gRPC"
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--store-tls-ca", type=Path, metavar="FILE", help="CA that signed the store's certificate")
+    parser.add_argument("--store-tls-cert", type=Path, metavar="FILE", help="client certificate for the store (mTLS)")
+    parser.add_argument("--store-tls-key", type=Path, metavar="FILE", help="the client certificate's key")
+    parser.add_argument("--store-token-file", type=Path, metavar="FILE", help="file holding this service's store token")
     args = parser.parse_args(argv)
     return config_from_args(
         InferenceConfig,
@@ -161,6 +165,10 @@ def parse_config(argv: Sequence[str] | None = None) -> InferenceConfig:
             "memory_budget": args.memory_budget,
             "store_access": args.store_access,
             "device": args.device,
+            "store_tls_ca": args.store_tls_ca,
+            "store_tls_cert": args.store_tls_cert,
+            "store_tls_key": args.store_tls_key,
+            "store_token_file": args.store_token_file,
         },
     )
 

@@ -27,6 +27,8 @@ from voxserve.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from voxserve_common.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
 from voxserve_common.grpc_errors import error_for_status
 from voxserve_common.kinds import ModelKind
+from voxserve_common.security import client_security
+from voxserve_common.tls import open_channel
 from voxserve_common.tracing import trace_metadata
 
 logger = logging.getLogger(__name__)
@@ -51,9 +53,16 @@ class StoreModelSource:
 
     def __init__(self, config: InferenceConfig, channel: grpc.Channel | None = None) -> None:
         self.config = config
-        self.channel = channel or grpc.insecure_channel(
-            config.model_store, options=[("grpc.max_receive_message_length", 64 << 20)]
-        )
+        if channel is None:
+            # TLS (mutual with a client certificate) and this service's own token, from
+            # the store_tls_* and store_token_file settings; plaintext without them.
+            tls, token = client_security(
+                config.store_tls_ca, config.store_tls_cert, config.store_tls_key, config.store_token_file, "store_tls_*"
+            )
+            channel = open_channel(
+                config.model_store, tls, token, options=[("grpc.max_receive_message_length", 64 << 20)]
+            )
+        self.channel = channel
         self.stub = store_grpc.ModelStoreStub(self.channel)
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()

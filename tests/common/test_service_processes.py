@@ -18,8 +18,9 @@ import trustme
 import yaml
 
 from tests.hubserver import HubServer
-from tests.support import REPO_ROOT, StoreProcess, wait_for
+from tests.support import DATA_DIR, REPO_ROOT, StoreProcess, free_port, wait_for
 from voxserve.admin.v1 import admin_pb2, admin_pb2_grpc
+from voxserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve_common.tls import ClientTls, open_channel
 
@@ -119,3 +120,60 @@ def _lists(stub) -> bool:  # type: ignore[no-untyped-def]
         return len(stub.ListModels(pb.ListModelsRequest(), timeout=5).models) > 0
     except grpc.RpcError:
         return False
+
+
+def test_inference_reaches_a_tls_store_with_its_own_token(tmp_path: Path, hub: HubServer) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key, ca_file = tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    secrets = {"inference": "inf-tok-5d1e", "client": "cli-tok-77a0"}
+    roles = {"inference": ["read", "pull"], "client": ["transcribe"]}
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(
+        yaml.safe_dump(
+            {
+                "tokens": {
+                    n: {"sha256": hashlib.sha256(t.encode()).hexdigest(), "roles": roles[n]} for n, t in secrets.items()
+                }
+            }
+        )
+    )
+    (tmp_path / "inference-token").write_text(secrets["inference"] + "\n")
+    tls_args = ["--tls-cert", str(cert), "--tls-key", str(key), "--auth-tokens", str(tokens)]
+    store = StoreProcess(tmp_path, tmp_path / "data", hub, extra_args=tls_args)
+    port = free_port()
+    env = {**os.environ, "VOXSERVE_PRELOAD": "", "VOXSERVE_PIN": "", "VOXSERVE_DEFAULT_MODEL": "test-tiny"}
+    inference = subprocess.Popen(
+        [
+            sys.executable, "-m", "inference_service", "--port", str(port), "--metrics-port", "-1",
+            "--model-store", f"localhost:{store.port}", "--cache-dir", str(tmp_path / "cache"),
+            "--store-tls-ca", str(ca_file), "--store-token-file", str(tmp_path / "inference-token"), *tls_args,
+        ],
+        cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        with open_channel(f"localhost:{port}", ClientTls(ca_file), secrets["client"]) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            audio = (DATA_DIR / "speech_short.wav").read_bytes()
+
+            def transcribed() -> bool:
+                try:
+                    events = list(stub.Transcribe(inference_pb2.TranscribeRequest(audio=audio), timeout=180))
+                except grpc.RpcError as error:
+                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                        return False  # still starting
+                    raise
+                return events[-1].WhichOneof("event") == "completed"
+
+            wait_for(transcribed, timeout=180, interval=0.5, message="a transcription that pulls through the TLS store")
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.UnloadModel(inference_pb2.UnloadModelRequest(model_id="test-tiny"), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        inference.send_signal(signal.SIGTERM)
+        _, errors = inference.communicate(timeout=60)
+        store.close()
+    assert secrets["inference"] not in errors and secrets["client"] not in errors
