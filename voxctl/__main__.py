@@ -9,11 +9,12 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from voxctl import inference, models
+from voxctl import inference, live, models
 from voxctl.formats import WRITERS
 from voxctl.health import cmd_health
 from voxctl.rpc import CliError, Session, command_trace, status_line
 from voxserve_common.kinds import ModelKind
+from voxserve_common.tls import TlsConfigError, client_tls, read_token_file
 
 DEFAULT_STORE = "127.0.0.1:50051"
 DEFAULT_INFERENCE = "127.0.0.1:50052"
@@ -61,6 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="inference service address (env VOXCTL_INFERENCE; default %(default)s)",
     )
     parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("VOXCTL_TLS_CA"),
+        metavar="FILE",
+        help="talk TLS, trusting this CA (env VOXCTL_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get("VOXCTL_TLS_CERT"),
+        metavar="FILE",
+        help="client certificate for mutual TLS (env VOXCTL_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key", default=os.environ.get("VOXCTL_TLS_KEY"), metavar="FILE", help="its key (env VOXCTL_TLS_KEY)"
+    )
+    parser.add_argument(
+        "--token-file",
+        default=os.environ.get("VOXCTL_TOKEN_FILE"),
+        metavar="FILE",
+        help="file holding the bearer token (env VOXCTL_TOKEN_FILE, or the token itself in VOXCTL_TOKEN)",
+    )
+    parser.add_argument(
         "--timeout",
         type=_positive_float,
         metavar="SECONDS",
@@ -73,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_models(commands, shared)
     _add_inference(commands, shared)
+    live.add_parser(commands, shared)
 
     health = commands.add_parser("health", parents=[shared], help="check the services with grpc.health.v1")
     which = health.add_mutually_exclusive_group()
@@ -81,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--inference", dest="only", action="store_const", const="inference", help="only the inference service"
     )
     health.set_defaults(handler=cmd_health)
+
+    level = commands.add_parser(
+        "log-level", parents=[shared], help="set a logger's level on a running service (no args: list them)"
+    )
+    level.add_argument("logger", metavar="LOGGER", nargs="?", help="dotted logger name; root for the root logger")
+    level.add_argument("level", metavar="LEVEL", nargs="?", help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    level.add_argument(
+        "--service", choices=("store", "inference"), default="store", help="which service (default store)"
+    )
+    level.add_argument(
+        "--for", dest="duration", type=admin.parse_duration, metavar="DURATION", help="revert after e.g. 10m"
+    )
+    level.set_defaults(handler=admin.cmd_log_level)
+
+    logs.add_parser(commands)
+    commands.choices["logs"].set_defaults(handler=lambda session, args: logs.run(args, out=session.out))
     return parser
 
 
@@ -122,6 +161,17 @@ def _add_models(commands: argparse._SubParsersAction[argparse.ArgumentParser], s
     cancel = sub.add_parser("cancel", parents=[shared], help="stop a running or waiting download")
     cancel.add_argument("model_id", metavar="ID")
     cancel.set_defaults(handler=models.cmd_cancel)
+
+    pause = sub.add_parser("pause", parents=[shared], help="pause a download, keeping its bytes (resume continues)")
+    pause.add_argument("model_id", metavar="ID")
+    pause.set_defaults(handler=models.cmd_pause)
+
+    resume = sub.add_parser("resume", parents=[shared], help="resume a paused download from the bytes on disk")
+    resume.add_argument("model_id", metavar="ID")
+    resume.set_defaults(handler=models.cmd_resume)
+
+    sources = sub.add_parser("sources", parents=[shared], help="the hub endpoints with their health and breakers")
+    sources.set_defaults(handler=models.cmd_sources)
 
     watch = sub.add_parser("watch", parents=[shared], help="follow model events until Ctrl-C (reconnects)")
     watch.add_argument(
@@ -183,7 +233,22 @@ def _add_inference(
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (argparse raises SystemExit(2) on bad usage)."""
     args = build_parser().parse_args(argv)
-    session = Session(args.store, args.inference, timeout=args.timeout, json=args.json, out=sys.stdout, err=sys.stderr)
+    try:
+        tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+        token = read_token_file(args.token_file) if args.token_file else os.environ.get("VOXCTL_TOKEN") or None
+    except TlsConfigError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    session = Session(
+        args.store,
+        args.inference,
+        timeout=args.timeout,
+        json=args.json,
+        out=sys.stdout,
+        err=sys.stderr,
+        tls=tls,
+        token=token,
+    )
     handler: Command = args.handler
     with command_trace() as trace_id:
         try:

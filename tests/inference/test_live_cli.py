@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
+from tests.support import DATA_DIR, TRANSCRIPTS, word_error_rate
 from voxctl.live import LiveView, live_requests, paced_chunks
 from voxserve.inference.v1 import inference_pb2 as pb
 
@@ -54,3 +56,28 @@ def test_json_prints_every_response_as_one_line() -> None:
     view.show(pb.StreamingTranscribeResponse(sequence=2, speech_event=pb.SpeechEvent(type=pb.END_OF_UTTERANCE)))
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert lines[0]["result"]["text"] == "hello" and lines[1]["speech_event"]["type"] == "END_OF_UTTERANCE"
+
+
+def test_voxctl_live_transcribes_a_file_against_a_real_server(inference: Any, capsys: Any) -> None:
+    from voxctl.__main__ import main
+
+    code = main(["--inference", inference.address, "live", str(DATA_DIR / "speech_short.wav"), "--speed", "4"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("[") for line in lines)  # not a terminal: final lines only
+    text = " ".join(line.split("] ", 1)[1] for line in lines)
+    assert word_error_rate(TRANSCRIPTS["speech_short.wav"], text) <= 0.2
+
+
+def test_voxctl_live_reads_raw_pcm_from_stdin(inference: Any, capsys: Any, monkeypatch: Any) -> None:
+    from inference_service.audio import decode_audio
+    from voxctl.__main__ import main
+
+    samples = decode_audio((DATA_DIR / "speech_short.wav").read_bytes(), 22050)
+    raw = (samples * 32767).astype("<i2").tobytes()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    code = main(["--inference", inference.address, "live", "-", "--rate", "22050", "--format", "json"])
+    assert code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    finals = [e["result"]["text"] for e in events if "result" in e and e["result"]["is_final"]]
+    assert events[-1].get("completed") and word_error_rate(TRANSCRIPTS["speech_short.wav"], " ".join(finals)) <= 0.2
