@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from voxctl import inference, live, models
+from voxctl import admin, inference, live, logs, models
 from voxctl.formats import WRITERS
 from voxctl.health import cmd_health
 from voxctl.rpc import CliError, Session, command_trace, status_line

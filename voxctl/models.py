@@ -290,3 +290,43 @@ def cmd_watch(session: Session, args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return 130
         backoff = min(backoff * 2, RECONNECT_MAX_SECONDS)
+
+
+def cmd_pause(session: Session, args: argparse.Namespace) -> int:
+    model = session.call(session.store().PauseDownload, pb.PauseDownloadRequest(model_id=args.model_id))
+    if session.json:
+        print_json(message_to_dict(model), session.out)
+    else:
+        session.out.write(f"{model.model_id}: paused, {human_size(model.bytes_on_disk)} kept on disk\n")
+    return 0
+
+
+def cmd_resume(session: Session, args: argparse.Namespace) -> int:
+    model = session.call(session.store().ResumeDownload, pb.ResumeDownloadRequest(model_id=args.model_id))
+    if session.json:
+        print_json(message_to_dict(model), session.out)
+    else:
+        session.out.write(
+            f"{model.model_id}: resumed (now {state_name(model.state)}); `voxctl models pull` follows it\n"
+        )
+    return 0
+
+
+def cmd_sources(session: Session, args: argparse.Namespace) -> int:
+    reply = session.call(session.store().ListSources, pb.ListSourcesRequest())
+    if session.json:
+        print_json(message_to_dict(reply), session.out)
+        return 0
+    rows = [
+        [
+            s.name,
+            s.url,
+            pb.BreakerState.Name(s.breaker_state),
+            str(s.consecutive_failures),
+            s.last_success_at.ToDatetime().isoformat(timespec="seconds") if s.HasField("last_success_at") else "-",
+            s.last_failure_reason or "-",
+        ]
+        for s in reply.sources
+    ]
+    session.out.write(render_table(["NAME", "URL", "BREAKER", "FAILURES", "LAST OK", "LAST FAILURE"], rows) + "\n")
+    return 0

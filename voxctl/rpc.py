@@ -15,6 +15,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from voxserve.inference.v1 import inference_pb2_grpc
 from voxserve.modelstore.v1 import modelstore_pb2_grpc
+from voxserve_common.tls import ClientTls, open_channel
 from voxserve_common.tracing import trace_metadata
 
 # Unary calls that only read or change bookkeeping; a hung server should not hang the CLI.
@@ -57,11 +58,13 @@ class Session:
     json: bool = False
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
+    tls: ClientTls | None = None  # --tls-ca/--tls-cert/--tls-key; plaintext when None
+    token: str | None = None  # sent as authorization: Bearer on every call
     _channels: dict[str, grpc.Channel] = field(default_factory=dict)
 
     def channel(self, address: str) -> grpc.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.insecure_channel(address)
+            self._channels[address] = open_channel(address, self.tls, self.token)
         return self._channels[address]
 
     def store(self) -> modelstore_pb2_grpc.ModelStoreStub:
