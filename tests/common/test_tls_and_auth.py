@@ -290,3 +290,13 @@ def _opens(store: modelstore_pb2_grpc.ModelStoreStub) -> bool:
         return False
     finally:
         stream.cancel()
+
+
+def test_healthcheck_module_speaks_tls(serve: Callable[..., RunningServer], pki: Pki) -> None:
+    from voxserve_common.healthcheck import main as healthcheck
+
+    running = serve(tls=pki.server_files())
+    assert healthcheck([running.address, "--tls-ca", str(pki.ca_file)]) == 0
+    assert healthcheck([running.address, "voxserve.modelstore.v1.ModelStore", "--tls-ca", str(pki.ca_file)]) == 0
+    assert healthcheck([running.address]) == 1  # plaintext against a TLS server
+    assert healthcheck([running.address, "--tls-ca", str(pki.directory / "missing.pem")]) == 2
