@@ -560,6 +560,31 @@ def model_store() -> dict[str, Any]:
                     ),
                 ],
             ),
+            Row(
+                "Hub sources",
+                [
+                    Panel(
+                        "Sources up (breaker closed)",
+                        [Query(f"min by (source) ({s.sel('voxserve_source_up')})", "{{source}}")],
+                        width=12,
+                        min=0,
+                        thresholds=((None, "red"), (1, "green")),
+                        description="1 while a hub endpoint's circuit breaker lets requests through; 0 while it is open.",
+                    ),
+                    Panel(
+                        "Source failures by reason",
+                        [
+                            Query(
+                                f"sum by (source, reason) ({s.rate('voxserve_source_failures_total')})",
+                                "{{source}} {{reason}}",
+                            )
+                        ],
+                        unit="reqps",
+                        width=12,
+                        description="Failed requests to each hub endpoint; ListSources / voxctl models sources has the last reason.",
+                    ),
+                ],
+            ),
             rpc_row(s),
         ],
     )
@@ -773,6 +798,54 @@ def inference() -> dict[str, Any]:
                         thresholds=((None, "green"), (5, "red")),
                         threshold_line=True,
                         description="From request to the first segment sent, model load included on a cache miss.",
+                    ),
+                ],
+            ),
+            Row(
+                "Live transcription",
+                [
+                    Panel(
+                        "Live streams",
+                        [
+                            Query(f"sum({s.sel('voxserve_live_streams_active')})", "active"),
+                            Query(
+                                f"sum by (outcome) ({s.rate('voxserve_live_streams_finished_total')})",
+                                "ended {{outcome}}",
+                            ),
+                        ],
+                        width=8,
+                    ),
+                    Panel(
+                        "Final-result latency p50 / p90",
+                        [
+                            Query(s.quantile(0.5, "voxserve_live_final_result_latency_seconds"), "p50"),
+                            Query(s.quantile(0.9, "voxserve_live_final_result_latency_seconds"), "p90"),
+                            Query(s.quantile(0.5, "voxserve_live_time_to_first_result_seconds"), "first result p50"),
+                        ],
+                        unit="s",
+                        width=8,
+                        description="Wall time a final result was sent minus the wall time its audio end arrived.",
+                    ),
+                    Panel(
+                        "Lag (audio received - processed)",
+                        [
+                            Query(f"max({s.sel('voxserve_live_max_lag_seconds')})", "max now"),
+                            Query(s.quantile(0.9, "voxserve_live_lag_seconds"), "p90"),
+                        ],
+                        unit="s",
+                        width=8,
+                        thresholds=((None, "green"), (3, "red")),
+                        threshold_line=True,
+                        description="Above live_max_lag_seconds a stream decodes less often on larger chunks.",
+                    ),
+                    Panel(
+                        "Decode time p50 / p95 and draft rewrites",
+                        [
+                            Query(s.quantile(0.5, "voxserve_live_decode_seconds"), "decode p50"),
+                            Query(s.quantile(0.95, "voxserve_live_decode_seconds"), "decode p95"),
+                            Query(f"sum({s.rate('voxserve_live_draft_rewrites_total')})", "draft rewrites/s"),
+                        ],
+                        width=12,
                     ),
                 ],
             ),
