@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from voxserve_common.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from voxserve_common.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceExhausted
 
 
 class InvalidAudio(InvalidArgument):
@@ -18,7 +18,7 @@ class InvalidOptions(InvalidArgument):
 
 
 class WrongModelKind(InvalidArgument):
-    """A model of one kind (e.g. vad) was named where another kind (e.g. whisper) is needed."""
+    """The model exists but is another kind than the request needs (a VAD model for transcription)."""
 
 
 class ModelFilesMissing(FailedPrecondition):
@@ -26,4 +26,24 @@ class ModelFilesMissing(FailedPrecondition):
 
 
 class ModelLoadFailed(Internal):
-    """The model files exist but the runtime could not load them."""
+    """Resolving or loading a model failed for a reason that is not a domain error
+    (e.g. the files exist but the runtime could not load them)."""
+
+
+class CacheFull(ResourceExhausted):
+    """A model cannot be loaded without evicting a model that is pinned or in use."""
+
+    def __init__(self, message: str, *, model_id: str, estimate_bytes: int, budget_bytes: int, held: list[str]) -> None:
+        super().__init__(message)
+        self.model_id = model_id
+        self.estimate_bytes = estimate_bytes
+        self.budget_bytes = budget_bytes
+        self.held = held
+
+
+class ModelInUse(FailedPrecondition):
+    """The model has leases held; it can only be unloaded with force."""
+
+
+class ModelNotLoaded(NotFound):
+    """The model is not in the cache."""

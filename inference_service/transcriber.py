@@ -17,13 +17,14 @@ import numpy as np
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, audio_duration, decode_audio
 from inference_service.engines.device import DeviceChoice
-from inference_service.engines.whisper import TranscribeOptions
+from inference_service.engines.whisper import TranscribeOptions, WhisperEngine
 from inference_service.jobs import Completed, Job, Phase, Progress
 from inference_service.live.first_segment import FirstUtterance, decode_first_utterance
 from inference_service.live.vad import SpeechDetector, VadSessions
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import LoadedModel, LoadProgress, ModelCache, ModelSpec
 from voxserve_common.errors import Cancelled, InvalidArgument
+from voxserve_common.kinds import ModelKind
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +33,13 @@ def make_loader(device: DeviceChoice, cpu_threads: int = 0) -> Callable[[ModelSp
     """The cache's load function: builds the right engine for the model's kind."""
 
     def load(spec: ModelSpec) -> LoadedModel:
-        if spec.kind == "whisper":
-            from inference_service.engines.whisper import WhisperEngine
-
+        if spec.kind == ModelKind.WHISPER:
             return WhisperEngine.load(spec.model_id, spec.path, device, cpu_threads)
-        if spec.kind == "vad":
+        if spec.kind == ModelKind.VAD:
             from inference_service.engines.vad import SileroVadEngine
 
             return SileroVadEngine.load(spec.model_id, spec.path, device)
-        if spec.kind == "demucs":
+        if spec.kind == ModelKind.DEMUCS:
             from inference_service.engines.separation import DemucsSeparator
 
             return DemucsSeparator.load(spec.model_id, spec.path, device, name=_demucs_name(spec))
@@ -60,6 +59,27 @@ def is_silent(audio: np.ndarray) -> bool:
 def _demucs_name(spec: ModelSpec) -> str | None:
     yamls = sorted(Path(spec.path).glob("*.yaml"))
     return yamls[0].stem if len(yamls) == 1 else spec.model_id
+
+
+def _relay_to(job: Job) -> Callable[[LoadProgress], None]:
+    """Turns a model's load progress into the job's PULLING_MODEL / LOADING_MODEL progress."""
+
+    def relay(progress: LoadProgress) -> None:
+        if progress.stage in ("pulling", "copying"):
+            percent = 100.0 * progress.bytes_done / progress.bytes_total if progress.bytes_total else 0.0
+            job.emit(
+                Progress(
+                    Phase.PULLING_MODEL,
+                    percent,
+                    progress.message or progress.stage,
+                    progress.bytes_done,
+                    progress.bytes_total,
+                )
+            )
+        elif progress.stage == "loading":
+            job.emit(Progress(Phase.LOADING_MODEL, 0.0, f"loading {progress.model_id}"))
+
+    return relay
 
 
 class Transcriber:
@@ -87,23 +107,8 @@ class Transcriber:
         audio = decode_audio(request.audio, WHISPER_SAMPLE_RATE)
         duration = audio_duration(audio, WHISPER_SAMPLE_RATE)
         self._check_stop(job)
-
-        def relay(progress: LoadProgress) -> None:
-            if progress.stage in ("pulling", "copying"):
-                percent = 100.0 * progress.bytes_done / progress.bytes_total if progress.bytes_total else 0.0
-                job.emit(
-                    Progress(
-                        Phase.PULLING_MODEL,
-                        percent,
-                        progress.message or progress.stage,
-                        progress.bytes_done,
-                        progress.bytes_total,
-                    )
-                )
-            elif progress.stage == "loading":
-                job.emit(Progress(Phase.LOADING_MODEL, 0.0, f"loading {progress.model_id}"))
-
-        with self.cache.acquire(request.model_id, expected_kind="whisper", on_progress=relay) as lease:
+        relay = _relay_to(job)
+        with self.cache.acquire_as(request.model_id, WhisperEngine, on_progress=relay) as lease:
             load_seconds = lease.load_seconds
             cache_hit = lease.cache_hit
             self._check_stop(job)
@@ -125,33 +130,47 @@ class Transcriber:
             first = self._first_utterance(job, lease.model, audio, options, relay)
             if first is not None:
                 options = replace(options, clip_timestamps=(first.resume_at,))
-            job.emit(Progress(Phase.TRANSCRIBING, 0.0, "transcribing"))
-            if self.batch_size > 0:
-                info, segments = lease.model.transcribe_batched(  # type: ignore[attr-defined]
-                    audio,
-                    options,
-                    job.should_stop,
-                    batch_size=self.batch_size,
-                    without_timestamps=not options.word_timestamps,
-                )
-            else:
-                info, segments = lease.model.transcribe(audio, options, job.should_stop)  # type: ignore[attr-defined]
-            job.emit(info)
-            texts: list[str] = [first.segment.text] if first is not None else []
-            if first is not None:
-                segments = (replace(segment, index=segment.index + 1) for segment in segments)
-            for segment in segments:
-                if job.first_segment_at is None:
-                    job.first_segment_at = time.monotonic()
-                    if self.metrics is not None:
-                        self.metrics.time_to_first_segment.labels(request.model_id).observe(
-                            job.first_segment_at - job.created
-                        )
-                job.emit(segment)
-                texts.append(segment.text)
-                percent = min(100.0, 100.0 * segment.end / duration) if duration else 100.0
-                job.emit(Progress(Phase.TRANSCRIBING, percent))
+            texts = self._transcribe(job, lease.model, audio, options, first, duration)
             self._complete(job, started, duration, load_seconds, cache_hit, texts)
+
+    def _transcribe(
+        self,
+        job: Job,
+        engine: WhisperEngine,
+        audio: np.ndarray,
+        options: TranscribeOptions,
+        first: FirstUtterance | None,
+        duration: float,
+    ) -> list[str]:
+        """Decode and emit each segment as it comes (after the first utterance, if it was
+        sent already); returns the segments' texts."""
+        job.emit(Progress(Phase.TRANSCRIBING, 0.0, "transcribing"))
+        if self.batch_size > 0:
+            info, segments = engine.transcribe_batched(
+                audio,
+                options,
+                job.should_stop,
+                batch_size=self.batch_size,
+                without_timestamps=not options.word_timestamps,
+            )
+        else:
+            info, segments = engine.transcribe(audio, options, job.should_stop)
+        job.emit(info)
+        texts: list[str] = [first.segment.text] if first is not None else []
+        if first is not None:
+            segments = (replace(segment, index=segment.index + 1) for segment in segments)
+        for segment in segments:
+            if job.first_segment_at is None:
+                job.first_segment_at = time.monotonic()
+                if self.metrics is not None:
+                    self.metrics.time_to_first_segment.labels(job.request.model_id).observe(
+                        job.first_segment_at - job.created
+                    )
+            job.emit(segment)
+            texts.append(segment.text)
+            percent = min(100.0, 100.0 * segment.end / duration) if duration else 100.0
+            job.emit(Progress(Phase.TRANSCRIBING, percent))
+        return texts
 
     def _first_utterance(
         self,
@@ -164,10 +183,12 @@ class Transcriber:
         """With fast_first_segment: the first utterance decoded alone and sent now (None: the plain path)."""
         if not self.fast_first_segment or self.batch_size > 0 or options.clip_timestamps:
             return None
-        with self.cache.acquire(self.vad_model_id, expected_kind="vad", on_progress=relay) as vad:
+        from inference_service.engines.vad import SileroVadEngine
+
+        with self.cache.acquire_as(self.vad_model_id, SileroVadEngine, on_progress=relay) as vad:
             if self._vad_sessions is None:
                 self._vad_sessions = VadSessions()
-            detector = SpeechDetector(self._vad_sessions.session(vad.model.path))  # type: ignore[attr-defined]
+            detector = SpeechDetector(self._vad_sessions.session(vad.model.path))
             first = decode_first_utterance(engine, detector, audio, options)
         if first is not None:
             job.first_segment_at = time.monotonic()
@@ -202,11 +223,13 @@ class Transcriber:
 
     def _separate(self, job: Job, model_id: str, relay: Callable[[LoadProgress], None]) -> np.ndarray:
         job.emit(Progress(Phase.SEPARATING, 0.0, f"isolating vocals with {model_id}"))
-        with self.cache.acquire(model_id, expected_kind="demucs", on_progress=relay) as lease:
+        from inference_service.engines.separation import DemucsSeparator
+
+        with self.cache.acquire_as(model_id, DemucsSeparator, on_progress=relay) as lease:
             separator = lease.model
-            mixed = separator.decode_for_model(job.request.audio)  # type: ignore[attr-defined]
-            vocals = separator.separate_vocals(mixed, job.should_stop)  # type: ignore[attr-defined]
-            audio = separator.vocals_for_whisper(vocals)  # type: ignore[attr-defined]
+            mixed = separator.decode_for_model(job.request.audio)
+            vocals = separator.separate_vocals(mixed, job.should_stop)
+            audio = separator.vocals_for_whisper(vocals)
         job.emit(Progress(Phase.SEPARATING, 100.0, "vocals isolated"))
         self._check_stop(job)
         return audio
@@ -215,8 +238,10 @@ class Transcriber:
         self, job: Job, audio: np.ndarray, relay: Callable[[LoadProgress], None]
     ) -> list[tuple[float, float]]:
         job.emit(Progress(Phase.VAD, 0.0, f"finding speech with {self.vad_model_id}"))
-        with self.cache.acquire(self.vad_model_id, expected_kind="vad", on_progress=relay) as lease:
-            spans = lease.model.speech_timestamps(audio)  # type: ignore[attr-defined]
+        from inference_service.engines.vad import SileroVadEngine
+
+        with self.cache.acquire_as(self.vad_model_id, SileroVadEngine, on_progress=relay) as lease:
+            spans = lease.model.speech_timestamps(audio)
         job.emit(Progress(Phase.VAD, 100.0, f"{len(spans)} speech span(s)"))
         self._check_stop(job)
         return [(float(start), float(end)) for start, end in spans]

@@ -1,0 +1,307 @@
+"""ModelCache: models loaded on first use, kept within a count limit and a memory budget, shared through leases."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from typing_extensions import TypeVar
+
+from inference_service.errors import ModelInUse, ModelLoadFailed, ModelNotLoaded
+from inference_service.memory import MemoryProbe, is_cuda
+from inference_service.metrics import InferenceMetrics
+from inference_service.model_cache.cache_types import (
+    CacheConfig,
+    CacheEntry,
+    CacheStats,
+    Lease,
+    LoadedModel,
+    LoadedModelInfo,
+    ModelSpec,
+    ProgressCallback,
+)
+from inference_service.model_cache.eviction import evictable
+from inference_service.model_cache.flight import Flight, kind_accepted, wrong_kind
+from inference_service.model_cache.loading import FlightLoader
+from inference_service.model_cache.registry import CacheRegistry
+from inference_service.model_cache.watchdog import MemoryWatchdog, memory_pressure, process_used
+from voxserve_common.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUDGET_FRACTION = 0.8
+
+E = TypeVar("E", bound=LoadedModel)
+
+
+@dataclass(frozen=True)
+class _Checkout:
+    """An entry whose refcount the caller now holds, before it is wrapped in a Lease."""
+
+    entry: CacheEntry
+    model: LoadedModel
+    cache_hit: bool
+    load_seconds: float
+
+
+class ModelCache:
+    """Loads models on first use and keeps them within max_models and a memory budget.
+
+    ``resolve(model_id, on_progress)`` turns an id into a ModelSpec and may be slow (it may
+    pull the model from the store, reporting progress); ``load(spec)`` builds the model.
+    Concurrent acquires of a cold model share one resolve+load. Before a load, idle
+    unpinned models are evicted least-recently-used first until the new model's estimated
+    footprint fits; models that are pinned or leased are never evicted. Loads of different
+    models run one at a time so that each one's memory can be measured (RSS delta on CPU,
+    allocated-memory delta on CUDA).
+    """
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        resolve: Callable[[str, ProgressCallback | None], ModelSpec],
+        load: Callable[[ModelSpec], LoadedModel],
+        metrics: InferenceMetrics | None = None,
+        memory: MemoryProbe | None = None,
+    ) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._probe = memory if memory is not None else MemoryProbe()
+        self._device = config.device
+        self._device_type = "cuda" if is_cuda(config.device) else "cpu"
+        self._device_total = self._probe.device_total_bytes(config.device)
+        if config.memory_budget_bytes is not None:
+            self._budget = config.memory_budget_bytes
+        else:
+            self._budget = int(self._device_total * DEFAULT_BUDGET_FRACTION)
+        gc.collect()
+        self._probe.return_freed_memory(self._device)
+        self._baseline_used = process_used(self._probe, self._device)
+
+        self._reg = CacheRegistry(self._probe, self._device, self._budget, config.max_models, metrics)
+        self._lock = self._reg.lock
+        self._loader = FlightLoader(self._reg, resolve, load, self._probe, config, self._budget)
+        self._watchdog = MemoryWatchdog(config.watchdog_interval_seconds, self.check_memory_once)
+
+    @property
+    def config(self) -> CacheConfig:
+        return self._config
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return self._budget
+
+    # -- using models ---------------------------------------------------------------
+
+    def acquire(
+        self, model_id: str, *, expected_kind: str | None = None, on_progress: ProgressCallback | None = None
+    ) -> Lease:
+        """Check a model out, loading it first if needed; release the lease when done.
+
+        expected_kind is a ModelKind (or its name); None accepts any kind. Raises
+        WrongModelKind before loading anything when the model is not expected_kind,
+        CacheFull when it cannot fit without evicting pinned or leased models, whatever
+        ``resolve`` raises (a domain error such as NotFound), and ModelLoadFailed for any
+        other failure of resolve or load. A failure is not cached: the next acquire tries
+        again. Every concurrent caller of one load gets its result or its exception.
+        """
+        out = self._checkout(model_id, expected_kind, on_progress)
+        return Lease(self._release, out.entry, out.model, cache_hit=out.cache_hit, load_seconds=out.load_seconds)
+
+    def acquire_as(
+        self, model_id: str, engine_type: type[E], *, on_progress: ProgressCallback | None = None
+    ) -> Lease[E]:
+        """acquire() with engine_type.kind as the expected kind, typed as that engine, for
+        callers that use the engine's own methods.
+
+        Raises what acquire raises, and ModelLoadFailed when the loader built another
+        class than engine_type for that kind.
+        """
+        out = self._checkout(model_id, engine_type.kind, on_progress)
+        model = out.model
+        if not isinstance(model, engine_type):
+            self._release(Lease(self._release, out.entry, model, cache_hit=out.cache_hit, load_seconds=0.0))
+            raise ModelLoadFailed(
+                f"model {model_id!r} of kind {out.entry.kind} was loaded as {type(model).__name__}, "
+                f"not {engine_type.__name__}"
+            )
+        return Lease(self._release, out.entry, model, cache_hit=out.cache_hit, load_seconds=out.load_seconds)
+
+    def _checkout(self, model_id: str, expected_kind: str | None, on_progress: ProgressCallback | None) -> _Checkout:
+        if not model_id:
+            raise InvalidArgument("model_id is empty")
+        while True:
+            with self._lock:
+                entry = self._reg.entries.get(model_id)
+                if entry is not None:
+                    return _Checkout(entry, self._reg.hit_locked(entry, expected_kind), True, 0.0)
+                flight = self._reg.flights.get(model_id)
+                leader = flight is None
+                if flight is None:
+                    flight = self._reg.flights[model_id] = Flight(model_id)
+                flight.expected_kinds.append(expected_kind)
+                self._reg.misses += 1
+            logger.info("model cache miss", extra={"model_id": model_id, "joined_load": not leader})
+            if self._metrics is not None:
+                self._metrics.cache_misses.labels(model_id).inc()
+            if on_progress is not None:
+                flight.listen(on_progress)
+            if leader:
+                self._loader.run(flight)
+            result = flight.future.result()
+            if not kind_accepted(expected_kind, result.spec.kind):
+                raise wrong_kind(model_id, result.spec.kind, expected_kind)
+            if result.entry is None:
+                continue  # joined a flight that loaded nothing (it was started for another kind)
+            assert result.entry.model is not None
+            return _Checkout(result.entry, result.entry.model, cache_hit=False, load_seconds=result.load_seconds)
+
+    def _release(self, lease: Lease) -> None:
+        entry = lease._entry
+        with self._lock:
+            if lease._released:
+                return
+            lease._released = True
+            entry.refcount -= 1
+            entry.last_used = time.time()
+            close_now = entry.detached and entry.refcount == 0
+        if close_now:
+            self._reg.free([entry])
+
+    def estimate_bytes(self, spec: ModelSpec) -> int:
+        """Memory the model is expected to take once loaded.
+
+        The median of the last loads of this model_id by this cache (while its size on
+        disk is unchanged), else its size on disk times the factor of its kind.
+        """
+        return self._loader.estimate_bytes(spec)
+
+    # -- managing models ------------------------------------------------------------
+
+    def load_model(
+        self,
+        model_id: str,
+        pin: bool = False,
+        *,
+        expected_kind: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> LoadedModelInfo:
+        """Load a model now (or find it loaded); pin=True keeps it until unloaded explicitly.
+
+        Raises what acquire raises.
+        """
+        with self.acquire(model_id, expected_kind=expected_kind, on_progress=on_progress) as lease, self._lock:
+            if pin:
+                lease._entry.pinned = True
+            return lease._entry.info(own_leases=1)
+
+    def touch_loaded(self, model_id: str, pin: bool = False) -> LoadedModelInfo | None:
+        """If the model is loaded: count a hit, mark it used (and pinned) and return its
+        info; else None. Never waits for a load, so an event loop may call it."""
+        with self._lock:
+            entry = self._reg.entries.get(model_id)
+            if entry is None or entry.model is None or entry.detached:
+                return None
+            model = self._reg.hit_locked(entry, None)
+            if pin:
+                entry.pinned = True
+            info = entry.info(own_leases=1)
+        self._release(Lease(self._release, entry, model, cache_hit=True, load_seconds=0.0))
+        return info
+
+    def unload(self, model_id: str, force: bool = False) -> LoadedModelInfo:
+        """Remove a model from the cache and free its memory.
+
+        Raises ModelNotLoaded when it is not loaded and ModelInUse when leases are held,
+        unless force: then it leaves the cache now and is closed when its last lease is
+        released. Pinned models are unloaded too.
+        """
+        with self._lock:
+            entry = self._reg.entries.get(model_id)
+            if entry is None:
+                loading = " (it is being loaded now)" if model_id in self._reg.flights else ""
+                raise ModelNotLoaded(f"model {model_id!r} is not loaded{loading}")
+            if entry.refcount and not force:
+                raise ModelInUse(
+                    f"model {model_id!r} is in use by {entry.refcount} lease{'s' if entry.refcount != 1 else ''}; "
+                    "retry when they finish, or unload with force to close it after them"
+                )
+            info = entry.info()
+            self._reg.evict_locked(entry, "unload")
+            entry.detached = entry.refcount > 0
+            close_now = not entry.detached
+        if close_now:
+            self._reg.free([entry])
+        return info
+
+    def preload(self, items: Iterable[tuple[str, bool]]) -> list[tuple[str, Exception]]:
+        """Load (model_id, pin) pairs at start-up; returns the failures instead of raising."""
+        failures: list[tuple[str, Exception]] = []
+        for model_id, pin in items:
+            try:
+                self.load_model(model_id, pin=pin)
+            except Exception as exc:  # noqa: BLE001 - a failed preload is reported, the others still run
+                logger.warning("model preload failed", extra={"model_id": model_id, "error": str(exc)})
+                failures.append((model_id, exc))
+        return failures
+
+    def loaded(self) -> list[LoadedModelInfo]:
+        """Every loaded model, least recently used first."""
+        return self._reg.loaded()
+
+    def stats(self) -> CacheStats:
+        return self._reg.stats()
+
+    # -- memory watchdog ------------------------------------------------------------
+
+    def check_memory_once(self) -> list[str]:
+        """Evict idle, unpinned models (least recently used first) while memory is over the threshold.
+
+        "Over" means what the process has added since the cache was created (RSS on CPU,
+        device memory in use on CUDA) exceeds watchdog_threshold x the budget, or the whole
+        device is fuller than watchdog_threshold of its memory. Returns the evicted ids.
+        """
+        evicted: list[str] = []
+        while (pressure := self._memory_pressure()) is not None:
+            with self._lock:
+                victim = next((e for e in self._reg.entries.values() if evictable(e)), None)
+                if victim is not None:
+                    self._reg.evict_locked(victim, "watchdog")
+            if victim is None:
+                logger.warning("memory over the watchdog threshold and no model can be evicted", extra=pressure)
+                break
+            self._reg.free([victim])
+            evicted.append(victim.model_id)
+        return evicted
+
+    def _memory_pressure(self) -> dict[str, int] | None:
+        return memory_pressure(
+            self._probe,
+            self._device,
+            baseline=self._baseline_used,
+            budget=self._budget,
+            device_total=self._device_total,
+            threshold=self._config.watchdog_threshold,
+        )
+
+    def start_watchdog(self) -> None:
+        """Check memory every watchdog_interval_seconds in a daemon thread until stop()."""
+        self._watchdog.start()
+
+    def stop(self) -> None:
+        """Stop the watchdog thread (models stay loaded)."""
+        self._watchdog.stop()
+
+    def close(self) -> None:
+        """Stop the watchdog and unload every model (models in use close at their last release)."""
+        self.stop()
+        with self._lock:
+            entries = list(self._reg.entries.values())
+            for entry in entries:
+                self._reg.evict_locked(entry, "unload")
+                entry.detached = entry.refcount > 0
+            idle = [e for e in entries if not e.detached]
+        self._reg.free(idle)
