@@ -89,7 +89,10 @@ def test_sigterm_mid_pull_keeps_partial_and_queue_then_restart_finishes_all_in_o
     assert hub.bytes_served(TINY_REPO, "model.bin") - (MODEL_BIN - kept) < CHUNK
     ranges = [r.headers.get("Range", "") for r in hub.requests if r.path.endswith("/model.bin")]
     assert ranges == [f"bytes={kept}-"]
-    assert logged(second, "model ready") == ["test-tiny", "test-text", "test-text-2"]
+    # Log lines are written by the logging thread, just after the state they report.
+    order = ["test-tiny", "test-text", "test-text-2"]
+    wait_for(lambda: len(logged(second, "model ready")) >= len(order), timeout=30, message="every model ready logged")
+    assert logged(second, "model ready") == order
     model = get_model(second, "test-tiny")
     assert sha256(Path(model.local_path) / "model.bin") == sha256(TINY_EN_DIR / "model.bin")
     for model_id in ("test-text", "test-text-2"):
