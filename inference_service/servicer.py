@@ -14,6 +14,7 @@ import grpc
 from inference_service.audio import check_audio_size
 from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo
 from inference_service.jobs import (
+    ENDED,
     Accepted,
     Completed,
     Job,
@@ -219,11 +220,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield event
                 completed = True
             finally:
-                if (
-                    not completed
-                    and not job.client_named
-                    and job.state not in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
-                ):
+                if not completed and not job.client_named and job.state not in ENDED:
                     # The caller went away and gave no job_id to come back with: stop the work.
                     job.cancel_event.set()
                     logger.info("client left; job cancelled")
