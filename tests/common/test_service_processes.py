@@ -177,3 +177,11 @@ def test_inference_reaches_a_tls_store_with_its_own_token(tmp_path: Path, hub: H
         _, errors = inference.communicate(timeout=60)
         store.close()
     assert secrets["inference"] not in errors and secrets["client"] not in errors
+
+
+def test_two_hub_endpoints_with_one_name_exit_2(tmp_path: Path) -> None:
+    result = run(
+        "model_service", "--port", "0", "--metrics-port", "-1", "--data-dir", str(tmp_path),
+        "--hub-endpoint", "mirror=http://127.0.0.1:9", "--hub-endpoint", "mirror=http://127.0.0.1:10",
+    )  # fmt: skip
+    assert result.returncode == 2 and "hub_endpoints" in result.stderr and "Traceback" not in result.stderr
