@@ -21,6 +21,12 @@ class InferenceMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.rpc = RpcMetrics(r)
+        self._cache_metrics(r)
+        self._job_metrics(r)
+        self._live_metrics(r)
+
+    def _cache_metrics(self, r: CollectorRegistry) -> None:
+        """The model cache: hits, misses, evictions, loads, memory."""
         self.cache_hits = Counter("voxserve_cache_hits", "Model cache hits.", ["model_id"], registry=r)
         self.cache_misses = Counter(
             "voxserve_cache_misses", "Model cache misses (a load was needed).", ["model_id"], registry=r
@@ -51,6 +57,9 @@ class InferenceMetrics:
         self.memory_budget_bytes = Gauge(
             "voxserve_memory_budget_bytes", "Memory budget of the model cache, by device.", ["device"], registry=r
         )
+
+    def _job_metrics(self, r: CollectorRegistry) -> None:
+        """Transcription jobs: states, outcomes, queue, audio processed and speed."""
         self.jobs = Gauge("voxserve_jobs", "Transcription jobs by current state.", ["state"], registry=r)
         self.jobs_finished = Counter(
             "voxserve_jobs_finished",
@@ -76,6 +85,9 @@ class InferenceMetrics:
             buckets=TTFS_BUCKETS,
             registry=r,
         )
+
+    def _live_metrics(self, r: CollectorRegistry) -> None:
+        """Live streams: latency, lag, streams, draft rewrites, decode time."""
         self.live_time_to_first_result = Histogram(
             "voxserve_live_time_to_first_result_seconds",
             "Live streams: from the arrival of the audio where speech started to the first result sent.",

@@ -3,6 +3,7 @@
 Each module does one job and imports only the ones below it:
 
     pull.py  reconcile.py  importer.py  reader.py    the jobs (never import each other)
+    pipeline.py  queue_file.py                       one download job's pipeline, queue.json (pull.py's)
     registry.py                                      records, lock, directories, state.json, views
     progress.py                                      byte counts and PROGRESS events of a download
 
