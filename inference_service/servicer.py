@@ -25,7 +25,7 @@ from inference_service.jobs import (
     Phase,
     Progress,
 )
-from inference_service.live.adapter import stream_responses
+from inference_service.live.adapter import accepted_to_pb, completed_to_pb, stream_responses
 from inference_service.live.service import LiveService
 from inference_service.model_cache import LoadedModelInfo, ModelCache
 from voxserve.inference.v1 import inference_pb2 as pb
@@ -84,19 +84,9 @@ def event_to_pb(job_id: str, event: JobEvent) -> pb.TranscribeEvent:
             )
         )
     elif isinstance(payload, Accepted):
-        message.accepted.CopyFrom(pb.Accepted(queue_position=payload.queue_position, model_id=payload.model_id))
+        message.accepted.CopyFrom(accepted_to_pb(payload))
     elif isinstance(payload, Completed):
-        message.completed.CopyFrom(
-            pb.Completed(
-                audio_seconds=payload.audio_seconds,
-                processing_seconds=payload.processing_seconds,
-                real_time_factor=payload.real_time_factor,
-                model_load_seconds=payload.model_load_seconds,
-                cache_hit=payload.cache_hit,
-                segments=payload.segments,
-                text=payload.text,
-            )
-        )
+        message.completed.CopyFrom(completed_to_pb(payload))
     return message
 
 

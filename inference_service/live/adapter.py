@@ -102,17 +102,25 @@ def event_to_pb(event: StreamEvent, job_id: str) -> pb.StreamingTranscribeRespon
     elif isinstance(payload, SpeechEvent):
         message.speech_event.CopyFrom(pb.SpeechEvent(type=SPEECH_EVENTS[payload.kind], time=payload.time))
     elif isinstance(payload, Accepted):
-        message.accepted.CopyFrom(pb.Accepted(queue_position=payload.queue_position, model_id=payload.model_id))
+        message.accepted.CopyFrom(accepted_to_pb(payload))
     elif isinstance(payload, Completed):
-        message.completed.CopyFrom(
-            pb.Completed(
-                audio_seconds=payload.audio_seconds,
-                processing_seconds=payload.processing_seconds,
-                real_time_factor=payload.real_time_factor,
-                model_load_seconds=payload.model_load_seconds,
-                cache_hit=payload.cache_hit,
-                segments=payload.segments,
-                text=payload.text,
-            )
-        )
+        message.completed.CopyFrom(completed_to_pb(payload))
     return message
+
+
+def accepted_to_pb(payload: Accepted) -> pb.Accepted:
+    """The ``accepted`` event of a job or a live stream."""
+    return pb.Accepted(queue_position=payload.queue_position, model_id=payload.model_id)
+
+
+def completed_to_pb(payload: Completed) -> pb.Completed:
+    """The ``completed`` event of a job or a live stream."""
+    return pb.Completed(
+        audio_seconds=payload.audio_seconds,
+        processing_seconds=payload.processing_seconds,
+        real_time_factor=payload.real_time_factor,
+        model_load_seconds=payload.model_load_seconds,
+        cache_hit=payload.cache_hit,
+        segments=payload.segments,
+        text=payload.text,
+    )
