@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
 import grpc
@@ -249,9 +249,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.TranscribeEvent]:
         if not request.job_id:
             raise InvalidArgument("job_id is required")
+        wanted = _job_event_kinds(request.types)
         job = self.jobs.get(request.job_id)
         async for event in self._follow(job, request.after_sequence):
-            yield event
+            if not wanted or event.WhichOneof("event") in wanted:
+                yield event
 
     async def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext[pb.CancelJobRequest, pb.CancelJobResponse]
@@ -323,3 +325,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             loaded_models=len(self.cache.loaded()),
             device=self.cache.config.device,
         )
+
+
+JOB_EVENT_KINDS: dict[int, str] = {
+    pb.JOB_EVENT_ACCEPTED: "accepted",
+    pb.JOB_EVENT_PROGRESS: "progress",
+    pb.JOB_EVENT_INFO: "info",
+    pb.JOB_EVENT_SEGMENT: "segment",
+    pb.JOB_EVENT_COMPLETED: "completed",
+}
+
+
+def _job_event_kinds(values: Iterable[int]) -> frozenset[str]:
+    """The oneof names WatchJob should send; INVALID_ARGUMENT for an undefined type."""
+    kinds = set()
+    for value in values:
+        if value not in JOB_EVENT_KINDS:
+            names = ", ".join(pb.JobEventType.Name(cast(pb.JobEventType, v)) for v in JOB_EVENT_KINDS)
+            raise InvalidArgument(f"types: {value} is not a job event type; use {names} (or none for all)")
+        kinds.add(JOB_EVENT_KINDS[value])
+    return frozenset(kinds)

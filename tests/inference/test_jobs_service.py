@@ -157,3 +157,26 @@ def test_deadline_is_honoured(inference: InferenceHandle) -> None:
     jobs = list(inference.app.jobs._jobs.values())
     assert jobs and all(job.done_event.wait(10) for job in jobs)  # the work stopped, not just the call
     assert all(job.state.value in ("FAILED", "CANCELLED") for job in jobs)
+
+
+def test_watch_job_types_filter_gets_every_event_of_those_types_in_order(inference: InferenceHandle) -> None:
+    everything = list(inference.stub.Transcribe(pb.TranscribeRequest(audio=MULTI, job_id="typed-1"), timeout=180))
+    segments_only = list(
+        inference.stub.WatchJob(
+            pb.WatchJobRequest(job_id="typed-1", types=[pb.JOB_EVENT_SEGMENT, pb.JOB_EVENT_COMPLETED]), timeout=60
+        )
+    )
+    expected = [e for e in everything if e.WhichOneof("event") in ("segment", "completed")]
+    assert len(expected) >= 3 and len(expected) < len(everything)  # something was filtered out
+    assert [e.SerializeToString() for e in segments_only] == [e.SerializeToString() for e in expected]
+    # Resuming after a filtered stream's last sequence misses nothing of those types.
+    middle = expected[0].sequence
+    rest = list(
+        inference.stub.WatchJob(
+            pb.WatchJobRequest(job_id="typed-1", after_sequence=middle, types=[pb.JOB_EVENT_SEGMENT]), timeout=60
+        )
+    )
+    assert [e.sequence for e in rest] == [e.sequence for e in expected[1:] if e.WhichOneof("event") == "segment"]
+    with pytest.raises(grpc.RpcError) as caught:
+        list(inference.stub.WatchJob(pb.WatchJobRequest(job_id="typed-1", types=[42]), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "JOB_EVENT_SEGMENT" in caught.value.details()

@@ -28,6 +28,15 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSCRIBING: _ClassVar[Phase]
     DONE: _ClassVar[Phase]
 
+class JobEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_EVENT_TYPE_UNSPECIFIED: _ClassVar[JobEventType]
+    JOB_EVENT_ACCEPTED: _ClassVar[JobEventType]
+    JOB_EVENT_PROGRESS: _ClassVar[JobEventType]
+    JOB_EVENT_INFO: _ClassVar[JobEventType]
+    JOB_EVENT_SEGMENT: _ClassVar[JobEventType]
+    JOB_EVENT_COMPLETED: _ClassVar[JobEventType]
+
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
@@ -60,6 +69,12 @@ SEPARATING: Phase
 VAD: Phase
 TRANSCRIBING: Phase
 DONE: Phase
+JOB_EVENT_TYPE_UNSPECIFIED: JobEventType
+JOB_EVENT_ACCEPTED: JobEventType
+JOB_EVENT_PROGRESS: JobEventType
+JOB_EVENT_INFO: JobEventType
+JOB_EVENT_SEGMENT: JobEventType
+JOB_EVENT_COMPLETED: JobEventType
 JOB_STATE_UNSPECIFIED: JobState
 JOB_QUEUED: JobState
 JOB_RUNNING: JobState
@@ -234,12 +249,14 @@ class TranscribeEvent(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., info: _Optional[_Union[Info, _Mapping]] = ..., segment: _Optional[_Union[Segment, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
-    __slots__ = ("job_id", "after_sequence")
+    __slots__ = ("job_id", "after_sequence", "types")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TYPES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     after_sequence: int
-    def __init__(self, job_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+    types: _containers.RepeatedScalarFieldContainer[JobEventType]
+    def __init__(self, job_id: _Optional[str] = ..., after_sequence: _Optional[int] = ..., types: _Optional[_Iterable[_Union[JobEventType, str]]] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
