@@ -47,3 +47,8 @@ class ModelInUse(FailedPrecondition):
 
 class ModelNotLoaded(NotFound):
     """The model is not in the cache."""
+
+
+class StoreSourcesFailed(FailedPrecondition):
+    """The model store answered but could not download the model: every hub source it
+    knows failed (the store is up; retrying at once will not help)."""

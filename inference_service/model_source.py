@@ -12,20 +12,24 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import grpc
 
 from inference_service.config import InferenceConfig
+from inference_service.errors import StoreSourcesFailed
 from inference_service.model_cache import LoadProgress, ModelSpec, ProgressCallback
 from voxserve.modelstore.v1 import modelstore_pb2 as store_pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as store_grpc
 from voxserve_common.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
-from voxserve_common.grpc_errors import error_for_status
+from voxserve_common.grpc_errors import ERROR_CATEGORY_KEY, error_for_status
 from voxserve_common.kinds import ModelKind
 from voxserve_common.security import client_security
 from voxserve_common.tls import open_channel
@@ -40,12 +44,43 @@ KIND_NAMES: dict[store_pb.ModelKind, ModelKind] = {
 }
 
 
+def store_answered(error: grpc.RpcError) -> bool:
+    """True when the store itself sent the error (its category is in the trailers); False
+    when it could not be reached (the transport made the status up)."""
+    trailers: Any = error.trailing_metadata() if isinstance(error, grpc.Call) else None
+    return any(entry[0] == ERROR_CATEGORY_KEY for entry in trailers or ())
+
+
 def _raise_from_rpc(error: grpc.RpcError, action: str) -> NoReturn:
-    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-    details = error.details() if hasattr(error, "details") else str(error)
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    if code == grpc.StatusCode.UNAVAILABLE and store_answered(error):
+        # The store is up; its hub sources failed. Not the same as the store being down.
+        raise StoreSourcesFailed(f"the model store could not download while {action}: {details}") from error
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        raise Unavailable(f"model store unavailable while {action}: {details}") from error
+        raise Unavailable(
+            f"model store unreachable while {action} (after retries): {details}; check that it runs and its address"
+        ) from error
     raise error_for_status(code, f"model store: {details}") from error
+
+
+T = TypeVar("T")
+STORE_RETRIES = (0.2, 0.5, 1.0, 2.0)  # seconds before each new attempt, with jitter
+
+
+def call_with_retries(call: Callable[[], T]) -> T:
+    """Run ``call``, retrying while the store cannot be reached (UNAVAILABLE from the
+    transport, not from the store), with exponential backoff and jitter."""
+    for delay in (*STORE_RETRIES, None):
+        try:
+            return call()
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else None
+            if delay is None or code != grpc.StatusCode.UNAVAILABLE or store_answered(error):
+                raise
+            logger.warning("model store unreachable; retrying", extra={"retry_in": delay})
+            time.sleep(delay * random.uniform(0.8, 1.2))
+    raise AssertionError("unreachable")
 
 
 class StoreModelSource:
@@ -74,8 +109,10 @@ class StoreModelSource:
         if not model_id:
             raise InvalidArgument("model_id is required")
         try:
-            model: store_pb.Model = self.stub.GetModel(
-                store_pb.GetModelRequest(model_id=model_id), metadata=trace_metadata(), timeout=30
+            model: store_pb.Model = call_with_retries(
+                lambda: self.stub.GetModel(
+                    store_pb.GetModelRequest(model_id=model_id), metadata=trace_metadata(), timeout=30
+                )
             )
         except grpc.RpcError as error:
             _raise_from_rpc(error, f"looking up {model_id}")

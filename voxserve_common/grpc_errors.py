@@ -6,6 +6,10 @@ import grpc
 
 from voxserve_common import errors
 
+# Trailing metadata of every error status a voxserve service sends: the error's category,
+# so a client can tell a service that answered with an error from one it could not reach.
+ERROR_CATEGORY_KEY = "voxserve-error-category"
+
 STATUS_BY_ERROR: tuple[tuple[type[errors.VoxserveError], grpc.StatusCode], ...] = (
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
