@@ -46,40 +46,31 @@ async def list_models(
     return {"models": [message_to_json(m) for m in reply.models]}
 
 
+async def _model_rpc(gw: Any, request: Request, method: Any, message: Any) -> dict[str, Any]:
+    """One store RPC that answers a Model, as JSON (404 for an unknown model)."""
+    model = await gw.backends.unary(STORE, method, message, authorization(request), not_found=MODEL_NOT_FOUND)
+    return message_to_json(model)
+
+
 @router.get("/api/models/{id}", summary="One model with its files and state")
 async def get_model(id: str, request: Request, gw: GatewayDep) -> dict[str, Any]:
-    model = await gw.backends.unary(
-        STORE,
-        gw.backends.store.GetModel,
-        mpb.GetModelRequest(model_id=validation.model_id(id)),
-        authorization(request),
-        not_found=MODEL_NOT_FOUND,
+    return await _model_rpc(
+        gw, request, gw.backends.store.GetModel, mpb.GetModelRequest(model_id=validation.model_id(id))
     )
-    return message_to_json(model)
 
 
 @router.delete("/api/models/{id}", summary="Remove a model's files (409 while it downloads)")
 async def delete_model(id: str, request: Request, gw: GatewayDep) -> dict[str, Any]:
-    model = await gw.backends.unary(
-        STORE,
-        gw.backends.store.DeleteModel,
-        mpb.DeleteModelRequest(model_id=validation.model_id(id)),
-        authorization(request),
-        not_found=MODEL_NOT_FOUND,
+    return await _model_rpc(
+        gw, request, gw.backends.store.DeleteModel, mpb.DeleteModelRequest(model_id=validation.model_id(id))
     )
-    return message_to_json(model)
 
 
 @router.post("/api/models/{id}/cancel", summary="Stop a running or waiting download")
 async def cancel_download(id: str, request: Request, gw: GatewayDep) -> dict[str, Any]:
-    model = await gw.backends.unary(
-        STORE,
-        gw.backends.store.CancelDownload,
-        mpb.CancelDownloadRequest(model_id=validation.model_id(id)),
-        authorization(request),
-        not_found=MODEL_NOT_FOUND,
+    return await _model_rpc(
+        gw, request, gw.backends.store.CancelDownload, mpb.CancelDownloadRequest(model_id=validation.model_id(id))
     )
-    return message_to_json(model)
 
 
 @router.post(
