@@ -124,6 +124,15 @@ class WhisperEngine:
         """False for English-only checkpoints such as tiny.en, which cannot translate."""
         return bool(self._loaded().model.is_multilingual)
 
+    @property
+    def whisper_model(self) -> WhisperModel:
+        """The faster-whisper model itself, for callers that drive it directly (live decoding, warm-up).
+
+        Raises:
+            FailedPrecondition: the engine was closed (evicted or unloaded).
+        """
+        return self._loaded()
+
     def _loaded(self) -> WhisperModel:
         if self._model is None:
             raise FailedPrecondition(f"whisper model {self.model_id!r} was closed; load it again")

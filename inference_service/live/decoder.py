@@ -19,7 +19,6 @@ import re
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any
 
 import ctranslate2
 import numpy as np
@@ -28,7 +27,7 @@ from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, FloatArray
-from inference_service.engines.whisper import Word
+from inference_service.engines.whisper import WhisperEngine, Word
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +72,10 @@ class DecodeSettings:
     hotwords: str | None
 
 
-def raw_model(engine: Any) -> WhisperModel:
-    """The faster-whisper model inside a leased ``WhisperEngine`` (its ``_loaded()``: raises
-    FailedPrecondition if the engine was closed)."""
-    model: WhisperModel = engine._loaded()
-    return model
+def raw_model(engine: WhisperEngine) -> WhisperModel:
+    """The faster-whisper model inside a leased ``WhisperEngine`` (raises FailedPrecondition if
+    the engine was closed)."""
+    return engine.whisper_model
 
 
 class BufferDecoder:

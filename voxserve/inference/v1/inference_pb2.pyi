@@ -89,7 +89,7 @@ SPEECH_STARTED: SpeechEventType
 END_OF_UTTERANCE: SpeechEventType
 
 class TranscribeOptions(_message.Message):
-    __slots__ = ("model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id")
+    __slots__ = ("model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id", "fast_first_segment", "temperature")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,8 @@ class TranscribeOptions(_message.Message):
     HOTWORDS_FIELD_NUMBER: _ClassVar[int]
     SEPARATE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FAST_FIRST_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     language: str
     task: Task
@@ -110,7 +112,9 @@ class TranscribeOptions(_message.Message):
     hotwords: str
     separate_model_id: str
     job_id: str
-    def __init__(self, model_id: _Optional[str] = ..., language: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., beam_size: _Optional[int] = ..., vad_filter: _Optional[bool] = ..., word_timestamps: _Optional[bool] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[str] = ..., separate_model_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+    fast_first_segment: bool
+    temperature: float
+    def __init__(self, model_id: _Optional[str] = ..., language: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., beam_size: _Optional[int] = ..., vad_filter: _Optional[bool] = ..., word_timestamps: _Optional[bool] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[str] = ..., separate_model_id: _Optional[str] = ..., job_id: _Optional[str] = ..., fast_first_segment: _Optional[bool] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class TranscribeRequest(_message.Message):
     __slots__ = ("options", "audio", "model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id")
@@ -359,6 +363,22 @@ class CacheStats(_message.Message):
     loaded_models: int
     device: str
     def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., loads: _Optional[int] = ..., load_failures: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., max_models: _Optional[int] = ..., loaded_models: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class SetCacheLimitsRequest(_message.Message):
+    __slots__ = ("max_models", "memory_budget")
+    MAX_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    max_models: int
+    memory_budget: str
+    def __init__(self, max_models: _Optional[int] = ..., memory_budget: _Optional[str] = ...) -> None: ...
+
+class SetCacheLimitsResponse(_message.Message):
+    __slots__ = ("stats", "evicted_model_ids")
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    stats: CacheStats
+    evicted_model_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stats: _Optional[_Union[CacheStats, _Mapping]] = ..., evicted_model_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StreamingConfig(_message.Message):
     __slots__ = ("options", "encoding", "sample_rate_hertz", "channels", "interim_results", "endpoint_silence_seconds", "max_lag_seconds")

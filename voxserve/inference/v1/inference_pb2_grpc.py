@@ -74,6 +74,11 @@ class InferenceStub:
                 request_serializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.GetCacheStatsRequest.SerializeToString,
                 response_deserializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.CacheStats.FromString,
                 _registered_method=True)
+        self.SetCacheLimits = channel.unary_unary(
+                '/voxserve.inference.v1.Inference/SetCacheLimits',
+                request_serializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.SetCacheLimitsRequest.SerializeToString,
+                response_deserializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.SetCacheLimitsResponse.FromString,
+                _registered_method=True)
         self.StreamingTranscribe = channel.stream_stream(
                 '/voxserve.inference.v1.Inference/StreamingTranscribe',
                 request_serializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.StreamingTranscribeRequest.SerializeToString,
@@ -137,6 +142,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCacheLimits(self, request, context):
+        """Admin: changes the cache's limits without a restart; idle, unpinned models are evicted
+        (least recently used first) until the new limits hold. INVALID_ARGUMENT: a limit out of
+        range or an unreadable memory budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamingTranscribe(self, request_iterator, context):
         """Live transcription: a StreamingConfig first, then raw PCM audio as it is captured;
         streams drafts (interim results) and final results. Half-closing the request stream
@@ -190,6 +204,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetCacheStats,
                     request_deserializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.GetCacheStatsRequest.FromString,
                     response_serializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.CacheStats.SerializeToString,
+            ),
+            'SetCacheLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCacheLimits,
+                    request_deserializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.SetCacheLimitsRequest.FromString,
+                    response_serializer=voxserve_dot_inference_dot_v1_dot_inference__pb2.SetCacheLimitsResponse.SerializeToString,
             ),
             'StreamingTranscribe': grpc.stream_stream_rpc_method_handler(
                     servicer.StreamingTranscribe,
@@ -413,6 +432,33 @@ class Inference:
             '/voxserve.inference.v1.Inference/GetCacheStats',
             voxserve_dot_inference_dot_v1_dot_inference__pb2.GetCacheStatsRequest.SerializeToString,
             voxserve_dot_inference_dot_v1_dot_inference__pb2.CacheStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCacheLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxserve.inference.v1.Inference/SetCacheLimits',
+            voxserve_dot_inference_dot_v1_dot_inference__pb2.SetCacheLimitsRequest.SerializeToString,
+            voxserve_dot_inference_dot_v1_dot_inference__pb2.SetCacheLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -253,7 +253,7 @@ class WatchModelsRequest(_message.Message):
     def __init__(self, after_sequence: _Optional[int] = ..., model_ids: _Optional[_Iterable[str]] = ..., types: _Optional[_Iterable[_Union[EventType, str]]] = ...) -> None: ...
 
 class ModelEvent(_message.Message):
-    __slots__ = ("sequence", "model_id", "type", "state", "bytes_done", "bytes_total", "bytes_per_second", "eta_seconds", "files_done", "files_total", "current_file", "source", "queue_position", "message", "timestamp", "model", "resync")
+    __slots__ = ("sequence", "model_id", "type", "state", "bytes_done", "bytes_total", "bytes_per_second", "eta_seconds", "files_done", "files_total", "current_file", "source", "queue_position", "message", "timestamp", "model", "resync", "verify_bytes_done", "verify_bytes_total")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +271,8 @@ class ModelEvent(_message.Message):
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RESYNC_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     model_id: str
     type: EventType
@@ -288,7 +290,9 @@ class ModelEvent(_message.Message):
     timestamp: _timestamp_pb2.Timestamp
     model: Model
     resync: bool
-    def __init__(self, sequence: _Optional[int] = ..., model_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., state: _Optional[_Union[ModelState, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., files_done: _Optional[int] = ..., files_total: _Optional[int] = ..., current_file: _Optional[str] = ..., source: _Optional[str] = ..., queue_position: _Optional[int] = ..., message: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., resync: _Optional[bool] = ...) -> None: ...
+    verify_bytes_done: int
+    verify_bytes_total: int
+    def __init__(self, sequence: _Optional[int] = ..., model_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., state: _Optional[_Union[ModelState, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., files_done: _Optional[int] = ..., files_total: _Optional[int] = ..., current_file: _Optional[str] = ..., source: _Optional[str] = ..., queue_position: _Optional[int] = ..., message: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., resync: _Optional[bool] = ..., verify_bytes_done: _Optional[int] = ..., verify_bytes_total: _Optional[int] = ...) -> None: ...
 
 class FetchModelFilesRequest(_message.Message):
     __slots__ = ("model_id", "chunk_size", "paths")
