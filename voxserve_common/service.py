@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from voxserve_common.banner import log_startup
 from voxserve_common.config import ConfigError, ServiceSettings
@@ -70,19 +70,40 @@ def setup_logging(service: str, config: ServiceSettings) -> None:
     )
 
 
-def apply_reload(server: RunningServer, current: ServiceSettings, load: Callable[[], ServiceSettings]) -> None:
-    """SIGHUP: re-read the settings; apply the log levels, report what needs a restart."""
+class LiveSettings(Protocol):
+    """An app that applies some of its own settings without a restart (SIGHUP)."""
+
+    live_settings: frozenset[str]
+
+    def apply_live_settings(self, new: Any) -> None: ...
+
+
+def apply_reload(
+    server: RunningServer, current: ServiceSettings, load: Callable[[], ServiceSettings], app: object = None
+) -> ServiceSettings:
+    """SIGHUP: re-read the settings; apply the log levels and the app's live settings, report
+    what needs a restart. Returns the settings now in force (the running ones, with the live
+    changes applied), which the next SIGHUP compares against."""
     try:
         new = load()
     except (SystemExit, Exception) as error:  # noqa: BLE001 - a bad file keeps the running settings
         logger.error("settings not reloaded; the running ones stay in force", extra={"error": str(error)})
-        return
-    server.log_levels.apply({"root": new.log_level, **new.library_levels()})
+        return current
+    app_live: frozenset[str] = getattr(app, "live_settings", frozenset())
     changed = sorted(f.name for f in dataclasses.fields(current) if getattr(current, f.name) != getattr(new, f.name))
-    needs_restart = [name for name in changed if name not in LIVE_SETTINGS]
-    logger.info("settings reloaded", extra={"changed": changed, "needs_restart": needs_restart})
+    applied = [name for name in changed if name in LIVE_SETTINGS or name in app_live]
+    if app_live and any(name in app_live for name in changed):
+        try:
+            cast(LiveSettings, app).apply_live_settings(new)
+        except (VoxserveError, ValueError) as error:
+            logger.error("settings not reloaded; the running ones stay in force", extra={"error": str(error)})
+            return current
+    server.log_levels.apply({"root": new.log_level, **new.library_levels()})
+    needs_restart = [name for name in changed if name not in applied]
+    logger.info("settings reloaded", extra={"changed": changed, "applied": applied, "needs_restart": needs_restart})
     if needs_restart:
         logger.warning("some changed settings take effect only after a restart", extra={"settings": needs_restart})
+    return dataclasses.replace(current, **{name: getattr(new, name) for name in applied})
 
 
 def run_service(
@@ -95,8 +116,9 @@ def run_service(
     reload: Callable[[], C] | None = None,
 ) -> None:
     """Configure logs and tracing, start the app, log the start-up record, serve until
-    SIGTERM/SIGINT (SIGHUP re-reads the settings with ``reload``), then close the domain
-    objects; a start-up failure exits 1 with the reason on stderr."""
+    SIGTERM/SIGINT (SIGHUP re-reads the settings with ``reload``: log levels, and the
+    settings an app that implements ``LiveSettings`` names), then close the domain objects;
+    a start-up failure exits 1 with the reason on stderr."""
     setup_logging(service, config)
     setup_tracing(service)
 
@@ -109,7 +131,12 @@ def run_service(
         console = config.log_format == "console" or (config.log_format == "auto" and sys.stderr.isatty())
         log_startup(service, addresses, config, console=console)
         if reload is not None:
-            server.on_reload.append(lambda: apply_reload(server, config, reload))
+            in_force: list[ServiceSettings] = [config]
+
+            def on_sighup() -> None:
+                in_force[0] = apply_reload(server, in_force[0], reload, app)
+
+            server.on_reload.append(on_sighup)
         try:
             await serve_until_signal(server, config.grace_seconds)
         finally:
