@@ -1,7 +1,7 @@
 """Keeps loaded models in memory within a count limit and a memory budget, shared through leases.
 
 ``ModelCache`` (cache.py) over one registry (registry.py); loads in flight.py and loading.py,
-eviction choices in eviction.py, footprint estimates in footprint.py, the watchdog in
+eviction choices in eviction.py, run-time limit changes in limits.py, footprint estimates in footprint.py, the watchdog in
 watchdog.py; the types callers use in cache_types.py.
 """
 
@@ -20,6 +20,7 @@ from inference_service.model_cache.cache_types import (
     ProgressCallback,
 )
 from inference_service.model_cache.footprint import FOOTPRINT_FACTORS
+from inference_service.model_cache.limits import LimitsChange
 
 __all__ = [
     "FOOTPRINT_FACTORS",
@@ -27,6 +28,7 @@ __all__ = [
     "CacheFull",
     "CacheStats",
     "Lease",
+    "LimitsChange",
     "LoadProgress",
     "LoadedModel",
     "LoadedModelInfo",

@@ -25,6 +25,7 @@ from inference_service.model_cache.cache_types import (
 )
 from inference_service.model_cache.eviction import evictable
 from inference_service.model_cache.flight import Flight, kind_accepted, wrong_kind
+from inference_service.model_cache.limits import LimitsChange, check_limits, held_over, over_limits
 from inference_service.model_cache.loading import FlightLoader
 from inference_service.model_cache.registry import CacheRegistry
 from inference_service.model_cache.watchdog import MemoryWatchdog, memory_pressure, process_used
@@ -45,6 +46,11 @@ class _Checkout:
     model: LoadedModel
     cache_hit: bool
     load_seconds: float
+
+
+def _held_reason(entry: CacheEntry) -> str:
+    reasons = (["pinned"] if entry.pinned else []) + ([f"in use by {entry.refcount}"] if entry.refcount else [])
+    return ", ".join(reasons)
 
 
 class ModelCache:
@@ -74,16 +80,16 @@ class ModelCache:
         self._device_type = "cuda" if is_cuda(config.device) else "cpu"
         self._device_total = self._probe.device_total_bytes(config.device)
         if config.memory_budget_bytes is not None:
-            self._budget = config.memory_budget_bytes
+            budget = config.memory_budget_bytes
         else:
-            self._budget = int(self._device_total * DEFAULT_BUDGET_FRACTION)
+            budget = int(self._device_total * DEFAULT_BUDGET_FRACTION)
         gc.collect()
         self._probe.return_freed_memory(self._device)
         self._baseline_used = process_used(self._probe, self._device)
 
-        self._reg = CacheRegistry(self._probe, self._device, self._budget, config.max_models, metrics)
+        self._reg = CacheRegistry(self._probe, self._device, budget, config.max_models, metrics)
         self._lock = self._reg.lock
-        self._loader = FlightLoader(self._reg, resolve, load, self._probe, config, self._budget)
+        self._loader = FlightLoader(self._reg, resolve, load, self._probe, config)
         self._watchdog = MemoryWatchdog(config.watchdog_interval_seconds, self.check_memory_once)
 
     @property
@@ -92,7 +98,17 @@ class ModelCache:
 
     @property
     def memory_budget_bytes(self) -> int:
-        return self._budget
+        """The budget in force (SetCacheLimits may have changed it since start-up)."""
+        return self._reg.budget
+
+    @property
+    def max_models(self) -> int:
+        """The count limit in force."""
+        return self._reg.max_models
+
+    @property
+    def device_total_bytes(self) -> int:
+        return self._device_total
 
     # -- using models ---------------------------------------------------------------
 
@@ -168,8 +184,17 @@ class ModelCache:
             entry.refcount -= 1
             entry.last_used = time.time()
             close_now = entry.detached and entry.refcount == 0
+            # Limits lowered while models were in use: the cache catches up as they go idle.
+            trimmed = [] if close_now else self._trim_to_limits_locked()
         if close_now:
             self._reg.free([entry])
+        self._reg.free(trimmed)
+
+    def _trim_to_limits_locked(self) -> list[CacheEntry]:
+        plan = over_limits(list(self._reg.entries.values()), self._reg.max_models, self._reg.budget)
+        for victim, reason in plan:
+            self._reg.evict_locked(victim, reason)
+        return [victim for victim, _ in plan]
 
     def estimate_bytes(self, spec: ModelSpec) -> int:
         """Memory the model is expected to take once loaded.
@@ -248,6 +273,53 @@ class ModelCache:
                 failures.append((model_id, exc))
         return failures
 
+    def set_limits(self, max_models: int | None = None, memory_budget: str | None = None) -> LimitsChange:
+        """Change max_models and/or the memory budget now (None or "" = unchanged), then evict
+        idle, unpinned models least recently used first until the new limits hold.
+
+        memory_budget is read like the memory_budget setting ("2GiB", "80%", bytes). Raises
+        InvalidArgument naming the field for a bad value (nothing changes then). Models in use
+        or pinned are never evicted: when they alone keep the cache over the new limits, the
+        limits are in force anyway (new loads must fit them), the change reports them in
+        ``held_over`` with a warning, and each leased one is evicted when its last lease ends
+        while the cache is still over (pinned ones stay until unloaded).
+        """
+        new = check_limits(max_models, memory_budget, self._device_total)
+        with self._lock:
+            before = (self._reg.max_models, self._reg.budget)
+            self._reg.set_limits_locked(
+                new.max_models if new.max_models is not None else self._reg.max_models,
+                new.memory_budget_bytes if new.memory_budget_bytes is not None else self._reg.budget,
+            )
+            evicted = self._trim_to_limits_locked()
+            entries = list(self._reg.entries.values())
+            over = held_over(entries, self._reg.max_models, self._reg.budget)
+            stats = self._reg.stats_locked()
+        self._reg.free(evicted)
+        change = LimitsChange(stats, tuple(e.model_id for e in evicted), tuple(e.model_id for e in over))
+        logger.info(
+            "model cache limits changed",
+            extra={
+                "max_models": stats.max_models,
+                "memory_budget_bytes": stats.memory_budget_bytes,
+                "previous_max_models": before[0],
+                "previous_memory_budget_bytes": before[1],
+                "evicted": list(change.evicted),
+            },
+        )
+        if change.over_limits:
+            logger.warning(
+                "model cache over its new limits until the models in use are released or unpinned",
+                extra={
+                    "loaded_models": stats.loaded_models,
+                    "max_models": stats.max_models,
+                    "memory_used_bytes": stats.memory_used_bytes,
+                    "memory_budget_bytes": stats.memory_budget_bytes,
+                    "held": [f"{e.model_id} ({_held_reason(e)})" for e in over],
+                },
+            )
+        return change
+
     def loaded(self) -> list[LoadedModelInfo]:
         """Every loaded model, least recently used first."""
         return self._reg.loaded()
@@ -282,7 +354,7 @@ class ModelCache:
             self._probe,
             self._device,
             baseline=self._baseline_used,
-            budget=self._budget,
+            budget=self._reg.budget,
             device_total=self._device_total,
             threshold=self._config.watchdog_threshold,
         )

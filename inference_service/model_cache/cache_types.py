@@ -135,6 +135,7 @@ class CacheStats:
     memory_budget_bytes: int
     max_models: int
     evictions_by_reason: Mapping[str, int] = field(default_factory=dict)
+    loaded_models: int = 0
 
 
 @dataclass(eq=False)

@@ -45,7 +45,6 @@ class FlightLoader:
         load: Callable[[ModelSpec], LoadedModel],
         probe: MemoryProbe,
         config: CacheConfig,
-        budget: int,
     ) -> None:
         self._reg = registry
         self._lock = registry.lock
@@ -56,7 +55,6 @@ class FlightLoader:
         self._config = config
         self._device = config.device
         self._device_type = "cuda" if is_cuda(config.device) else "cpu"
-        self._budget = budget
         self._footprints = Footprints()
 
     def run(self, flight: Flight) -> None:
@@ -125,7 +123,7 @@ class FlightLoader:
             self._footprints.remember(spec, loaded.memory_bytes)
             self._reg.loads += 1
             # The measurement may exceed the estimate: trim idle models to the budget again.
-            over = over_budget(list(self._reg.entries.values()), self._budget)
+            over = over_budget(list(self._reg.entries.values()), self._reg.budget)
             for victim in over:
                 self._reg.evict_locked(victim, "memory_budget")
             used = self._reg.used_locked()
@@ -140,7 +138,7 @@ class FlightLoader:
             estimate = self.estimate_bytes(spec)
             with self._lock:
                 plan = plan_room(
-                    list(self._reg.entries.values()), spec, estimate, self._config.max_models, self._budget
+                    list(self._reg.entries.values()), spec, estimate, self._reg.max_models, self._reg.budget
                 )
                 for entry, reason in plan:
                     self._reg.evict_locked(entry, reason)
@@ -176,10 +174,11 @@ class FlightLoader:
         if self._metrics is not None:
             self._metrics.model_loads.labels(spec.model_id, "ok").inc()
             self._metrics.load_duration.labels(spec.model_id).observe(loaded.seconds)
-        if used > self._budget:
+        budget = self._reg.budget
+        if used > budget:
             logger.warning(
                 "model cache over its memory budget",
-                extra={"model_id": spec.model_id, "memory_used_bytes": used, "memory_budget_bytes": self._budget},
+                extra={"model_id": spec.model_id, "memory_used_bytes": used, "memory_budget_bytes": budget},
             )
 
     def _load_measure(self) -> int:

@@ -22,6 +22,7 @@ class CacheRegistry:
     """What the cache knows, changed only with ``lock`` held (methods ending in _locked).
 
     ``load_lock`` is held around each load (to measure it alone) and around freeing models.
+    ``budget`` and ``max_models`` are the limits in force (``set_limits_locked`` changes them).
     """
 
     def __init__(
@@ -40,12 +41,19 @@ class CacheRegistry:
         self._probe = probe
         self._device = device
         self._device_type = "cuda" if is_cuda(device) else "cpu"
-        self._budget = budget
-        self._max_models = max_models
+        self.budget = budget
+        self.max_models = max_models
         if metrics is not None:
             metrics.memory_budget_bytes.labels(self._device_type).set(budget)
             metrics.memory_used_bytes.labels(self._device_type).set(0)
             metrics.loaded_models.set(0)
+
+    def set_limits_locked(self, max_models: int, budget: int) -> None:
+        """New limits in force from now on (eviction to meet them is the caller's)."""
+        self.max_models = max_models
+        self.budget = budget
+        if self.metrics is not None:
+            self.metrics.memory_budget_bytes.labels(self._device_type).set(budget)
 
     def hit_locked(self, entry: CacheEntry, expected_kind: str | None) -> LoadedModel:
         """Take one more reference on a loaded entry and mark it most recently used."""
@@ -114,14 +122,18 @@ class CacheRegistry:
 
     def stats(self) -> CacheStats:
         with self.lock:
-            return CacheStats(
-                hits=self.hits,
-                misses=self.misses,
-                evictions=sum(self.evictions.values()),
-                loads=self.loads,
-                load_failures=self.load_failures,
-                memory_used_bytes=self.used_locked(),
-                memory_budget_bytes=self._budget,
-                max_models=self._max_models,
-                evictions_by_reason=dict(self.evictions),
-            )
+            return self.stats_locked()
+
+    def stats_locked(self) -> CacheStats:
+        return CacheStats(
+            hits=self.hits,
+            misses=self.misses,
+            evictions=sum(self.evictions.values()),
+            loads=self.loads,
+            load_failures=self.load_failures,
+            memory_used_bytes=self.used_locked(),
+            memory_budget_bytes=self.budget,
+            max_models=self.max_models,
+            evictions_by_reason=dict(self.evictions),
+            loaded_models=len(self.entries),
+        )
