@@ -27,7 +27,7 @@ from inference_service.jobs import (
 )
 from inference_service.live.adapter import accepted_to_pb, completed_to_pb, stream_responses
 from inference_service.live.service import LiveService
-from inference_service.model_cache import LoadedModelInfo, ModelCache
+from inference_service.model_cache import CacheStats, LoadedModelInfo, ModelCache
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc as pb_grpc
 from voxserve_common.errors import InvalidArgument, Unavailable
@@ -312,19 +312,33 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         request: pb.GetCacheStatsRequest,
         context: grpc.aio.ServicerContext[pb.GetCacheStatsRequest, pb.CacheStats],
     ) -> pb.CacheStats:
-        stats = self.cache.stats()
-        return pb.CacheStats(
-            hits=stats.hits,
-            misses=stats.misses,
-            evictions=stats.evictions,
-            loads=stats.loads,
-            load_failures=stats.load_failures,
-            memory_used_bytes=stats.memory_used_bytes,
-            memory_budget_bytes=stats.memory_budget_bytes,
-            max_models=stats.max_models,
-            loaded_models=len(self.cache.loaded()),
-            device=self.cache.config.device,
+        return cache_stats_to_pb(self.cache.stats(), self.cache.config.device)
+
+    async def SetCacheLimits(
+        self,
+        request: pb.SetCacheLimitsRequest,
+        context: grpc.aio.ServicerContext[pb.SetCacheLimitsRequest, pb.SetCacheLimitsResponse],
+    ) -> pb.SetCacheLimitsResponse:
+        max_models = request.max_models if request.HasField("max_models") else None
+        change = await asyncio.to_thread(self.cache.set_limits, max_models, request.memory_budget or None)
+        return pb.SetCacheLimitsResponse(
+            stats=cache_stats_to_pb(change.stats, self.cache.config.device), evicted_model_ids=change.evicted
         )
+
+
+def cache_stats_to_pb(stats: CacheStats, device: str) -> pb.CacheStats:
+    return pb.CacheStats(
+        hits=stats.hits,
+        misses=stats.misses,
+        evictions=stats.evictions,
+        loads=stats.loads,
+        load_failures=stats.load_failures,
+        memory_used_bytes=stats.memory_used_bytes,
+        memory_budget_bytes=stats.memory_budget_bytes,
+        max_models=stats.max_models,
+        loaded_models=stats.loaded_models,
+        device=device,
+    )
 
 
 JOB_EVENT_KINDS: dict[int, str] = {
