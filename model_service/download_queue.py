@@ -13,6 +13,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from opentelemetry.context import Context
+
 from model_service.errors import DownloadCancelled
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,11 @@ class DownloadJob:
     # (the model was READY): a size check is enough to keep them.
     trust_sizes: bool = False
     stop_reason: StopReason | None = None  # set with cancel_event
+    # The OpenTelemetry context of the RPC that queued the job (its work spans' parent),
+    # when it was queued (wall clock, for the queue-wait span) and at which position.
+    trace_context: Context | None = None
+    enqueued_ns: int = field(default_factory=time.time_ns)
+    queue_position: int = 0
     _done_callbacks: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False)
 
     def stop(self, reason: StopReason) -> None:
@@ -106,14 +113,26 @@ class DownloadQueue:
             return job
 
     def submit(
-        self, model_id: str, revision: str | None, trust_sizes: bool = False, source: str | None = None
+        self,
+        model_id: str,
+        revision: str | None,
+        trust_sizes: bool = False,
+        source: str | None = None,
+        trace_context: Context | None = None,
     ) -> tuple[DownloadJob, bool]:
         """Queue a job, or join the waiting/running one of the same model (joined=True)."""
         with self._cond:
             existing = self.join(model_id)
             if existing is not None:
                 return existing, True
-            job = DownloadJob(model_id, revision, source, trust_sizes=trust_sizes)
+            job = DownloadJob(
+                model_id,
+                revision,
+                source,
+                trust_sizes=trust_sizes,
+                trace_context=trace_context,
+                queue_position=len(self._waiting) + 1,
+            )
             self._waiting.append(job)
             self._cond.notify()
         self._on_change()

@@ -40,6 +40,10 @@ class StoreEvent:
     source: str = ""
     queue_position: int = 0
     message: str = ""
+    # VERIFYING only: bytes hashed so far / bytes to hash (files re-hashed, not those
+    # hashed while they were written); bytes_done/bytes_total keep the transfer totals.
+    verify_bytes_done: int = 0
+    verify_bytes_total: int = 0
 
 
 class EventBus:
@@ -59,6 +63,12 @@ class EventBus:
     def progress_interval(self) -> float:
         """Minimum seconds between two PROGRESS events of one model."""
         return self._progress_interval
+
+    @progress_interval.setter
+    def progress_interval(self, seconds: float) -> None:
+        """A new rate limit (SIGHUP), in force from the next PROGRESS event."""
+        with self._lock:
+            self._progress_interval = seconds
 
     @property
     def sequence(self) -> int:

@@ -75,6 +75,8 @@ def event_to_pb(event: StoreEvent) -> pb.ModelEvent:
         queue_position=event.queue_position,
         message=event.message,
         timestamp=to_timestamp(event.timestamp),
+        verify_bytes_done=event.verify_bytes_done,
+        verify_bytes_total=event.verify_bytes_total,
     )
 
 

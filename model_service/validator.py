@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,11 @@ def hash_file(
     cancel: threading.Event | None = None,
     limit: int | None = None,
     git_sha1: bool = True,
+    on_bytes: Callable[[int], None] | None = None,
+    block_size: int = HASH_CHUNK,
 ) -> FileHasher:
-    """Hash the first ``limit`` bytes (all when None) of path."""
+    """Hash the first ``limit`` bytes (all when None) of path; ``on_bytes(n)`` after each
+    block (verification progress)."""
     size = path.stat().st_size if expected_size is None else expected_size
     hasher = FileHasher(size, git_sha1)
     remaining = limit
@@ -53,10 +57,12 @@ def hash_file(
         while remaining is None or remaining > 0:
             if cancel is not None and cancel.is_set():
                 raise DownloadCancelled("cancelled while hashing")
-            block = handle.read(HASH_CHUNK if remaining is None else min(HASH_CHUNK, remaining))
+            block = handle.read(block_size if remaining is None else min(block_size, remaining))
             if not block:
                 break
             hasher.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
             if remaining is not None:
                 remaining -= len(block)
     return hasher
@@ -73,8 +79,16 @@ class FileCheck:
     actual_sha256: str = ""
 
 
-def check_file(model_dir: Path, record: FileRecord, deep: bool, cancel: threading.Event | None = None) -> FileCheck:
-    """Compare one file with its record: presence and size always; hashes when deep."""
+def check_file(
+    model_dir: Path,
+    record: FileRecord,
+    deep: bool,
+    cancel: threading.Event | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    block_size: int = HASH_CHUNK,
+) -> FileCheck:
+    """Compare one file with its record: presence and size always; hashes when deep
+    (``on_bytes`` is called per block hashed)."""
     path = safe_join(model_dir, record.path)
     base: dict[str, Any] = {"path": record.path, "expected_size": record.size, "expected_sha256": record.sha256}
     if not path.is_file():
@@ -88,7 +102,7 @@ def check_file(model_dir: Path, record: FileRecord, deep: bool, cancel: threadin
         return FileCheck(ok=False, problem="required file is empty", actual_size=0, **base)
     if not deep:
         return FileCheck(ok=True, actual_size=actual_size, **base)
-    hasher = hash_file(path, record.size, cancel, git_sha1=not record.sha256)
+    hasher = hash_file(path, record.size, cancel, git_sha1=not record.sha256, on_bytes=on_bytes, block_size=block_size)
     actual = hasher.sha256.hexdigest()
     if record.sha256 and actual != record.sha256:
         return FileCheck(ok=False, problem="sha256 mismatch", actual_size=actual_size, actual_sha256=actual, **base)

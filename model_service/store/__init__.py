@@ -79,7 +79,13 @@ class ModelStore:
         self.fetcher = self.downloads.fetcher
         self.reconciler = Reconciler(self.registry, self.metrics)
         limits = ImportLimits(config.import_roots, config.max_import_bytes, config.max_import_files)
-        self.importer = Importer(self.registry, self.downloads.is_downloading, limits)
+        self.importer = Importer(
+            self.registry,
+            self.downloads.is_downloading,
+            limits,
+            on_imported=self.downloads.forget_paused,
+            spans=self.downloads.spans,
+        )
         self.reader = ModelReader(self.registry)
         self.scan_done = threading.Event()
         self._scan_thread: threading.Thread | None = None

@@ -12,7 +12,9 @@ from pathlib import Path
 from model_service.catalog import CatalogEntry
 from model_service.errors import ImportFailed, ModelBusy, UnsafePath
 from model_service.paths import remove_path, safe_join, validate_relative_file
+from model_service.spans import IMPORT, WorkSpans
 from model_service.state import BUSY_STATES, FileRecord, ModelState, fsync_dir
+from model_service.store.progress import DownloadProgress, VerifyReporter
 from model_service.store.registry import ModelRegistry, ModelView
 from model_service.validator import FileHasher
 from voxserve_common.errors import InvalidArgument, PermissionDenied, ResourceExhausted, VoxserveError
@@ -33,13 +35,20 @@ class Importer:
         registry: ModelRegistry,
         is_downloading: Callable[[str], bool],
         limits: ImportLimits | None = None,
+        on_imported: Callable[[str], None] = lambda model_id: None,
+        spans: WorkSpans | None = None,
     ) -> None:
         self.registry = registry
         self._is_downloading = is_downloading
         self.limits = limits or ImportLimits()
+        # After a successful import: drop what a paused pull left (its request in queue.json).
+        self._on_imported = on_imported
+        self.spans = spans or WorkSpans()
 
     def import_model(self, model_id: str, source_dir: str) -> ModelView:
-        """Copy ``source_dir`` (absolute, on this host; empty: the embedded copy).
+        """Copy ``source_dir`` (absolute, on this host; empty: the embedded copy), hashing
+        as it copies (VERIFYING progress events: verify_bytes_done/total over the bytes
+        copied); a PAUSED model's pause request and partial files go once it is READY.
 
         Raises ImportFailed for a bad source (not a directory, symlinks, required files
         missing or empty), ModelBusy while the model downloads or is being fetched.
@@ -52,6 +61,10 @@ class Importer:
                 f"cannot import {model_id}: required files missing or empty in {source_dir or 'the embedded copy'}: {missing}"
             )
         registry = self.registry
+        total = sum(path.stat().st_size for path in sources.values())
+        progress = DownloadProgress(total, 0, len(sources), source=origin)
+        verify = VerifyReporter(model_id, progress, registry.bus)
+        verify.start(total)
         with registry.locked():
             record = registry.record(model_id)
             if record.state in BUSY_STATES or self._is_downloading(model_id):
@@ -59,13 +72,23 @@ class Importer:
             if registry.readers(model_id):
                 raise ModelBusy(f"{model_id} is being copied by FetchModelFiles; retry when it ends")
             previous = record.state
+            registry.set_progress(model_id, progress)
             registry.transition(model_id, ModelState.VERIFYING, message=f"importing from {origin}", persist=False)
         staging = registry.staging_dir / f"{model_id}-{uuid.uuid4().hex[:8]}"
+
+        def copied(count: int) -> None:  # the copy is the import's transfer and its hashing
+            progress.bytes_done += count
+            verify.on_bytes(count)
+
+        attributes = {"voxserve.model_id": model_id, "voxserve.files": len(sources), "voxserve.bytes": total}
         try:
-            files = _copy_files(sources, staging, set(entry.required_files))
-            self._swap_in(model_id, staging, files, origin)
+            with self.spans.span(IMPORT, attributes):
+                files = _copy_files(sources, staging, set(entry.required_files), copied, progress, verify)
+                verify.publish(force=True)  # the last one says done == total
+                self._swap_in(model_id, staging, files, origin)
         except Exception as error:
             remove_path(staging)
+            registry.set_progress(model_id, None)
             registry.transition(
                 model_id,
                 previous if previous not in BUSY_STATES else ModelState.NOT_DOWNLOADED,
@@ -74,6 +97,7 @@ class Importer:
             if isinstance(error, VoxserveError):
                 raise
             raise ImportFailed(f"import of {model_id} from {origin} failed: {error}") from error
+        self._on_imported(model_id)
         logger.info("model imported", extra={"model_id": model_id, "source": origin, "files": len(files)})
         return registry.view(model_id)
 
@@ -111,6 +135,7 @@ class Importer:
             os.replace(model_dir, trash)
         os.replace(staging, model_dir)
         fsync_dir(registry.models_dir)
+        registry.set_progress(model_id, None)
         registry.transition(
             model_id,
             ModelState.READY,
@@ -125,18 +150,28 @@ class Importer:
         remove_path(registry.partial_root(model_id))
 
 
-def _copy_files(sources: Mapping[str, Path], staging: Path, required: set[str]) -> list[FileRecord]:
+def _copy_files(
+    sources: Mapping[str, Path],
+    staging: Path,
+    required: set[str],
+    on_bytes: Callable[[int], None],
+    progress: DownloadProgress,
+    verify: VerifyReporter,
+) -> list[FileRecord]:
     files = []
     for relative, source in sorted(sources.items()):
         target = safe_join(staging, relative)
         target.parent.mkdir(parents=True, exist_ok=True)
         hasher = FileHasher(source.stat().st_size)
+        verify.file(relative)
         with open(source, "rb") as src, open(target, "wb") as dst:
             while block := src.read(COPY_BLOCK):
                 dst.write(block)
                 hasher.update(block)
+                on_bytes(len(block))
             dst.flush()
             os.fsync(dst.fileno())
+        progress.files_done += 1
         files.append(
             FileRecord(
                 relative, hasher.size, hasher.sha256.hexdigest(), hasher.git_sha1.hexdigest(), relative in required

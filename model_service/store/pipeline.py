@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from opentelemetry.util.types import AttributeValue
+
 from model_service.catalog import Catalog, CatalogEntry
 from model_service.config import ModelStoreConfig
 from model_service.download_queue import DownloadJob, StopReason
@@ -32,8 +34,9 @@ from model_service.errors import (
 from model_service.hub import HubClient, RemoteFile, RemoteManifest, SourceBreakers, SourceError, backoff_delay
 from model_service.metrics import ModelStoreMetrics
 from model_service.paths import remove_files_except, remove_path, safe_join, validate_relative_file
+from model_service.spans import FILE_TRANSFER, RESOLVE_MANIFEST, VERIFY, WorkSpans, url_without_credentials
 from model_service.state import FileRecord, ModelState, fsync_dir
-from model_service.store.progress import DownloadProgress, ProgressReporter
+from model_service.store.progress import DownloadProgress, ProgressReporter, VerifyReporter
 from model_service.store.registry import ModelRegistry
 from model_service.validator import check_file
 from voxserve_common.errors import Internal, VoxserveError
@@ -49,7 +52,10 @@ class _Plan:
 
     files: tuple[FileRecord, ...]  # the manifest's files, sha256 filled where known
     to_fetch: tuple[RemoteFile, ...]
-    present_bytes: int  # in files kept as they are
+    # Kept on disk by their size but not known good (the model was not READY): VERIFYING
+    # re-hashes them, and fetches again those that fail.
+    to_verify: tuple[FileRecord, ...]
+    present_bytes: int  # in files kept as they are (to_verify included)
     resumable_bytes: int  # in partial files that will be resumed
 
 
@@ -71,6 +77,7 @@ class PullPipeline:
         breakers: SourceBreakers,
         retry_backoff_seconds: float,
         on_paused: Callable[[DownloadJob], None],
+        spans: WorkSpans | None = None,
     ) -> None:
         self.registry = registry
         self.catalog = catalog
@@ -81,9 +88,15 @@ class PullPipeline:
         self.breakers = breakers
         self.retry_backoff_seconds = retry_backoff_seconds
         self._on_paused = on_paused
+        self.spans = spans or WorkSpans([hub.token])
 
     def run(self, job: DownloadJob) -> None:
         with log_context(model_id=job.model_id, job_id=job.job_id):
+            self.spans.queue_wait(
+                job.trace_context,
+                job.enqueued_ns,
+                {"voxserve.model_id": job.model_id, "voxserve.queue.position": job.queue_position},
+            )
             entry = self.catalog.get(job.model_id)
             started = time.monotonic()
             try:
@@ -159,7 +172,19 @@ class PullPipeline:
             model_id, ModelState.DOWNLOADING, message=f"resolving {entry.repo_id}@{revision}", persist=False
         )
         endpoints = [self.hub.find_source(job.source).url] if job.source else list(self.hub.endpoints)
-        manifest = self._resolve_manifest(job, entry, revision, endpoints)
+        with self.spans.span(
+            RESOLVE_MANIFEST,
+            {"voxserve.model_id": model_id, "voxserve.revision": revision},
+            parent=job.trace_context,
+        ) as span:
+            manifest = self._resolve_manifest(job, entry, revision, endpoints)
+            span.set_attributes(
+                {
+                    "voxserve.source": self.hub.name_of(manifest.endpoint),
+                    "voxserve.files": len(manifest.files),
+                    "voxserve.commit": manifest.commit,
+                }
+            )
         old_files = {f.path: f for f in self.registry.record(model_id).files}
         files = _manifest_records(manifest, entry, old_files)
         self.registry.transition(
@@ -186,9 +211,26 @@ class PullPipeline:
         self.registry.set_progress(model_id, progress)
         self.metrics.downloads_started.labels(model_id, manifest.endpoint).inc()
         reporter = ProgressReporter(model_id, progress, self.registry.bus, self.metrics)
-        source, fetched = self._fetch_all(job, manifest, plan, reporter, endpoints)
-        final = tuple(replace(f, sha256=fetched.get(f.path, f.sha256)) for f in plan.files)
-        return self._finish(model_id, final, source or manifest.endpoint)
+        source, fetched = self._fetch_all(job, manifest, plan.to_fetch, reporter, endpoints)
+        files = tuple(replace(f, sha256=fetched.get(f.path, f.sha256)) for f in plan.files)
+        to_verify = plan.to_verify
+        while True:
+            files, bad = self._verify(job, files, to_verify, progress, source or manifest.endpoint)
+            if not bad:
+                break
+            # Files kept from disk failed their hash (removed by _verify): fetch them again.
+            # Their bytes no longer count as done; the one time the bar steps back.
+            progress.bytes_done -= sum(f.size for f in bad)
+            progress.files_done -= len(bad)
+            self.registry.transition(
+                model_id, ModelState.DOWNLOADING, message=f"fetching {len(bad)} files again: they failed verification"
+            )
+            by_path = {remote.path: remote for remote in manifest.files}
+            again, more = self._fetch_all(job, manifest, tuple(by_path[f.path] for f in bad), reporter, endpoints)
+            source = again or source
+            files = tuple(replace(f, sha256=more.get(f.path, f.sha256)) for f in files)
+            to_verify = ()
+        return self._finish(model_id, files, source or manifest.endpoint)
 
     def _resolve_manifest(
         self, job: DownloadJob, entry: CatalogEntry, revision: str, endpoints: list[str]
@@ -250,21 +292,24 @@ class PullPipeline:
         files: tuple[FileRecord, ...],
         old_files: dict[str, FileRecord],
     ) -> _Plan:
-        """Keep files on disk that pass their check (a size check for a READY model's
-        unchanged files, a re-hash otherwise); remove bad ones; count resumable partials."""
+        """Keep files on disk whose size is right: a READY model's unchanged files as they
+        are, others to be re-hashed while VERIFYING; remove bad ones; count resumable partials."""
         model_dir = self.registry.model_dir(entry.model_id)
         model_dir.mkdir(parents=True, exist_ok=True)
         kept: list[FileRecord] = []
         to_fetch: list[RemoteFile] = []
+        to_verify: list[FileRecord] = []
         present = 0
         for remote, record in zip(manifest.files, files, strict=True):
             old = old_files.get(remote.path)
             trusted = job.trust_sizes and old is not None and _same_blob(old, remote)
             expected = replace(record, sha256=old.sha256) if trusted and old is not None else record
-            check = check_file(model_dir, expected, deep=not trusted, cancel=job.cancel_event)
+            check = check_file(model_dir, expected, deep=False)
             if check.ok:
                 present += remote.size
-                kept.append(replace(record, sha256=check.actual_sha256 or record.sha256))
+                kept.append(record)
+                if not trusted:
+                    to_verify.append(record)
                 continue
             kept.append(record)
             if check.problem != "missing":
@@ -278,10 +323,15 @@ class PullPipeline:
         for remote in to_fetch:
             partial = PartialFile.for_target(partial_root, Path(validate_relative_file(remote.path)))
             resumable += partial.resumable_bytes(partial.describe(entry.repo_id, manifest.commit, remote))
-        return _Plan(tuple(kept), tuple(to_fetch), present, resumable)
+        return _Plan(tuple(kept), tuple(to_fetch), tuple(to_verify), present, resumable)
 
     def _fetch_all(
-        self, job: DownloadJob, manifest: RemoteManifest, plan: _Plan, reporter: ProgressReporter, allowed: list[str]
+        self,
+        job: DownloadJob,
+        manifest: RemoteManifest,
+        to_fetch: tuple[RemoteFile, ...],
+        reporter: ProgressReporter,
+        allowed: list[str],
     ) -> tuple[str, dict[str, str]]:
         """Fetch and move in each missing file; returns the last source and each file's sha256."""
         model_id = job.model_id
@@ -290,23 +340,42 @@ class PullPipeline:
         endpoints = [manifest.endpoint, *[e for e in allowed if e != manifest.endpoint]]
         source = ""
         sha256: dict[str, str] = {}
-        for remote in plan.to_fetch:
+        for remote in to_fetch:
             partial = PartialFile.for_target(partial_root, Path(validate_relative_file(remote.path)))
             logger.info("file started", extra={"file": remote.path, "size": remote.size})
             reporter.start_file(remote.path)
-            result = self.fetcher.fetch(
-                repo_id=manifest.repo_id,
-                commit=manifest.commit,
-                remote=remote,
-                partial=partial,
-                endpoints=endpoints,
-                cancel=job.cancel_event,
-                on_bytes=reporter.on_bytes,
-                on_source_failed=reporter.on_source_failed,
-                on_verify_failed=reporter.on_verify_failed,
-            )
+            with self.spans.span(
+                FILE_TRANSFER,
+                {
+                    "voxserve.file.path": remote.path,
+                    "voxserve.file.bytes": remote.size,
+                    "voxserve.file.resumed_from": _size_or_zero(partial.part),
+                    "voxserve.source": self.hub.name_of(endpoints[0]),
+                    "url.full": url_without_credentials(endpoints[0]),
+                },
+                parent=job.trace_context,
+            ) as span:
+                result = self.fetcher.fetch(
+                    repo_id=manifest.repo_id,
+                    commit=manifest.commit,
+                    remote=remote,
+                    partial=partial,
+                    endpoints=endpoints,
+                    cancel=job.cancel_event,
+                    on_bytes=reporter.on_bytes,
+                    on_source_failed=reporter.on_source_failed,
+                    on_verify_failed=reporter.on_verify_failed,
+                )
+                span.set_attributes(
+                    {
+                        "voxserve.file.resumed_from": result.resumed_from,
+                        "voxserve.file.bytes_fetched": result.bytes_fetched,
+                        "voxserve.source": self.hub.name_of(result.source),
+                        "url.full": url_without_credentials(result.source),
+                    }
+                )
+                _move_into_place(partial, model_dir, remote.path)
             source = result.source
-            _move_into_place(partial, model_dir, remote.path)
             sha256[remote.path] = result.sha256
             reporter.file_done()
             logger.info(
@@ -320,18 +389,78 @@ class PullPipeline:
             )
         return source, sha256
 
-    def _finish(self, model_id: str, files: tuple[FileRecord, ...], source: str) -> str:
+    def _verify(
+        self,
+        job: DownloadJob,
+        files: tuple[FileRecord, ...],
+        to_verify: tuple[FileRecord, ...],
+        progress: DownloadProgress,
+        source: str,
+    ) -> tuple[tuple[FileRecord, ...], list[FileRecord]]:
+        """VERIFYING: re-hash the files kept from disk that this pull did not hash while
+        writing them (with verification progress events), then check every file's size.
+
+        Returns the records (sha256 filled in by the re-hash) and the re-hashed files that
+        failed, already removed, for the caller to fetch again. Raises IntegrityError when
+        a file is missing or has the wrong size (a fetched file changed on disk).
+        """
+        model_id = job.model_id
         registry = self.registry
-        registry.transition(model_id, ModelState.VERIFYING, message="checking files", files=files, source=source)
+        rehash_total = sum(f.size for f in to_verify)
+        verify = VerifyReporter(model_id, progress, registry.bus)
+        verify.start(rehash_total)
+        attributes: dict[str, AttributeValue] = {
+            "voxserve.files": len(files),
+            "voxserve.bytes": sum(f.size for f in files),
+            "voxserve.verify.rehashed_bytes": rehash_total,
+        }
+        with self.spans.span(VERIFY, attributes, parent=job.trace_context):
+            message = f"re-hashing {len(to_verify)} files kept on disk" if to_verify else "checking files"
+            registry.transition(model_id, ModelState.VERIFYING, message=message, files=files, source=source)
+            model_dir = registry.model_dir(model_id)
+            hashed: dict[str, str] = {}
+            bad: list[FileRecord] = []
+            for record in to_verify:
+                verify.file(record.path)
+                check = check_file(
+                    model_dir,
+                    record,
+                    deep=True,
+                    cancel=job.cancel_event,
+                    on_bytes=verify.on_bytes,
+                    block_size=self.config.download_chunk_bytes,
+                )
+                if check.ok:
+                    hashed[record.path] = check.actual_sha256
+                    continue
+                logger.warning(
+                    "existing file is bad; fetching it again", extra={"file": record.path, "problem": check.problem}
+                )
+                safe_join(model_dir, record.path).unlink(missing_ok=True)
+                bad.append(record)
+            if to_verify:
+                verify.publish(force=True)  # the last one says done == total
+            files = tuple(replace(f, sha256=hashed.get(f.path) or f.sha256) for f in files)
+            if bad:
+                return files, bad
+            wrong = [c for c in (check_file(model_dir, f, deep=False) for f in files) if not c.ok]
+            if wrong:
+                for _ in wrong:
+                    self.metrics.verification_failures.labels(model_id).inc()
+                raise IntegrityError(
+                    f"{model_id} failed verification: " + "; ".join(f"{c.path}: {c.problem}" for c in wrong)
+                )
+        return files, []
+
+    def _finish(self, model_id: str, files: tuple[FileRecord, ...], source: str) -> str:
+        """After a verification that passed: drop partials and strays, then READY."""
+        registry = self.registry
         model_dir = registry.model_dir(model_id)
-        bad = [c for c in (check_file(model_dir, f, deep=False) for f in files) if not c.ok]
-        if bad:
-            for _ in bad:
-                self.metrics.verification_failures.labels(model_id).inc()
-            raise IntegrityError(f"{model_id} failed verification: " + "; ".join(f"{c.path}: {c.problem}" for c in bad))
         remove_path(registry.partial_root(model_id))
         remove_files_except(model_dir, {f.path for f in files})
-        registry.transition(model_id, ModelState.READY, message=f"ready from {source}", source=source, error="")
+        registry.transition(
+            model_id, ModelState.READY, message=f"ready from {source}", files=files, source=source, error=""
+        )
         logger.info("verification passed", extra={"files": len(files)})
         return source
 
@@ -350,6 +479,13 @@ def _manifest_records(
             sha256 = old.sha256
         records.append(FileRecord(f.path, f.size, sha256, f.git_oid, f.path in required))
     return tuple(records)
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _same_blob(old: FileRecord, remote: RemoteFile) -> bool:

@@ -29,6 +29,10 @@ class DownloadProgress:
     current_file: str = ""
     source: str = ""
     samples: list[tuple[float, int]] = field(default_factory=list)
+    # VERIFYING: bytes re-hashed so far and bytes to re-hash (files hashed while they
+    # were written are in neither).
+    verify_bytes_done: int = 0
+    verify_bytes_total: int = 0
 
     def add(self, count: int) -> None:
         self.bytes_done += count
@@ -121,3 +125,52 @@ class ProgressReporter:
 
     def stopped(self) -> None:
         self._metrics.download_speed.labels(self.model_id).set(0)
+
+
+class VerifyReporter:
+    """VERIFYING progress of one model while its files are hashed: PROGRESS events with
+    verify_bytes_done/verify_bytes_total, no faster than the bus lets them out; the
+    transfer counts (bytes_done/bytes_total, files) stay as ``progress`` has them."""
+
+    def __init__(self, model_id: str, progress: DownloadProgress, bus: EventBus) -> None:
+        self.model_id = model_id
+        self.progress = progress
+        self._bus = bus
+        self._last_published = 0.0
+
+    def start(self, verify_bytes_total: int) -> None:
+        self.progress.verify_bytes_done = 0
+        self.progress.verify_bytes_total = verify_bytes_total
+
+    def on_bytes(self, count: int) -> None:
+        """Called per block hashed."""
+        self.progress.verify_bytes_done += count
+        self.publish()
+
+    def file(self, path: str) -> None:
+        self.progress.current_file = path
+
+    def publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_published < self._bus.progress_interval:
+            return
+        self._last_published = now
+        progress = self.progress
+        event = StoreEvent(
+            0,
+            self.model_id,
+            EventType.PROGRESS,
+            ModelState.VERIFYING,
+            time.time(),
+            bytes_done=progress.bytes_done,
+            bytes_total=progress.bytes_total,
+            files_done=progress.files_done,
+            files_total=progress.files_total,
+            current_file=progress.current_file,
+            source=progress.source,
+            verify_bytes_done=progress.verify_bytes_done,
+            verify_bytes_total=progress.verify_bytes_total,
+        )
+        if force:
+            self._bus.allow_next_progress(self.model_id)
+        self._bus.publish(event)

@@ -10,6 +10,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from opentelemetry import context as otel_context
+
 from model_service.catalog import Catalog
 from model_service.config import ModelStoreConfig
 from model_service.download_queue import DownloadJob, DownloadQueue, StopReason
@@ -25,6 +27,7 @@ from model_service.hub import (
 )
 from model_service.metrics import ModelStoreMetrics
 from model_service.paths import validate_revision
+from model_service.spans import WorkSpans
 from model_service.state import ModelState
 from model_service.store.pipeline import PullPipeline
 from model_service.store.queue_file import PullRequest, QueueFile
@@ -95,6 +98,7 @@ class PullService:
         self._queue_file_lock = threading.Lock()
         self._queue_frozen = False  # set by stop(): what the queue held then is what resumes
         self._paused: dict[str, PullRequest] = {}  # under the registry lock
+        self.spans = WorkSpans([hub.token])
         self.pipeline = PullPipeline(
             registry,
             catalog,
@@ -105,6 +109,7 @@ class PullService:
             self.breakers,
             self.RETRY_BACKOFF_SECONDS,
             on_paused=self._remember_paused,
+            spans=self.spans,
         )
         self.queue = DownloadQueue(self.pipeline.run, config.max_concurrent_downloads, on_change=self._queue_changed)
 
@@ -162,7 +167,13 @@ class PullService:
         self.registry.transition(
             model_id, ModelState.WAITING, message=message, error="", queue_position=position, persist=False
         )
-        job, joined = self.queue.submit(model_id, request.revision, trust_sizes=trust_sizes, source=request.source)
+        job, joined = self.queue.submit(
+            model_id,
+            request.revision,
+            trust_sizes=trust_sizes,
+            source=request.source,
+            trace_context=otel_context.get_current(),  # the RPC's: parent of the job's work spans
+        )
         logger.info(
             "download queued",
             extra={"model_id": model_id, "job_id": job.job_id, "queue_position": position, "source": request.source},

@@ -331,8 +331,11 @@ class ModelRegistry:
 def _state_event(record: ModelRecord, message: str, progress: DownloadProgress | None) -> StoreEvent:
     """A STATE_CHANGED event; during a download it carries the download's counts, so a
     progress bar fed by the stream never goes back (VERIFYING and READY keep the totals)."""
+    verify_done = verify_total = 0
     if progress is not None:
         bytes_done, files_done = progress.bytes_done, progress.files_done
+        if record.state == ModelState.VERIFYING:
+            verify_done, verify_total = progress.verify_bytes_done, progress.verify_bytes_total
     elif record.state == ModelState.READY:
         bytes_done, files_done = record.size_bytes, len(record.files)
     else:
@@ -350,4 +353,6 @@ def _state_event(record: ModelRecord, message: str, progress: DownloadProgress |
         source=record.source,
         queue_position=record.queue_position,
         message=message,
+        verify_bytes_done=verify_done,
+        verify_bytes_total=verify_total,
     )
