@@ -12,6 +12,8 @@ class InvalidAudio(InvalidArgument):
 class AudioTooLarge(ResourceExhausted):
     """The audio is larger than the configured request limit."""
 
+    wire_category = "TooLarge"  # voxserve_common.grpc_errors.TOO_LARGE: retrying cannot help
+
 
 class InvalidOptions(InvalidArgument):
     """A transcription/separation option is out of range or unsupported by the model."""

@@ -9,6 +9,11 @@ from voxserve_common import errors
 # Trailing metadata of every error status a voxserve service sends: the error's category,
 # so a client can tell a service that answered with an error from one it could not reach.
 ERROR_CATEGORY_KEY = "voxserve-error-category"
+# A finer category than its status code's, which an error class declares as its
+# ``wire_category`` attribute where one code means two things to a client: audio over a
+# size or length limit is RESOURCE_EXHAUSTED like a full job queue, but retrying the same
+# request cannot help (the HTTP gateway answers 413 for it, 429 for the rest).
+TOO_LARGE = "TooLarge"
 
 STATUS_BY_ERROR: tuple[tuple[type[errors.VoxserveError], grpc.StatusCode], ...] = (
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -40,6 +45,13 @@ def error_for_status(code: grpc.StatusCode, message: str) -> errors.VoxserveErro
         if mapped == code:
             return error_type(message)
     return errors.Unavailable(message) if code == grpc.StatusCode.UNAVAILABLE else errors.Internal(message)
+
+
+def wire_category(error: BaseException) -> str:
+    """The category an error status carries in its trailers (ERROR_CATEGORY_KEY): the
+    error's own ``wire_category`` when it declares one, else its table category."""
+    declared = getattr(error, "wire_category", None)
+    return declared if isinstance(declared, str) and declared else errors.category_of(error)
 
 
 def category_for_code(code: grpc.StatusCode) -> str:

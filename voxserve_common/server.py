@@ -23,8 +23,8 @@ from voxserve.admin.v1 import admin_pb2_grpc
 from voxserve_common.admin import SERVICE_NAME as ADMIN_SERVICE
 from voxserve_common.admin import AdminServicer
 from voxserve_common.auth import AUTH_FAILURE_REASONS, Authenticator
-from voxserve_common.errors import InvalidArgument, ResourceExhausted, VoxserveError, category_of
-from voxserve_common.grpc_errors import ERROR_CATEGORY_KEY, category_for_code, status_for
+from voxserve_common.errors import InvalidArgument, ResourceExhausted, VoxserveError
+from voxserve_common.grpc_errors import ERROR_CATEGORY_KEY, category_for_code, status_for, wire_category
 from voxserve_common.log_levels import LogLevelControl
 from voxserve_common.logs import log_context
 from voxserve_common.metrics import (
@@ -129,7 +129,9 @@ class _RpcScope:
             self.detail = f"internal error: {type(error).__name__}: {error}"
         # The error's category travels with the status, so a client can tell a service
         # that answered with an error from one it could not reach (same status code).
-        await self.context.abort(self.code, self.detail, trailing_metadata=((ERROR_CATEGORY_KEY, category_of(error)),))
+        await self.context.abort(
+            self.code, self.detail, trailing_metadata=((ERROR_CATEGORY_KEY, wire_category(error)),)
+        )
 
 
 _QUIET_CODES = {

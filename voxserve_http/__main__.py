@@ -5,20 +5,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
+from voxserve_common.banner import log_startup
 from voxserve_common.cli import common_parser, config_from_args
-from voxserve_common.logs import configure_logging
+from voxserve_common.config import ConfigError
+from voxserve_common.logs import stop_logging
 from voxserve_common.metrics import ErrorCountingHandler, MetricsEndpoint, runtime_metrics, start_metrics_endpoint
+from voxserve_common.service import setup_logging
 from voxserve_common.tracing import setup_tracing, shutdown_tracing
 from voxserve_http.app import create_app
 from voxserve_http.config import GatewayConfig
 from voxserve_http.metrics import GatewayMetrics
+from voxserve_http.security import GatewaySecurity, gateway_security
 from voxserve_http.state import Gateway
+from voxserve_http.tls import RotatingContext, ssl_context_factory
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +53,31 @@ class _Server(uvicorn.Server):
 
 class GatewayServer:
     """The app on uvicorn: ``await serve()`` until ``stop()`` or a signal; ``port`` is
-    the bound one (pass port 0 in tests)."""
+    the bound one (pass port 0 in tests). ConfigError for unusable TLS/token files or an
+    open bind (the insecure rule), before anything listens."""
 
-    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, metrics: GatewayMetrics | None = None, security: GatewaySecurity | None = None
+    ) -> None:
         self.config = config
         self.metrics = metrics or GatewayMetrics()
-        self.app = create_app(config, self.metrics)
+        self.security = security or gateway_security(config)
+        self.app = create_app(config, self.metrics, self.security)
+        tls = self.security.server
+        # HTTPS: uvicorn's SSL options from these files, in a context that follows them
+        # when they change (voxserve_http/tls.py); mutual TLS with a client CA.
+        self.rotation: list[RotatingContext] = []
+        tls_options = (
+            {
+                "ssl_certfile": str(tls.cert),
+                "ssl_keyfile": str(tls.key),
+                "ssl_ca_certs": str(tls.client_ca) if tls.client_ca else None,
+                "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.mutual else ssl.CERT_NONE,
+                "ssl_context_factory": ssl_context_factory(tls, self.rotation),
+            }
+            if tls is not None
+            else {}
+        )
         self.uvicorn = _Server(
             uvicorn.Config(
                 self.app,
@@ -63,8 +89,13 @@ class GatewayServer:
                 lifespan="on",
                 # after this, requests still running are cancelled (0: at once)
                 timeout_graceful_shutdown=math.ceil(config.grace_seconds),
+                **tls_options,  # type: ignore[arg-type]
             )
         )
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.security.server is not None else "http"
 
     @property
     def started(self) -> bool:
@@ -94,31 +125,69 @@ def parse_config(argv: Sequence[str] | None = None) -> GatewayConfig:
         "--store", dest="model_store", metavar="ADDR", help="model store address (default 127.0.0.1:50051)"
     )
     parser.add_argument("--max-upload-bytes", type=int, help="413 for request bodies over this (default 200 MiB)")
+    for backend, name in (("store", "the model store"), ("inference", "the inference service")):
+        parser.add_argument(
+            f"--{backend}-tls-ca", type=Path, metavar="FILE", help=f"reach {name} over TLS, trusting this CA (PEM)"
+        )
+        parser.add_argument(
+            f"--{backend}-tls-cert", type=Path, metavar="FILE", help=f"client certificate for {name} (mutual TLS)"
+        )
+        parser.add_argument(f"--{backend}-tls-key", type=Path, metavar="FILE", help="that client certificate's key")
+    parser.add_argument(
+        "--backend-token-file",
+        type=Path,
+        metavar="FILE",
+        help="token sent to the backends for HTTP callers without an Authorization header (default: none)",
+    )
     args = parser.parse_args(argv)
+    own = (
+        "max_upload_bytes",
+        "store_tls_ca",
+        "store_tls_cert",
+        "store_tls_key",
+        "inference_tls_ca",
+        "inference_tls_cert",
+        "inference_tls_key",
+        "backend_token_file",
+    )
     return config_from_args(
         GatewayConfig,
         args,
-        {"inference": args.inference, "model_store": args.model_store, "max_upload_bytes": args.max_upload_bytes},
+        {"inference": args.inference, "model_store": args.model_store, **{key: getattr(args, key) for key in own}},
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
-    configure_logging(SERVICE, level=config.log_level, fmt=config.log_format)
+    setup_logging(SERVICE, config)  # log files, redaction (the backend token), library levels
+    try:
+        _run(config)
+    finally:
+        stop_logging()
+
+
+def _run(config: GatewayConfig) -> None:
     try:
         setup_tracing(SERVICE)
-    except ValueError as error:
+        server = GatewayServer(config)
+    except ConfigError as error:  # a TLS or token file, the insecure rule
+        logger.error("configuration error", extra={"error": str(error)})
+        print(f"configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as error:  # an OTEL_* setting tracing cannot use
         print(f"voxserve-http: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    server = GatewayServer(config)
     runtime = runtime_metrics(server.metrics.registry)
     errors = ErrorCountingHandler(runtime.errors, SERVICE)
     logging.getLogger().addHandler(errors)
     endpoint: MetricsEndpoint | None = None
     try:
         if config.metrics_port >= 0:
-            endpoint = start_metrics_endpoint(server.metrics.registry, config.host, config.metrics_port)
-        asyncio.run(server.serve())
+            # HTTPS with the gateway's certificate (and client CA), like the services' endpoints
+            endpoint = start_metrics_endpoint(
+                server.metrics.registry, config.host, config.metrics_port, server.security.server
+            )
+        asyncio.run(_serve(server, endpoint))
     except OSError as error:
         logger.error("service failed", extra={"error": str(error)})
         print(f"voxserve-http: {error}", file=sys.stderr)
@@ -131,6 +200,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not server.started:
         raise SystemExit(1)  # uvicorn logged why (a port in use, a failed start-up)
     logger.info("gateway stopped")
+
+
+async def _serve(server: GatewayServer, endpoint: MetricsEndpoint | None) -> None:
+    """Serve; once uvicorn listens, log the start-up record (addresses, redacted settings)."""
+    config = server.config
+
+    async def announce() -> None:
+        while not server.started:
+            if server.uvicorn.should_exit:
+                return
+            await asyncio.sleep(0.05)
+        addresses = {server.scheme: f"{config.host}:{server.port}"}
+        if endpoint is not None:
+            addresses["metrics"] = f"{config.host}:{endpoint.port}"
+        console = config.log_format == "console" or (config.log_format == "auto" and sys.stderr.isatty())
+        log_startup(SERVICE, addresses, config, console=console)
+
+    banner = asyncio.create_task(announce(), name="startup-record")
+    try:
+        await server.serve()
+    finally:
+        banner.cancel()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from voxserve_common.metrics import runtime_metrics
@@ -20,6 +21,7 @@ from voxserve_http.errors import ApiError, from_rpc
 from voxserve_http.limits import BodyLimitMiddleware, UploadTooLarge
 from voxserve_http.metrics import GatewayMetrics, ObservabilityMiddleware
 from voxserve_http.routes import health, models, openai
+from voxserve_http.security import GatewaySecurity
 from voxserve_http.state import Gateway
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ HTTP beside the gRPC services: OpenAI-compatible transcription (`/v1/audio/*`,
 `{"error": {"message", "type", "param", "code"}}`. An `Authorization` header is passed to
 the gRPC services as `authorization` metadata; a `traceparent` header continues the trace.
 """
+# Swagger UI's script, style sheet and icon, served by the gateway itself from the
+# fastapi-offline package: /docs works without reaching a CDN.
+DOCS_ASSETS_URL = "/docs-assets"
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -81,14 +86,17 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(500, message, type="server_error", code="internal"))
 
 
-def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> FastAPI:
-    """The gateway's ASGI app; its lifespan opens the gRPC channels and closes them."""
+def create_app(
+    config: GatewayConfig, metrics: GatewayMetrics | None = None, security: GatewaySecurity | None = None
+) -> FastAPI:
+    """The gateway's ASGI app; its lifespan opens the gRPC channels (TLS and backend token
+    from ``security``; plaintext without it) and closes them."""
     metrics = metrics or GatewayMetrics()
     runtime = runtime_metrics(metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        backends = Backends(config)
+        backends = Backends(config, security)
         gw = Gateway(config, backends, metrics)
         app.state.gateway = gw
         lag = asyncio.create_task(runtime.watch_event_loop(), name="event-loop-lag")
@@ -103,7 +111,7 @@ def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
             lag.cancel()
             await backends.close(grace=1.0)
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="voxserve HTTP gateway",
         version="1",
         description=DESCRIPTION,
@@ -111,6 +119,7 @@ def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
         docs_url="/docs",
         redoc_url=None,
         openapi_url="/openapi.json",
+        static_url=DOCS_ASSETS_URL,
     )
     routers = (openai.router, models.router, health.router)
     for router in routers:

@@ -1,8 +1,10 @@
 """Async gRPC clients of the model store and the inference service, one channel each.
 
 Every call carries the request's trace context (``traceparent``) and the caller's
-``Authorization`` header as ``authorization`` metadata; a failed call becomes an ApiError
-naming the backend, through the one table in errors.py.
+``Authorization`` header (or the backend token, for a caller without one) as
+``authorization`` metadata; a failed call becomes an ApiError naming the backend, through
+the one table in errors.py. The channels use TLS when the store_tls_* / inference_tls_*
+settings give a CA.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from voxserve_common.tls import open_aio_channel
 from voxserve_common.tracing import trace_metadata
 from voxserve_http.config import GatewayConfig
 from voxserve_http.errors import ApiError, from_rpc
+from voxserve_http.security import GatewaySecurity
 
 STORE = "model store"
 INFERENCE = "inference service"
@@ -50,10 +53,13 @@ def call_metadata(authorization: str | None) -> list[tuple[str, str]]:
 class Backends:
     """The two services the gateway translates to; opened at start-up, closed at shutdown."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, security: GatewaySecurity | None = None) -> None:
         self.config = config
-        self.store_channel = open_aio_channel(config.model_store)
-        self.inference_channel = open_aio_channel(config.inference)
+        security = security or GatewaySecurity()
+        # No token on the channels: the token goes per call, only for callers without one.
+        self.backend_token = security.backend_token
+        self.store_channel = open_aio_channel(config.model_store, security.store_tls)
+        self.inference_channel = open_aio_channel(config.inference, security.inference_tls)
         self.store = modelstore_pb2_grpc.ModelStoreStub(self.store_channel)
         self.inference = inference_pb2_grpc.InferenceStub(self.inference_channel)
 

@@ -1,19 +1,36 @@
-"""Typed configuration of the HTTP gateway (flags, VOXSERVE_* env vars, YAML file)."""
+"""Typed configuration of the HTTP gateway (flags, VOXSERVE_* env vars, YAML file).
+
+The shared settings (logs, TLS of its own port, insecure) come from ServiceSettings like
+the two gRPC services'; the gateway adds its backends, their TLS and the backend token.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from voxserve_common.config import ConfigError, check_settings
+from voxserve_common.config import ConfigError, ServiceSettings, check_settings
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
-    host: str = "127.0.0.1"
+class GatewayConfig(ServiceSettings):
     port: int = 8080
     metrics_port: int = 9103  # -1 disables the /metrics endpoint
     inference: str = "127.0.0.1:50052"  # address of the inference service
     model_store: str = "127.0.0.1:50051"  # address of the model store
+    # The channels to the backends: TLS (a CA; with a client certificate and key, mutual
+    # TLS), plaintext without them.
+    store_tls_ca: Path | None = None
+    store_tls_cert: Path | None = None
+    store_tls_key: Path | None = None
+    inference_tls_ca: Path | None = None
+    inference_tls_cert: Path | None = None
+    inference_tls_key: Path | None = None
+    # A file holding the token the gateway sends when the HTTP caller sent no
+    # Authorization header (anonymous callers get its roles: give it read/transcribe, not
+    # admin). None: a caller's Bearer token is forwarded, a call without one reaches the
+    # backends unauthenticated.
+    backend_token_file: Path | None = None
     # Request bodies above this get 413 before anything reaches the inference service.
     # Keep it at or below the inference service's max_audio_bytes (200 MiB by default).
     max_upload_bytes: int = 200 * 1024 * 1024
@@ -30,14 +47,10 @@ class GatewayConfig:
     max_event_streams: int = 512
     # Seconds between SSE comment lines on a quiet stream, so proxies keep it open.
     sse_keepalive_seconds: float = 15.0
-    grace_seconds: float = 20.0
-    log_level: str = "INFO"
-    log_format: str = "json"  # json | console | auto (console on a terminal)
 
     def validate(self) -> None:
         checks = [
-            (0 <= self.port <= 65535, "port", "must be 0-65535"),
-            (-1 <= self.metrics_port <= 65535, "metrics_port", "must be -1 (off) or 0-65535"),
+            *self.common_checks(),
             (bool(self.inference.strip()), "inference", "must be an address HOST:PORT"),
             (bool(self.model_store.strip()), "model_store", "must be an address HOST:PORT"),
             (self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0"),
@@ -47,12 +60,12 @@ class GatewayConfig:
             (self.retry_after_seconds >= 0, "retry_after_seconds", "must be >= 0"),
             (self.max_event_streams >= 1, "max_event_streams", "must be >= 1"),
             (self.sse_keepalive_seconds > 0, "sse_keepalive_seconds", "must be > 0"),
-            (self.grace_seconds >= 0, "grace_seconds", "must be >= 0"),
-            (self.log_format in ("auto", "json", "console"), "log_format", "must be auto, json or console"),
             (
-                self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
-                "log_level",
-                "must be DEBUG, INFO, WARNING, ERROR or CRITICAL",
+                self.auth_tokens is None,
+                "auth_tokens",
+                "the gateway checks no tokens itself: set auth_tokens on the model store and the inference "
+                "service; the gateway forwards the caller's Authorization (backend_token_file for callers "
+                "without one)",
             ),
         ]
         check_settings(self, checks)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from voxserve_common.grpc_errors import ERROR_CATEGORY_KEY
+from voxserve_common.grpc_errors import TOO_LARGE as TOO_LARGE_CATEGORY
+
 
 @dataclass(frozen=True)
 class HttpStatus:
@@ -46,10 +49,13 @@ TOO_LARGE = HttpStatus(413, "invalid_request_error", "upload_too_large")
 # The statuses after which the same request may succeed later: they carry Retry-After.
 RETRYABLE = frozenset({429, 503})
 
-# The inference service's AudioTooLarge is RESOURCE_EXHAUSTED like a full job queue, but
-# retrying cannot help: the only way to tell them apart from here is its message
-# (inference_service.audio.check_audio_size).
-_AUDIO_TOO_LARGE_MARK = "bytes, over the limit of"
+# Finer categories (the voxserve-error-category trailer every error status of the services
+# carries) that answer with another status than their code's: audio over the inference
+# service's size or length limit is RESOURCE_EXHAUSTED like a full job queue or cache, but
+# retrying the same request cannot help, so it is 413, not 429 with Retry-After.
+STATUS_BY_CATEGORY: Mapping[str, HttpStatus] = {
+    TOO_LARGE_CATEGORY: HttpStatus(413, "invalid_request_error", "audio_too_large"),
+}
 
 
 class ApiError(Exception):
@@ -81,10 +87,19 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_arg
     return ApiError(400, message, param=param, code=code)
 
 
-def http_status_for(code: grpc.StatusCode, message: str = "") -> HttpStatus:
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _AUDIO_TOO_LARGE_MARK in message:
-        return TOO_LARGE
-    return STATUS_BY_CODE.get(code, INTERNAL)
+def error_category(error: grpc.aio.AioRpcError) -> str | None:
+    """The category a service sent with its error status; None when the status did not
+    come from a voxserve service (the transport made it up: unreachable, deadline)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == ERROR_CATEGORY_KEY:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    return None
+
+
+def http_status_for(code: grpc.StatusCode, category: str | None = None) -> HttpStatus:
+    """The HTTP status of a gRPC status: by its category where that is finer, else by its code."""
+    found = STATUS_BY_CATEGORY.get(category or "")
+    return found if found is not None else STATUS_BY_CODE.get(code, INTERNAL)
 
 
 def from_rpc(
@@ -94,7 +109,7 @@ def from_rpc(
     ``not_found`` = (code, param) for a NOT_FOUND that means a thing the caller named."""
     code = error.code()
     details = error.details() or code.name
-    mapped = http_status_for(code, details)
+    mapped = http_status_for(code, error_category(error))
     if code == grpc.StatusCode.UNAVAILABLE:
         message = f"the {backend} is unavailable ({details}); retry later"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:

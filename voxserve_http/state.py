@@ -49,5 +49,10 @@ def gateway(request: Request) -> Gateway:
 
 
 def authorization(request: Request) -> str | None:
-    """The caller's Authorization header, forwarded as gRPC metadata (checked by the services)."""
-    return request.headers.get("authorization")
+    """The caller's Authorization header, forwarded as gRPC metadata (checked by the
+    services); without one, the gateway's backend token (backend_token_file) if it has one."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        return header
+    token = gateway(request).backends.backend_token
+    return f"Bearer {token}" if token else None

@@ -77,22 +77,18 @@ def boolean(value: str | None, param: str) -> bool:
     raise bad_request(f"{param} must be true or false, not {value[:32]!r}", param=param)
 
 
-def temperature(value: str | None) -> None:
-    """Whisper here always decodes as OpenAI's temperature 0 does: greedy/beam first, with
-    faster-whisper's fallback to higher temperatures when a segment fails its checks. The
-    inference API has no temperature option, so any other value is refused, not ignored."""
+def temperature(value: str | None) -> float | None:
+    """OpenAI's temperature, 0-1: passed to the engine (0 = greedy/beam search, above 0 =
+    sampling at that temperature only). Absent = the engine's default schedule (0, raised
+    by itself when a segment fails the quality checks), as OpenAI does for 0."""
     if value is None or value.strip() == "":
-        return
+        return None
     try:
         number = float(value)
     except ValueError:
         raise bad_request(f"temperature must be a number, not {value[:32]!r}", param="temperature") from None
-    if not 0 <= number <= 1:
-        raise bad_request(f"temperature must be between 0 and 1, got {number}", param="temperature")
-    if number != 0:
+    if not 0 <= number <= 1:  # NaN fails this too
         raise bad_request(
-            "only temperature 0 is supported (decoding starts at 0 and raises the temperature by itself "
-            "when a segment fails the quality checks); leave temperature out or send 0",
-            param="temperature",
-            code="unsupported_value",
+            f"temperature must be between 0 and 1, got {value[:32]}", param="temperature", code="invalid_temperature"
         )
+    return number

@@ -31,7 +31,7 @@ class GatewayHandle:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
+        return f"{self.server.scheme}://127.0.0.1:{self.server.port}"
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         """The real OpenAI SDK pointed at the gateway; no retries, so each call is one request."""

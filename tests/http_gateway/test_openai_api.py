@@ -174,7 +174,8 @@ def test_a_file_that_is_not_audio_is_a_bad_request(gateway: GatewayHandle) -> No
     ("kwargs", "param"),
     [
         ({"response_format": "xml"}, "response_format"),
-        ({"temperature": 0.4}, "temperature"),
+        ({"temperature": 1.5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
         ({"timestamp_granularities": ["word"]}, "timestamp_granularities[]"),  # needs verbose_json
         ({"timestamp_granularities": ["char"], "response_format": "verbose_json"}, "timestamp_granularities[]"),
         ({"language": "english!"}, "language"),

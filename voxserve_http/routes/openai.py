@@ -38,7 +38,10 @@ ModelField = Annotated[
     str | None, Form(description="A Whisper model id of the store; 'whisper-1' (or empty) = the service default.")
 ]
 PromptField = Annotated[str | None, Form(description="Text to guide the style or continue a previous part.")]
-TemperatureField = Annotated[str | None, Form(description="Only 0 is supported (the default).")]
+TemperatureField = Annotated[
+    str | None,
+    Form(description="0-1: 0 = greedy/beam search, above 0 = sampling; absent = 0 with fallback to higher values."),
+]
 FormatField = Annotated[str | None, Form(description="json (default), text, srt, vtt or verbose_json.")]
 GranularityField = Annotated[
     list[str] | None,
@@ -137,7 +140,7 @@ async def _transcribe(
     streaming = validation.boolean(stream, "stream")
     if streaming and fmt not in STREAM_FORMATS:
         raise bad_request(f"stream=true works with response_format json or text, not {fmt}", param="stream")
-    validation.temperature(temperature)
+    sampling = validation.temperature(temperature)
     named_job = validation.job_id(job_id.strip(), "job_id") if job_id and job_id.strip() else ""
     if file is None:
         raise bad_request(
@@ -156,6 +159,7 @@ async def _transcribe(
         word_timestamps="word" in wanted,
         initial_prompt=validation.prompt(prompt),
         job_id=named_job,
+        temperature=sampling,  # None leaves the optional field unset
     )
     call = gw.backends.inference.TranscribeStream(
         audio_chunks(options, audio),
