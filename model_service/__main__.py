@@ -9,13 +9,14 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from model_service.catalog import Catalog, CatalogEntry
 from model_service.config import ModelStoreConfig
 from model_service.hub import HubClient, default_sources
 from model_service.metrics import ModelStoreMetrics
 from model_service.servicer import ModelStoreServicer
-from model_service.store import ModelStore
+from model_service.store import LIVE_STORE_SETTINGS, ModelStore
 from voxserve.modelstore.v1 import modelstore_pb2, modelstore_pb2_grpc
 from voxserve_common.cli import common_parser, config_from_args
 from voxserve_common.security import server_security
@@ -29,16 +30,29 @@ SERVICE_NAME = modelstore_pb2.DESCRIPTOR.services_by_name["ModelStore"].full_nam
 
 @dataclass
 class ModelStoreApp:
-    """A running model store: domain object, gRPC server and the shutdown flag."""
+    """A running model store: domain object, gRPC server and the shutdown flag.
+
+    Implements voxserve_common.service.LiveSettings: SIGHUP applies the settings in
+    ``live_settings``; the others are reported as needing a restart.
+    """
 
     store: ModelStore
     server: RunningServer
     shutting_down: asyncio.Event
     servicer: ModelStoreServicer
 
+    # Read afresh by every new stream, event or request, so changing them mid-run is safe
+    # (max_concurrent_downloads, data_dir, endpoints, ports, ... are fixed at start-up).
+    live_settings: ClassVar[frozenset[str]] = LIVE_STORE_SETTINGS | {"heartbeat_seconds"}
+
     @property
     def port(self) -> int:
         return self.server.port
+
+    def apply_live_settings(self, new: ModelStoreConfig) -> None:
+        """SIGHUP: the new heartbeat for streams opened from now on, the rest in the store."""
+        self.store.apply_live_settings(new)
+        self.servicer.heartbeat_seconds = new.heartbeat_seconds
 
     async def stop(self, grace: float | None = 1.0) -> None:
         await self.server.stop(grace)

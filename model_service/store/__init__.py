@@ -14,6 +14,7 @@ A package rather than sibling modules so that every store log line keeps the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -35,6 +36,7 @@ from model_service.store.reconcile import Reconciler, VerifyResult
 from model_service.store.registry import FileView, ModelRegistry, ModelView
 
 __all__ = [
+    "LIVE_STORE_SETTINGS",
     "MAX_FETCH_CHUNK",
     "FileChunkData",
     "FileView",
@@ -46,6 +48,20 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Settings ModelStore.apply_live_settings changes in a running store: each is read when
+# it is used (per event, request, retry or download), so a new value is simply in force
+# from the next use.
+LIVE_STORE_SETTINGS = frozenset(
+    {
+        "progress_events_per_second",
+        "breaker_failures",
+        "breaker_cooldown_seconds",
+        "download_retries",
+        "hub_timeout_seconds",
+        "disk_reserve_bytes",
+    }
+)
 
 
 class ModelStore:
@@ -99,6 +115,17 @@ class ModelStore:
         self.downloads.restore_queue(self.config.resume_downloads_on_start)
         self._scan_thread = threading.Thread(target=self._startup_scan, name="startup-scan", daemon=True)
         self._scan_thread.start()
+
+    def apply_live_settings(self, new: ModelStoreConfig) -> None:
+        """SIGHUP: put the LIVE_STORE_SETTINGS of ``new`` in force (the rest stays as it
+        started). ValueError for a value that fails validation (nothing changes then)."""
+        new.validate()
+        live = {name: getattr(new, name) for name in LIVE_STORE_SETTINGS}
+        config = dataclasses.replace(self.config, **live)
+        self.bus.progress_interval = 1.0 / config.progress_events_per_second
+        self.downloads.apply_config(config)
+        self.config = config
+        logger.info("live settings applied", extra={"settings": live})
 
     def close(self) -> None:
         self.downloads.stop()

@@ -113,6 +113,15 @@ class PullService:
         )
         self.queue = DownloadQueue(self.pipeline.run, config.max_concurrent_downloads, on_change=self._queue_changed)
 
+    def apply_config(self, config: ModelStoreConfig) -> None:
+        """New settings for what comes next (SIGHUP): breakers, retries, hub timeout and
+        the disk reserve; a request already on the wire keeps its timeout."""
+        self.breakers.threshold = config.breaker_failures
+        self.breakers.cooldown = config.breaker_cooldown_seconds
+        self.fetcher.retries = config.download_retries
+        self.hub.timeout = config.hub_timeout_seconds
+        self.config = self.pipeline.config = config
+
     # First retry after about this long, then doubling (with jitter): a hiccup costs little,
     # an outage is not hammered.
     RETRY_BACKOFF_SECONDS = 0.25
