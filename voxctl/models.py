@@ -115,12 +115,27 @@ def pull_status(event: pb.ModelEvent) -> str:
         if event.current_file:
             parts.append(event.current_file)
         return "  ".join(parts)
+    if event.state == pb.VERIFYING and event.verify_bytes_total:
+        parts = [f"{model_id} VERIFYING {bar(verify_fraction(event))} {verify_text(event)}"]
+        if event.current_file:
+            parts.append(event.current_file)
+        return "  ".join(parts)
     if event.state == pb.VERIFYING and event.files_total:
         return f"{model_id} VERIFYING {event.files_done}/{event.files_total} files"
     if event.state == pb.READY and event.bytes_total:
         return f"{model_id} READY {human_size(event.bytes_total)}"
     suffix = f": {event.message}" if event.message else ""
     return f"{model_id} {state}{suffix}"
+
+
+def verify_fraction(event: pb.ModelEvent) -> float:
+    return event.verify_bytes_done / event.verify_bytes_total if event.verify_bytes_total else 1.0
+
+
+def verify_text(event: pb.ModelEvent) -> str:
+    """``verifying 40 %  4.0 MiB/10.0 MiB``: the hashing progress of a VERIFYING event."""
+    done, total = event.verify_bytes_done, event.verify_bytes_total
+    return f"verifying {verify_fraction(event) * 100:.0f} %  {human_size(done)}/{human_size(total)}"
 
 
 def cmd_pull(session: Session, args: argparse.Namespace) -> int:
@@ -227,7 +242,9 @@ def watch_line(event: pb.ModelEvent) -> str:
         what = "resync" if event.resync else "snapshot"
         return f"{event.sequence:>8}  {kind:<13} {what} complete; live events follow"
     state = state_name(event.state)
-    if event.type == pb.PROGRESS and event.bytes_total:
+    if event.type == pb.PROGRESS and event.state == pb.VERIFYING and event.verify_bytes_total:
+        detail = verify_text(event) + (f" {event.current_file}" if event.current_file else "")
+    elif event.type == pb.PROGRESS and event.bytes_total:
         fraction = event.bytes_done / event.bytes_total
         detail = f"{fraction * 100:5.1f}% {human_size(event.bytes_done)}/{human_size(event.bytes_total)}"
         if event.bytes_per_second > 0:

@@ -101,6 +101,7 @@ class ModelStore:
             limits,
             on_imported=self.downloads.forget_paused,
             spans=self.downloads.spans,
+            copy_block=config.download_chunk_bytes,
         )
         self.reader = ModelReader(self.registry)
         self.scan_done = threading.Event()

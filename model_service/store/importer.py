@@ -37,6 +37,7 @@ class Importer:
         limits: ImportLimits | None = None,
         on_imported: Callable[[str], None] = lambda model_id: None,
         spans: WorkSpans | None = None,
+        copy_block: int = COPY_BLOCK,
     ) -> None:
         self.registry = registry
         self._is_downloading = is_downloading
@@ -44,6 +45,7 @@ class Importer:
         # After a successful import: drop what a paused pull left (its request in queue.json).
         self._on_imported = on_imported
         self.spans = spans or WorkSpans()
+        self.copy_block = copy_block  # also the step of its verification progress
 
     def import_model(self, model_id: str, source_dir: str) -> ModelView:
         """Copy ``source_dir`` (absolute, on this host; empty: the embedded copy), hashing
@@ -83,7 +85,7 @@ class Importer:
         attributes = {"voxserve.model_id": model_id, "voxserve.files": len(sources), "voxserve.bytes": total}
         try:
             with self.spans.span(IMPORT, attributes):
-                files = _copy_files(sources, staging, set(entry.required_files), copied, progress, verify)
+                files = _copy_files(sources, staging, set(entry.required_files), copied, verify, self.copy_block)
                 verify.publish(force=True)  # the last one says done == total
                 self._swap_in(model_id, staging, files, origin)
         except Exception as error:
@@ -155,8 +157,8 @@ def _copy_files(
     staging: Path,
     required: set[str],
     on_bytes: Callable[[int], None],
-    progress: DownloadProgress,
     verify: VerifyReporter,
+    block_size: int,
 ) -> list[FileRecord]:
     files = []
     for relative, source in sorted(sources.items()):
@@ -165,13 +167,13 @@ def _copy_files(
         hasher = FileHasher(source.stat().st_size)
         verify.file(relative)
         with open(source, "rb") as src, open(target, "wb") as dst:
-            while block := src.read(COPY_BLOCK):
+            while block := src.read(block_size):
                 dst.write(block)
                 hasher.update(block)
                 on_bytes(len(block))
             dst.flush()
             os.fsync(dst.fileno())
-        progress.files_done += 1
+        verify.progress.files_done += 1
         files.append(
             FileRecord(
                 relative, hasher.size, hasher.sha256.hexdigest(), hasher.git_sha1.hexdigest(), relative in required
