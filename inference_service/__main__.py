@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from inference_service.config import InferenceConfig
@@ -21,6 +22,7 @@ from inference_service.servicer import InferenceServicer
 from inference_service.transcriber import Transcriber, make_loader
 from voxserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from voxserve_common.cli import common_parser, config_from_args
+from voxserve_common.errors import Unavailable, VoxserveError
 from voxserve_common.security import server_security
 from voxserve_common.server import RunningServer, start_server
 from voxserve_common.service import run_service
@@ -42,6 +44,7 @@ class InferenceApp:
     metrics: InferenceMetrics
     live: LiveService | None = None
     preload_thread: threading.Thread | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def port(self) -> int:
@@ -52,6 +55,7 @@ class InferenceApp:
         await asyncio.to_thread(self.close)
 
     def close(self) -> None:
+        self.stopping.set()
         if self.live is not None:
             self.live.close()
         self.jobs.close(wait=True)
@@ -74,6 +78,37 @@ def build_cache(config: InferenceConfig, source: StoreModelSource, metrics: Infe
     return ModelCache(cache_config, source.resolve, make_loader(device, config.cpu_threads), metrics, probe)
 
 
+STORE_CONTACT_BACKOFF = (1.0, 30.0)  # seconds: first and longest wait between rounds of retries
+
+
+def wait_for_store(source: StoreModelSource, stopping: threading.Event) -> bool:
+    """Call the store (each round has its own quick retries) until it answers, backing off
+    exponentially with jitter between rounds; False when ``stopping`` was set first.
+
+    An answer that is an error (a wrong token: PERMISSION_DENIED) is not a successful
+    contact either: requests would fail the same way, so the service stays not ready and
+    the error is logged at each round.
+    """
+    delay, longest = STORE_CONTACT_BACKOFF
+    while not stopping.is_set():
+        try:
+            count = source.check_store()
+        except VoxserveError as error:
+            level = logging.WARNING if isinstance(error, Unavailable) else logging.ERROR
+            logger.log(
+                level,
+                "model store not reached yet; not ready",
+                extra={"error": str(error), "retry_in": round(delay, 1)},
+            )
+        else:
+            logger.info("model store reached", extra={"model_store": source.config.model_store, "models": count})
+            return not stopping.is_set()
+        if stopping.wait(delay * random.uniform(0.8, 1.2)):
+            break
+        delay = min(delay * 2, longest)
+    return False
+
+
 def live_limits(config: InferenceConfig) -> LiveLimits:
     return LiveLimits(
         max_streams=config.live_max_streams,
@@ -86,9 +121,11 @@ def live_limits(config: InferenceConfig) -> LiveLimits:
 
 
 async def start_app(config: InferenceConfig, preload_in_background: bool = True) -> InferenceApp:
-    """Start the service; preloading runs behind so the server is SERVING at once."""
+    """Start the service; the start-up work (reach the store, then preload) runs behind so the
+    server is alive at once ("" SERVING) and ready (its service name SERVING) after it;
+    preload_in_background=False (tests) returns only once ready."""
     metrics = InferenceMetrics()
-    source = StoreModelSource(config)
+    source = StoreModelSource(config, metrics=metrics)
     cache = build_cache(config, source, metrics)
     transcriber = Transcriber(
         cache, config.vad_model, metrics, config.batch_size if config.batched else 0, config.fast_first_segment
@@ -115,28 +152,33 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
         authenticator=authenticator,
         ready=False,
     )
+    app = InferenceApp(config, cache, jobs, source, server, metrics, live)
     server.on_stop.append(shutting_down.set)
+    server.on_stop.append(app.stopping.set)
     loop = asyncio.get_running_loop()
     cache.start_watchdog()
-    app = InferenceApp(config, cache, jobs, source, server, metrics, live)
     wanted = [(model_id, model_id in config.pin) for model_id in config.preload]
     wanted += [(model_id, True) for model_id in config.pin if model_id not in config.preload]
 
-    def preload() -> None:
+    def start_up() -> None:
+        """Readiness: the service name is SERVING once the store has answered and the preload is done."""
+        if not wait_for_store(source, app.stopping):
+            return
         for model_id, error in cache.preload(wanted):
             logger.warning(
                 "preload failed; the model loads on first use instead",
                 extra={"model_id": model_id, "error": str(error)},
             )
-        if not shutting_down.is_set():  # readiness: preloading is the start-up work requests wait for
+        if not app.stopping.is_set():
             asyncio.run_coroutine_threadsafe(server.set_ready(True), loop)
+            logger.info("inference service ready for requests", extra={"preloaded": [m for m, _ in wanted]})
 
     if preload_in_background:
-        app.preload_thread = threading.Thread(target=preload, name="preload", daemon=True)
+        app.preload_thread = threading.Thread(target=start_up, name="start-up", daemon=True)
         app.preload_thread.start()
     else:
-        await asyncio.to_thread(preload)
-    logger.info("inference service ready", extra={"model_store": config.model_store, "device": cache.config.device})
+        await asyncio.to_thread(start_up)
+    logger.info("inference service started", extra={"model_store": config.model_store, "device": cache.config.device})
     return app
 
 

@@ -12,6 +12,7 @@ TTFS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 LIVE_LATENCY_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 LIVE_LAG_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 30)
 DECODE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2)
+STORE_FAILURE_REASONS = ("store_unreachable", "sources_failed")
 
 
 class InferenceMetrics:
@@ -24,6 +25,7 @@ class InferenceMetrics:
         self._cache_metrics(r)
         self._job_metrics(r)
         self._live_metrics(r)
+        self._store_metrics(r)
 
     def _cache_metrics(self, r: CollectorRegistry) -> None:
         """The model cache: hits, misses, evictions, loads, memory."""
@@ -130,5 +132,23 @@ class InferenceMetrics:
             "Live streams: compute time of one decode of a stream's buffer.",
             ["model_id"],
             buckets=DECODE_BUCKETS,
+            registry=r,
+        )
+
+    def _store_metrics(self, r: CollectorRegistry) -> None:
+        """The model store as this service sees it: down (unreachable) vs. up with its sources failing."""
+        self.store_failures = Counter(
+            "voxserve_store_failures",
+            "Calls to the model store that failed, by reason: store_unreachable (the store could not be "
+            "reached after the retries), sources_failed (the store answered that its hub sources failed).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in STORE_FAILURE_REASONS:
+            self.store_failures.labels(reason)
+        self.store_reachable = Gauge(
+            "voxserve_store_reachable",
+            "1 when the last call reached the model store, 0 after the retries against an unreachable store "
+            "gave up (0 until the first contact).",
             registry=r,
         )

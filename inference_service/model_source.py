@@ -25,6 +25,7 @@ import grpc
 
 from inference_service.config import InferenceConfig
 from inference_service.errors import StoreSourcesFailed
+from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import LoadProgress, ModelSpec, ProgressCallback
 from voxserve.modelstore.v1 import modelstore_pb2 as store_pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as store_grpc
@@ -51,13 +52,26 @@ def store_answered(error: grpc.RpcError) -> bool:
     return any(entry[0] == ERROR_CATEGORY_KEY for entry in trailers or ())
 
 
+def failure_reason(error: grpc.RpcError) -> str | None:
+    """store_unreachable, sources_failed (the labels of voxserve_store_failures_total), or
+    None for any other error (the store answered with another status)."""
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    answered = store_answered(error)
+    if code == grpc.StatusCode.UNAVAILABLE and answered:
+        return "sources_failed"
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not answered:
+        return "store_unreachable"
+    return None
+
+
 def _raise_from_rpc(error: grpc.RpcError, action: str) -> NoReturn:
     code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = error.details() if isinstance(error, grpc.Call) else str(error)
-    if code == grpc.StatusCode.UNAVAILABLE and store_answered(error):
+    reason = failure_reason(error)
+    if reason == "sources_failed":
         # The store is up; its hub sources failed. Not the same as the store being down.
         raise StoreSourcesFailed(f"the model store could not download while {action}: {details}") from error
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if reason == "store_unreachable" or code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         raise Unavailable(
             f"model store unreachable while {action} (after retries): {details}; check that it runs and its address"
         ) from error
@@ -86,8 +100,11 @@ def call_with_retries(call: Callable[[], T]) -> T:
 class StoreModelSource:
     """Resolves model ids to local directories through the model store."""
 
-    def __init__(self, config: InferenceConfig, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self, config: InferenceConfig, channel: grpc.Channel | None = None, metrics: InferenceMetrics | None = None
+    ) -> None:
         self.config = config
+        self.metrics = metrics
         if channel is None:
             # TLS (mutual with a client certificate) and this service's own token, from
             # the store_tls_* and store_token_file settings; plaintext without them.
@@ -105,6 +122,32 @@ class StoreModelSource:
     def close(self) -> None:
         self.channel.close()
 
+    def _reached(self) -> None:
+        """A call got an answer from the store (whatever the answer)."""
+        if self.metrics is not None:
+            self.metrics.store_reachable.set(1)
+
+    def _failed(self, error: grpc.RpcError, action: str) -> NoReturn:
+        """Count the failure by reason (down vs. its sources failing), then raise the domain error."""
+        if self.metrics is not None:
+            reason = failure_reason(error)
+            if reason is not None:
+                self.metrics.store_failures.labels(reason).inc()
+            self.metrics.store_reachable.set(0 if reason == "store_unreachable" else 1)
+        _raise_from_rpc(error, action)
+
+    def check_store(self) -> int:
+        """One ListModels through the retries: the store's model count; raises Unavailable when it
+        cannot be reached (the readiness check at start-up calls this until it succeeds)."""
+        try:
+            reply: store_pb.ListModelsResponse = call_with_retries(
+                lambda: self.stub.ListModels(store_pb.ListModelsRequest(), metadata=trace_metadata(), timeout=10)
+            )
+        except grpc.RpcError as error:
+            self._failed(error, "checking that it answers")
+        self._reached()
+        return len(reply.models)
+
     def describe(self, model_id: str) -> store_pb.Model:
         if not model_id:
             raise InvalidArgument("model_id is required")
@@ -115,7 +158,8 @@ class StoreModelSource:
                 )
             )
         except grpc.RpcError as error:
-            _raise_from_rpc(error, f"looking up {model_id}")
+            self._failed(error, f"looking up {model_id}")
+        self._reached()
         return model
 
     def kind_of(self, model_id: str) -> ModelKind | None:
@@ -154,7 +198,7 @@ class StoreModelSource:
                         LoadProgress(model_id, "pulling", event.bytes_done, event.bytes_total, event.message or state)
                     )
         except grpc.RpcError as error:
-            _raise_from_rpc(error, f"pulling {model_id}")
+            self._failed(error, f"pulling {model_id}")
         return self.describe(model_id)
 
     def _shared_path(self, model: store_pb.Model) -> Path:
@@ -232,7 +276,7 @@ class StoreModelSource:
                 if on_progress is not None:
                     on_progress(LoadProgress(model.model_id, "copying", done, total, f"copying {chunk.path}"))
         except grpc.RpcError as error:
-            _raise_from_rpc(error, f"copying {model.model_id}")
+            self._failed(error, f"copying {model.model_id}")
         finally:
             for handle in handles.values():
                 handle.close()

@@ -319,3 +319,71 @@ def transcribe(
     """Every event of one Transcribe stream; options are TranscribeOptions fields."""
     request = ipb.TranscribeRequest(audio=audio, options=ipb.TranscribeOptions(**options))
     return list(handle.stub.Transcribe(request, timeout=timeout, metadata=metadata))
+
+
+# --------------------------------------------------------------------------- the inference service as a subprocess
+
+
+class InferenceProcess:
+    """``python -m inference_service`` on a free port (JSON logs captured to a file), no preload."""
+
+    def __init__(
+        self, tmp_path: Path, model_store: str, extra_args: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> None:
+        from voxserve.inference.v1 import inference_pb2_grpc
+
+        self.port = free_port()
+        self.stderr_path = tmp_path / f"inference-{self.port}.stderr"
+        args = [
+            sys.executable, "-m", "inference_service",
+            "--port", str(self.port),
+            "--metrics-port", "-1",
+            "--model-store", model_store,
+            "--cache-dir", str(tmp_path / "inference-cache"),
+            "--log-format", "json",
+            *extra_args,
+        ]  # fmt: skip
+        full_env = {**os.environ, "VOXSERVE_PRELOAD": "", "VOXSERVE_PIN": "", **(env or {})}
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=stderr)
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def status(self, service: str = "") -> int | None:
+        """The health status of ``service`` ("" = liveness), None while it does not answer."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"inference exited with {self.process.returncode}: {self.stderr()}")
+        try:
+            return int(self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status)
+        except grpc.RpcError:
+            return None
+
+    def wait_status(self, status: int, service: str = "", timeout: float = 60) -> None:
+        wait_for(lambda: self.status(service) == status, timeout=timeout, interval=0.1, message=f"{service!r} {status}")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def records(self) -> list[dict[str, Any]]:
+        """The JSON log records written so far (other lines are skipped)."""
+        found = []
+        for line in self.stderr().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                found.append(record)
+        return found
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
