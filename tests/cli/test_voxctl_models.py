@@ -265,3 +265,39 @@ def test_ctrl_c_stops_following_a_pull_which_cancel_then_stops(capsys, store: St
     model = store.stub.GetModel(pb.GetModelRequest(model_id="test-text"))
     assert not next(f for f in model.files if f.path == "weights.bin").present
     hub.throttle(None)
+
+
+def test_pull_shows_verification_progress_of_kept_files(capsys, start_store) -> None:
+    store = start_store(download_chunk_bytes=64 << 10, progress_events_per_second=10_000)
+    assert run(capsys, store, "models", "pull", "test-text")[0] == 0
+    model_dir = Path(store.stub.GetModel(pb.GetModelRequest(model_id="test-text")).local_path)
+    (model_dir / "config.json").unlink()
+    assert run(capsys, store, "models", "verify", "test-text")[0] == 1  # INCOMPLETE: kept files get re-hashed
+
+    code, _, err = run(capsys, store, "models", "pull", "test-text")
+    assert code == 0, err
+    verifying = [line for line in err.splitlines() if line.startswith("test-text VERIFYING [")]
+    assert verifying and all(" verifying " in line and " %" in line for line in verifying), err
+    assert "test-text READY 2.0 MiB" in err
+
+
+def test_verification_progress_lines() -> None:
+    from voxctl.models import pull_status, watch_line
+
+    event = pb.ModelEvent(
+        sequence=7,
+        model_id="m",
+        type=pb.PROGRESS,
+        state=pb.VERIFYING,
+        bytes_done=10 << 20,
+        bytes_total=10 << 20,
+        verify_bytes_done=4 << 20,
+        verify_bytes_total=10 << 20,
+        current_file="model.bin",
+    )
+    assert pull_status(event) == "m VERIFYING [##########..............] verifying 40 %  4.0 MiB/10.0 MiB  model.bin"
+    assert watch_line(event).endswith("VERIFYING      verifying 40 %  4.0 MiB/10.0 MiB model.bin")
+    nothing_to_rehash = pb.ModelEvent(
+        model_id="m", type=pb.STATE_CHANGED, state=pb.VERIFYING, files_done=2, files_total=2
+    )
+    assert pull_status(nothing_to_rehash) == "m VERIFYING 2/2 files"
