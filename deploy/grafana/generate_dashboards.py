@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,11 @@ DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboards"
 SCHEMA_VERSION = 39
 GRID_WIDTH = 24
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# The compose stack's Loki and Tempo data sources (deploy/grafana/provisioning/datasources).
+LOKI = {"type": "loki", "uid": "loki"}
+TEMPO = {"type": "tempo", "uid": "tempo"}
+# promtail's stream selector for every voxserve log line (deploy/promtail/promtail.yaml).
+LOG_STREAM = '{job="voxserve"}'
 SERVER_ERROR_CODES = "UNKNOWN|INTERNAL|UNAVAILABLE|DATA_LOSS|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|UNIMPLEMENTED"
 
 
@@ -30,6 +36,14 @@ class Query:
     expr: str
     legend: str = ""
     instant: bool = False
+
+
+@dataclass(frozen=True)
+class Link:
+    """A panel link (Grafana interpolates the dashboard's variables in ``url``)."""
+
+    title: str
+    url: str
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,7 @@ class Panel:
     thresholds: Sequence[tuple[float | None, str]] = ((None, "green"),)
     threshold_line: bool = False
     dashed: str | None = None  # regex of series names drawn dashed (e.g. budgets)
+    links: Sequence[Link] = ()
 
 
 @dataclass(frozen=True)
@@ -86,7 +101,9 @@ class _Ids:
         return value
 
 
-def _target(query: Query, ref: str) -> dict[str, Any]:
+def _target(query: Query, ref: str, kind: str = "timeseries") -> dict[str, Any]:
+    if kind == "logs":
+        return {"datasource": LOKI, "editorMode": "code", "expr": query.expr, "queryType": "range", "refId": ref}
     return {
         "datasource": DATASOURCE,
         "editorMode": "code",
@@ -99,6 +116,8 @@ def _target(query: Query, ref: str) -> dict[str, Any]:
 
 
 def _field_config(panel: Panel) -> dict[str, Any]:
+    if panel.kind == "logs":
+        return {"defaults": {}, "overrides": []}
     defaults: dict[str, Any] = {
         "unit": panel.unit,
         "color": {"mode": "palette-classic" if panel.kind == "timeseries" else "thresholds"},
@@ -166,6 +185,17 @@ def _options(panel: Panel) -> dict[str, Any]:
             "showThresholdMarkers": True,
             "sizing": "auto",
         }
+    if panel.kind == "logs":
+        return {
+            "showTime": True,
+            "showLabels": False,
+            "showCommonLabels": False,
+            "wrapLogMessage": True,
+            "prettifyLogMessage": False,
+            "enableLogDetails": True,
+            "dedupStrategy": "none",
+            "sortOrder": "Descending",
+        }
     if panel.kind == "bargauge":
         return {
             "reduceOptions": reduce,
@@ -184,17 +214,49 @@ def _options(panel: Panel) -> dict[str, Any]:
 
 def _panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
     refs = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    return {
+    out = {
         "id": panel_id,
         "type": panel.kind,
         "title": panel.title,
         "description": panel.description,
-        "datasource": DATASOURCE,
+        "datasource": LOKI if panel.kind == "logs" else DATASOURCE,
         "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y},
         "fieldConfig": _field_config(panel),
         "options": _options(panel),
-        "targets": [_target(q, refs[i]) for i, q in enumerate(panel.queries)],
+        "targets": [_target(q, refs[i], panel.kind) for i, q in enumerate(panel.queries)],
     }
+    if panel.links:
+        out["links"] = [{"title": link.title, "url": link.url, "targetBlank": True} for link in panel.links]
+    return out
+
+
+def explore_url(datasource: dict[str, str], query: dict[str, str]) -> str:
+    """A Grafana Explore link running ``query`` on ``datasource`` over the dashboard's time
+    range. ``$name`` variables in the query stay for Grafana to fill in (percent-encoded)."""
+    placeholders = {"__from": "${__from}", "__to": "${__to}"}
+    text = json.dumps(query)
+    for name in ("job_id", "trace_id"):
+        if f"${name}" in text:
+            text = text.replace(f"${name}", f"@@{name}@@")
+            placeholders[name] = f"${{{name}:percentencode}}"
+    panes = {
+        "a": {
+            "datasource": datasource["uid"],
+            "queries": [{"refId": "A", "datasource": datasource, **json.loads(text)}],
+            "range": {"from": "@@__from@@", "to": "@@__to@@"},
+        }
+    }
+    url = "/explore?schemaVersion=1&panes=" + urllib.parse.quote(json.dumps(panes, separators=(",", ":")), safe="")
+    for name, value in placeholders.items():
+        url = url.replace(f"%40%40{name}%40%40", value)
+    return url
+
+
+JOB_LOGS = f'{LOG_STREAM} | job_id="$job_id"'
+JOB_LINKS = (
+    Link("Logs of job ${job_id} (Loki)", explore_url(LOKI, {"expr": JOB_LOGS, "queryType": "range"})),
+    Link("Trace ${trace_id} (Tempo)", explore_url(TEMPO, {"query": "$trace_id", "queryType": "traceql"})),
+)
 
 
 def _layout(rows: Sequence[Row], ids: _Ids) -> list[dict[str, Any]]:
@@ -226,6 +288,19 @@ def _layout(rows: Sequence[Row], ids: _Ids) -> list[dict[str, Any]]:
             line_height = max(line_height, panel.height)
         y += line_height
     return out
+
+
+def _textbox(name: str, label: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": label,
+        "type": "textbox",
+        "query": "",
+        "current": {"selected": False, "text": "", "value": ""},
+        "hide": 0,
+        "options": [],
+        "skipUrlSync": False,
+    }
 
 
 def _templating(job: str) -> dict[str, Any]:
@@ -267,6 +342,9 @@ def _templating(job: str) -> dict[str, Any]:
                 "skipUrlSync": False,
                 "sort": 1,
             },
+            # For the links to a job's logs and trace (Loki, Tempo) and the log panels.
+            _textbox("job_id", "Job id"),
+            _textbox("trace_id", "Trace id"),
         ]
     }
 
@@ -585,6 +663,7 @@ def model_store() -> dict[str, Any]:
                     ),
                 ],
             ),
+            logs_row("model_service"),
             rpc_row(s),
         ],
     )
@@ -749,6 +828,8 @@ def inference() -> dict[str, Any]:
                         unit="ops",
                         width=8,
                         stacked=True,
+                        links=JOB_LINKS,
+                        description="Panel links: the logs of the job in the Job id variable, the trace in Trace id.",
                     ),
                     Panel(
                         "Job queue length",
@@ -849,7 +930,56 @@ def inference() -> dict[str, Any]:
                     ),
                 ],
             ),
+            Row(
+                "Model store (as this service sees it)",
+                [
+                    Panel(
+                        "Model store reachable",
+                        [Query(f"min({s.sel('voxserve_store_reachable')})", "reachable")],
+                        kind="stat",
+                        width=6,
+                        thresholds=((None, "red"), (1, "green")),
+                        description="0 once the retries against an unreachable store gave up (and before first contact).",
+                    ),
+                    Panel(
+                        "Store failures by reason",
+                        [Query(f"sum by (reason) ({s.rate('voxserve_store_failures_total')})", "{{reason}}")],
+                        unit="ops",
+                        width=18,
+                        stacked=True,
+                        description="store_unreachable: the store is down; sources_failed: it is up, its hub sources failed.",
+                    ),
+                ],
+            ),
+            logs_row("inference_service"),
             rpc_row(s),
+        ],
+    )
+
+
+def logs_row(service: str) -> Row:
+    """Loki panels (compose: promtail ships the services' log files): a job's lines and the
+    service's errors; each line's trace_id links to Tempo (the Loki data source's derived field)."""
+    return Row(
+        "Logs and traces",
+        [
+            Panel(
+                "Lines of job $job_id (both services)",
+                [Query(JOB_LOGS)],
+                kind="logs",
+                width=12,
+                height=10,
+                links=JOB_LINKS,
+                description="Set the Job id variable; open a line for its trace (trace_id links to Tempo).",
+            ),
+            Panel(
+                "Warnings and errors",
+                [Query(f'{{job="voxserve", service="{service}", level=~"WARNING|ERROR|CRITICAL"}}')],
+                kind="logs",
+                width=12,
+                height=10,
+                links=JOB_LINKS[1:],
+            ),
         ],
     )
 

@@ -61,6 +61,8 @@ GATEWAY_COMPOSE_SERVICE = "http-gateway"
 GATEWAY_K8S_WORKLOAD = ("Deployment", "http-gateway")
 MAIN_MODULE_GATEWAY = "voxserve_http"
 SCRAPE_LABELS = frozenset({"job", "instance"})
+# Distroless images (no shell, wget or curl) whose compose healthcheck is disabled.
+NO_PROBE_IMAGES = frozenset({"otel-collector", "tempo", "loki", "promtail"})
 
 
 # --- what the services export -------------------------------------------------------
@@ -338,6 +340,15 @@ def test_compose_services_and_volumes(compose: dict[str, Any]) -> None:
             if not source.startswith((".", "/")):
                 assert source in declared, f"{name} mounts undeclared named volume {source!r}"
         assert "healthcheck" in service, f"{name} has no healthcheck"
+        if service["healthcheck"].get("disable"):
+            # Only images without any shell or HTTP client (the compose comment says so).
+            assert name in NO_PROBE_IMAGES, f"{name} disables its healthcheck"
+        else:
+            assert service["healthcheck"]["test"][0] == "CMD", name
+        # Container log rotation (docker json-file; podman maps it to k8s-file with max-size).
+        logging = service["logging"]
+        assert logging["driver"] == "json-file" and logging["options"]["max-size"], name
+        assert int(logging["options"]["max-file"]) >= 1, name
 
 
 @pytest.mark.parametrize("job", JOBS)
@@ -524,8 +535,11 @@ def test_model_state_matchers_name_real_states(
 
 
 def _targets(board: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(panel, target) of every Prometheus query (Loki log panels are checked elsewhere)."""
     for panel in board["panels"]:
         for inner in [panel, *panel.get("panels", [])]:
+            if inner.get("type") == "logs":
+                continue
             for target in inner.get("targets", []):
                 yield inner, target
 
@@ -571,10 +585,15 @@ def test_dashboard_structure(name: str, dashboards: dict[str, dict[str, Any]]) -
                 cells[(x, y)] = panel["title"]
         if panel["type"] == "row":
             continue
-        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert panel["targets"], f"{panel['title']!r} has no query"
         refs = [t["refId"] for t in panel["targets"]]
         assert len(refs) == len(set(refs))
+        if panel["type"] == "logs":
+            # Log panels read the provisioned Loki data source (tests/deploy/test_observability_configs.py).
+            assert panel["datasource"] == {"type": "loki", "uid": "loki"}
+            assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert panel["fieldConfig"]["defaults"]["unit"]
 
 
@@ -668,10 +687,19 @@ def test_k8s_workload(job: str, k8s_objects: list[dict[str, Any]]) -> None:
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": GRPC_PORT[job], "metrics": METRICS_PORT[job]}
 
+    # Exec probes with the healthcheck module over mutual TLS (native gRPC probes have no TLS):
+    # readiness asks for the service's own name, startup and liveness for "" (the process).
+    mounted = {m["mountPath"] for m in container["volumeMounts"]}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == GRPC_PORT[job], probe
-    assert container["readinessProbe"]["grpc"]["service"] == HEALTH_SERVICE[job]
-    assert container["livenessProbe"]["grpc"].get("service", "") == ""
+        command = container[probe]["exec"]["command"]
+        assert command[:3] == ["python", "-m", "voxserve_common.healthcheck"], probe
+        flags = _flags(command)
+        for flag in ("--tls-ca", "--tls-cert", "--tls-key"):
+            assert str(Path(flags[flag]).parent) in mounted, f"{probe} {flag} is not on a mounted volume"
+        positional = [c for c in command[3:] if not c.startswith("--")]
+        expected = [f"127.0.0.1:{GRPC_PORT[job]}"] + ([HEALTH_SERVICE[job]] if probe == "readinessProbe" else [])
+        assert positional == expected, probe
+        assert container[probe]["timeoutSeconds"] >= 5, "a Python start-up on a loaded node takes a while"
 
     spec = pod["spec"]
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -809,7 +837,10 @@ def test_dockerfile(pyproject: dict[str, Any]) -> None:
     runs = [args for op, args in instructions if op == "RUN"]
     torch_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch=="))
     torch_step = next(i for i, r in enumerate(runs) if torch_pin in r)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_step]
+    # The CPU index is the default of a build argument (a local wheel folder can replace it).
+    args = [a for op, a in instructions if op == "ARG"]
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args
+    assert '--index-url "$TORCH_INDEX_URL"' in runs[torch_step]
     project_step = next(i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
     assert torch_step < project_step, "torch must come from the CPU index before `pip install .`"
 
@@ -904,6 +935,175 @@ def test_compose_services_load_their_config(compose: dict[str, Any], monkeypatch
     _assert_budget_fits(inference.memory_budget, _docker_bytes(service["mem_limit"]))
 
 
+# --- TLS and tokens ---------------------------------------------------------------
+
+VOXSERVE_COMPOSE_SERVICES = (*COMPOSE_SERVICE.values(), GATEWAY_COMPOSE_SERVICE)
+SECRETS_MOUNT = "/run/secrets/"
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def _secret_paths(value: Any) -> set[str]:
+    """Every /run/secrets/<name> a command, healthcheck or config mentions."""
+    return {m for text in _strings(value) for m in re.findall(r"/run/secrets/[A-Za-z0-9._-]+", text)}
+
+
+def test_no_voxserve_service_runs_insecure(compose: dict[str, Any], k8s_objects: list[dict[str, Any]]) -> None:
+    for name in VOXSERVE_COMPOSE_SERVICES:
+        assert "--insecure" not in [str(c) for c in compose["services"][name]["command"]], name
+    for obj in k8s_objects:
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            assert "--insecure" not in _container(obj)["args"], obj["metadata"]["name"]
+
+
+def test_compose_secrets_are_the_dev_secrets(compose: dict[str, Any], dev_secrets: Path) -> None:
+    declared = compose["secrets"]
+    for name, secret in declared.items():
+        # /run/secrets/<name> is the file of the same name that make_dev_secrets.sh writes.
+        assert secret["file"] == f"./deploy/secrets/{name}", name
+        assert (dev_secrets / name).is_file(), f"make_dev_secrets.sh does not make {name}"
+    assert not {"ca.key", "token-ops", "token-ci-bot"} & set(declared), "never give a container these"
+    for name, service in compose["services"].items():
+        used = _secret_paths({k: v for k, v in service.items() if k != "secrets"})
+        if name == "prometheus":
+            used |= _secret_paths(yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text()))
+        listed = {SECRETS_MOUNT + s for s in service.get("secrets", [])}
+        assert used <= listed, f"{name} reads secrets it does not mount: {used - listed}"
+        assert set(service.get("secrets", [])) <= set(declared), name
+
+
+def test_compose_services_serve_mutual_tls_with_tokens(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configs = {}
+    for job, name in COMPOSE_SERVICE.items():
+        service = compose["services"][name]
+        config = _load_service_config(job, service["command"], _compose_env(service), monkeypatch)
+        configs[job] = config
+        assert config.insecure is False
+        assert (str(config.tls_cert), str(config.tls_key)) == ("/run/secrets/server.pem", "/run/secrets/server.key")
+        assert str(config.tls_client_ca) == "/run/secrets/ca.pem", "mutual TLS"
+        assert str(config.auth_tokens) == "/run/secrets/tokens.yaml"
+        flags = _flags(service["healthcheck"]["test"])
+        assert (flags["--tls-ca"], flags["--tls-cert"], flags["--tls-key"]) == (
+            "/run/secrets/ca.pem",
+            "/run/secrets/healthcheck.pem",
+            "/run/secrets/healthcheck.key",
+        )
+    inference = configs["inference_service"]
+    assert (str(inference.store_tls_ca), str(inference.store_tls_cert), str(inference.store_tls_key)) == (
+        "/run/secrets/ca.pem",
+        "/run/secrets/inference.pem",
+        "/run/secrets/inference.key",
+    )
+    assert str(inference.store_token_file) == "/run/secrets/token-inference"
+
+    service = compose["services"][GATEWAY_COMPOSE_SERVICE]
+    gateway = _load_service_config(GATEWAY_JOB, service["command"], _compose_env(service), monkeypatch)
+    for backend in ("store", "inference"):
+        assert str(getattr(gateway, f"{backend}_tls_ca")) == "/run/secrets/ca.pem"
+        assert str(getattr(gateway, f"{backend}_tls_cert")) == "/run/secrets/gateway.pem"
+        assert str(getattr(gateway, f"{backend}_tls_key")) == "/run/secrets/gateway.key"
+
+
+def test_prometheus_scrapes_the_services_over_mutual_tls(prometheus_config: dict[str, Any]) -> None:
+    jobs = _scrape_jobs(prometheus_config)
+    for job in (*JOBS, GATEWAY_JOB):
+        assert jobs[job]["scheme"] == "https", job
+        tls = jobs[job]["tls_config"]
+        assert (tls["ca_file"], tls["cert_file"], tls["key_file"]) == (
+            "/run/secrets/ca.pem",
+            "/run/secrets/prometheus.pem",
+            "/run/secrets/prometheus.key",
+        )
+    k8s = _scrape_jobs(yaml.safe_load((PROMETHEUS_DIR / "prometheus-k8s.yml").read_text()))
+    names = {"model_service": "model-store", "inference_service": "inference", GATEWAY_JOB: "http-gateway"}
+    for job, name in names.items():
+        assert k8s[job]["scheme"] == "https"
+        # Targets are pod IPs: the certificate is checked against the Service name it carries.
+        assert k8s[job]["tls_config"]["server_name"] == name
+
+
+def _k8s_secret_items(objects: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Secret name -> keys the workloads mount from it."""
+    out: dict[str, set[str]] = {}
+    for obj in objects:
+        if obj["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        for volume in obj["spec"]["template"]["spec"]["volumes"]:
+            if "secret" in volume:
+                keys = {item["key"] for item in volume["secret"]["items"]}
+                out.setdefault(volume["secret"]["secretName"], set()).update(keys)
+    return out
+
+
+def test_k8s_mounts_tls_and_tokens_from_secrets(k8s_objects: list[dict[str, Any]], dev_secrets: Path) -> None:
+    items = _k8s_secret_items(k8s_objects)
+    assert set(items) == {"voxserve-tls", "voxserve-tokens"}
+    for keys in items.values():
+        for key in keys:
+            assert (dev_secrets / key).is_file(), f"make_dev_secrets.sh does not make {key}"
+    for obj in k8s_objects:
+        if obj["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        container = _container(obj)
+        secret_volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        files = set()
+        for name, secret in secret_volumes.items():
+            assert mounts[name]["readOnly"] is True, name
+            assert secret["defaultMode"] == 0o440, "group-readable (fsGroup), nobody else"
+            files |= {f"{mounts[name]['mountPath']}/{item['path']}" for item in secret["items"]}
+        assert pod["securityContext"]["fsGroup"] == 10001
+        # Every file a flag or probe names is one of the mounted secret files.
+        probes = [container[p]["exec"]["command"] for p in ("startupProbe", "livenessProbe") if "exec" in container[p]]
+        referenced = {
+            v
+            for arg in [*container["args"], *(a for p in probes for a in p)]
+            for v in [str(arg).split("=", 1)[-1]]
+            if v.startswith("/etc/voxserve/")
+        }
+        assert referenced and referenced <= files, f"{obj['metadata']['name']}: {referenced - files}"
+
+
+def test_k8s_create_secrets_script_makes_what_the_manifests_mount(
+    k8s_objects: list[dict[str, Any]], dev_secrets: Path
+) -> None:
+    kubectl = _kubectl()
+    result = subprocess.run(
+        ["bash", str(K8S_DIR / "create-secrets.sh"), str(dev_secrets)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PATH": f"{Path(kubectl).parent}:{os.environ['PATH']}"},
+    )
+    assert result.returncode == 0, result.stderr
+    secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all(result.stdout) if d}
+    for name, keys in _k8s_secret_items(k8s_objects).items():
+        assert secrets[name]["metadata"]["namespace"] == _kustomization()["namespace"]
+        assert keys <= set(secrets[name]["data"]), name
+    people = {"token-ops", "token-ci-bot", "ca.key", "voxctl.key"}
+    assert not people & {key for s in secrets.values() for key in s["data"]}, "people's secrets stay out"
+
+    missing = subprocess.run(
+        ["bash", str(K8S_DIR / "create-secrets.sh"), str(dev_secrets.parent / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 1 and "make_dev_secrets.sh" in missing.stderr
+
+
 def test_k8s_services_load_their_config(k8s_objects: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     store_container = _container(_workload(k8s_objects, "model_service"))
     store_env = _k8s_env(store_container, k8s_objects)
@@ -946,8 +1146,18 @@ def _run(argv: list[str], cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedPro
 
 
 @pytest.mark.parametrize("config", ["prometheus.yml", "prometheus-k8s.yml"])
-def test_promtool_check_config(promtool: str, config: str) -> None:
-    result = _run([promtool, "check", "config", config])
+def test_promtool_check_config(promtool: str, config: str, dev_secrets: Path, tmp_path: Path) -> None:
+    # promtool opens every TLS file: the container paths point at the dev secrets here
+    # (so each one must be a file scripts/make_dev_secrets.sh makes), the rest is as deployed.
+    text = (PROMETHEUS_DIR / config).read_text()
+    paths = set(re.findall(r"(?:ca_file|cert_file|key_file): (\S+)", text))
+    assert paths, "the voxserve jobs scrape over TLS"
+    for path in paths:
+        assert (dev_secrets / Path(path).name).is_file(), f"{path} is not made by make_dev_secrets.sh"
+        text = text.replace(path, str(dev_secrets / Path(path).name))
+    (tmp_path / config).write_text(text)
+    shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp_path / "alerts.yml")
+    result = _run([promtool, "check", "config", config], cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -1002,7 +1212,10 @@ def test_compose_runs_the_gateway_against_both_services(
     for backend in ("model_service", "inference_service"):
         assert service["depends_on"][COMPOSE_SERVICE[backend]]["condition"] == "service_healthy"
     health = " ".join(service["healthcheck"]["test"])
-    assert f"http://127.0.0.1:{GATEWAY_HTTP_PORT}/healthz" in health
+    # HTTPS (the gateway serves --tls-cert), trusting the dev CA.
+    assert config.tls_cert is not None and config.tls_key is not None
+    assert f"https://127.0.0.1:{GATEWAY_HTTP_PORT}/healthz" in health
+    assert "cafile='/run/secrets/ca.pem'" in health
     grace = re.fullmatch(r"(\d+)s", str(service["stop_grace_period"]))
     assert grace and int(grace.group(1)) > config.grace_seconds
 
@@ -1042,9 +1255,11 @@ def test_k8s_gateway_workload(k8s_objects: list[dict[str, Any]], monkeypatch: py
         assert int(port) == GRPC_PORT[job]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": GATEWAY_HTTP_PORT, "metrics": GATEWAY_METRICS_PORT}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    https = {"port": "http", "scheme": "HTTPS"}
+    assert config.tls_cert is not None
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", **https}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", **https}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", **https}
     spec = workload["spec"]["template"]["spec"]
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert spec["terminationGracePeriodSeconds"] > config.grace_seconds + int(pre_stop[1])
