@@ -16,7 +16,7 @@ import httpx2
 
 from model_service.download_queue import DownloadJob, DownloadQueue
 from model_service.errors import DownloadCancelled, IntegrityError, SourcesFailed
-from model_service.hub import HubClient, RemoteFile, SourceBreakers, SourceError, backoff_delay
+from model_service.hub import HubClient, RemoteFile, SourceBreakers, SourceError, backoff_delay, display_url
 from model_service.validator import FileHasher, hash_file
 
 __all__ = ["DownloadJob", "DownloadQueue", "FetchResult", "FileFetcher", "PartialFile"]  # queue re-exported
@@ -144,7 +144,7 @@ class FileFetcher:
             try:
                 result = self._fetch_from(endpoint, transfer)
             except _EndpointFailed as failure:
-                reasons.append(f"{endpoint}: {failure.reason}")
+                reasons.append(f"{display_url(endpoint)}: {failure.reason}")
                 if failure.integrity:
                     integrity_failures += 1
                     on_verify_failed(failure.reason)

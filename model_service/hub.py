@@ -59,6 +59,15 @@ class Source:
     url: str
 
 
+def display_url(url: str) -> str:
+    """``url`` without its user:password@ part: how an endpoint appears in messages,
+    events, model records' views and spans (the requests still use the full URL)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def parse_source(given: str) -> Source:
     """``name=URL`` or a plain URL (named ``official`` for the official hub, else its host)."""
     name, sep, rest = given.partition("=")
@@ -71,9 +80,9 @@ def parse_source(given: str) -> Source:
         url = given.strip().rstrip("/")
         name = ""
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"hub endpoint {url!r} must start with http:// or https://")
+        raise ValueError(f"hub endpoint {display_url(url)!r} must start with http:// or https://")
     if not name:
-        name = OFFICIAL_NAME if url == OFFICIAL_ENDPOINT else urllib.parse.urlsplit(url).netloc
+        name = OFFICIAL_NAME if url == OFFICIAL_ENDPOINT else urllib.parse.urlsplit(display_url(url)).netloc
     return Source(name, url)
 
 
@@ -103,7 +112,7 @@ class SourceError(Exception):
     """One endpoint failed; ``not_found`` tells a definitive 404 from an outage."""
 
     def __init__(self, endpoint: str, reason: str, not_found: bool = False, kind: str = "other") -> None:
-        super().__init__(f"{endpoint}: {reason}")
+        super().__init__(f"{display_url(endpoint)}: {reason}")
         self.endpoint = endpoint
         self.reason = reason
         self.not_found = not_found

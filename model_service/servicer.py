@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from model_service.downloader import DownloadJob
 from model_service.events import EventType, StoreEvent
-from model_service.hub import BreakerState
+from model_service.hub import BreakerState, display_url
 from model_service.state import ModelState
 from model_service.store import ModelStore, ModelView, PullTicket, SourceHealth
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
@@ -49,7 +49,7 @@ def model_to_pb(view: ModelView) -> pb.Model:
             pb.ModelFile(path=f.path, size=f.size, sha256=f.sha256, required=f.required, present=f.present)
             for f in view.files
         ],
-        source=view.source,
+        source=display_url(view.source),
         error_message=view.error,
         updated_at=to_timestamp(view.updated_at),
         bytes_on_disk=view.bytes_on_disk,
@@ -71,7 +71,7 @@ def event_to_pb(event: StoreEvent) -> pb.ModelEvent:
         files_done=event.files_done,
         files_total=event.files_total,
         current_file=event.current_file,
-        source=event.source,
+        source=display_url(event.source),
         queue_position=event.queue_position,
         message=event.message,
         timestamp=to_timestamp(event.timestamp),
@@ -90,7 +90,7 @@ def snapshot_event(view: ModelView, sequence: int, resync: bool) -> pb.ModelEven
         bytes_done=view.bytes_on_disk,
         files_total=len(view.files),
         files_done=sum(f.present for f in view.files),
-        source=view.source,
+        source=display_url(view.source),
         queue_position=view.queue_position,
         message=view.error,
         timestamp=to_timestamp(view.updated_at),
@@ -110,7 +110,7 @@ def already_ready_event(view: ModelView, sequence: int) -> pb.ModelEvent:
         bytes_total=view.size_bytes,
         files_done=len(view.files),
         files_total=len(view.files),
-        source=view.source,
+        source=display_url(view.source),
         message="already downloaded and intact",
         timestamp=to_timestamp(view.updated_at),
         model=model_to_pb(view),
@@ -120,7 +120,7 @@ def already_ready_event(view: ModelView, sequence: int) -> pb.ModelEvent:
 def source_to_pb(health: SourceHealth) -> pb.Source:
     message = pb.Source(
         name=health.name,
-        url=health.url,
+        url=display_url(health.url),
         last_failure_reason=health.last_failure_reason,
         consecutive_failures=health.consecutive_failures,
         breaker_state=BREAKER_TO_PB[health.state],

@@ -20,6 +20,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from model_service.errors import DownloadCancelled
+from model_service.hub import display_url
 from voxserve_common.redaction import Redactor
 
 QUEUE_WAIT = "model_store.queue_wait"
@@ -33,13 +34,8 @@ tracer = trace.get_tracer("model_service")
 
 def url_without_credentials(url: str) -> str:
     """``url`` without user:password@, query or fragment (where tokens hide)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    parts = urlsplit(display_url(url))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 class WorkSpans:

@@ -31,7 +31,15 @@ from model_service.errors import (
     SourcesFailed,
     UnsafePath,
 )
-from model_service.hub import HubClient, RemoteFile, RemoteManifest, SourceBreakers, SourceError, backoff_delay
+from model_service.hub import (
+    HubClient,
+    RemoteFile,
+    RemoteManifest,
+    SourceBreakers,
+    SourceError,
+    backoff_delay,
+    display_url,
+)
 from model_service.metrics import ModelStoreMetrics
 from model_service.paths import remove_files_except, remove_path, safe_join, validate_relative_file
 from model_service.spans import FILE_TRANSFER, RESOLVE_MANIFEST, VERIFY, WorkSpans, url_without_credentials
@@ -190,7 +198,7 @@ class PullPipeline:
         self.registry.transition(
             model_id,
             ModelState.DOWNLOADING,
-            message=f"downloading {len(files)} files from {manifest.endpoint}",
+            message=f"downloading {len(files)} files from {display_url(manifest.endpoint)}",
             revision=manifest.commit,
             requested_revision=revision,
             files=files,
@@ -243,7 +251,7 @@ class PullPipeline:
             try:
                 manifest = self._manifest_from(job, endpoint, entry, revision)
             except SourceError as error:
-                reasons.append(f"{endpoint}: {error.reason}")
+                reasons.append(f"{display_url(endpoint)}: {error.reason}")
                 not_found += error.not_found
                 logger.warning(
                     "hub source failed; trying the next", extra={"endpoint": endpoint, "reason": error.reason}
@@ -459,7 +467,12 @@ class PullPipeline:
         remove_path(registry.partial_root(model_id))
         remove_files_except(model_dir, {f.path for f in files})
         registry.transition(
-            model_id, ModelState.READY, message=f"ready from {source}", files=files, source=source, error=""
+            model_id,
+            ModelState.READY,
+            message=f"ready from {display_url(source)}",
+            files=files,
+            source=source,
+            error="",
         )
         logger.info("verification passed", extra={"files": len(files)})
         return source
