@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from opentelemetry.util.types import AttributeValue
+
 from model_service.catalog import CatalogEntry
 from model_service.errors import ImportFailed, ModelBusy, UnsafePath
 from model_service.paths import remove_path, safe_join, validate_relative_file
@@ -82,7 +84,11 @@ class Importer:
             progress.bytes_done += count
             verify.on_bytes(count)
 
-        attributes = {"voxserve.model_id": model_id, "voxserve.files": len(sources), "voxserve.bytes": total}
+        attributes: dict[str, AttributeValue] = {
+            "voxserve.model_id": model_id,
+            "voxserve.files": len(sources),
+            "voxserve.bytes": total,
+        }
         try:
             with self.spans.span(IMPORT, attributes):
                 files = _copy_files(sources, staging, set(entry.required_files), copied, verify, self.copy_block)
