@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -170,3 +171,32 @@ def test_paused_survives_a_restart_and_cancel_removes_its_partials(
     model = second.stub.CancelDownload(pb.CancelDownloadRequest(model_id="test-tiny"))
     assert model.state in (pb.NOT_DOWNLOADED, pb.INCOMPLETE)
     assert not (store_config.data_dir / "partial" / "test-tiny").exists()
+
+
+def test_import_of_a_paused_model_drops_its_pause_request_and_partials(
+    start_store: Callable[..., StoreHandle], store_config: ModelStoreConfig, hub: HubServer
+) -> None:
+    store = start_store()
+    start_tiny_download(store, hub)
+    assert pause(store, "test-tiny").state == pb.PAUSED
+    hub.throttle(None)
+    queue_file = store.store.data_dir / "queue.json"
+    assert [r["model_id"] for r in json.loads(queue_file.read_text())["paused"]] == ["test-tiny"]
+    assert (store.store.partial_dir / "test-tiny").is_dir()
+
+    imported = store.stub.ImportModel(pb.ImportModelRequest(model_id="test-tiny", source_dir=str(TINY_EN_DIR)))
+    assert imported.state == pb.READY
+    assert not (store.store.partial_dir / "test-tiny").exists()
+    assert json.loads(queue_file.read_text())["paused"] == []
+    # READY, not PAUSED: Resume has nothing to continue, a pull answers at once.
+    assert rpc_error(lambda: resume(store, "test-tiny")).code() == grpc.StatusCode.FAILED_PRECONDITION
+    hub.reset_stats()
+    assert [e.state for e in pull(store, "test-tiny")] == [pb.READY]
+    assert model_bin_ranges(hub) == []
+
+    # And after a restart nothing of the pause comes back.
+    store.stop()
+    again = start_store(store_config)
+    assert get_model(again, "test-tiny").state == pb.READY
+    assert json.loads(queue_file.read_text())["paused"] == []
+    assert not (again.store.partial_dir / "test-tiny").exists()
