@@ -11,6 +11,7 @@ import av
 import av.error
 import numpy as np
 import numpy.typing as npt
+from opentelemetry import trace
 
 from inference_service.errors import AudioTooLarge, InvalidAudio
 from voxserve_common.errors import InvalidArgument
@@ -129,6 +130,10 @@ def decode_audio(
                 f"the file ({container.format.name}) has no audio stream, only: {', '.join(kinds)}; {_SEND_INSTEAD}"
             )
         _check_stream(container.streams.audio[0], max_seconds)
+        # The source's rate, on the caller's span (inference.audio_decode) when there is one.
+        trace.get_current_span().set_attribute(
+            "voxserve.audio.sample_rate", container.streams.audio[0].sample_rate or 0
+        )
         resampler = av.AudioResampler(format="fltp", layout=layout, rate=sampling_rate)
         limit = int(max_seconds * sampling_rate)
         decoded = 0

@@ -104,11 +104,12 @@ class JobRequest:
     separate_model_id: str = ""
     job_id: str = ""
     deadline: float | None = None  # time.monotonic() value
+    fast_first_segment: bool | None = None  # None: the service's setting
 
     @property
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.audio)
-        digest.update(repr((self.model_id, self.options, self.separate_model_id)).encode())
+        digest.update(repr((self.model_id, self.options, self.separate_model_id, self.fast_first_segment)).encode())
         return digest.hexdigest()
 
 

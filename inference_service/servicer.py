@@ -12,7 +12,7 @@ from typing import Any, cast
 import grpc
 
 from inference_service.audio import check_audio_size
-from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo
+from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo, checked_temperature
 from inference_service.jobs import (
     ENDED,
     Accepted,
@@ -111,6 +111,8 @@ def options_from_pb(options: pb.TranscribeOptions, default_model: str) -> tuple[
         raise InvalidArgument(f"unknown task {options.task}; use TRANSCRIBE or TRANSLATE")
     if options.beam_size < 0:
         raise InvalidArgument(f"beam_size must be >= 0 (0 = default 5), got {options.beam_size}")
+    # Checked here too so that a bad value fails the call before a job is made.
+    temperature = checked_temperature(options.temperature if options.HasField("temperature") else None)
     engine_options = TranscribeOptions(
         language=options.language or None,
         task=TASKS[options.task],
@@ -119,8 +121,14 @@ def options_from_pb(options: pb.TranscribeOptions, default_model: str) -> tuple[
         word_timestamps=options.word_timestamps,
         initial_prompt=options.initial_prompt or None,
         hotwords=options.hotwords or None,
+        temperature=temperature,
     )
     return options.model_id or default_model, engine_options, options.separate_model_id, options.job_id
+
+
+def fast_first_segment_from_pb(options: pb.TranscribeOptions) -> bool | None:
+    """The request's fast_first_segment, or None (unset: the service setting decides)."""
+    return options.fast_first_segment if options.HasField("fast_first_segment") else None
 
 
 def merged_options(request: pb.TranscribeRequest) -> pb.TranscribeOptions:
@@ -200,7 +208,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         check_audio_size(len(audio), self.max_audio_bytes)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        request = JobRequest(model_id, audio, engine_options, separate, job_id, deadline)
+        request = JobRequest(
+            model_id, audio, engine_options, separate, job_id, deadline, fast_first_segment_from_pb(options)
+        )
         job, existing = self.jobs.submit(request)
         with log_context(job_id=job.job_id, model_id=model_id):
             logger.info("job attached" if existing else "job accepted", extra={"audio_bytes": len(audio)})

@@ -14,10 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from opentelemetry import trace
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, audio_duration, decode_audio
 from inference_service.engines.device import DeviceChoice
-from inference_service.engines.whisper import TranscribeOptions, WhisperEngine
+from inference_service.engines.whisper import Segment, TranscribeOptions, WhisperEngine
 from inference_service.jobs import Completed, Job, Phase, Progress
 from inference_service.live.first_segment import FirstUtterance, decode_first_utterance
 from inference_service.live.vad import SpeechDetector, VadSessions
@@ -27,6 +28,9 @@ from voxserve_common.errors import Cancelled, InvalidArgument
 from voxserve_common.kinds import ModelKind
 
 logger = logging.getLogger(__name__)
+# Spans of the stages, children of the RPC span: the job's thread runs in a copy of the
+# submitting call's contextvars (JobManager.submit), so the current span is the RPC's.
+tracer = trace.get_tracer("voxserve.inference")
 
 
 def make_loader(device: DeviceChoice, cpu_threads: int = 0) -> Callable[[ModelSpec], LoadedModel]:
@@ -104,8 +108,12 @@ class Transcriber:
         request = job.request
         started = time.monotonic()
         job.emit(Progress(Phase.DECODING, 0.0, "decoding audio"))
-        audio = decode_audio(request.audio, WHISPER_SAMPLE_RATE)
-        duration = audio_duration(audio, WHISPER_SAMPLE_RATE)
+        with tracer.start_as_current_span(
+            "inference.audio_decode", attributes={"voxserve.audio.bytes": len(request.audio)}
+        ) as span:
+            audio = decode_audio(request.audio, WHISPER_SAMPLE_RATE)  # sets voxserve.audio.sample_rate
+            duration = audio_duration(audio, WHISPER_SAMPLE_RATE)
+            span.set_attribute("voxserve.audio.duration_seconds", duration)
         self._check_stop(job)
         relay = _relay_to(job)
         with self.cache.acquire_as(request.model_id, WhisperEngine, on_progress=relay) as lease:
@@ -127,10 +135,20 @@ class Transcriber:
                     return
                 flat = tuple(t for span in spans for t in span)
                 options = replace(options, vad_filter=False, clip_timestamps=flat)
-            first = self._first_utterance(job, lease.model, audio, options, relay)
-            if first is not None:
-                options = replace(options, clip_timestamps=(first.resume_at,))
-            texts = self._transcribe(job, lease.model, audio, options, first, duration)
+            attributes: dict[str, str | float | bool] = {
+                "voxserve.model_id": request.model_id,
+                "voxserve.audio.duration_seconds": duration,
+                "voxserve.transcription.task": options.task,
+            }
+            if options.temperature is not None:
+                attributes["voxserve.transcription.temperature"] = options.temperature
+            with tracer.start_as_current_span("inference.transcription", attributes=attributes) as span:
+                first = self._first_utterance(job, lease.model, audio, options, relay)
+                if first is not None:
+                    options = replace(options, clip_timestamps=(first.resume_at,))
+                texts = self._transcribe(job, lease.model, audio, options, first, duration)
+                span.set_attribute("voxserve.transcription.segments", len(texts))
+                span.set_attribute("voxserve.transcription.fast_first_segment", first is not None)
             self._complete(job, started, duration, load_seconds, cache_hit, texts)
 
     def _transcribe(
@@ -156,6 +174,8 @@ class Transcriber:
         else:
             info, segments = engine.transcribe(audio, options, job.should_stop)
         job.emit(info)
+        span = trace.get_current_span()
+        span.set_attribute("voxserve.transcription.language", info.language)
         texts: list[str] = [first.segment.text] if first is not None else []
         if first is not None:
             segments = (replace(segment, index=segment.index + 1) for segment in segments)
@@ -167,6 +187,7 @@ class Transcriber:
                         job.first_segment_at - job.created
                     )
             job.emit(segment)
+            _segment_event(span, segment)
             texts.append(segment.text)
             percent = min(100.0, 100.0 * segment.end / duration) if duration else 100.0
             job.emit(Progress(Phase.TRANSCRIBING, percent))
@@ -180,17 +201,32 @@ class Transcriber:
         options: TranscribeOptions,
         relay: Callable[[LoadProgress], None],
     ) -> FirstUtterance | None:
-        """With fast_first_segment: the first utterance decoded alone and sent now (None: the plain path)."""
-        if not self.fast_first_segment or self.batch_size > 0 or options.clip_timestamps:
+        """With fast_first_segment (the request's, else the service's): the first utterance
+        decoded alone and sent now (None: the plain path)."""
+        wanted = job.request.fast_first_segment
+        if wanted is None:
+            wanted = self.fast_first_segment
+        if not wanted or self.batch_size > 0 or options.clip_timestamps:
             return None
         from inference_service.engines.vad import SileroVadEngine
 
-        with self.cache.acquire_as(self.vad_model_id, SileroVadEngine, on_progress=relay) as vad:
+        with (
+            self.cache.acquire_as(self.vad_model_id, SileroVadEngine, on_progress=relay) as vad,
+            tracer.start_as_current_span("inference.first_utterance") as span,
+        ):
             if self._vad_sessions is None:
                 self._vad_sessions = VadSessions()
             detector = SpeechDetector(self._vad_sessions.session(vad.model.path))
             first = decode_first_utterance(engine, detector, audio, options)
+            span.set_attribute("voxserve.first_utterance.found", first is not None)
+            if first is not None:
+                span.set_attribute("voxserve.first_utterance.resume_at", first.resume_at)
         if first is not None:
+            _segment_event(trace.get_current_span(), first.segment)
+            logger.info(
+                "first utterance decoded alone",
+                extra={"segment_end": round(first.segment.end, 3), "resume_at": round(first.resume_at, 3)},
+            )
             job.first_segment_at = time.monotonic()
             if self.metrics is not None:
                 self.metrics.time_to_first_segment.labels(job.request.model_id).observe(
@@ -225,11 +261,15 @@ class Transcriber:
         job.emit(Progress(Phase.SEPARATING, 0.0, f"isolating vocals with {model_id}"))
         from inference_service.engines.separation import DemucsSeparator
 
-        with self.cache.acquire_as(model_id, DemucsSeparator, on_progress=relay) as lease:
+        with (
+            self.cache.acquire_as(model_id, DemucsSeparator, on_progress=relay) as lease,
+            tracer.start_as_current_span("inference.separation", attributes={"voxserve.model_id": model_id}) as span,
+        ):
             separator = lease.model
             mixed = separator.decode_for_model(job.request.audio)
             vocals = separator.separate_vocals(mixed, job.should_stop)
             audio = separator.vocals_for_whisper(vocals)
+            span.set_attribute("voxserve.audio.duration_seconds", audio_duration(audio, WHISPER_SAMPLE_RATE))
         job.emit(Progress(Phase.SEPARATING, 100.0, "vocals isolated"))
         self._check_stop(job)
         return audio
@@ -240,8 +280,13 @@ class Transcriber:
         job.emit(Progress(Phase.VAD, 0.0, f"finding speech with {self.vad_model_id}"))
         from inference_service.engines.vad import SileroVadEngine
 
-        with self.cache.acquire_as(self.vad_model_id, SileroVadEngine, on_progress=relay) as lease:
+        with (
+            self.cache.acquire_as(self.vad_model_id, SileroVadEngine, on_progress=relay) as lease,
+            tracer.start_as_current_span("inference.vad", attributes={"voxserve.model_id": self.vad_model_id}) as span,
+        ):
             spans = lease.model.speech_timestamps(audio)
+            span.set_attribute("voxserve.vad.chunks", len(spans))
+            span.set_attribute("voxserve.vad.speech_seconds", float(sum(end - start for start, end in spans)))
         job.emit(Progress(Phase.VAD, 100.0, f"{len(spans)} speech span(s)"))
         self._check_stop(job)
         return [(float(start), float(end)) for start, end in spans]
@@ -250,3 +295,7 @@ class Transcriber:
     def _check_stop(job: Job) -> None:
         if job.should_stop():
             raise Cancelled("job cancelled")
+
+
+def _segment_event(span: trace.Span, segment: Segment) -> None:
+    span.add_event("segment", {"index": segment.index, "start": segment.start, "end": segment.end})

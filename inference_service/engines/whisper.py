@@ -25,10 +25,30 @@ MAX_BEAM_SIZE = 20
 REQUIRED_FILES = ("model.bin", "config.json", "tokenizer.json")
 SAMPLE_RATE = 16000
 LANGUAGE_CODES: frozenset[str] = frozenset(_LANGUAGE_CODES)
+# faster-whisper's default: greedy/beam at 0, retried hotter when a decode fails its checks.
+DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+MAX_TEMPERATURE = 1.0
 
 
 def _never() -> bool:
     return False
+
+
+def checked_temperature(value: float | None) -> float | None:
+    """A requested temperature, rounded to 6 digits (the proto's float32 makes 0.2 into
+    0.20000000298...); None stays None.
+
+    Raises:
+        InvalidOptions: outside 0..1, or not a number.
+    """
+    if value is None:
+        return None
+    if not 0.0 <= value <= MAX_TEMPERATURE:  # NaN fails this too
+        raise InvalidOptions(
+            f"temperature must be between 0 and {MAX_TEMPERATURE:g} (0 = greedy/beam search, "
+            f"higher = more random sampling), got {value:g}; leave it unset for the default schedule"
+        )
+    return round(float(value), 6)
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,14 @@ class TranscribeOptions:
     hotwords: str | None = None
     # Speech spans (start, end, start, end, ... in seconds) to decode; empty = all audio.
     clip_timestamps: tuple[float, ...] = ()
+    # None: faster-whisper's schedule (DEFAULT_TEMPERATURES); a value: only that temperature
+    # (0 = greedy/beam search, above 0 = sampling), no fallback.
+    temperature: float | None = None
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """What faster-whisper is asked to use, in order."""
+        return DEFAULT_TEMPERATURES if self.temperature is None else (self.temperature,)
 
 
 @dataclass(frozen=True)
@@ -67,6 +95,7 @@ class Segment:
     words: tuple[Word, ...]
     avg_logprob: float
     no_speech_prob: float
+    temperature: float | None = None  # the temperature of the decode that produced it, when known
 
 
 @dataclass(frozen=True)
@@ -142,13 +171,15 @@ class WhisperEngine:
         """Check options against this model and normalise them (``""`` -> ``None``, lower-case language).
 
         Raises:
-            InvalidOptions: unknown task, beam size outside 1..20, unknown language code, or a
-                translation/non-English language asked of an English-only model.
+            InvalidOptions: unknown task, beam size outside 1..20, temperature outside 0..1,
+                unknown language code, or a translation/non-English language asked of an
+                English-only model.
         """
         if options.task not in TASKS:
             raise InvalidOptions(f"unknown task {options.task!r}; use one of {', '.join(TASKS)}")
         if not 1 <= options.beam_size <= MAX_BEAM_SIZE:
             raise InvalidOptions(f"beam_size must be between 1 and {MAX_BEAM_SIZE}, got {options.beam_size}")
+        temperature = checked_temperature(options.temperature)
         language = (options.language or "").strip().lower() or None
         if language is not None and language not in LANGUAGE_CODES:
             raise InvalidOptions(
@@ -175,6 +206,7 @@ class WhisperEngine:
             initial_prompt=options.initial_prompt or None,
             hotwords=options.hotwords or None,
             clip_timestamps=tuple(options.clip_timestamps),
+            temperature=temperature,
         )
 
     @staticmethod
@@ -213,6 +245,7 @@ class WhisperEngine:
             initial_prompt=opts.initial_prompt,
             hotwords=opts.hotwords,
             clip_timestamps=list(opts.clip_timestamps) if opts.clip_timestamps else "0",
+            temperature=list(opts.temperatures),
         )
         return self._info(info), self._stream(segments, should_stop)
 
@@ -248,6 +281,7 @@ class WhisperEngine:
             hotwords=opts.hotwords,
             batch_size=batch_size,
             without_timestamps=without_timestamps,
+            temperature=list(opts.temperatures),
         )
         return self._info(info), self._stream(segments, should_stop)
 
@@ -281,6 +315,7 @@ class WhisperEngine:
                     ),
                     avg_logprob=float(seg.avg_logprob),
                     no_speech_prob=float(seg.no_speech_prob),
+                    temperature=None if seg.temperature is None else float(seg.temperature),
                 )
                 index += 1
         finally:

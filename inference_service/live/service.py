@@ -10,8 +10,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
-from inference_service.engines.whisper import TranscribeOptions
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+from typing_extensions import TypeVar
+
+from inference_service.engines.whisper import TranscribeOptions, WhisperEngine
 from inference_service.jobs import Accepted, Completed
 from inference_service.live.decoder import BufferDecoder, DecodeSettings, raw_model
 from inference_service.live.pcm import Encoding, PcmDecoder
@@ -20,11 +25,13 @@ from inference_service.live.stream import LiveStream, StreamEvent
 from inference_service.live.vad import SpeechDetector, VadSessions
 from inference_service.live.worker import DecodeWorker
 from inference_service.metrics import InferenceMetrics
-from inference_service.model_cache import Lease, ModelCache
+from inference_service.model_cache import Lease, LoadedModel, ModelCache
 from voxserve_common.errors import Cancelled, InvalidArgument, ResourceExhausted
 from voxserve_common.logs import log_context
 
 logger = logging.getLogger(__name__)
+E = TypeVar("E", bound=LoadedModel)
+tracer = trace.get_tracer("voxserve.inference")
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class _Observer:
         self.model_id = model_id
         self.on_lag = on_lag
         self.lag = 0.0
+        self.span: trace.Span = trace.INVALID_SPAN  # the stream's span, once it has one
 
     def first_result(self, seconds: float) -> None:
         if self.metrics is not None:
@@ -74,6 +82,8 @@ class _Observer:
 
     def decoded(self, seconds: float, lag: float) -> None:
         self.lag = lag
+        # The SDK keeps at most 128 events per span, so an hour-long stream stays bounded.
+        self.span.add_event("decode", {"seconds": seconds, "lag_seconds": lag})
         if self.metrics is not None:
             self.metrics.live_decode_seconds.labels(self.model_id).observe(seconds)
             self.metrics.live_lag.labels(self.model_id).observe(lag)
@@ -137,27 +147,46 @@ class LiveService:
         stream: LiveStream | None = None
         outcome = "failed"
         started = time.monotonic()
+        # Not made current: this generator yields to the servicer between events, and a
+        # context attached here would leak into it. Its parent is the RPC span.
+        span = observer.span = tracer.start_span(
+            "inference.live_stream", attributes={"voxserve.model_id": request.model_id, "voxserve.job_id": job_id}
+        )
+        texts: list[str] = []
         try:
             with log_context(job_id=job_id, model_id=request.model_id):
-                leases.append(await _acquire(self.cache, request.model_id, "whisper"))
-                leases.append(await _acquire(self.cache, self.vad_model_id, "vad"))
-                stream = self._stream(request, settings, pcm, leases, observer)
+                from inference_service.engines.vad import SileroVadEngine
+
+                whisper = await _acquire(self.cache, request.model_id, WhisperEngine)
+                leases.append(whisper)
+                vad = await _acquire(self.cache, self.vad_model_id, SileroVadEngine)
+                leases.append(vad)
+                stream = self._stream(request, settings, pcm, whisper.model, vad.model.path, observer)
                 logger.info("live stream started", extra={"rate": request.sample_rate, "encoding": request.encoding})
                 yield stream.event(Accepted(0, request.model_id))
-                texts: list[str] = []
                 async for event in stream.run(audio):
                     if isinstance(event.payload, LiveResult) and event.payload.is_final:
                         texts.append(event.payload.text)
                     yield event
-                yield stream.event(self._completed(stream, leases[0], started, texts))
+                yield stream.event(self._completed(stream, whisper, started, texts))
                 outcome = "completed"
-        except ResourceExhausted:
+        except ResourceExhausted as exc:
             outcome = "overloaded"
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
             raise
         except (asyncio.CancelledError, GeneratorExit, Cancelled):
             outcome = "cancelled"
             raise
+        except Exception as exc:
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
         finally:
+            span.set_attribute("voxserve.live.outcome", outcome)
+            span.set_attribute("voxserve.live.final_results", len(texts))
+            if stream is not None:
+                span.set_attribute("voxserve.audio.duration_seconds", stream.session.received)
+                span.set_attribute("voxserve.live.decodes", stream.stats.decodes)
+            span.end()
             self._release(stream, leases)
             self._leave(key, outcome)
             logger.info("live stream ended", extra={"outcome": outcome, "job_id": job_id})
@@ -167,21 +196,21 @@ class LiveService:
         request: StreamRequest,
         settings: LiveSettings,
         pcm: PcmDecoder,
-        leases: list[Lease],
+        engine: WhisperEngine,
+        vad_path: Path,
         observer: _Observer,
     ) -> LiveStream:
-        engine, vad = leases[0].model, leases[1].model
-        options = engine.validate(request.options)  # type: ignore[attr-defined]
+        options = engine.validate(request.options)
         beam = options.beam_size if request.beam_size_given else self.limits.beam_size
         decoder = BufferDecoder(
             raw_model(engine),
             DecodeSettings(options.language, options.task, beam, options.word_timestamps, options.hotwords),
         )
-        detector = SpeechDetector(self.vad_sessions.session(vad.path))  # type: ignore[attr-defined]
+        detector = SpeechDetector(self.vad_sessions.session(vad_path))
         return LiveStream(LiveSession(settings), pcm, detector, decoder, self.worker, self.limits.abandon_lag, observer)
 
     @staticmethod
-    def _completed(stream: LiveStream, lease: Lease, started: float, texts: list[str]) -> Completed:
+    def _completed(stream: LiveStream, lease: Lease[WhisperEngine], started: float, texts: list[str]) -> Completed:
         audio = stream.session.received
         compute = stream.stats.decode_seconds
         return Completed(
@@ -235,17 +264,17 @@ class LiveService:
             lease.release()
 
 
-async def _acquire(cache: ModelCache, model_id: str, kind: str) -> Lease:
-    """A lease taken in a thread (it may load the model); if the caller is cancelled
-    meanwhile, the lease is released as soon as the acquire returns."""
+async def _acquire(cache: ModelCache, model_id: str, engine_type: type[E]) -> Lease[E]:
+    """A lease typed as ``engine_type``, taken in a thread (it may load the model); if the
+    caller is cancelled meanwhile, the lease is released as soon as the acquire returns."""
     loop = asyncio.get_running_loop()
-    future: Future[Lease] = Future()
+    future: Future[Lease[E]] = Future()
 
     def run() -> None:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            future.set_result(cache.acquire(model_id, expected_kind=kind))
+            future.set_result(cache.acquire_as(model_id, engine_type))
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting stream
             future.set_exception(exc)
 
@@ -257,7 +286,7 @@ async def _acquire(cache: ModelCache, model_id: str, kind: str) -> Lease:
         raise
 
 
-def _release_when_acquired(future: Future[Lease]) -> None:
+def _release_when_acquired(future: Future[Lease[E]]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().release()
 
