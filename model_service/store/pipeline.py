@@ -124,7 +124,7 @@ class PullPipeline:
                 self.registry.set_progress(job.model_id, None)
                 self.metrics.download_speed.labels(job.model_id).set(0)
             duration = time.monotonic() - started
-            self.metrics.downloads_completed.labels(job.model_id, source).inc()
+            self.metrics.downloads_completed.labels(job.model_id, display_url(source)).inc()
             self.metrics.download_duration.labels(job.model_id).observe(duration)
             logger.info(
                 "model ready", extra={"model_id": job.model_id, "source": source, "seconds": round(duration, 3)}
@@ -217,7 +217,7 @@ class PullPipeline:
             source=manifest.endpoint,
         )
         self.registry.set_progress(model_id, progress)
-        self.metrics.downloads_started.labels(model_id, manifest.endpoint).inc()
+        self.metrics.downloads_started.labels(model_id, display_url(manifest.endpoint)).inc()
         reporter = ProgressReporter(model_id, progress, self.registry.bus, self.metrics)
         source, fetched = self._fetch_all(job, manifest, plan.to_fetch, reporter, endpoints)
         files = tuple(replace(f, sha256=fetched.get(f.path, f.sha256)) for f in plan.files)

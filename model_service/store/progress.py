@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_service.events import EventBus, EventType, StoreEvent
+from model_service.hub import display_url
 from model_service.metrics import ModelStoreMetrics
 from model_service.state import ModelState
 
@@ -74,7 +75,8 @@ class ProgressReporter:
         if count > 0:
             counter = self._byte_counters.get(endpoint)
             if counter is None:
-                counter = self._byte_counters[endpoint] = self._metrics.download_bytes.labels(self.model_id, endpoint)
+                label = display_url(endpoint)  # no user:password@ in a metric label
+                counter = self._byte_counters[endpoint] = self._metrics.download_bytes.labels(self.model_id, label)
             counter.inc(count)
         self.publish()
 

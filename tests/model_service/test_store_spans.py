@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from prometheus_client import generate_latest
 
 from model_service.spans import url_without_credentials
 from tests.hubserver import HubServer
@@ -113,7 +114,16 @@ def assert_no_secret(exported: list[ReadableSpan]) -> None:
 def test_a_pull_produces_its_work_spans_under_the_pull_rpc_span(
     traced_store: StoreHandle, hub: HubServer, spans: InMemorySpanExporter
 ) -> None:
-    assert pull(traced_store, "test-text")[-1].state == pb.READY
+    events = pull(traced_store, "test-text")
+    assert events[-1].state == pb.READY
+    # What the store reports of the endpoint has no password either: events, the model,
+    # ListSources, the metrics.
+    assert {e.source for e in events if e.source} == {hub.endpoint}
+    assert traced_store.stub.GetModel(pb.GetModelRequest(model_id="test-text")).source == hub.endpoint
+    listed = traced_store.stub.ListSources(pb.ListSourcesRequest()).sources
+    assert [(s.name, s.url) for s in listed] == [("mirror", hub.endpoint)]
+    metrics = generate_latest(traced_store.store.metrics.registry).decode()
+    assert PASSWORD not in metrics and hub.endpoint in metrics
     rpc = rpc_span(spans, PULL_RPC)
     found = wait_for_work(spans, rpc, WORK)
     files = text_repo_files()
