@@ -177,7 +177,7 @@ def test_the_entry_point_traces_logs_counts_and_stops_gracefully(
         root.setLevel(saved_level)
     # The inference service (in this process) handled the call inside the caller's trace.
     traced = [r for r in records.records if getattr(r, "trace_id", None) == trace_id]
-    assert any(r.getMessage() == "rpc finished" and "TranscribeStream" in str(r.method) for r in traced), [
+    assert any(r.getMessage() == "rpc finished" and "Transcribe" in str(r.method) for r in traced), [
         (r.getMessage(), getattr(r, "trace_id", None)) for r in records.records
     ]
 

@@ -192,6 +192,21 @@ def test_bad_parameters_are_400_naming_the_parameter(
     assert caught.value.body["param"] == param, caught.value.body
 
 
+def test_temperature_reaches_the_engine(gateway: GatewayHandle, services: InferenceHandle) -> None:
+    with open(SHORT, "rb") as audio:
+        raw = gateway.client().audio.transcriptions.with_raw_response.create(
+            model="whisper-1", file=audio, temperature=0.2
+        )
+    text = raw.parse().text
+    assert word_error_rate(TRANSCRIPTS["speech_short.wav"], text) <= 0.5, text
+    job = services.app.jobs.get(raw.headers["x-voxserve-job-id"])
+    assert job.request.options.temperature == pytest.approx(0.2)
+    # absent: the engine's own schedule (no temperature set)
+    with open(SHORT, "rb") as audio:
+        raw = gateway.client().audio.transcriptions.with_raw_response.create(model="whisper-1", file=audio)
+    assert services.app.jobs.get(raw.headers["x-voxserve-job-id"]).request.options.temperature is None
+
+
 def test_an_unknown_model_is_404_model_not_found(gateway: GatewayHandle) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         gateway.client().audio.transcriptions.create(model="whisper-nonexistent", file=("s.wav", SHORT.read_bytes()))
@@ -236,6 +251,9 @@ def test_audio_over_the_inference_limit_is_413_not_429(
         transcribe(gateway.client(), MULTI)  # 800 kB
     assert caught.value.status_code == 413
     assert "over the limit of 100000 bytes" in caught.value.message
+    # told apart from a full queue by the error category the service sent, not by its text
+    assert caught.value.code == "audio_too_large"
+    assert "retry-after" not in caught.value.response.headers  # the same request can never fit
 
 
 def test_a_full_job_queue_is_429_with_retry_after(
@@ -252,6 +270,7 @@ def test_a_full_job_queue_is_429_with_retry_after(
         assert caught.value.status_code == 429
         assert caught.value.response.headers["retry-after"] == "7"
         assert caught.value.body["type"] == "rate_limit_error"
+        assert caught.value.code == "resource_exhausted"
     finally:
         busy.close()
 

@@ -4,6 +4,7 @@ progress comes as NDJSON, watches as server-sent events resumable with Last-Even
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -288,3 +289,24 @@ def test_openapi_document_and_docs(gateway: GatewayHandle) -> None:
         fields
     )
     assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+
+
+def test_docs_load_swagger_ui_from_the_gateway_not_a_cdn(gateway: GatewayHandle) -> None:
+    with gateway.http() as http:
+        page = http.get("/docs")
+        assert page.status_code == 200, page.text
+        html = page.text
+        assert "://" not in html, html  # no absolute URL: no CDN, no other host
+        referenced = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+        referenced += re.findall(r"""url:\s*["']([^"']+)["']""", html)  # the OpenAPI document it loads
+        assert referenced, html
+        assert all(url.startswith("/") and not url.startswith("//") for url in referenced), referenced
+        kinds = {}
+        for url in referenced:
+            answer = http.get(url)
+            assert answer.status_code == 200, url
+            assert len(answer.content) > 1000, url
+            kinds[url.rsplit(".", 1)[-1]] = answer.headers["content-type"]
+    assert "javascript" in kinds["js"], kinds
+    assert "css" in kinds["css"], kinds
+    assert "/openapi.json" in referenced

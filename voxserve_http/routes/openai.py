@@ -1,7 +1,8 @@
 """OpenAI-compatible routes: /v1/audio/transcriptions, /v1/audio/translations, /v1/models.
 
 The request fields and answers follow OpenAI's Audio API so that its SDKs work with a
-``base_url`` pointing here; each request becomes one TranscribeStream call.
+``base_url`` pointing here; each request becomes one Transcribe call (TranscribeStream for
+audio over 32 MiB).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from voxserve.inference.v1 import inference_pb2 as ipb
 from voxserve.modelstore.v1 import modelstore_pb2 as mpb
 from voxserve_http import validation
-from voxserve_http.clients import INFERENCE, STORE, audio_chunks, call_metadata
+from voxserve_http.clients import INFERENCE, SINGLE_MESSAGE_AUDIO_BYTES, STORE, audio_chunks, call_metadata
 from voxserve_http.errors import ApiError, bad_request
 from voxserve_http.formats import MEDIA_TYPES, RESPONSE_FORMATS, SSE_MEDIA_TYPE, Transcript, sse
 from voxserve_http.state import Gateway, authorization, gateway
@@ -161,11 +162,13 @@ async def _transcribe(
         job_id=named_job,
         temperature=sampling,  # None leaves the optional field unset
     )
-    call = gw.backends.inference.TranscribeStream(
-        audio_chunks(options, audio),
-        timeout=gw.config.transcribe_timeout_seconds,
-        metadata=call_metadata(authorization(request)),
-    )
+    metadata = call_metadata(authorization(request))
+    timeout = gw.config.transcribe_timeout_seconds
+    if len(audio) <= SINGLE_MESSAGE_AUDIO_BYTES:
+        single = ipb.TranscribeRequest(options=options, audio=audio)
+        call = gw.backends.inference.Transcribe(single, timeout=timeout, metadata=metadata)
+    else:
+        call = gw.backends.inference.TranscribeStream(audio_chunks(options, audio), timeout=timeout, metadata=metadata)
     events = Prefetched(gw.backends.stream(INFERENCE, call, not_found=MODEL_NOT_FOUND))
     transcript = Transcript("translate" if task == ipb.TRANSLATE else "transcribe")
     if streaming:
