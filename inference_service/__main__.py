@@ -74,6 +74,7 @@ def build_cache(config: InferenceConfig, source: StoreModelSource, metrics: Infe
         watchdog_interval_seconds=config.watchdog_interval_seconds,
         watchdog_threshold=config.watchdog_threshold,
         pinned=tuple(config.pin),
+        warmup=config.warmup,
     )
     return ModelCache(cache_config, source.resolve, make_loader(device, config.cpu_threads), metrics, probe)
 

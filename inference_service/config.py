@@ -35,6 +35,9 @@ class InferenceConfig(ServiceSettings):
     memory_budget: str = "80%"  # bytes, "2GiB" or a percent of device memory
     preload: tuple[str, ...] = ("silero-vad", "htdemucs")
     pin: tuple[str, ...] = ("silero-vad",)
+    # After a Whisper model loads, one short decode of silence runs inside the load, so the
+    # first request does not pay CTranslate2's first-call costs (bench/bench_warmup.py).
+    warmup: bool = True
     watchdog_interval_seconds: float = 5.0
     watchdog_threshold: float = 0.95
     max_running_jobs: int = 1

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 from typing_extensions import TypeVar
 
 from inference_service.errors import ModelInUse, ModelLoadFailed, ModelNotLoaded
@@ -28,6 +30,7 @@ from inference_service.model_cache.flight import Flight, kind_accepted, wrong_ki
 from inference_service.model_cache.limits import LimitsChange, check_limits, held_over, over_limits
 from inference_service.model_cache.loading import FlightLoader
 from inference_service.model_cache.registry import CacheRegistry
+from inference_service.model_cache.reservations import Reservation, reserve
 from inference_service.model_cache.watchdog import MemoryWatchdog, memory_pressure, process_used
 from voxserve_common.errors import InvalidArgument
 
@@ -72,8 +75,10 @@ class ModelCache:
         load: Callable[[ModelSpec], LoadedModel],
         metrics: InferenceMetrics | None = None,
         memory: MemoryProbe | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._config = config
+        self._tracer = tracer if tracer is not None else trace.get_tracer(__name__)
         self._metrics = metrics
         self._probe = memory if memory is not None else MemoryProbe()
         self._device = config.device
@@ -146,9 +151,34 @@ class ModelCache:
             )
         return Lease(self._release, out.entry, model, cache_hit=out.cache_hit, load_seconds=out.load_seconds)
 
+    @property
+    def warmup(self) -> bool:
+        """Whether loads of Whisper models end with a warm-up decode (a live setting)."""
+        return self._loader.warmup
+
+    @warmup.setter
+    def warmup(self, enabled: bool) -> None:
+        self._loader.warmup = enabled
+
     def _checkout(self, model_id: str, expected_kind: str | None, on_progress: ProgressCallback | None) -> _Checkout:
         if not model_id:
             raise InvalidArgument("model_id is empty")
+        # One span per acquire, a child of the caller's (the RPC's or the job's: callers run in
+        # a copy of the RPC's context, asyncio.to_thread and JobManager.submit both copy it).
+        # On a hit it records the hit and nothing else; on a miss it covers resolve, load, warm-up.
+        attributes = {"voxserve.model_id": model_id, "voxserve.device": self._device}
+        with self._tracer.start_as_current_span("inference.model_load", attributes=attributes) as span:
+            out = self._checkout_traced(model_id, expected_kind, on_progress)
+            span.set_attribute("voxserve.cache.hit", out.cache_hit)
+            span.set_attribute("voxserve.model.bytes", out.entry.memory_bytes)
+            span.set_attribute("voxserve.device", out.entry.device)
+            if not out.cache_hit:
+                span.set_attribute("voxserve.model.load_seconds", round(out.load_seconds, 3))
+            return out
+
+    def _checkout_traced(
+        self, model_id: str, expected_kind: str | None, on_progress: ProgressCallback | None
+    ) -> _Checkout:
         while True:
             with self._lock:
                 entry = self._reg.entries.get(model_id)
@@ -196,6 +226,15 @@ class ModelCache:
             self._reg.evict_locked(victim, reason)
         return [victim for victim, _ in plan]
 
+    def reserve(self, nbytes: int, label: str) -> Reservation:
+        """Count memory held outside the models (a live stream's state) as used until the
+        reservation is released (or its ``with`` ends); idle models are evicted to make room.
+
+        May free models, so call it off the event loop. Raises CacheFull when models that
+        cannot be evicted leave no room, InvalidArgument for a negative size.
+        """
+        return reserve(self._reg, nbytes, label)
+
     def estimate_bytes(self, spec: ModelSpec) -> int:
         """Memory the model is expected to take once loaded.
 
@@ -235,6 +274,13 @@ class ModelCache:
                 entry.pinned = True
             info = entry.info(own_leases=1)
         self._release(Lease(self._release, entry, model, cache_hit=True, load_seconds=0.0))
+        attributes: dict[str, str | bool | int] = {
+            "voxserve.model_id": model_id,
+            "voxserve.device": info.device,
+            "voxserve.cache.hit": True,
+            "voxserve.model.bytes": info.memory_bytes,
+        }
+        self._tracer.start_span("inference.model_load", attributes=attributes).end()
         return info
 
     def unload(self, model_id: str, force: bool = False) -> LoadedModelInfo:

@@ -82,7 +82,8 @@ class CacheConfig:
     The watchdog evicts idle models when what the process has added since start-up
     (RSS on CPU, device memory in use on CUDA) passes watchdog_threshold x the budget, or
     when the whole device is fuller than watchdog_threshold of its memory.
-    Models named in pinned are pinned whenever they are loaded.
+    Models named in pinned are pinned whenever they are loaded. warmup runs one short decode
+    of silence through each Whisper model as part of its load (inference_service/warmup.py).
     """
 
     max_models: int = 3
@@ -91,6 +92,7 @@ class CacheConfig:
     watchdog_interval_seconds: float = 5.0
     watchdog_threshold: float = 0.9
     pinned: tuple[str, ...] = ()
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if self.max_models < 1:
