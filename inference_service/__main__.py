@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from inference_service.config import InferenceConfig
 from inference_service.engines.device import choose_device
@@ -46,9 +48,39 @@ class InferenceApp:
     preload_thread: threading.Thread | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
 
+    # Settings a SIGHUP applies without a restart (besides the log levels): the cache's limits
+    # (the path SetCacheLimits takes), warm-up, the watchdog, and auto_pull (read at each
+    # resolve). The others (ports, TLS, the store's address, device, job and live limits)
+    # are built into objects at start-up and are reported as needing a restart.
+    live_settings: ClassVar[frozenset[str]] = frozenset(
+        {"max_models", "memory_budget", "warmup", "watchdog_threshold", "watchdog_interval_seconds", "auto_pull"}
+    )
+
     @property
     def port(self) -> int:
         return self.server.port
+
+    def apply_live_settings(self, new: InferenceConfig) -> None:
+        """SIGHUP: apply the live settings that differ from the ones in force. A bad value
+        raises InvalidArgument before anything changes (the running settings stay)."""
+        old = self.config
+        if old.max_models != new.max_models or old.memory_budget != new.memory_budget:
+            self.cache.check_limits(new.max_models, new.memory_budget)
+        if (old.watchdog_threshold, old.watchdog_interval_seconds) != (
+            new.watchdog_threshold,
+            new.watchdog_interval_seconds,
+        ):
+            self.cache.set_watchdog(new.watchdog_threshold, new.watchdog_interval_seconds)
+        if old.max_models != new.max_models or old.memory_budget != new.memory_budget:
+            change = self.cache.set_limits(new.max_models, new.memory_budget)
+            logger.info(
+                "cache limits reloaded",
+                extra={"max_models": change.stats.max_models, "memory_budget_bytes": change.stats.memory_budget_bytes},
+            )
+        self.cache.warmup = new.warmup
+        if old.auto_pull != new.auto_pull:
+            self.source.config = dataclasses.replace(self.source.config, auto_pull=new.auto_pull)
+        self.config = dataclasses.replace(old, **{name: getattr(new, name) for name in self.live_settings})
 
     async def stop(self, grace: float | None = 1.0) -> None:
         await self.server.stop(grace)

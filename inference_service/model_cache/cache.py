@@ -27,7 +27,7 @@ from inference_service.model_cache.cache_types import (
 )
 from inference_service.model_cache.eviction import evictable
 from inference_service.model_cache.flight import Flight, kind_accepted, wrong_kind
-from inference_service.model_cache.limits import LimitsChange, check_limits, held_over, over_limits
+from inference_service.model_cache.limits import LimitsChange, NewLimits, check_limits, held_over, over_limits
 from inference_service.model_cache.loading import FlightLoader
 from inference_service.model_cache.registry import CacheRegistry
 from inference_service.model_cache.reservations import Reservation, reserve
@@ -319,6 +319,10 @@ class ModelCache:
                 failures.append((model_id, exc))
         return failures
 
+    def check_limits(self, max_models: int | None = None, memory_budget: str | None = None) -> NewLimits:
+        """The limits set_limits would apply, checked (InvalidArgument naming the field) but not applied."""
+        return check_limits(max_models, memory_budget, self._device_total)
+
     def set_limits(self, max_models: int | None = None, memory_budget: str | None = None) -> LimitsChange:
         """Change max_models and/or the memory budget now (None or "" = unchanged), then evict
         idle, unpinned models least recently used first until the new limits hold.
@@ -330,7 +334,7 @@ class ModelCache:
         ``held_over`` with a warning, and each leased one is evicted when its last lease ends
         while the cache is still over (pinned ones stay until unloaded).
         """
-        new = check_limits(max_models, memory_budget, self._device_total)
+        new = self.check_limits(max_models, memory_budget)
         with self._lock:
             before = (self._reg.max_models, self._reg.budget)
             self._reg.set_limits_locked(
@@ -404,6 +408,19 @@ class ModelCache:
             device_total=self._device_total,
             threshold=self._config.watchdog_threshold,
         )
+
+    def set_watchdog(self, threshold: float | None = None, interval_seconds: float | None = None) -> None:
+        """Change the watchdog's threshold and/or interval at run time (None = unchanged);
+        InvalidArgument naming the setting for a value out of range (nothing changes then)."""
+        if threshold is not None and not 0 < threshold <= 1:
+            raise InvalidArgument(f"watchdog_threshold must be in (0, 1], not {threshold}")
+        if interval_seconds is not None and not interval_seconds > 0:
+            raise InvalidArgument(f"watchdog_interval_seconds must be positive, not {interval_seconds}")
+        if threshold is not None:
+            self._config.watchdog_threshold = threshold
+        if interval_seconds is not None:
+            self._config.watchdog_interval_seconds = interval_seconds
+            self._watchdog.interval = interval_seconds
 
     def start_watchdog(self) -> None:
         """Check memory every watchdog_interval_seconds in a daemon thread until stop()."""

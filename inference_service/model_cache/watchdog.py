@@ -43,7 +43,7 @@ class MemoryWatchdog:
     check is logged and the next one still runs."""
 
     def __init__(self, interval: float, check: Callable[[], object]) -> None:
-        self._interval = interval
+        self.interval = interval  # read before each wait: a change applies from the next check
         self._check = check
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -56,7 +56,7 @@ class MemoryWatchdog:
         self._thread.start()
 
     def _watch(self) -> None:
-        while not self._stop.wait(self._interval):
+        while not self._stop.wait(self.interval):
             try:
                 self._check()
             except Exception:

@@ -9,9 +9,10 @@ import subprocess
 import sys
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import DATA_DIR, TRANSCRIPTS, InferenceHandle, free_port, wait_for
+from tests.support import DATA_DIR, TRANSCRIPTS, InferenceHandle, InferenceProcess, free_port, wait_for
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc
 
@@ -95,3 +96,59 @@ def test_sigterm_stops_the_inference_service_gracefully(start_store, tmp_path) -
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_sighup_applies_the_cache_limits_from_the_file_and_reports_the_rest(start_store, tmp_path) -> None:
+    """A real process: the YAML file changes, SIGHUP, GetCacheStats shows the new limits (an
+    idle model left to meet them); a changed setting that is not live is logged as needing a restart."""
+    store = start_store(import_embedded=True)
+    config = tmp_path / "inference.yaml"
+    config.write_text(yaml.safe_dump({"max_models": 3, "memory_budget": "2GiB", "max_running_jobs": 1}))
+    inference = InferenceProcess(tmp_path, store.address, extra_args=["--config", str(config)])
+    try:
+        inference.wait_status(health_pb2.HealthCheckResponse.SERVING, "voxserve.inference.v1.Inference", timeout=120)
+        for model_id in ("silero-vad", "whisper-tiny.en"):
+            inference.stub.LoadModel(pb.LoadModelRequest(model_id=model_id), timeout=120)
+        stats = inference.stub.GetCacheStats(pb.GetCacheStatsRequest(), timeout=30)
+        assert (stats.max_models, stats.memory_budget_bytes, stats.loaded_models) == (3, 2 << 30, 2)
+
+        config.write_text(
+            yaml.safe_dump({"max_models": 1, "memory_budget": "1GiB", "max_running_jobs": 2, "warmup": False})
+        )
+        inference.process.send_signal(signal.SIGHUP)
+
+        def reloaded() -> pb.CacheStats | None:
+            stats = inference.stub.GetCacheStats(pb.GetCacheStatsRequest(), timeout=30)
+            return stats if (stats.max_models, stats.memory_budget_bytes) == (1, 1 << 30) else None
+
+        stats = wait_for(reloaded, timeout=60, message="the new limits in GetCacheStats")
+        assert stats.loaded_models == 1
+        loaded = inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest(), timeout=30)
+        assert [m.model_id for m in loaded.models] == ["whisper-tiny.en"]  # the LRU idle one left
+        record = wait_for(
+            lambda: next((r for r in inference.records() if r["message"] == "settings reloaded"), None),
+            timeout=30,
+            message="the reload record",
+        )
+        assert set(record["applied"]) == {"max_models", "memory_budget", "warmup"}
+        assert record["needs_restart"] == ["max_running_jobs"]
+        assert any(
+            r["message"] == "some changed settings take effect only after a restart"
+            and r["settings"] == ["max_running_jobs"]
+            for r in inference.records()
+        )
+
+        # A bad value in the file: nothing changes, the running settings stay.
+        config.write_text(yaml.safe_dump({"max_models": 0}))
+        inference.process.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: any(
+                r["message"] == "settings not reloaded; the running ones stay in force" for r in inference.records()
+            ),
+            timeout=30,
+            message="the refused reload",
+        )
+        stats = inference.stub.GetCacheStats(pb.GetCacheStatsRequest(), timeout=30)
+        assert (stats.max_models, stats.memory_budget_bytes) == (1, 1 << 30)
+    finally:
+        inference.close()
