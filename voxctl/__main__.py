@@ -218,6 +218,17 @@ def _add_inference(
     unload.add_argument("--force", action="store_true", help="even when pinned")
     unload.set_defaults(handler=inference.cmd_unload)
 
+    cache = commands.add_parser("cache", help="the inference cache's limits (voxctl ps shows its stats)")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    cache_set = cache_sub.add_parser(
+        "set", parents=[shared], help="change max models and/or the memory budget now, evicting idle models (admin)"
+    )
+    cache_set.add_argument("--max-models", type=inference.int32_arg, metavar="N", help="most models held in memory at once")
+    cache_set.add_argument(
+        "--memory-budget", metavar="SIZE", help="memory for loaded models: bytes, 2GiB, 512MiB or a percent (60%%)"
+    )
+    cache_set.set_defaults(handler=inference.cmd_cache_set)
+
     jobs = commands.add_parser("jobs", help="follow or cancel transcription jobs")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
     watch = jobs_sub.add_parser("watch", parents=[shared], help="a job's events after sequence N, then live ones")

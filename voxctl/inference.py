@@ -1,4 +1,4 @@
-"""``voxctl transcribe``, ``ps``, ``load``, ``unload`` and ``jobs``: the inference service."""
+"""``voxctl transcribe``, ``ps``, ``load``, ``unload``, ``cache set`` and ``jobs``: the inference service."""
 
 from __future__ import annotations
 
@@ -317,4 +317,40 @@ def cmd_unload(session: Session, args: argparse.Namespace) -> int:
         session.out.write(f"{response.model_id or args.model_id}: unloaded, freed {human_size(response.freed_bytes)}\n")
     else:
         session.out.write(f"{response.model_id or args.model_id}: was not loaded\n")
+    return 0
+
+
+def int32_arg(text: str) -> int:
+    """An argparse type: an integer that fits the proto's int32 (the service checks the range)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -(2**31) <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{text} is out of range")
+    return value
+
+
+def cmd_cache_set(session: Session, args: argparse.Namespace) -> int:
+    """SetCacheLimits: new limits now, idle models evicted to meet them (admin)."""
+    if args.max_models is None and not args.memory_budget:
+        raise CliError("give --max-models N and/or --memory-budget SIZE (e.g. 2GiB or 60%)", exit_code=2)
+    request = pb.SetCacheLimitsRequest(memory_budget=args.memory_budget or "")
+    if args.max_models is not None:
+        request.max_models = args.max_models
+    response = session.call(session.inference().SetCacheLimits, request)
+    if session.json:
+        print_json(message_to_dict(response), session.out)
+        return 0
+    stats = response.stats
+    evicted = ", ".join(response.evicted_model_ids) or "none"
+    session.out.write(
+        f"limits: at most {stats.max_models} models, {human_size(stats.memory_budget_bytes)} budget; evicted: {evicted}\n"
+    )
+    session.out.write(cache_summary(stats) + "\n")
+    if stats.loaded_models > stats.max_models or stats.memory_used_bytes > stats.memory_budget_bytes:
+        session.err.write(
+            "note: models in use or pinned keep the cache over the new limits; "
+            "those in use leave when their last request ends, pinned ones when unloaded\n"
+        )
     return 0
