@@ -181,7 +181,10 @@ def test_import_of_a_paused_model_drops_its_pause_request_and_partials(
     assert pause(store, "test-tiny").state == pb.PAUSED
     hub.throttle(None)
     queue_file = store.store.data_dir / "queue.json"
-    assert [r["model_id"] for r in json.loads(queue_file.read_text())["paused"]] == ["test-tiny"]
+    wait_for(  # written by the queue's worker just after the job stopped
+        lambda: [r["model_id"] for r in json.loads(queue_file.read_text())["paused"]] == ["test-tiny"],
+        message="queue.json holds the pause request",
+    )
     assert (store.store.partial_dir / "test-tiny").is_dir()
 
     imported = store.stub.ImportModel(pb.ImportModelRequest(model_id="test-tiny", source_dir=str(TINY_EN_DIR)))
