@@ -135,7 +135,7 @@ class PullService:
         PAUSED -> resumed (queued at the end, with the revision and source it had unless
         others are given). ``source`` (a name or URL) restricts the download to that one
         endpoint. Raises ModelNotFound / InvalidModelId for bad ids, UnknownSource for a
-        source that is not configured.
+        source that is not configured, ModelBusy while ImportModel copies the model.
         """
         entry = self.catalog.get(model_id)
         if revision:
@@ -153,6 +153,8 @@ class PullService:
                 return PullTicket(model_id, start_sequence, active, joined=True)
             record = registry.record(model_id)
             wanted = revision or entry.revision
+            if record.state == ModelState.VERIFYING:  # without a job: ImportModel is copying it
+                raise ModelBusy(f"{model_id} is being imported; pull it again when the import has ended")
             if record.state == ModelState.PAUSED:
                 saved = self._paused.get(model_id, PullRequest(model_id))
                 request = PullRequest(model_id, revision or saved.revision, source_name or saved.source)

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from tests.hubserver import HubServer
-from tests.support import TINY_EN_DIR, TINY_EN_FILES, StoreHandle, get_model, pull, sha256, wait_for
+from tests.support import (
+    TINY_EN_DIR,
+    TINY_EN_FILES,
+    StoreHandle,
+    get_model,
+    pull,
+    sha256,
+    text_repo_files,
+    wait_for,
+)
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as pb_grpc
 
@@ -86,7 +97,7 @@ def test_fetch_subset_unknown_path_and_not_ready(store: StoreHandle) -> None:
             )
         )
     )
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "nope.bin" in error.details()
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "nope.bin" in error.details()
 
 
 def test_delete_refused_while_a_fetch_stream_is_open(store: StoreHandle) -> None:
@@ -177,3 +188,50 @@ def test_import_refused_while_the_model_downloads(store: StoreHandle, hub: HubSe
     store.stub.CancelDownload(pb.CancelDownloadRequest(model_id="test-tiny"))
     thread.join(30)
     assert errors and errors[0].code() == grpc.StatusCode.CANCELLED
+
+
+def test_a_pull_while_an_import_copies_the_model_is_refused_not_run_alongside(
+    store: StoreHandle, tmp_path: Path, hub
+) -> None:
+    source = tmp_path / "import-src"
+    (source / "sub").mkdir(parents=True)
+    files = text_repo_files()
+    (source / "config.json").write_bytes(files["config.json"])
+    (source / "sub" / "notes.txt").write_bytes(files["sub/notes.txt"])
+    os.mkfifo(source / "weights.bin")  # the import's copy blocks on it until the test writes
+    result: dict[str, Any] = {}
+
+    def run_import() -> None:
+        try:
+            request = pb.ImportModelRequest(model_id="test-text", source_dir=str(source))
+            result["model"] = store.stub.ImportModel(request, timeout=60)
+        except grpc.RpcError as error:
+            result["error"] = error
+
+    thread = threading.Thread(target=run_import, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: get_model(store, "test-text").state == pb.VERIFYING, message="import copying")
+        with pytest.raises(grpc.RpcError) as info:
+            pull(store, "test-text")
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "being imported" in (info.value.details() or "")
+        assert get_model(store, "test-text").state == pb.VERIFYING
+        assert not hub.requests  # no download started next to the import
+    finally:
+        writer = wait_for(lambda: _open_writer(source / "weights.bin"), message="the import reads the pipe")
+        os.set_blocking(writer, True)
+        with os.fdopen(writer, "wb") as pipe:
+            pipe.write(files["weights.bin"])
+    thread.join(60)
+    assert "error" not in result and result["model"].state == pb.READY
+    weights = Path(result["model"].local_path) / "weights.bin"
+    assert weights.read_bytes() == files["weights.bin"]
+
+
+def _open_writer(fifo: Path) -> int | None:
+    """A write end of ``fifo`` once a reader has it open (None before: ENXIO)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
