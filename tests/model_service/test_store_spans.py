@@ -22,7 +22,16 @@ from prometheus_client import generate_latest
 
 from model_service.spans import url_without_credentials
 from tests.hubserver import HubServer
-from tests.support import TEXT_REPO, StoreHandle, pull, start_pull, text_repo_files, wait_for
+from tests.support import (
+    TEXT_REPO,
+    StoreHandle,
+    get_model,
+    partial_size,
+    pull,
+    start_pull,
+    text_repo_files,
+    wait_for,
+)
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 
 TOKEN = "hf_" + "Zq7" * 11  # an HF-token-shaped secret configured for the store
@@ -246,3 +255,35 @@ def test_urls_lose_their_credentials() -> None:
     assert url_without_credentials("https://u:p@hub.example:8443/base?token=x#f") == "https://hub.example:8443/base"
     assert url_without_credentials("http://[::1]:8080/") == "http://[::1]:8080/"
     assert url_without_credentials("https://huggingface.co") == "https://huggingface.co"
+
+
+def test_a_resumed_download_works_under_the_resume_rpc_span_and_says_where_it_resumed(
+    traced_store: StoreHandle, hub: HubServer, spans: InMemorySpanExporter
+) -> None:
+    hub.throttle(256 << 10, path="weights.bin")
+    thread, _ = start_pull(traced_store, "test-text")
+    wait_for(
+        lambda: partial_size(traced_store.store.data_dir, "test-text", "weights.bin") > 256 << 10,
+        message="weights.bin partly downloaded",
+    )
+    paused = traced_store.stub.PauseDownload(pb.PauseDownloadRequest(model_id="test-text"), timeout=30)
+    assert paused.state == pb.PAUSED
+    thread.join(30)
+    kept = partial_size(traced_store.store.data_dir, "test-text", "weights.bin")
+    hub.throttle(None)
+    traced_store.stub.ResumeDownload(pb.ResumeDownloadRequest(model_id="test-text"), timeout=30)
+    wait_for(lambda: get_model(traced_store, "test-text").state == pb.READY, timeout=60, message="READY")
+
+    resume = rpc_span(spans, "/voxserve.modelstore.v1.ModelStore/ResumeDownload")
+    found = wait_for_work(spans, resume, WORK)
+    (transfer,) = children_of(resume, found, "model_store.file_transfer")  # only the file left
+    assert (transfer.attributes or {})["voxserve.file.path"] == "weights.bin"
+    assert (transfer.attributes or {})["voxserve.file.resumed_from"] == kept > 0
+    assert len(children_of(resume, found, "model_store.verify")) == 1
+    # The paused run's transfer, under the PullModel span, ended with a stop, not an error.
+    pull_rpc = rpc_span(spans, PULL_RPC)
+    first = wait_for_work(spans, pull_rpc, ("model_store.file_transfer",))
+    stopped = [s for s in children_of(pull_rpc, first, "model_store.file_transfer") if s.events]
+    assert [e.name for s in stopped for e in s.events] == ["stopped"]
+    assert all(s.status.status_code == StatusCode.UNSET for s in stopped)
+    assert_no_secret(spans.get_finished_spans())
