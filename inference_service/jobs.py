@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo
 from inference_service.metrics import InferenceMetrics
+from voxserve_common.client_strings import check_job_id, shown
 from voxserve_common.errors import (
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
-    InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
@@ -195,13 +195,12 @@ class JobManager:
             if self._closed:
                 raise ResourceExhausted("the inference service is shutting down; retry on another instance")
             if request.job_id:
-                if len(request.job_id) > 128 or not request.job_id.isprintable():
-                    raise InvalidArgument("job_id must be at most 128 printable characters")
+                check_job_id(request.job_id)
                 existing = self._jobs.get(request.job_id)
                 if existing is not None:
                     if existing.fingerprint != request.fingerprint:
                         raise AlreadyExists(
-                            f"job_id {request.job_id!r} is already used for different audio or options; pick a new job_id"
+                            f"job_id {shown(request.job_id)} is already used for different audio or options; pick a new job_id"
                         )
                     return existing, True
             running = len(self._running)
@@ -225,12 +224,13 @@ class JobManager:
         return job, False
 
     def get(self, job_id: str) -> Job:
+        check_job_id(job_id)
         self._sweep()
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
             raise NotFound(
-                f"no job {job_id!r}: it never existed or ended more than {self.limits.retention_seconds:.0f} s ago"
+                f"no job {shown(job_id)}: it never existed or ended more than {self.limits.retention_seconds:.0f} s ago"
             )
         return job
 

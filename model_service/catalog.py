@@ -23,6 +23,7 @@ import yaml
 
 from model_service.errors import InvalidModelId, ModelNotFound
 from model_service.paths import validate_model_id, validate_relative_file, validate_repo_id, validate_revision
+from voxserve_common.client_strings import shown
 from voxserve_common.kinds import ModelKind
 
 WHISPER_FILES = ("config.json", "preprocessor_config.json", "model.bin", "tokenizer.json", "vocabulary.*")
@@ -215,7 +216,7 @@ class Catalog:
         try:
             return self._entries[model_id]
         except KeyError:
-            raise ModelNotFound(f"unknown model_id {model_id!r}; ListModels shows the catalog") from None
+            raise ModelNotFound(f"unknown model_id {shown(model_id)}; ListModels shows the catalog") from None
 
     def __contains__(self, model_id: object) -> bool:
         return model_id in self._entries

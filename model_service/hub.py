@@ -35,6 +35,7 @@ from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 from model_service.catalog import CatalogEntry
 from model_service.errors import UnknownSource, UnsafePath
 from model_service.paths import validate_relative_file
+from voxserve_common.client_strings import shown
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class HubClient:
             if wanted in (source.name, source.url, source.url + "/"):
                 return source
         known = ", ".join(f"{s.name} ({s.url})" for s in self.sources)
-        raise UnknownSource(f"unknown source {wanted!r}; configured sources: {known}")
+        raise UnknownSource(f"unknown source {shown(wanted)}; configured sources: {known}")
 
     def name_of(self, url: str) -> str:
         for source in self.sources:

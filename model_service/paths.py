@@ -8,8 +8,9 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from model_service.errors import InvalidModelId, UnsafePath
+from voxserve_common.client_strings import MODEL_ID_PATTERN, shown
 
-MODEL_ID_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+__all__ = ["MODEL_ID_PATTERN"]
 REVISION_PATTERN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$")
 REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _FILE_PART = re.compile(r"^[A-Za-z0-9_.+=@-][A-Za-z0-9_.+=@ -]*$")
@@ -21,7 +22,7 @@ def validate_model_id(model_id: str) -> str:
         raise InvalidModelId("model_id is required (e.g. 'whisper-tiny.en'); see ListModels for ids")
     if ".." in model_id or not MODEL_ID_PATTERN.fullmatch(model_id):
         raise InvalidModelId(
-            f"invalid model_id {model_id!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-', "
+            f"invalid model_id {shown(model_id)}: use 1-64 characters of a-z, 0-9, '.', '_' or '-', "
             "starting and ending with a letter or digit"
         )
     return model_id
@@ -30,7 +31,7 @@ def validate_model_id(model_id: str) -> str:
 def validate_revision(revision: str) -> str:
     """A branch, tag or commit: letters, digits, . _ - /; no '..' and no leading '/'."""
     if ".." in revision or "//" in revision or not REVISION_PATTERN.fullmatch(revision):
-        raise InvalidModelId(f"invalid revision {revision!r}: expected a branch, tag or 40-hex commit")
+        raise InvalidModelId(f"invalid revision {shown(revision)}: expected a branch, tag or 40-hex commit")
     return revision
 
 
@@ -43,15 +44,17 @@ def validate_repo_id(repo_id: str) -> str:
 def validate_relative_file(name: str) -> str:
     """A '/'-separated relative file path from a hub or a request; raise if it could escape."""
     if not isinstance(name, str) or not name or len(name) > 512:
-        raise UnsafePath(f"invalid file name {name!r}")
+        raise UnsafePath(f"invalid file name {shown(name) if isinstance(name, str) else type(name).__name__}")
     if "\\" in name or "\x00" in name or name.startswith("/"):
-        raise UnsafePath(f"unsafe file name {name!r}: absolute paths and backslashes are not allowed")
+        raise UnsafePath(f"unsafe file name {shown(name)}: absolute paths and backslashes are not allowed")
     parts = name.split("/")
     if any(part in ("", ".", "..") for part in parts):
-        raise UnsafePath(f"unsafe file name {name!r}: '.' and '..' components are not allowed")
+        raise UnsafePath(f"unsafe file name {shown(name)}: '.' and '..' components are not allowed")
     for part in parts:
         if not _FILE_PART.fullmatch(part):
-            raise UnsafePath(f"unsafe file name {name!r}: component {part!r} has characters outside [A-Za-z0-9_.+=@ -]")
+            raise UnsafePath(
+                f"unsafe file name {shown(name)}: component {shown(part)} has characters outside [A-Za-z0-9_.+=@ -]"
+            )
     return name
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
+from voxserve_common.client_strings import escape_line, shown
 from voxserve_common.errors import Internal, category_of
 from voxserve_common.logfiles import LogFileSettings, RotatingLogFile
 from voxserve_common.redaction import RedactingFormatter, Redactor
@@ -130,6 +131,10 @@ def _utc_timestamp(record: logging.LogRecord) -> str:
 class VoxJsonFormatter(JsonFormatter):
     """One JSON object per line: timestamp, level, service, logger, message, ids, extras."""
 
+    def format(self, record: logging.LogRecord) -> str:
+        # Client strings in fields must not reach a terminal as raw DEL/C1/bidi characters.
+        return escape_line(super().format(record))
+
     def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
         super().add_fields(log_data, record, message_dict)
         log_data["timestamp"] = _utc_timestamp(record)
@@ -232,7 +237,7 @@ def level_number(level: str, logger_name: str = "root") -> int:
     number = logging.getLevelNamesMapping().get(level.upper())
     if number is None:
         raise ValueError(
-            f"log level of {logger_name!r} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not {level!r}"
+            f"log level of {shown(logger_name)} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not {shown(level)}"
         )
     return number
 

@@ -15,6 +15,7 @@ from faster_whisper.tokenizer import _LANGUAGE_CODES
 
 from inference_service.engines.device import DeviceChoice
 from inference_service.errors import InvalidAudio, InvalidOptions, ModelFilesMissing, ModelLoadFailed
+from voxserve_common.client_strings import shown
 from voxserve_common.errors import Cancelled, FailedPrecondition
 from voxserve_common.kinds import ModelKind
 
@@ -183,7 +184,7 @@ class WhisperEngine:
         language = (options.language or "").strip().lower() or None
         if language is not None and language not in LANGUAGE_CODES:
             raise InvalidOptions(
-                f"unknown language code {options.language!r}; use an ISO 639-1 code such as 'en', 'de' "
+                f"unknown language code {shown(options.language)}; use an ISO 639-1 code such as 'en', 'de' "
                 "or 'fr', or leave it empty to detect the language"
             )
         if not self.is_multilingual:

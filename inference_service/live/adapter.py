@@ -16,6 +16,7 @@ from inference_service.live.service import LiveService, StreamRequest
 from inference_service.live.session import LiveResult, SpeechEvent
 from inference_service.live.stream import StreamEvent
 from voxserve.inference.v1 import inference_pb2 as pb
+from voxserve_common.client_strings import check_job_id
 from voxserve_common.errors import InvalidArgument
 from voxserve_common.streams import to_timestamp
 
@@ -49,7 +50,7 @@ def request_from_config(config: pb.StreamingConfig, decode_options: OptionsDecod
         interim_results=config.interim_results,
         endpoint_silence=config.endpoint_silence_seconds,
         max_lag=config.max_lag_seconds,
-        job_id=job_id or uuid.uuid4().hex,
+        job_id=check_job_id(job_id) if job_id else uuid.uuid4().hex,
         beam_size_given=config.options.beam_size > 0,
     )
 

@@ -32,6 +32,7 @@ from inference_service.model_cache.loading import FlightLoader
 from inference_service.model_cache.registry import CacheRegistry
 from inference_service.model_cache.reservations import Reservation, reserve
 from inference_service.model_cache.watchdog import MemoryWatchdog, memory_pressure, process_used
+from voxserve_common.client_strings import check_model_id, shown
 from voxserve_common.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class ModelCache:
     def _checkout(self, model_id: str, expected_kind: str | None, on_progress: ProgressCallback | None) -> _Checkout:
         if not model_id:
             raise InvalidArgument("model_id is empty")
+        check_model_id(model_id)
         # One span per acquire, a child of the caller's (the RPC's or the job's: callers run in
         # a copy of the RPC's context, asyncio.to_thread and JobManager.submit both copy it).
         # On a hit it records the hit and nothing else; on a miss it covers resolve, load, warm-up.
@@ -294,7 +296,7 @@ class ModelCache:
             entry = self._reg.entries.get(model_id)
             if entry is None:
                 loading = " (it is being loaded now)" if model_id in self._reg.flights else ""
-                raise ModelNotLoaded(f"model {model_id!r} is not loaded{loading}")
+                raise ModelNotLoaded(f"model {shown(model_id)} is not loaded{loading}")
             if entry.refcount and not force:
                 raise ModelInUse(
                     f"model {model_id!r} is in use by {entry.refcount} lease{'s' if entry.refcount != 1 else ''}; "

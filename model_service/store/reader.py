@@ -8,10 +8,11 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 from model_service.errors import ModelNotReady
-from model_service.paths import safe_join
+from model_service.paths import safe_join, validate_relative_file
 from model_service.state import ModelState
 from model_service.store.registry import ModelRegistry, ModelView
-from voxserve_common.errors import InvalidArgument
+from voxserve_common.client_strings import shown
+from voxserve_common.errors import NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +69,18 @@ class ModelReader:
 
         Lazy: the model is held from the first ``next()`` until the generator ends or is
         closed. Each ``next()`` reads the disk, so drive it from a worker thread.
-        Raises InvalidArgument for paths the model does not have.
+        Raises UnsafePath (InvalidArgument) for a path that could escape the model
+        directory and NotFound for a path the model does not have.
         """
         chunk_size = max(4096, min(chunk_size or DEFAULT_FETCH_CHUNK, MAX_FETCH_CHUNK))
         with self.reading(model_id) as view:
             wanted = [f for f in view.files if not paths or f.path in paths]
-            unknown = set(paths or ()) - {f.path for f in view.files}
+            for name in paths or ():
+                validate_relative_file(name)  # UnsafePath: '..', absolute, NUL... before any lookup
+            unknown = sorted(set(paths or ()) - {f.path for f in view.files})
             if unknown:
-                raise InvalidArgument(f"{model_id} has no files {sorted(unknown)}; GetModel lists its files")
+                names = ", ".join(shown(name) for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+                raise NotFound(f"{model_id} has no file {names}; GetModel lists its files")
             model_dir = self.registry.model_dir(model_id)
             for index, file in enumerate(wanted):
                 with open(safe_join(model_dir, file.path), "rb") as handle:
