@@ -184,7 +184,7 @@ class WhisperEngine:
         language = (options.language or "").strip().lower() or None
         if language is not None and language not in LANGUAGE_CODES:
             raise InvalidOptions(
-                f"unknown language code {shown(options.language)}; use an ISO 639-1 code such as 'en', 'de' "
+                f"unknown language code {shown(options.language or '')}; use an ISO 639-1 code such as 'en', 'de' "
                 "or 'fr', or leave it empty to detect the language"
             )
         if not self.is_multilingual:
