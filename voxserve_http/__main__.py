@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
+import signal
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -16,9 +18,10 @@ import uvicorn
 from voxserve_common.banner import log_startup
 from voxserve_common.cli import common_parser, config_from_args
 from voxserve_common.config import ConfigError
+from voxserve_common.log_levels import LogLevelControl
 from voxserve_common.logs import stop_logging
 from voxserve_common.metrics import ErrorCountingHandler, MetricsEndpoint, runtime_metrics, start_metrics_endpoint
-from voxserve_common.service import setup_logging
+from voxserve_common.service import LIVE_SETTINGS, setup_logging
 from voxserve_common.tracing import setup_tracing, shutdown_tracing
 from voxserve_http.app import create_app
 from voxserve_http.config import GatewayConfig
@@ -120,6 +123,14 @@ def parse_config(argv: Sequence[str] | None = None) -> GatewayConfig:
     parser = common_parser(
         "voxserve-http", "voxserve HTTP gateway: OpenAI-compatible transcription and REST model management"
     )
+    # The shared flags, as they read for the gateway.
+    gateway_help = {
+        "--port": "HTTP(S) port (default 8080)",
+        "--insecure": "allow binding a non-loopback address with neither --tls-cert nor --backend-token-file",
+        "--auth-tokens": "not for the gateway (it checks no tokens: the services do); refused",
+    }
+    for flag, text in gateway_help.items():
+        parser._option_string_actions[flag].help = text
     parser.add_argument("--inference", metavar="ADDR", help="inference service address (default 127.0.0.1:50052)")
     parser.add_argument(
         "--store", dest="model_store", metavar="ADDR", help="model store address (default 127.0.0.1:50051)"
@@ -161,12 +172,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
     setup_logging(SERVICE, config)  # log files, redaction (the backend token), library levels
     try:
-        _run(config)
+        _run(config, lambda: parse_config(argv))
     finally:
         stop_logging()
 
 
-def _run(config: GatewayConfig) -> None:
+def _run(config: GatewayConfig, reload: Callable[[], GatewayConfig]) -> None:
     try:
         setup_tracing(SERVICE)
         server = GatewayServer(config)
@@ -187,7 +198,7 @@ def _run(config: GatewayConfig) -> None:
             endpoint = start_metrics_endpoint(
                 server.metrics.registry, config.host, config.metrics_port, server.security.server
             )
-        asyncio.run(_serve(server, endpoint))
+        asyncio.run(_serve(server, endpoint, reload))
     except OSError as error:
         logger.error("service failed", extra={"error": str(error)})
         print(f"voxserve-http: {error}", file=sys.stderr)
@@ -202,9 +213,41 @@ def _run(config: GatewayConfig) -> None:
     logger.info("gateway stopped")
 
 
-async def _serve(server: GatewayServer, endpoint: MetricsEndpoint | None) -> None:
-    """Serve; once uvicorn listens, log the start-up record (addresses, redacted settings)."""
+class _Reloader:
+    """SIGHUP, as for the services: re-read the settings, apply the log levels, report the
+    changed settings that need a restart. (The TLS files need no signal: they are re-read
+    when they change.)"""
+
+    def __init__(self, current: GatewayConfig, load: Callable[[], GatewayConfig]) -> None:
+        self.current = current
+        self.load = load
+        self.levels = LogLevelControl()
+
+    def __call__(self) -> None:
+        try:
+            new = self.load()
+        except (SystemExit, Exception) as error:  # noqa: BLE001 - a bad file keeps the running settings
+            logger.error("settings not reloaded; the running ones stay in force", extra={"error": str(error)})
+            return
+        self.levels.apply({"root": new.log_level, **new.library_levels()})
+        fields = dataclasses.fields(new)
+        changed = sorted(f.name for f in fields if getattr(new, f.name) != getattr(self.current, f.name))
+        applied = [name for name in changed if name in LIVE_SETTINGS]
+        needs_restart = [name for name in changed if name not in LIVE_SETTINGS]
+        logger.info("settings reloaded", extra={"changed": changed, "applied": applied, "needs_restart": needs_restart})
+        if needs_restart:
+            logger.warning("some changed settings take effect only after a restart", extra={"settings": needs_restart})
+        self.current = dataclasses.replace(self.current, **{name: getattr(new, name) for name in applied})
+
+
+async def _serve(
+    server: GatewayServer, endpoint: MetricsEndpoint | None, reload: Callable[[], GatewayConfig] | None = None
+) -> None:
+    """Serve; once uvicorn listens, log the start-up record (addresses, redacted settings);
+    SIGHUP re-reads the settings with ``reload``."""
     config = server.config
+    if reload is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _Reloader(config, reload))
 
     async def announce() -> None:
         while not server.started:

@@ -345,9 +345,12 @@ def test_the_entry_point_serves_https_and_metrics_to_tls_backends_without_loggin
     cert, key = pki.server("gateway-server")
     port, metrics_port = free_port(), free_port()
     log_dir = tmp_path / "gateway-logs"
+    settings = tmp_path / "gateway.yaml"
+    settings.write_text(yaml.safe_dump({"log_level": "INFO", "max_event_streams": 64}))
     s = secure_services
     args = [
-        sys.executable, "-m", "voxserve_http", "--port", str(port), "--metrics-port", str(metrics_port),
+        sys.executable, "-m", "voxserve_http", "--config", str(settings),
+        "--port", str(port), "--metrics-port", str(metrics_port),
         "--inference", s.inference.address, "--store", s.store.address, "--log-format", "json",
         "--log-dir", str(log_dir), "--tls-cert", str(cert), "--tls-key", str(key),
         "--store-tls-ca", str(s.ca), "--store-tls-cert", str(s.client_cert), "--store-tls-key", str(s.client_key),
@@ -386,6 +389,20 @@ def test_the_entry_point_serves_https_and_metrics_to_tls_backends_without_loggin
         wait_for(scrape, timeout=30, message="the HTTPS /metrics endpoint counts both")
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+
+        # SIGHUP re-reads the settings: the log level applies at once, the rest is reported.
+        settings.write_text(yaml.safe_dump({"log_level": "DEBUG", "max_event_streams": 3}))
+        process.send_signal(signal.SIGHUP)
+
+        def reloaded() -> dict[str, Any] | None:
+            for line in stderr_path.read_text(errors="replace").splitlines():
+                if line.startswith("{") and json.loads(line)["message"] == "settings reloaded":
+                    return dict(json.loads(line))
+            return None
+
+        record = wait_for(reloaded, timeout=30, message="settings reloaded")
+        assert record["applied"] == ["log_level"] and record["needs_restart"] == ["max_event_streams"], record
+        assert process.poll() is None
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
     finally:
