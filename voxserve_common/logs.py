@@ -171,7 +171,7 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ids = " ".join(
-            f"{name}={getattr(record, name)}"
+            f"{name}={escape_line(str(getattr(record, name)))}"
             for name in ("model_id", "job_id", "trace_id")
             if getattr(record, name, None)
         )

@@ -53,7 +53,7 @@ from tests.support import (
 from voxserve.admin.v1 import admin_pb2
 from voxserve.inference.v1 import inference_pb2 as ipb
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
-from voxserve_common.logs import configure_logging, stop_logging
+from voxserve_common.logs import configure_logging, log_context, stop_logging
 from voxserve_common.redaction import Redactor
 
 SERVICES = (
@@ -702,3 +702,16 @@ def test_the_security_doc_lists_every_client_string_field() -> None:
     assert missing == [], f"docs/security.md 'Confined imports and paths' has no row for {missing}"
     assert stale == [], f"docs/security.md names fields no request has: {stale}"
     assert set(ACCEPTS) <= keys
+
+
+def test_console_log_lines_escape_client_ids(restore_root: None) -> None:
+    """The console format (for people at a terminal) prints ids after the message: a client
+    id with a newline or an escape sequence stays on its line, escaped."""
+    stream = io.StringIO()
+    configure_logging("unit", fmt="console", stream=stream)
+    with log_context(model_id="m\r\nFAKE 2026 ERROR forged", job_id="\x1b[2Jjob\u202e"):
+        logging.getLogger("tests.client_strings").info("hello")
+    flush_logs()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "hello" in lines[0]
+    assert not control_characters(lines[0]) and "\\u000d\\u000aFAKE" in lines[0] and "\\u001b[2Jjob\\u202e" in lines[0]
