@@ -1,6 +1,8 @@
 """One trace across both services: a Transcribe that auto-pulls its model from the store,
 on real processes exporting to a real OTLP receiver; the store's spans are children of the
-inference service's, under the caller's trace id."""
+inference service's, under the caller's trace id, and the work of each service (queue wait,
+manifest, file transfers, verification, model load, audio decode, transcription with its
+segment events) hangs under the RPC that caused it."""
 
 from __future__ import annotations
 
@@ -67,10 +69,21 @@ def test_transcribe_that_auto_pulls_is_one_trace_across_both_services(tmp_path: 
         events = list(stub.Transcribe(pb.TranscribeRequest(audio=audio), metadata=metadata, timeout=180))
         assert events[-1].WhichOneof("event") == "completed"
 
+        work_spans = {
+            "model_store.queue_wait",
+            "model_store.resolve_manifest",
+            "model_store.file_transfer",
+            "model_store.verify",
+            "inference.model_load",
+            "inference.audio_decode",
+            "inference.transcription",
+        }
+
         def both_arrived(spans: list[ReceivedSpan]) -> bool:
             ours = [s for s in spans if s.trace_id == TRACE_ID]
-            return {"voxserve-models", "voxserve-inference"} <= {s.service for s in ours} and any(
-                s.name.endswith("/PullModel") for s in ours
+            names = {s.name for s in ours}
+            return {"voxserve-models", "voxserve-inference"} <= {s.service for s in ours} and (
+                "/voxserve.modelstore.v1.ModelStore/PullModel" in names and work_spans <= names
             )
 
         spans = [s for s in receiver.wait_for(both_arrived) if s.trace_id == TRACE_ID]
@@ -87,6 +100,32 @@ def test_transcribe_that_auto_pulls_is_one_trace_across_both_services(tmp_path: 
             parent = by_id.get(parent.parent_span_id)
         assert ancestors and ancestors[0].service == "voxserve-inference"
         assert transcribe in ancestors
+
+        def ancestry(span: ReceivedSpan) -> list[ReceivedSpan]:
+            chain = []
+            parent = by_id.get(span.parent_span_id)
+            while parent is not None:
+                chain.append(parent)
+                parent = by_id.get(parent.parent_span_id)
+            return chain
+
+        store_work = [s for s in spans if s.name.startswith("model_store.")]
+        for span in store_work:
+            assert span.service == "voxserve-models", span
+            assert pull in ancestry(span), f"{span.name} is not under the PullModel span"
+        transfers = [s for s in store_work if s.name == "model_store.file_transfer"]
+        assert {t.attributes["voxserve.file.path"] for t in transfers} >= {"model.bin", "config.json"}
+        assert all(t.attributes["voxserve.file.bytes"] > 0 for t in transfers)
+        inference_work = [s for s in spans if s.name.startswith("inference.")]
+        for span in inference_work:
+            assert span.service == "voxserve-inference", span
+            assert transcribe in ancestry(span), f"{span.name} is not under the Transcribe span"
+        load = next(s for s in inference_work if s.name == "inference.model_load")
+        assert load.attributes["voxserve.model_id"] == "test-tiny" and load.attributes["voxserve.cache.hit"] is False
+        transcription = next(s for s in inference_work if s.name == "inference.transcription")
+        segments = [e for e in events if e.WhichOneof("event") == "segment"]
+        assert transcription.attributes["voxserve.transcription.segments"] == len(segments) > 0
+        assert transcription.events.count("segment") == len(segments)
         channel.close()
     finally:
         if inference.poll() is None:
