@@ -215,7 +215,7 @@ class Transcriber:
             tracer.start_as_current_span("inference.first_utterance") as span,
         ):
             if self._vad_sessions is None:
-                self._vad_sessions = VadSessions()
+                self._vad_sessions = VadSessions(self.cache.reserve)  # its memory counts in the budget
             detector = SpeechDetector(self._vad_sessions.session(vad.model.path))
             first = decode_first_utterance(engine, detector, audio, options)
             span.set_attribute("voxserve.first_utterance.found", first is not None)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
@@ -19,18 +20,18 @@ from typing_extensions import TypeVar
 from inference_service.engines.whisper import TranscribeOptions, WhisperEngine
 from inference_service.jobs import Accepted, Completed
 from inference_service.live.decoder import BufferDecoder, DecodeSettings, raw_model
+from inference_service.live.memory import stream_bytes
 from inference_service.live.pcm import Encoding, PcmDecoder
 from inference_service.live.session import LiveResult, LiveSession, LiveSettings
 from inference_service.live.stream import LiveStream, StreamEvent
 from inference_service.live.vad import SpeechDetector, VadSessions
 from inference_service.live.worker import DecodeWorker
 from inference_service.metrics import InferenceMetrics
-from inference_service.model_cache import Lease, LoadedModel, ModelCache
+from inference_service.model_cache import Lease, ModelCache
 from voxserve_common.errors import Cancelled, InvalidArgument, ResourceExhausted
 from voxserve_common.logs import log_context
 
 logger = logging.getLogger(__name__)
-E = TypeVar("E", bound=LoadedModel)
 tracer = trace.get_tracer("voxserve.inference")
 
 
@@ -102,7 +103,7 @@ class LiveService:
         self.limits = limits
         self.metrics = metrics
         self.worker = DecodeWorker()
-        self.vad_sessions = VadSessions()
+        self.vad_sessions = VadSessions(cache.reserve)
         self._lock = threading.Lock()
         self._active: dict[int, _Observer] = {}
         self._ids = 0
@@ -143,7 +144,7 @@ class LiveService:
         pcm = PcmDecoder(request.encoding, request.sample_rate, request.channels)
         key, observer = self._admit(request.model_id)
         job_id = request.job_id or uuid.uuid4().hex
-        leases: list[Lease] = []
+        leases: list[_Held] = []  # model leases and the stream's memory reservation
         stream: LiveStream | None = None
         outcome = "failed"
         started = time.monotonic()
@@ -157,10 +158,15 @@ class LiveService:
             with log_context(job_id=job_id, model_id=request.model_id):
                 from inference_service.engines.vad import SileroVadEngine
 
-                whisper = await _acquire(self.cache, request.model_id, WhisperEngine)
+                whisper = await _off_loop(lambda: self.cache.acquire_as(request.model_id, WhisperEngine))
                 leases.append(whisper)
-                vad = await _acquire(self.cache, self.vad_model_id, SileroVadEngine)
+                vad = await _off_loop(lambda: self.cache.acquire_as(self.vad_model_id, SileroVadEngine))
                 leases.append(vad)
+                await asyncio.to_thread(self.vad_sessions.session, vad.model.path)  # made (and reserved) once
+                # The stream's own memory counts in the cache's budget (idle models make room).
+                nbytes = stream_bytes(settings, self.limits.abandon_lag)
+                leases.append(await _off_loop(lambda: self.cache.reserve(nbytes, f"live stream {job_id}")))
+                span.set_attribute("voxserve.live.reserved_bytes", nbytes)
                 stream = self._stream(request, settings, pcm, whisper.model, vad.model.path, observer)
                 logger.info("live stream started", extra={"rate": request.sample_rate, "encoding": request.encoding})
                 yield stream.event(Accepted(0, request.model_id))
@@ -254,7 +260,7 @@ class LiveService:
         self.metrics.live_max_lag.set(lag)
 
     @staticmethod
-    def _release(stream: LiveStream | None, leases: list[Lease]) -> None:
+    def _release(stream: LiveStream | None, leases: list[_Held]) -> None:
         """Give the models back, after the decode still running on them if there is one."""
         future = stream.in_flight if stream is not None else None
         if future is not None and not future.cancel() and not future.done():
@@ -264,17 +270,26 @@ class LiveService:
             lease.release()
 
 
-async def _acquire(cache: ModelCache, model_id: str, engine_type: type[E]) -> Lease[E]:
-    """A lease typed as ``engine_type``, taken in a thread (it may load the model); if the
-    caller is cancelled meanwhile, the lease is released as soon as the acquire returns."""
+class _Held(Protocol):
+    """A lease or a memory reservation: given back once the stream is done with it."""
+
+    def release(self) -> None: ...
+
+
+H = TypeVar("H", bound=_Held)
+
+
+async def _off_loop(call: Callable[[], H]) -> H:
+    """``call()`` in a thread (it may load or evict models); if the caller is cancelled
+    meanwhile, what it returns is released as soon as it returns."""
     loop = asyncio.get_running_loop()
-    future: Future[Lease[E]] = Future()
+    future: Future[H] = Future()
 
     def run() -> None:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            future.set_result(cache.acquire_as(model_id, engine_type))
+            future.set_result(call())
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting stream
             future.set_exception(exc)
 
@@ -282,15 +297,15 @@ async def _acquire(cache: ModelCache, model_id: str, engine_type: type[E]) -> Le
     try:
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
-        future.add_done_callback(_release_when_acquired)
+        future.add_done_callback(_release_when_done)
         raise
 
 
-def _release_when_acquired(future: Future[Lease[E]]) -> None:
+def _release_when_done(future: Future[H]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().release()
 
 
-def _release_all(leases: list[Lease]) -> None:
+def _release_all(leases: list[_Held]) -> None:
     for lease in leases:
         lease.release()

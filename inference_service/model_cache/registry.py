@@ -14,6 +14,7 @@ from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache.cache_types import CacheEntry, CacheStats, LoadedModel, LoadedModelInfo
 from inference_service.model_cache.eviction import EVICTION_REASONS
 from inference_service.model_cache.flight import Flight, kind_accepted, wrong_kind
+from inference_service.model_cache.reservations import Reservations
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class CacheRegistry:
         self.loads = 0
         self.load_failures = 0
         self.evictions: dict[str, int] = dict.fromkeys(EVICTION_REASONS, 0)
+        self.reservations = Reservations()  # memory held outside models (live streams), counted as used
         self.metrics = metrics
         self._probe = probe
         self._device = device
@@ -106,7 +108,11 @@ class CacheRegistry:
             self._probe.return_freed_memory(self._device)
 
     def used_locked(self) -> int:
-        return sum(e.memory_bytes for e in self.entries.values())
+        return sum(e.memory_bytes for e in self.entries.values()) + self.reservations.total
+
+    def room_locked(self) -> int:
+        """The budget left for models once the reservations are counted."""
+        return self.budget - self.reservations.total
 
     def update_gauges_locked(self) -> None:
         if self.metrics is None:
