@@ -7,7 +7,7 @@ Same model files (tiny.en, int8 on CPU), same audio bytes (tests/data/speech_mul
            every segment consumed (bench_transcribe's direct leg);
   grpc     Transcribe(audio bytes) to the inference service, stream consumed;
   http     POST /v1/audio/transcriptions (multipart, response_format=json) to voxserve-http,
-           which calls Transcribe on the same inference service (TranscribeStream over 32 MiB).
+           which calls Transcribe on the same inference service (TranscribeStream over 60 MiB).
 
 The model store, the inference service and the gateway run as child processes with their
 real entry points (bench_transcribe's subprocess mode), so no leg shares a GIL with a

@@ -26,12 +26,12 @@ from voxserve_http.security import GatewaySecurity
 
 STORE = "model store"
 INFERENCE = "inference service"
-# Audio up to this size goes in one Transcribe request (the services take messages up to
-# 64 MiB). A client-streaming call loses the service's status when the service answers
-# before it has read every chunk (an UNAUTHENTICATED from the interceptor, a size limit):
-# grpc.aio turns the failed write into INTERNAL 'Internal error from Core'. A unary request
-# is sent in one batch with its metadata, so the service's own status comes back.
-SINGLE_MESSAGE_AUDIO_BYTES = 32 << 20
+# Audio up to this size goes in one Transcribe request. A client-streaming call loses the
+# service's status when the service answers before it has read every chunk (an
+# UNAUTHENTICATED from the interceptor, a size limit): grpc.aio turns the failed write into
+# INTERNAL 'Internal error from Core'. A unary request is sent in one batch with its
+# metadata, so the service's own status comes back.
+SINGLE_MESSAGE_AUDIO_BYTES = 60 << 20  # with the options, under the services' 64 MiB
 # Larger audio goes to TranscribeStream in chunks of this size.
 AUDIO_CHUNK_BYTES = 1 << 20
 

@@ -207,6 +207,28 @@ def test_temperature_reaches_the_engine(gateway: GatewayHandle, services: Infere
     assert services.app.jobs.get(raw.headers["x-voxserve-job-id"]).request.options.temperature is None
 
 
+def test_audio_over_the_single_message_size_streams_in_chunks(
+    gateway: GatewayHandle, services: InferenceHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audio over SINGLE_MESSAGE_AUDIO_BYTES (60 MiB; lowered here, so 800 kB crosses it)
+    goes to TranscribeStream in AUDIO_CHUNK_BYTES chunks, with the same transcript."""
+    from voxserve_http import clients
+    from voxserve_http.routes import openai as routes
+
+    reference = transcribe(gateway.client()).text
+    registry = services.app.metrics.registry
+
+    def started(rpc: str) -> float:
+        labels = {"method": f"/voxserve.inference.v1.Inference/{rpc}"}
+        return registry.get_sample_value("voxserve_rpc_started_total", labels) or 0.0
+
+    assert (started("Transcribe"), started("TranscribeStream")) == (1.0, 0.0)
+    monkeypatch.setattr(routes, "SINGLE_MESSAGE_AUDIO_BYTES", 100_000)
+    monkeypatch.setattr(clients, "AUDIO_CHUNK_BYTES", 256 << 10)  # speech_multi.wav: 4 chunks
+    assert transcribe(gateway.client()).text == reference
+    assert (started("Transcribe"), started("TranscribeStream")) == (1.0, 1.0)
+
+
 def test_an_unknown_model_is_404_model_not_found(gateway: GatewayHandle) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         gateway.client().audio.transcriptions.create(model="whisper-nonexistent", file=("s.wav", SHORT.read_bytes()))

@@ -2,7 +2,7 @@
 
 The request fields and answers follow OpenAI's Audio API so that its SDKs work with a
 ``base_url`` pointing here; each request becomes one Transcribe call (TranscribeStream for
-audio over 32 MiB).
+audio over 60 MiB).
 """
 
 from __future__ import annotations
