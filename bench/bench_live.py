@@ -5,7 +5,8 @@ LocalAgreement-2 loop written directly on faster-whisper (with Silero VAD endpoi
 Per system: time to first text, final-result latency p50/p90, WER of the final text, CPU
 seconds per audio second (of the process doing the work), and how many concurrent
 real-time streams it sustains before the lag grows without bound. Also: the time to the
-first segment of `Transcribe` of the whole file, plain and with `fast_first_segment`.
+first segment of `Transcribe` of the whole file, plain and with the request's
+`fast_first_segment`, alternating on one service, with that service's CPU seconds per call.
 
 WhisperLive runs in its own venv (default /tmp/wlvenv: `python -m venv /tmp/wlvenv;
 /tmp/wlvenv/bin/pip install --no-deps whisper-live==0.10.0` plus faster-whisper==1.2.0,
@@ -207,11 +208,13 @@ def start_service(work: Path, store: str, fast_first_segment: bool = False) -> b
     return benchlib.start_service_process("inference_service", args, env, log, free_port())
 
 
-def first_segment(address: str, data: bytes) -> tuple[float, float, str]:
-    """Transcribe of the whole file: (seconds to the first segment, total seconds, text)."""
+def first_segment(address: str, data: bytes, fast: bool | None = None) -> tuple[float, float, str]:
+    """Transcribe of the whole file: (seconds to the first segment, total seconds, text);
+    ``fast`` is the request's fast_first_segment (None: unset, the service's setting)."""
     with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
         stub = pb_grpc.InferenceStub(channel)
-        request = pb.TranscribeRequest(audio=data)
+        options = pb.TranscribeOptions() if fast is None else pb.TranscribeOptions(fast_first_segment=fast)
+        request = pb.TranscribeRequest(audio=data, options=options)
         started = time.perf_counter()
         first = float("nan")
         texts: list[str] = []
@@ -524,20 +527,25 @@ def main() -> None:
     write(args, results, audit, quiet)
 
 
-def first_segments(work: Path, store: str, data: bytes, reps: int = 5) -> dict[str, list[tuple[float, float, str]]]:
-    """Transcribe of the whole file through the plain and the fast-first-segment service, alternating."""
-    services = {"plain": start_service(work, store), "fast_first_segment": start_service(work, store, True)}
-    out: dict[str, list[tuple[float, float, str]]] = {name: [] for name in services}
+def first_segments(
+    work: Path, store: str, data: bytes, reps: int = 5
+) -> dict[str, list[tuple[float, float, str, float]]]:
+    """Transcribe of the whole file, plain and with the request's fast_first_segment, alternating
+    on ONE service (same process, cache and threads): (first segment s, total s, text, service
+    CPU s) per call. Two services side by side, as before, also measured the other's load."""
+    service = start_service(work, store)
+    out: dict[str, list[tuple[float, float, str, float]]] = {"plain": [], "fast_first_segment": []}
     try:
-        for service in services.values():
-            first_segment(service.address, data)  # warm-up
+        for fast in (False, True):
+            first_segment(service.address, data, fast)  # warm-up of both paths
         for rep in range(reps):
-            order = list(services) if rep % 2 == 0 else list(reversed(services))
+            order = list(out) if rep % 2 == 0 else list(reversed(out))
             for name in order:
-                out[name].append(first_segment(services[name].address, data))
+                cpu = service.cpu_seconds()
+                first, total, text = first_segment(service.address, data, name == "fast_first_segment")
+                out[name].append((first, total, text, service.cpu_seconds() - cpu))
     finally:
-        for service in services.values():
-            service.stop()
+        service.stop()
     return out
 
 
@@ -639,11 +647,14 @@ def write(
                     mode.strip(),
                     f"{np.median([r[0] for r in runs]):.3f} s",
                     f"{np.median([r[1] for r in runs]):.3f} s",
+                    f"{np.median([r[3] for r in runs]):.2f} s" if len(runs[0]) > 3 else "-",
                     f"{100 * word_error_rate(' '.join(SENTENCES[: results['sentences']]), runs[0][2]):.1f} %",
                 ]
             )
         benchlib.print_table(
-            "Transcribe of the whole file: first segment", ["mode", "first segment", "total", "WER"], rows
+            "Transcribe of the whole file: first segment",
+            ["mode", "first segment", "total", "service CPU s", "WER"],
+            rows,
         )
     benchlib.write_result(args.name, benchlib.rounded(results, 4), audit, quiet)
 

@@ -70,6 +70,7 @@ class DecodeSettings:
     beam_size: int
     word_timestamps: bool
     hotwords: str | None
+    temperature: float | None = None  # above 0: sample at it (one hypothesis); else beam search
 
 
 def raw_model(engine: WhisperEngine) -> WhisperModel:
@@ -112,10 +113,13 @@ class BufferDecoder:
         encoder_output = self.model.model.encode(ctranslate2.StorageView.from_array(window[None]), to_cpu=False)
         tokenizer = self._tokenizer_for(encoder_output)
         sequence = self._prompt(tokenizer, prompt)
+        sampling = self.settings.temperature is not None and self.settings.temperature > 0
         result = self.model.model.generate(
             encoder_output,
             [sequence],
-            beam_size=self.settings.beam_size,
+            beam_size=1 if sampling else self.settings.beam_size,
+            sampling_topk=0 if sampling else 1,  # 0: sample from the whole distribution
+            sampling_temperature=self.settings.temperature if sampling else 1.0,
             max_length=min(448, len(sequence) + int(seconds * TOKENS_PER_SECOND) + 8),
             suppress_blank=True,
             suppress_tokens=self._suppress,

@@ -57,7 +57,12 @@ def decode_first_utterance(
         return None
     start, end = span
     settings = DecodeSettings(
-        options.language, options.task, options.beam_size, options.word_timestamps, options.hotwords
+        options.language,
+        options.task,
+        options.beam_size,
+        options.word_timestamps,
+        options.hotwords,
+        options.temperature,
     )
     decoder = BufferDecoder(raw_model(engine), settings)
     samples = audio[int(start * WHISPER_SAMPLE_RATE) : int(end * WHISPER_SAMPLE_RATE)]

@@ -210,7 +210,9 @@ class LiveService:
         beam = options.beam_size if request.beam_size_given else self.limits.beam_size
         decoder = BufferDecoder(
             raw_model(engine),
-            DecodeSettings(options.language, options.task, beam, options.word_timestamps, options.hotwords),
+            DecodeSettings(
+                options.language, options.task, beam, options.word_timestamps, options.hotwords, options.temperature
+            ),
         )
         detector = SpeechDetector(self.vad_sessions.session(vad_path))
         return LiveStream(LiveSession(settings), pcm, detector, decoder, self.worker, self.limits.abandon_lag, observer)

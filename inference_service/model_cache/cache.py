@@ -223,7 +223,7 @@ class ModelCache:
         self._reg.free(trimmed)
 
     def _trim_to_limits_locked(self) -> list[CacheEntry]:
-        plan = over_limits(list(self._reg.entries.values()), self._reg.max_models, self._reg.budget)
+        plan = over_limits(list(self._reg.entries.values()), self._reg.max_models, self._reg.room_locked())
         for victim, reason in plan:
             self._reg.evict_locked(victim, reason)
         return [victim for victim, _ in plan]

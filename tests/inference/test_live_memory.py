@@ -197,3 +197,12 @@ def test_a_live_stream_without_room_is_resource_exhausted(inference: InferenceHa
         "whisper-tiny.en",
         "silero-vad",
     }
+
+
+def test_new_limits_count_the_reservations_too(cache_with_budget: ModelCache) -> None:
+    cache = cache_with_budget
+    model = cache.load_model("whisper-a").memory_bytes
+    with cache.reserve(8 * MiB, "streams"):
+        change = cache.set_limits(memory_budget=str(model + 4 * MiB))  # the model alone would fit
+        assert change.evicted == ("whisper-a",)
+        assert cache.stats().memory_used_bytes == 8 * MiB

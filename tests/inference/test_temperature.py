@@ -83,3 +83,13 @@ def test_transcribe_with_a_temperature_outside_0_to_1_is_invalid_argument(
         transcribe(inference, (DATA_DIR / SHORT).read_bytes(), temperature=value)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "temperature must be between 0 and 1" in (info.value.details() or "")
+
+
+def test_the_live_decoder_samples_at_a_set_temperature_and_still_transcribes(whisper: WhisperEngine) -> None:
+    from inference_service.live.decoder import BufferDecoder, DecodeSettings
+
+    audio = decode_audio((DATA_DIR / SHORT).read_bytes())
+    for temperature in (None, 0.0, 0.2):
+        decoder = BufferDecoder(whisper.whisper_model, DecodeSettings("en", "transcribe", 5, False, None, temperature))
+        text = " ".join(s.text for s in decoder.decode(audio, "").segments)
+        assert word_error_rate(TRANSCRIPTS[SHORT], text) <= WER_BOUND, (temperature, text)
