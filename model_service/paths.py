@@ -10,7 +10,6 @@ from pathlib import Path, PurePosixPath
 from model_service.errors import InvalidModelId, UnsafePath
 from voxserve_common.client_strings import MODEL_ID_PATTERN, shown
 
-__all__ = ["MODEL_ID_PATTERN"]
 REVISION_PATTERN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$")
 REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _FILE_PART = re.compile(r"^[A-Za-z0-9_.+=@-][A-Za-z0-9_.+=@ -]*$")
