@@ -60,18 +60,18 @@ class Trace:
         ]
 
     def wait(self, *names: str) -> dict[str, ReadableSpan]:
-        """This service's spans by name once all of ``names`` ended (each name once in the trace;
-    the in-process model store's spans share the trace and are left out)."""
+        """This service's spans by name once all of ``names`` ended, each of them once in the
+        trace (inference.model_load comes once per lease; the in-process model store's spans
+        share the trace and are left out)."""
 
         def arrived() -> dict[str, ReadableSpan] | None:
             spans = self.spans()
             found = {s.name for s in spans}
             if not set(names) <= found:
                 return None
-            ours = [s for s in spans if s.name.startswith(("inference.", RPC))]  # not the store's
-            by_name = {s.name: s for s in ours}
-            assert len(by_name) == len(ours), f"a span name twice: {sorted(s.name for s in ours)}"
-            return by_name
+            for name in names:
+                assert [s.name for s in spans].count(name) == 1, f"{name} twice: {sorted(s.name for s in spans)}"
+            return {s.name: s for s in spans if s.name.startswith(("inference.", RPC))}  # not the store's
 
         result: dict[str, ReadableSpan] = wait_for(arrived, timeout=60, message=f"spans {names}")
         return result
