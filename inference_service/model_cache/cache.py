@@ -345,7 +345,7 @@ class ModelCache:
             )
             evicted = self._trim_to_limits_locked()
             entries = list(self._reg.entries.values())
-            over = held_over(entries, self._reg.max_models, self._reg.budget)
+            over = held_over(entries, self._reg.max_models, self._reg.room_locked())
             stats = self._reg.stats_locked()
         self._reg.free(evicted)
         change = LimitsChange(stats, tuple(e.model_id for e in evicted), tuple(e.model_id for e in over))
