@@ -206,7 +206,12 @@ class Transcriber:
         wanted = job.request.fast_first_segment
         if wanted is None:
             wanted = self.fast_first_segment
-        if not wanted or self.batch_size > 0 or options.clip_timestamps:
+        if not wanted:
+            return None
+        if self.batch_size > 0 or options.clip_timestamps:
+            if job.request.fast_first_segment:  # asked for by this request: say why it was not done
+                reason = "the batched pipeline decodes VAD chunks" if self.batch_size > 0 else "vad_filter spans"
+                logger.info("fast_first_segment not used", extra={"reason": reason})
             return None
         from inference_service.engines.vad import SileroVadEngine
 

@@ -52,6 +52,8 @@ def test_the_request_turns_it_on_over_a_service_that_has_it_off(plain_service: I
     assert plain_service.config.fast_first_segment is False
     assert fast_path_taken(transcribe(plain_service, MULTI, fast_first_segment=True))
     assert fast_path_taken(stream(plain_service, fast_first_segment=True))
+    # With vad_filter the speech spans are decoded as they are: the option is not used.
+    assert not fast_path_taken(transcribe(plain_service, MULTI, fast_first_segment=True, vad_filter=True))
 
 
 def test_unset_or_false_on_a_plain_service_is_the_plain_path(plain_service: InferenceHandle) -> None:
