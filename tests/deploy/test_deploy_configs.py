@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -344,7 +345,11 @@ def test_compose_services_and_volumes(compose: dict[str, Any]) -> None:
             # Only images without any shell or HTTP client (the compose comment says so).
             assert name in NO_PROBE_IMAGES, f"{name} disables its healthcheck"
         else:
-            assert service["healthcheck"]["test"][0] == "CMD", name
+            test = service["healthcheck"]["test"]
+            assert test[0] in ("CMD", "CMD-SHELL"), name
+            if test[0] == "CMD":
+                # podman-compose 1.0.3 joins CMD items unquoted: none may need shell quoting.
+                assert all(shlex.quote(str(item)) == str(item) for item in test[1:]), name
         # Container log rotation (docker json-file; podman maps it to k8s-file with max-size).
         logging = service["logging"]
         assert logging["driver"] == "json-file" and logging["options"]["max-size"], name
@@ -841,8 +846,17 @@ def test_dockerfile(pyproject: dict[str, Any]) -> None:
     args = [a for op, a in instructions if op == "ARG"]
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args
     assert '--index-url "$TORCH_INDEX_URL"' in runs[torch_step]
-    project_step = next(i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
-    assert torch_step < project_step, "torch must come from the CPU index before `pip install .`"
+    deps_step = next(i for i, r in enumerate(runs) if "pip install -r /tmp/requirements.txt" in r)
+    assert "['project']['dependencies']" in runs[deps_step], "the dependencies come from pyproject.toml"
+    project_step = next(
+        i for i, r in enumerate(runs) if re.search(r"pip wheel --no-deps --wheel-dir /wheels \.(\s|$)", r)
+    )
+    assert torch_step < deps_step < project_step, "torch from the CPU index, then the dependencies, then voxserve"
+    # The runtime gets the dependencies' venv (cached while pyproject.toml is unchanged) and
+    # voxserve's wheel on top, without its dependencies.
+    copies = [a for op, a in instructions if op == "COPY"]
+    assert "--from=deps /opt/venv /opt/venv" in copies and "--from=build /wheels /tmp/wheels" in copies
+    assert any("pip install --no-deps" in r and "/tmp/wheels/*.whl" in r for r in runs)
 
     assert re.search(r"python:3\.11-slim", DOCKERFILE.read_text())
     users = [args for op, args in instructions if op == "USER"]

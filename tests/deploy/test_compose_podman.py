@@ -1,0 +1,302 @@
+"""docker-compose.yml brought up for real with podman (runc) and podman-compose: the model
+store, inference, the HTTP gateway and Prometheus from images built here
+(deploy/podman/build-images.sh: Debian packages, no registry), with the dev secrets of
+scripts/make_dev_secrets.sh (mutual TLS, tokens). From the host: health checks over mTLS,
+a real transcription of tests/data/speech_short.wav with voxctl (dev client certificate,
+ci-bot token), the gateway over HTTPS, Prometheus scraping every target over mTLS; then
+``podman stop -t 25`` and the services' graceful shutdown in their logs and log files.
+
+Run it alone (as root, ~5-10 min the first time, image build included):
+
+    apt-get install -y podman runc podman-compose debootstrap
+    .venv/bin/python -m pytest -p no:cacheprovider tests/deploy/test_compose_podman.py -s
+
+It skips, saying what is missing, where podman cannot run containers. Grafana, Tempo, Loki,
+promtail and the OpenTelemetry collector are not started (their images cannot be pulled
+here and Debian packages none of them): tests/deploy/test_observability_configs.py checks
+their configs statically, and this test prints that note.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "localhost/voxserve:podman-test"
+PROMETHEUS_IMAGE = "localhost/voxserve-prometheus:2.42"
+STARTED = ("model-store", "inference", "http-gateway", "prometheus")
+NOT_STARTED = ("otel-collector", "tempo", "loki", "promtail", "grafana")
+PODMAN = ["podman", "--runtime", "runc"]
+SPEECH = ROOT / "tests" / "data" / "speech_short.wav"
+# Image build (minutes on a cold cache) and the stack's start-up take longer than the suite's
+# default timeout.
+pytestmark = pytest.mark.timeout(3600)
+# The services log these on SIGTERM (voxserve_common/server.py serve_until_signal).
+SHUTDOWN_LINES = ("shutdown requested", "server stopped")
+
+
+def _why_podman_cannot_run() -> str | None:
+    """None when podman can run containers here, else the reason (and the fix)."""
+    missing = [tool for tool in ("podman", "runc", "podman-compose", "debootstrap") if shutil.which(tool) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (apt-get install -y podman runc podman-compose debootstrap)"
+    if os.geteuid() != 0:
+        return "rootful podman is needed (the images are built with debootstrap and run as root's podman): run as root"
+    probe = subprocess.run([*PODMAN, "info"], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        return f"podman cannot run here: {probe.stderr.strip()[-300:]}"
+    return None
+
+
+@dataclass
+class Stack:
+    project: str
+    directory: Path
+    secrets: Path
+    ports: dict[str, int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ,
+            "VOXSERVE_IMAGE": IMAGE,
+            "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
+            # No collector is started: no exporter, no retry noise.
+            "OTEL_TRACES_EXPORTER": "none",
+            "VOXSERVE_STORE_HOST_PORT": str(self.ports["store"]),
+            "VOXSERVE_INFERENCE_HOST_PORT": str(self.ports["inference"]),
+            "VOXSERVE_HTTP_HOST_PORT": str(self.ports["http"]),
+            "PROMETHEUS_HOST_PORT": str(self.ports["prometheus"]),
+        }
+        env.pop("HF_ENDPOINT", None)
+        command = ["podman-compose", "-p", self.project, "-f", "docker-compose.yml"]
+        command += ["-f", "deploy/podman/compose.test.yml", *args]
+        return subprocess.run(command, cwd=self.directory, env=env, capture_output=True, text=True, timeout=timeout)
+
+    def container(self, service: str) -> str:
+        return f"{self.project}_{service}_1"
+
+    def podman(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout)
+
+    def logs(self, service: str) -> str:
+        result = self.podman("logs", self.container(service))
+        return result.stdout + result.stderr
+
+    def voxctl(self, *args: str, token: str | None = "ci-bot") -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "voxctl"]
+        command += [f"--inference=127.0.0.1:{self.ports['inference']}", f"--store=127.0.0.1:{self.ports['store']}"]
+        command += [f"--tls-ca={self.secrets / 'ca.pem'}", f"--tls-cert={self.secrets / 'voxctl.pem'}"]
+        command += [f"--tls-key={self.secrets / 'voxctl.key'}"]
+        if token:
+            command.append(f"--token-file={self.secrets / f'token-{token}'}")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VOXCTL_")}
+        return subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _project_directory(directory: Path) -> Path:
+    """docker-compose.yml next to deploy/ whose entries are the repository's, except
+    deploy/secrets: this test's own dev secrets (the repository's are left alone)."""
+    (directory / "deploy").mkdir(parents=True)
+    # A copy: podman-compose resolves a symlinked compose file to the repository, and with it
+    # the ./deploy/secrets paths.
+    shutil.copy(ROOT / "docker-compose.yml", directory / "docker-compose.yml")
+    for entry in (ROOT / "deploy").iterdir():
+        if entry.name != "secrets":
+            (directory / "deploy" / entry.name).symlink_to(entry)
+    secrets = directory / "deploy" / "secrets"
+    # --group 10001: the containers run as 10001:10001 and read the keys they are given.
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "make_dev_secrets.sh"), "--group", "10001", str(secrets)],
+        check=True,
+        timeout=120,
+    )
+    return secrets
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    reason = _why_podman_cannot_run()
+    if reason:
+        pytest.skip(f"the compose stack cannot run here: {reason}")
+    begun = time.monotonic()
+    build = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "podman" / "build-images.sh")],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, "VOXSERVE_TEST_IMAGE": IMAGE},
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    directory = tmp_path_factory.mktemp("compose")
+    stack = Stack(
+        project=f"voxserve-test-{os.getpid()}",
+        directory=directory,
+        secrets=_project_directory(directory),
+        ports=dict(zip(("store", "inference", "http", "prometheus"), _free_ports(4), strict=True)),
+    )
+    stack.timings["image build"] = time.monotonic() - begun
+    try:
+        begun = time.monotonic()
+        up = stack.compose("up", "-d", "--no-build", *STARTED)
+        output = up.stdout[-4000:] + up.stderr[-4000:]
+        assert up.returncode == 0, output
+        stack.timings["compose up"] = time.monotonic() - begun
+        for service in STARTED:
+            # podman-compose 1.0.3 exits 0 even when a `podman run` failed: check each one.
+            running = stack.podman("inspect", "--format", "{{.State.Running}}", stack.container(service))
+            assert running.stdout.strip() == "true", (
+                f"{service} is not running:\n{output}\n{stack.logs(service)[-3000:]}"
+            )
+        yield stack
+    finally:
+        for service in reversed(STARTED):  # whatever the test did not stop already
+            stack.podman("stop", "-t", "25", stack.container(service), timeout=60)
+        down = stack.compose("down", "-v", timeout=300)
+        timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stack.timings.items())
+        print(f"\n[compose/podman] {timings}; down: rc {down.returncode}")
+        print(
+            f"[compose/podman] not started: {', '.join(NOT_STARTED)} (no image registry here and no Debian"
+            " package of them); their configs are checked by tests/deploy/test_observability_configs.py"
+        )
+
+
+def _healthy(stack: Stack, service: str) -> bool:
+    # podman runs the compose healthcheck (TLS flags and all) on demand: there is no systemd
+    # here to run it on its interval.
+    return stack.podman("healthcheck", "run", stack.container(service)).returncode == 0
+
+
+def _https_context(stack: Stack) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(stack.secrets / "ca.pem"))
+    return context
+
+
+def _get(url: str, context: ssl.SSLContext | None = None, token: str | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, None
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, None
+
+
+def test_compose_stack_with_tls_and_tokens_transcribes_and_stops_gracefully(stack: Stack) -> None:
+    begun = time.monotonic()
+    for service in ("model-store", "inference", "http-gateway"):
+        wait_for(functools.partial(_healthy, stack, service), timeout=300, interval=2, message=f"{service} healthy")
+    stack.timings["up and healthy"] = time.monotonic() - begun
+
+    # Mutual TLS really is required: the same probe without a client certificate fails.
+    bare = stack.podman(
+        "exec",
+        stack.container("model-store"),
+        "python",
+        "-m",
+        "voxserve_common.healthcheck",
+        "--tls-ca=/run/secrets/ca.pem",
+        "127.0.0.1:50051",
+    )
+    assert bare.returncode != 0, "the store accepted a client without a certificate"
+
+    # A real transcription from the host: voxctl with the dev client certificate and the
+    # ci-bot token (read + transcribe); the inference service pulls tiny.en from the store
+    # with its own certificate and token.
+    begun = time.monotonic()
+    done = stack.voxctl("transcribe", str(SPEECH))
+    stack.timings["first transcription"] = time.monotonic() - begun
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "report" in done.stdout.lower() and "office" in done.stdout.lower(), done.stdout
+    anonymous = stack.voxctl("transcribe", str(SPEECH), token=None)
+    assert anonymous.returncode != 0 and "UNAUTHENTICATED" in anonymous.stdout + anonymous.stderr
+    forbidden = stack.voxctl("unload", "whisper-tiny.en")  # admin only
+    assert forbidden.returncode != 0 and "PERMISSION_DENIED" in forbidden.stdout + forbidden.stderr
+
+    # The gateway: HTTPS with the dev CA, mTLS to both backends (ready = both SERVING), the
+    # caller's token forwarded.
+    context = _https_context(stack)
+    base = f"https://127.0.0.1:{stack.ports['http']}"
+    wait_for(lambda: _get(f"{base}/readyz", context)[0] == 200, timeout=120, interval=1, message="gateway ready")
+    token = (stack.secrets / "token-ci-bot").read_text().strip()
+    status, models = _get(f"{base}/api/models", context, token)
+    assert status == 200, status
+    assert "whisper-tiny.en" in json.dumps(models)
+    assert _get(f"{base}/api/models", context)[0] == 401, "a call without a token reaches no backend"
+
+    # Prometheus scrapes the three /metrics endpoints over mutual TLS with its own certificate.
+    targets_url = f"http://127.0.0.1:{stack.ports['prometheus']}/api/v1/targets"
+
+    def scraped() -> dict[str, str]:
+        status, body = _get(targets_url)
+        if status != 200:
+            return {}
+        return {t["labels"]["job"]: t["health"] for t in body["data"]["activeTargets"]}
+
+    wanted = {"model_service", "inference_service", "http_gateway"}
+    wait_for(
+        lambda: all(scraped().get(job) == "up" for job in wanted),
+        timeout=180,
+        interval=2,
+        message=f"Prometheus targets up: {wanted}",
+    )
+
+    # Graceful stop: SIGTERM, drain, exit 0, and the shutdown lines in stdout and in the
+    # log files promtail would ship.
+    begun = time.monotonic()
+    for service in ("http-gateway", "inference", "model-store"):
+        stopped = stack.podman("stop", "-t", "25", stack.container(service), timeout=60)
+        assert stopped.returncode == 0, stopped.stderr
+        code = stack.podman("inspect", "--format", "{{.State.ExitCode}}", stack.container(service)).stdout.strip()
+        assert code == "0", f"{service} exited {code}:\n{stack.logs(service)[-3000:]}"
+    stack.timings["graceful stop"] = time.monotonic() - begun
+    for service in ("model-store", "inference"):
+        logs = stack.logs(service)
+        for line in SHUTDOWN_LINES:
+            assert f'"message": "{line}"' in logs, f"{service} did not log {line!r}:\n{logs[-3000:]}"
+    files = stack.podman(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        f"{stack.project}_logs:/logs:ro",
+        IMAGE,
+        "sh",
+        "-c",
+        "cat /logs/model_service.log /logs/inference_service.log",
+    )
+    assert files.returncode == 0, files.stderr
+    assert files.stdout.count('"message": "server stopped"') >= 2, "the log files end with the shutdown"
