@@ -44,20 +44,6 @@ def plan_room(
     return plan
 
 
-def over_budget(entries: Sequence[CacheEntry], budget: int) -> list[CacheEntry]:
-    """Idle, unpinned entries to evict, LRU first, until the entries' memory is within the budget."""
-    victims = []
-    used = sum(e.memory_bytes for e in entries)
-    for entry in entries:
-        if used <= budget:
-            break
-        if not evictable(entry):
-            continue
-        used -= entry.memory_bytes
-        victims.append(entry)
-    return victims
-
-
 def cache_full(
     entries: Sequence[CacheEntry], spec: ModelSpec, estimate: int, count: int, used: int, max_models: int, budget: int
 ) -> CacheFull:

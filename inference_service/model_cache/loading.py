@@ -17,9 +17,10 @@ from inference_service.model_cache.cache_types import (
     ModelSpec,
     ProgressCallback,
 )
-from inference_service.model_cache.eviction import over_budget, plan_room
+from inference_service.model_cache.eviction import plan_room
 from inference_service.model_cache.flight import Flight, FlightResult
 from inference_service.model_cache.footprint import MIN_MODEL_BYTES, Footprints
+from inference_service.model_cache.limits import over_limits
 from inference_service.model_cache.registry import CacheRegistry
 from inference_service.warmup import Warmup, warm_up
 from voxserve_common.errors import VoxserveError
@@ -125,10 +126,12 @@ class FlightLoader:
             del self._reg.flights[model_id]
             self._footprints.remember(spec, loaded.memory_bytes)
             self._reg.loads += 1
-            # The measurement may exceed the estimate: trim idle models to the budget again.
-            over = over_budget(list(self._reg.entries.values()), self._reg.room_locked())
-            for victim in over:
-                self._reg.evict_locked(victim, "memory_budget")
+            # The measurement may exceed the estimate, and SetCacheLimits may have lowered the
+            # limits during the load: trim idle models to the limits in force again.
+            plan = over_limits(list(self._reg.entries.values()), self._reg.max_models, self._reg.room_locked())
+            for victim, reason in plan:
+                self._reg.evict_locked(victim, reason)
+            over = [victim for victim, _ in plan]
             used = self._reg.used_locked()
             self._reg.update_gauges_locked()
             flight.future.set_result(FlightResult(spec, entry, loaded.seconds))

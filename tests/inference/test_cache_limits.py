@@ -4,6 +4,7 @@ SetCacheLimits on a real inference service (evictions, stats, gauges, INVALID_AR
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -12,7 +13,7 @@ import pytest
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import CacheConfig, CacheFull, ModelCache
 from tests.inference.test_model_cache import WHISPER_ESTIMATE, Loader, Resolver, hold_in_thread, ids
-from tests.support import InferenceHandle
+from tests.support import InferenceHandle, wait_for
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve_common.errors import InvalidArgument
 
@@ -192,3 +193,55 @@ def test_set_cache_limits_rpc_refuses_bad_values(
     assert field in (caught.value.details() or "")
     after = stats_of(inference)
     assert (after.max_models, after.memory_budget_bytes) == (before.max_models, before.memory_budget_bytes)
+
+
+class GatedLoader(Loader):
+    """Loads tiny.en; the load of ``gated`` waits for ``release`` after setting ``loading``."""
+
+    def __init__(self, gated: str) -> None:
+        super().__init__()
+        self.gated = gated
+        self.loading = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, spec):  # type: ignore[no-untyped-def]
+        if spec.model_id == self.gated:
+            self.loading.set()
+            assert self.release.wait(60)
+        return super().__call__(spec)
+
+
+def test_limits_lowered_during_a_load_hold_once_it_ends() -> None:
+    loader = GatedLoader("whisper-c")
+    cache = ModelCache(CacheConfig(max_models=3), Resolver(), loader)  # type: ignore[arg-type]
+    acquired, done = threading.Event(), threading.Event()
+    try:
+        cache.acquire("whisper-a").release()
+        cache.acquire("whisper-b").release()
+
+        def hold_c() -> None:
+            with cache.acquire("whisper-c"):
+                acquired.set()
+                done.wait(60)
+
+        loading = threading.Thread(target=hold_c)
+        loading.start()
+        assert loader.loading.wait(60)
+        # a and b idle, c loading: a leaves the cache now; its memory is freed once the load
+        # ends (freeing waits for the load lock, so that the load is measured alone).
+        changes = []
+        setter = threading.Thread(target=lambda: changes.append(cache.set_limits(max_models=1)))
+        setter.start()
+        wait_for(lambda: ids(cache) == ["whisper-b"], timeout=60, message="whisper-a evicted")
+        loader.release.set()
+        setter.join(120)
+        assert acquired.wait(60)
+        assert changes[0].evicted == ("whisper-a",)
+        assert ids(cache) == ["whisper-c"]  # b left when c's load ended, c still in use
+        done.set()
+        loading.join(60)
+        assert all(m.closed for mid in ("whisper-a", "whisper-b") for m in loader.models[mid])
+    finally:
+        loader.release.set()
+        done.set()
+        cache.close()
