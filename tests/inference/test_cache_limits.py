@@ -3,12 +3,14 @@ SetCacheLimits on a real inference service (evictions, stats, gauges, INVALID_AR
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+import yaml
 
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import CacheConfig, CacheFull, ModelCache
@@ -245,3 +247,26 @@ def test_limits_lowered_during_a_load_hold_once_it_ends() -> None:
         loader.release.set()
         done.set()
         cache.close()
+
+
+def test_set_cache_limits_needs_the_admin_role(start_inference: Callable[..., InferenceHandle], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    tokens = {"reader": ("tok-read-1a2b3c", ["read"]), "user": ("tok-user-4d5e6f", ["transcribe", "read"])}
+    tokens["ops"] = ("tok-admin-7a8b9c", ["admin"])
+    path = tmp_path / "tokens.yaml"
+    entries = {
+        name: {"sha256": hashlib.sha256(t.encode()).hexdigest(), "roles": roles} for name, (t, roles) in tokens.items()
+    }
+    path.write_text(yaml.safe_dump({"tokens": entries}))
+    inference = start_inference(auth_tokens=path)
+    request = pb.SetCacheLimitsRequest(max_models=2)
+    for name in ("reader", "user"):
+        with pytest.raises(grpc.RpcError) as caught:
+            inference.stub.SetCacheLimits(
+                request, metadata=[("authorization", f"Bearer {tokens[name][0]}")], timeout=30
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED and "'admin'" in (caught.value.details() or "")
+    assert inference.cache.max_models == 3
+    reply = inference.stub.SetCacheLimits(
+        request, metadata=[("authorization", f"Bearer {tokens['ops'][0]}")], timeout=30
+    )
+    assert reply.stats.max_models == 2 == inference.cache.max_models
