@@ -64,15 +64,17 @@ class InferenceApp:
         """SIGHUP: apply the live settings that differ from the ones in force. A bad value
         raises InvalidArgument before anything changes (the running settings stay)."""
         old = self.config
-        if old.max_models != new.max_models or old.memory_budget != new.memory_budget:
-            self.cache.check_limits(new.max_models, new.memory_budget)
+        # Only the limits the file changed: one SetCacheLimits made since is not undone.
+        max_models = new.max_models if new.max_models != old.max_models else None
+        budget = new.memory_budget if new.memory_budget != old.memory_budget else None
+        self.cache.check_limits(max_models, budget)
         if (old.watchdog_threshold, old.watchdog_interval_seconds) != (
             new.watchdog_threshold,
             new.watchdog_interval_seconds,
         ):
             self.cache.set_watchdog(new.watchdog_threshold, new.watchdog_interval_seconds)
-        if old.max_models != new.max_models or old.memory_budget != new.memory_budget:
-            change = self.cache.set_limits(new.max_models, new.memory_budget)
+        if max_models is not None or budget is not None:
+            change = self.cache.set_limits(max_models, budget)
             logger.info(
                 "cache limits reloaded",
                 extra={"max_models": change.stats.max_models, "memory_budget_bytes": change.stats.memory_budget_bytes},

@@ -138,6 +138,21 @@ def test_sighup_applies_the_cache_limits_from_the_file_and_reports_the_rest(star
             for r in inference.records()
         )
 
+        # A SetCacheLimits since is not undone by a reload that leaves the limits alone.
+        inference.stub.SetCacheLimits(pb.SetCacheLimitsRequest(memory_budget="3GiB"), timeout=30)
+        config.write_text(
+            yaml.safe_dump({"max_models": 1, "memory_budget": "1GiB", "max_running_jobs": 2, "warmup": True})
+        )
+        inference.process.send_signal(signal.SIGHUP)
+        second = wait_for(
+            lambda: [r for r in inference.records() if r["message"] == "settings reloaded"][1:],
+            timeout=30,
+            message="the second reload record",
+        )
+        assert second[0]["applied"] == ["warmup"]
+        stats = inference.stub.GetCacheStats(pb.GetCacheStatsRequest(), timeout=30)
+        assert (stats.max_models, stats.memory_budget_bytes) == (1, 3 << 30)
+
         # A bad value in the file: nothing changes, the running settings stay.
         config.write_text(yaml.safe_dump({"max_models": 0}))
         inference.process.send_signal(signal.SIGHUP)
@@ -149,6 +164,6 @@ def test_sighup_applies_the_cache_limits_from_the_file_and_reports_the_rest(star
             message="the refused reload",
         )
         stats = inference.stub.GetCacheStats(pb.GetCacheStatsRequest(), timeout=30)
-        assert (stats.max_models, stats.memory_budget_bytes) == (1, 1 << 30)
+        assert (stats.max_models, stats.memory_budget_bytes) == (1, 3 << 30)
     finally:
         inference.close()
