@@ -223,7 +223,9 @@ def _add_inference(
     cache_set = cache_sub.add_parser(
         "set", parents=[shared], help="change max models and/or the memory budget now, evicting idle models (admin)"
     )
-    cache_set.add_argument("--max-models", type=inference.int32_arg, metavar="N", help="most models held in memory at once")
+    cache_set.add_argument(
+        "--max-models", type=inference.int32_arg, metavar="N", help="most models held in memory at once"
+    )
     cache_set.add_argument(
         "--memory-budget", metavar="SIZE", help="memory for loaded models: bytes, 2GiB, 512MiB or a percent (60%%)"
     )
