@@ -16,6 +16,7 @@ from inference_service.errors import ModelInUse, ModelLoadFailed, ModelNotLoaded
 from inference_service.memory import MemoryProbe, is_cuda
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache.cache_types import (
+    UNKNOWN_MODEL_LABEL,
     CacheConfig,
     CacheEntry,
     CacheStats,
@@ -33,7 +34,7 @@ from inference_service.model_cache.registry import CacheRegistry
 from inference_service.model_cache.reservations import Reservation, reserve
 from inference_service.model_cache.watchdog import MemoryWatchdog, memory_pressure, process_used
 from voxserve_common.client_strings import check_model_id, shown
-from voxserve_common.errors import InvalidArgument
+from voxserve_common.errors import InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -193,19 +194,31 @@ class ModelCache:
                 flight.expected_kinds.append(expected_kind)
                 self._reg.misses += 1
             logger.info("model cache miss", extra={"model_id": model_id, "joined_load": not leader})
-            if self._metrics is not None:
-                self._metrics.cache_misses.labels(model_id).inc()
             if on_progress is not None:
                 flight.listen(on_progress)
             if leader:
                 self._loader.run(flight)
-            result = flight.future.result()
+            try:
+                result = flight.future.result()
+            except NotFound:
+                # An id the store does not know is counted under one label: a caller sending
+                # made-up ids must not create a metric series per id.
+                self._count_miss(UNKNOWN_MODEL_LABEL)
+                raise
+            except BaseException:
+                self._count_miss(model_id)
+                raise
+            self._count_miss(model_id)
             if not kind_accepted(expected_kind, result.spec.kind):
                 raise wrong_kind(model_id, result.spec.kind, expected_kind)
             if result.entry is None:
                 continue  # joined a flight that loaded nothing (it was started for another kind)
             assert result.entry.model is not None
             return _Checkout(result.entry, result.entry.model, cache_hit=False, load_seconds=result.load_seconds)
+
+    def _count_miss(self, label: str) -> None:
+        if self._metrics is not None:
+            self._metrics.cache_misses.labels(label).inc()
 
     def _release(self, lease: Lease) -> None:
         entry = lease._entry

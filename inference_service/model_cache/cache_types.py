@@ -224,3 +224,8 @@ class Lease(Generic[M_co]):
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
         return f"Lease({self.model_id!r}, {state}, cache_hit={self.cache_hit})"
+
+
+# The model_id label of misses and failed loads of ids the store does not know: never a valid
+# catalog id, so made-up ids share one metric series instead of creating one each.
+UNKNOWN_MODEL_LABEL = "(unknown)"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from inference_service.errors import ModelLoadFailed
 from inference_service.memory import MemoryProbe, format_bytes, is_cuda
 from inference_service.model_cache.cache_types import (
+    UNKNOWN_MODEL_LABEL,
     CacheConfig,
     CacheEntry,
     LoadedModel,
@@ -23,7 +24,7 @@ from inference_service.model_cache.footprint import MIN_MODEL_BYTES, Footprints
 from inference_service.model_cache.limits import over_limits
 from inference_service.model_cache.registry import CacheRegistry
 from inference_service.warmup import Warmup, warm_up
-from voxserve_common.errors import VoxserveError
+from voxserve_common.errors import NotFound, VoxserveError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ class FlightLoader:
             "model load failed", extra={"model_id": model_id, "stage": stage, "error": str(failure)}, exc_info=exc
         )
         if self._metrics is not None:
-            self._metrics.model_loads.labels(model_id, "error").inc()
+            label = UNKNOWN_MODEL_LABEL if isinstance(failure, NotFound) else model_id
+            self._metrics.model_loads.labels(label, "error").inc()
         flight.future.set_exception(failure)
 
     def _load_for(self, flight: Flight, spec: ModelSpec) -> None:

@@ -163,6 +163,29 @@ def test_metrics_endpoint_serves_cache_and_job_metrics(start_inference) -> None:
     assert samples[("voxserve_rpc_requests_total", (("code", "OK"), ("method", method)))] == 2
 
 
+def test_ids_the_store_does_not_know_share_one_metric_label(start_inference) -> None:
+    """Made-up (well-formed) model ids are counted under model_id="(unknown)": a caller cannot
+    create one metric series per id it invents."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    handle = start_inference(metrics_port=0)
+    made_up = ["no-such-model-1", "no-such-model-2", "no-such-model-3"]
+    for model_id in made_up:
+        with pytest.raises(grpc.RpcError) as error:
+            handle.stub.LoadModel(pb.LoadModelRequest(model_id=model_id), timeout=60)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    transcribe(handle, SHORT)  # a known model still gets its own label
+    port = handle.app.server.metrics_endpoint.port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    labelled = {s.labels.get("model_id") for s in samples if "model_id" in s.labels}
+    assert not labelled & set(made_up), labelled
+    by_key = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in samples}
+    assert by_key[("voxserve_cache_misses_total", (("model_id", "(unknown)"),))] == 3
+    assert by_key[("voxserve_model_loads_total", (("model_id", "(unknown)"), ("result", "error")))] == 3
+    assert by_key[("voxserve_cache_misses_total", (("model_id", "whisper-tiny.en"),))] == 1
+
+
 def test_traceparent_continues_into_the_model_store(start_store, start_inference) -> None:
     records: list[logging.LogRecord] = []
 
