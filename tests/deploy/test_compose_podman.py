@@ -183,6 +183,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for service in reversed(STARTED):  # whatever the test did not stop already
             stack.podman("stop", "-t", "25", stack.container(service), timeout=60)
         down = stack.compose("down", "-v", timeout=300)
+        # podman-compose 1.0.3 leaves the project's network (and, after a failed start, its
+        # volumes) behind: remove them so runs do not pile up.
+        stack.podman("network", "rm", "-f", f"{stack.project}_default")
+        stack.podman("volume", "prune", "-f", "--filter", f"label=io.podman.compose.project={stack.project}")
         timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stack.timings.items())
         print(f"\n[compose/podman] {timings}; down: rc {down.returncode}")
         print(
