@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -195,16 +196,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
 
 
-ABORT_SERVICE = """
-import os, signal
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        parent = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
-    except OSError:
-        continue
-    if pid != "1" and parent == "1":
-        os.kill(int(pid), signal.SIGABRT)
-"""
+def _abort_service(stack: Stack, container: str) -> None:
+    """SIGABRT to the service process (tini's child; tini, PID 1, does not forward SIGABRT),
+    from the host: podman refuses an exec into a container that is being stopped."""
+    tini = stack.podman("inspect", "--format", "{{.State.Pid}}", container).stdout.strip()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            continue
+        if parent == tini:
+            os.kill(int(entry.name), signal.SIGABRT)
 
 
 def _stop(stack: Stack, service: str) -> tuple[float, str]:
@@ -219,8 +223,7 @@ def _stop(stack: Stack, service: str) -> tuple[float, str]:
         _, err = stop.communicate(timeout=22)
         note = ""
     except subprocess.TimeoutExpired:
-        # To the service itself (tini, PID 1, does not forward SIGABRT): PID 1's children.
-        stack.podman("exec", container, "python", "-c", ABORT_SERVICE)
+        _abort_service(stack, container)
         _, err = stop.communicate(timeout=60)
         note = " (still running 22 s after SIGTERM: SIGABRT for the thread dump below)"
     took = time.monotonic() - started
