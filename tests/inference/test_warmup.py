@@ -3,6 +3,7 @@ own log record), and the inference.model_load span: hit/miss, bytes, device, par
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import threading
@@ -58,6 +59,14 @@ def make_cache(spans: InMemorySpanExporter) -> Iterator[MakeCache]:
     provider.shutdown()
 
 
+@contextlib.contextmanager
+def capture_info(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """INFO records of the root logger and of faster_whisper, whose level an earlier test's
+    logging set-up may have raised to WARNING (its library default)."""
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="faster_whisper"):
+        yield
+
+
 def library_decodes(records: list[logging.LogRecord]) -> list[str]:
     """faster-whisper's own record of each transcribe() call it starts."""
     return [r.getMessage() for r in records if r.name == "faster_whisper" and "Processing audio" in r.getMessage()]
@@ -66,7 +75,7 @@ def library_decodes(records: list[logging.LogRecord]) -> list[str]:
 def test_warmup_decodes_silence_inside_the_load(make_cache: MakeCache, caplog: pytest.LogCaptureFixture) -> None:
     metrics = InferenceMetrics()
     cache = make_cache(metrics=metrics, warmup=True)
-    with caplog.at_level(logging.INFO):
+    with capture_info(caplog):
         lease = cache.acquire("whisper-a")
     lease.release()
     assert library_decodes(caplog.records) == ["Processing audio with duration 00:01.000"]
@@ -80,14 +89,14 @@ def test_warmup_decodes_silence_inside_the_load(make_cache: MakeCache, caplog: p
     assert observed == pytest.approx(lease.load_seconds)
 
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with capture_info(caplog):
         cache.acquire("whisper-a").release()  # a hit: no load, no warm-up
     assert library_decodes(caplog.records) == []
 
 
 def test_no_warmup_when_the_setting_is_off(make_cache: MakeCache, caplog: pytest.LogCaptureFixture) -> None:
     cache = make_cache(warmup=False)
-    with caplog.at_level(logging.INFO):
+    with capture_info(caplog):
         cache.acquire("whisper-a").release()
     assert library_decodes(caplog.records) == []
     assert not [r for r in caplog.records if r.getMessage() == "model warmed up"]
@@ -95,14 +104,14 @@ def test_no_warmup_when_the_setting_is_off(make_cache: MakeCache, caplog: pytest
     assert loaded.warmup_seconds is None  # type: ignore[attr-defined]
 
     cache.warmup = True  # the live setting: the next load warms up
-    with caplog.at_level(logging.INFO):
+    with capture_info(caplog):
         cache.acquire("whisper-b").release()
     assert len(library_decodes(caplog.records)) == 1
 
 
 def test_only_whisper_models_are_warmed_up(make_cache: MakeCache, caplog: pytest.LogCaptureFixture) -> None:
     cache = make_cache(load=Loader(), warmup=True)  # a model that is not a WhisperEngine
-    with caplog.at_level(logging.INFO):
+    with capture_info(caplog):
         cache.acquire("whisper-a").release()
     assert library_decodes(caplog.records) == []
     assert warm_up(object()) is None
@@ -175,12 +184,12 @@ def test_a_failed_load_ends_its_span_with_an_error(make_cache: MakeCache, spans:
 def test_warmup_setting_reaches_the_service(start_inference: Callable[..., InferenceHandle], caplog) -> None:
     inference = start_inference(warmup=False)
     assert inference.cache.warmup is False
-    with caplog.at_level(logging.INFO):
+    with capture_info(caplog):
         inference.stub.LoadModel(pb.LoadModelRequest(model_id="whisper-tiny.en"), timeout=120)
     assert library_decodes(caplog.records) == []
     inference.stop()
     warm = start_inference(warmup=True)
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with capture_info(caplog):
         warm.stub.LoadModel(pb.LoadModelRequest(model_id="whisper-tiny.en"), timeout=120)
     assert len(library_decodes(caplog.records)) == 1
