@@ -13,6 +13,12 @@ WhisperLive runs in its own venv (default /tmp/wlvenv: `python -m venv /tmp/wlve
 websockets, websocket-client, torch, onnxruntime, av, scipy, soundfile) so that its pins
 do not touch the project's venv; its server and a small websocket client of ours run
 there as child processes. `--systems` leaves it out when that venv is missing.
+
+Audio: by default 15 espeak-ng sentences made by the bench. `--audio FILE --reference TEXT
+--repeat N --gap S` streams a recorded clip repeated N times with S s of silence between;
+`--jfk` is the issue's audio: JFK's inaugural line (fetched by bench/fetch_jfk.sh into
+.data/bench/jfk.wav) six times with 1 s gaps, 71 s. The clip's speech spans (for the time to
+first text and the latency's snap to an utterance end) come from Silero VAD.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import grpc
 import numpy as np
 
 from bench import benchlib
-from tests.support import TINY_EN_DIR, free_port, word_error_rate
+from tests.support import TINY_EN_DIR, free_port, sha256, word_error_rate
 from voxctl.live import live_requests
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc as pb_grpc
@@ -59,6 +65,10 @@ SENTENCES = (
 )
 GAP_SECONDS = 0.9
 SNAP = 0.5  # a result end this close to a sentence's real end is measured from that end
+JFK_PATH = benchlib.REPO / ".data" / "bench" / "jfk.wav"
+JFK_REFERENCE = (
+    "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+)
 
 
 # --------------------------------------------------------------------------- audio
@@ -92,9 +102,58 @@ def make_audio(directory: Path, count: int = len(SENTENCES)) -> tuple[Path, list
     return path, marks
 
 
+def clip_pcm(path: Path, directory: Path) -> np.ndarray:
+    """The clip as 16 kHz mono s16le samples (sox converts anything else)."""
+    with wave.open(str(path)) as handle:
+        native = (handle.getframerate(), handle.getnchannels(), handle.getsampwidth()) == (RATE, 1, 2)
+        if native:
+            return np.frombuffer(handle.readframes(handle.getnframes()), np.int16)
+    out = directory / "clip16k.wav"
+    subprocess.run(["sox", str(path), "-r", str(RATE), "-c", "1", "-b", "16", str(out)], check=True)
+    return np.frombuffer(pcm_of(out), np.int16)
+
+
+def make_repeated(
+    directory: Path, clip: Path, reference: str, repeat: int, gap: float
+) -> tuple[Path, list[tuple[float, float, str]]]:
+    """``clip`` ``repeat`` times with ``gap`` s of silence between; marks are the clip's speech
+    spans (Silero VAD, no padding) in every repetition, the reference text on each repetition's
+    last span (the WER reference is the text repeated)."""
+    from silero_vad import get_speech_timestamps, load_silero_vad
+
+    data = clip_pcm(clip, directory)
+    spans = get_speech_timestamps(
+        data.astype(np.float32) / 32768.0, load_silero_vad(onnx=True), sampling_rate=RATE, speech_pad_ms=0
+    )
+    if not spans:
+        raise SystemExit(f"{clip}: Silero VAD finds no speech in it")
+    silence = np.zeros(int(gap * RATE), np.int16)
+    samples: list[np.ndarray] = []
+    marks: list[tuple[float, float, str]] = []
+    for index in range(repeat):
+        offset = sum(part.shape[0] for part in samples)
+        for number, span in enumerate(spans):
+            text = reference if number == len(spans) - 1 else ""
+            marks.append(((offset + span["start"]) / RATE, (offset + span["end"]) / RATE, text))
+        samples.append(data)
+        if index < repeat - 1:
+            samples.append(silence)
+    path = directory / f"clip-{repeat}x.wav"
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(RATE)
+        handle.writeframes(np.concatenate(samples).tobytes())
+    return path, marks
+
+
+def reference_of(marks: list[tuple[float, float, str]]) -> str:
+    return " ".join(text for *_, text in marks if text)
+
+
 def pcm_of(path: Path) -> bytes:
     with wave.open(str(path)) as handle:
-        return handle.readframes(handle.getnframes())
+        return bytes(handle.readframes(handle.getnframes()))
 
 
 # --------------------------------------------------------------------------- what a stream saw
@@ -123,13 +182,15 @@ def analyse(record: Record, marks: list[tuple[float, float, str]]) -> dict[str, 
     texts = [item for item in record.items if item[2].strip()]
     first = texts[0][0] - sent_at(record, marks[0][0]) if texts else float("nan")
     latencies: list[tuple[float, float]] = []  # (stream time, latency)
-    for wall, final, _text, _start, end in texts:
+    finals: list[tuple[float, float, str]] = []  # (stream time of its end, latency, text)
+    for wall, final, text, _start, end in texts:
         if not final:
             continue
         nearest = min(ends, key=lambda e: abs(e - end))
         used = nearest if abs(nearest - end) <= SNAP else end
         latencies.append((used, wall - sent_at(record, used)))
-    reference = " ".join(text for *_, text in marks)
+        finals.append((used, wall - sent_at(record, used), text))
+    reference = reference_of(marks)
     hypothesis = " ".join(item[2] for item in texts if item[1])
     values = [lat for _, lat in latencies]
     return {
@@ -140,6 +201,9 @@ def analyse(record: Record, marks: list[tuple[float, float, str]]) -> dict[str, 
         "wer": word_error_rate(reference, hypothesis),
         "finals": len(values),
         "latencies": latencies,
+        "hypothesis": hypothesis,
+        "final_results": finals,
+        "first_text": texts[0][2] if texts else "",
         "error": record.error,
     }
 
@@ -398,7 +462,7 @@ def whisperlive_run(venv: Path, port: int, audio_path: Path, streams: int, stagg
 def _record(data: dict[str, Any]) -> Record:
     record = Record()
     record.started = data["started"]
-    record.items = [tuple(item) for item in data["items"]]  # type: ignore[misc]
+    record.items = [(float(w), bool(f), str(t), float(a), float(b)) for w, f, t, a, b in data["items"]]
     record.error = data.get("error", "")
     return record
 
@@ -474,6 +538,11 @@ def leg_whisperlive(
     return records, benchlib.process_cpu_seconds(server.pid) - before
 
 
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    process.terminate()
+    process.wait(10)
+
+
 def start_whisperlive(venv: Path, log: Path) -> tuple[subprocess.Popen[Any], int]:
     port = free_port()
     handle = open(log, "wb")  # noqa: SIM115 - the child's log
@@ -508,6 +577,18 @@ def main() -> None:
     parser.add_argument("--concurrency-sentences", type=int, default=7, help="sentences of the concurrency runs")
     parser.add_argument("--stagger", type=float, default=0.37, help="seconds between the starts of concurrent streams")
     parser.add_argument("--whisperlive-venv", type=Path, default=Path("/tmp/wlvenv"))
+    parser.add_argument("--audio", type=Path, help="a recorded clip to stream instead of espeak-ng speech")
+    parser.add_argument("--reference", help="the clip's text (for the WER; with --audio)")
+    parser.add_argument("--repeat", type=int, default=1, help="times the clip is repeated (with --audio)")
+    parser.add_argument("--gap", type=float, default=1.0, help="seconds of silence between repetitions")
+    parser.add_argument(
+        "--concurrency-repeat", type=int, help="repetitions in the concurrency runs (default: half of --repeat)"
+    )
+    parser.add_argument(
+        "--jfk",
+        action="store_true",
+        help="the issue's audio: --audio .data/bench/jfk.wav (bash bench/fetch_jfk.sh) --repeat 6 --gap 1.0, 71 s",
+    )
     parser.add_argument("--la2-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--streams", type=int, default=1, help=argparse.SUPPRESS)
     benchlib.add_run_options(parser, "bench_live")
@@ -519,6 +600,16 @@ def main() -> None:
         sys.exit(
             f"no WhisperLive venv at {args.whisperlive_venv}; see this module's docstring, or leave it out with --systems"
         )
+    if args.jfk:
+        if not JFK_PATH.exists():
+            sys.exit(f"no {JFK_PATH}: run 'bash bench/fetch_jfk.sh' first")
+        args.audio, args.reference = JFK_PATH, JFK_REFERENCE
+        args.repeat, args.gap = 6, 1.0
+        args.name = args.name or ("bench_live_jfk_quick" if args.quick else "bench_live_jfk")
+    if args.audio is not None and not args.reference:
+        sys.exit("--audio needs --reference (the clip's text, for the WER)")
+    if args.audio is not None and args.repeat < 1:
+        sys.exit("--repeat must be at least 1")
     if args.quick:
         args.concurrency = [1, 2]
     quiet, audit = benchlib.start_run(args, "bench_live")
@@ -549,11 +640,44 @@ def first_segments(
     return out
 
 
+def make_audios(
+    args: argparse.Namespace, work: Path
+) -> tuple[tuple[Path, list[tuple[float, float, str]]], tuple[Path, list[tuple[float, float, str]]], dict[str, Any]]:
+    """(the single-stream audio, the concurrency runs' audio, what they are, for the results)."""
+    if args.audio is None:
+        full = make_audio(work, 5 if args.quick else len(SENTENCES))
+        short = make_audio(work, min(args.concurrency_sentences, len(SENTENCES)))
+        return full, short, {"kind": "espeak-ng", "label": "espeak-ng speech", "sentences": len(full[1])}
+    repeat = min(args.repeat, 2) if args.quick else args.repeat
+    short_repeat = args.concurrency_repeat or max(1, (repeat + 1) // 2)
+    full = make_repeated(work, args.audio, args.reference, repeat, args.gap)
+    short = make_repeated(work, args.audio, args.reference, min(short_repeat, repeat), args.gap)
+    label = f"{args.audio.name} x{repeat} with {args.gap:g} s gaps"
+    info = {
+        "kind": "clip",
+        "label": label,
+        "file": str(args.audio),
+        "sha256": sha256(args.audio),
+        "reference": args.reference,
+        "repeat": repeat,
+        "gap_seconds": args.gap,
+        "concurrency_repeat": min(short_repeat, repeat),
+        "speech_spans": len(full[1]),
+    }
+    return full, short, info
+
+
 def run_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    full_path, full_marks = make_audio(work, 5 if args.quick else len(SENTENCES))
-    short_path, short_marks = make_audio(work, min(args.concurrency_sentences, len(SENTENCES)))
+    (full_path, full_marks), (short_path, short_marks), info = make_audios(args, work)
     duration = len(pcm_of(full_path)) / 2 / RATE
-    results: dict[str, Any] = {"audio_seconds": duration, "sentences": len(full_marks), "systems": {}}
+    results: dict[str, Any] = {
+        "audio_seconds": duration,
+        "concurrency_audio_seconds": len(pcm_of(short_path)) / 2 / RATE,
+        "audio": info,
+        "reference": reference_of(full_marks),
+        "sentences": len(full_marks),
+        "systems": {},
+    }
     legs: dict[str, Callable[[Path, int], tuple[list[Record], float]]] = {}
     stops: list[Callable[[], None]] = []
     try:
@@ -568,7 +692,7 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             legs["service"] = lambda p, n: leg_service(service.address, service.cpu_seconds, p, n, args.stagger)
         if "whisperlive" in args.systems:
             server, port = start_whisperlive(args.whisperlive_venv, work / "whisperlive.log")
-            stops.append(lambda: (server.terminate(), server.wait(10)))
+            stops.append(lambda: stop_process(server))
             whisperlive_run(
                 args.whisperlive_venv, port, short_path, 1, 0.0
             )  # warm-up: its first client loads the model
@@ -617,7 +741,7 @@ def write(
             f"{100 * single['wer']:.1f} %", f"{single['cpu_per_audio_second']:.3f}", str(data["sustains"]),
         ])  # fmt: skip
     benchlib.print_table(
-        f"Live, {results['audio_seconds']:.1f} s of espeak-ng speech streamed at real time (tiny.en)",
+        f"Live, {results['audio_seconds']:.1f} s of {results['audio']['label']} streamed at real time (tiny.en)",
         ["system", "first text", "final p50", "final p90", "WER", "CPU s / audio s", "streams sustained"],
         rows,
     )
@@ -648,7 +772,7 @@ def write(
                     f"{np.median([r[0] for r in runs]):.3f} s",
                     f"{np.median([r[1] for r in runs]):.3f} s",
                     f"{np.median([r[3] for r in runs]):.2f} s" if len(runs[0]) > 3 else "-",
-                    f"{100 * word_error_rate(' '.join(SENTENCES[: results['sentences']]), runs[0][2]):.1f} %",
+                    f"{100 * word_error_rate(results['reference'], runs[0][2]):.1f} %",
                 ]
             )
         benchlib.print_table(
