@@ -469,17 +469,20 @@ def _record(data: dict[str, Any]) -> Record:
 
 def finals_of_whisperlive(record: Record) -> Record:
     """WhisperLive resends its last segments with every update: keep each completed segment
-    once (a resend may move its start by a few frames), and count the last draft of the
+    once (a resend may move its start by a few frames; the same text more than 1 s away is
+    another segment, as in a repeated clip), and count the last draft of the
     stream as final (it stays a draft after END_OF_AUDIO)."""
     out = Record()
     out.started = record.started
-    last_end, texts = -1.0, set()
+    last_end = -1.0
+    starts: dict[str, float] = {}  # text -> start of the completed segment kept with it
     for item in record.items:
         wall, final, text, start, end = item
         if final:
-            if text in texts or start < last_end - 0.3:
+            # the same text at another place in the stream is new speech (a clip repeated)
+            if abs(start - starts.get(text, -1e9)) < 1.0 or start < last_end - 0.3:
                 continue
-            texts.add(text)
+            starts[text] = start
             last_end = end
         out.items.append(item)
     drafts = [item for item in out.items if not item[1] and item[3] >= last_end - 0.3]
