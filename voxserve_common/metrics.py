@@ -10,12 +10,15 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import socket
+import ssl
 import sys
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import psutil
 from prometheus_client import (
@@ -25,14 +28,18 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    make_wsgi_app,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from voxserve_common.errors import CATEGORIES
 from voxserve_common.logs import error_category
 from voxserve_common.tls import ServerTls
+
+logger = logging.getLogger(__name__)
 
 RPC_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -75,6 +82,56 @@ class MetricsEndpoint:
         self.server.server_close()
 
 
+# A client gets this long to finish its TLS handshake and send its request.
+METRICS_CLIENT_TIMEOUT_SECONDS = 10.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_CLIENT_TIMEOUT_SECONDS  # StreamRequestHandler applies it to the connection
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (the RPC metrics say what matters)."""
+
+
+class _TlsMetricsServer(ThreadingWSGIServer):
+    """HTTPS for /metrics with each connection's TLS handshake in that connection's own thread.
+
+    prometheus_client wraps the listening socket, so the handshake runs inside accept() on the
+    one serving thread: a single client that connects and sends nothing (a port scan, a TCP
+    probe) stalls every scrape and the endpoint's shutdown. Here accept() only accepts.
+    """
+
+    tls_context: ssl.SSLContext
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, address = self.socket.accept()
+        connection.settimeout(METRICS_CLIENT_TIMEOUT_SECONDS)
+        wrapped = self.tls_context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        return wrapped, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            request.do_handshake()
+        except (OSError, ssl.SSLError) as error:  # a client without a valid certificate, or a silent one
+            logger.debug("metrics client refused", extra={"peer": str(client_address[0]), "error": str(error)})
+            return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("metrics request failed", exc_info=True)
+
+
+def metrics_tls_context(tls: ServerTls) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.client_ca is not None:
+        context.load_verify_locations(str(tls.client_ca))
+    if tls.mutual:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def start_metrics_endpoint(
     registry: CollectorRegistry, host: str, port: int, tls: ServerTls | None = None
 ) -> MetricsEndpoint:
@@ -82,17 +139,18 @@ def start_metrics_endpoint(
     over HTTPS with the server's certificate (and client certificates with its client CA)."""
     if tls is None:
         server, thread = start_http_server(port, addr=host, registry=registry)
-    else:
-        server, thread = start_http_server(
-            port,
-            addr=host,
-            registry=registry,
-            certfile=str(tls.cert),
-            keyfile=str(tls.key),
-            client_cafile=str(tls.client_ca) if tls.client_ca else None,
-            client_auth_required=tls.mutual,
-        )
-    return MetricsEndpoint(server=server, thread=thread, port=server.server_port)
+        return MetricsEndpoint(server=server, thread=thread, port=server.server_port)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    context = metrics_tls_context(tls)
+
+    class Server(_TlsMetricsServer):
+        address_family = family
+        tls_context = context
+
+    httpd: WSGIServer = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics-https", daemon=True)
+    thread.start()
+    return MetricsEndpoint(server=httpd, thread=thread, port=httpd.server_port)
 
 
 def runtime_metrics(registry: CollectorRegistry, disk_paths: Mapping[str, Path] | None = None) -> RuntimeMetrics:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import socket
 import ssl
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -186,6 +188,55 @@ def test_metrics_endpoint_serves_https_with_the_same_certificate(serve: Callable
     context = ssl.create_default_context(cafile=str(pki.ca_file))
     with urllib.request.urlopen(f"https://127.0.0.1:{running.metrics_endpoint.port}/metrics", context=context) as reply:
         assert b"voxserve_rpc_requests_total" in reply.read()
+
+
+def test_a_client_that_never_finishes_its_tls_handshake_stalls_neither_metrics_nor_shutdown(pki: Pki) -> None:
+    """A TCP connection to the HTTPS /metrics port that sends nothing (a port scanner, a TCP
+    probe, a stuck client) must not block other scrapes or the endpoint's stop."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from voxserve_common.metrics import start_metrics_endpoint
+
+    registry = CollectorRegistry()
+    Counter("voxserve_probe", "probe", registry=registry).inc()
+    endpoint = start_metrics_endpoint(registry, "127.0.0.1", 0, pki.server_files())
+    silent = [socket.create_connection(("127.0.0.1", endpoint.port)) for _ in range(3)]
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca_file))
+        url = f"https://127.0.0.1:{endpoint.port}/metrics"
+        for _ in range(3):
+            with urllib.request.urlopen(url, context=context, timeout=20) as reply:
+                assert b"voxserve_probe_total 1.0" in reply.read()
+        stopper = threading.Thread(target=endpoint.stop, daemon=True)
+        stopper.start()
+        stopper.join(20)
+        assert not stopper.is_alive(), "stopping the metrics endpoint hung on a silent connection"
+    finally:
+        for connection in silent:
+            connection.close()
+
+
+def test_metrics_endpoint_with_a_client_ca_requires_a_client_certificate(pki: Pki) -> None:
+    from dataclasses import replace
+
+    from prometheus_client import CollectorRegistry
+
+    from voxserve_common.metrics import start_metrics_endpoint
+
+    tls = replace(pki.server_files(), client_ca=pki.ca_file)
+    endpoint = start_metrics_endpoint(CollectorRegistry(), "127.0.0.1", 0, tls)
+    url = f"https://127.0.0.1:{endpoint.port}/metrics"
+    try:
+        anonymous = ssl.create_default_context(cafile=str(pki.ca_file))
+        with pytest.raises(OSError):  # the server ends the handshake: no certificate
+            urllib.request.urlopen(url, context=anonymous, timeout=20).read()
+        client = pki.client_files("scraper")
+        known = ssl.create_default_context(cafile=str(pki.ca_file))
+        known.load_cert_chain(str(client.cert), str(client.key))
+        with urllib.request.urlopen(url, context=known, timeout=20) as reply:
+            assert reply.status == 200
+    finally:
+        endpoint.stop()
 
 
 def test_tokens_and_roles(
