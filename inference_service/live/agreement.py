@@ -17,6 +17,9 @@ from inference_service.engines.whisper import Word
 _PUNCTUATION = re.compile(r"[^\w']+")
 ALIGN_SLACK = 0.1  # seconds a piece may start before the last committed end and still count as after it
 MAX_REPEAT_NGRAM = 5
+SQUEEZED_WORD_SECONDS = (
+    0.05  # aligned words shorter than this on average were not heard: Whisper ran on into the padding
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,42 @@ def drop_repeated_head(pieces: Sequence[Piece], before: Sequence[Piece]) -> list
     return list(pieces)
 
 
+def drop_looped_tail(pieces: Sequence[Piece]) -> list[Piece]:
+    """``pieces`` without a tail that says earlier words of the same hypothesis again.
+
+    Whisper on a short buffer sometimes runs on past the speech into the padding and starts
+    the utterance over: "And so my fellow Americans. And so my fellow" from 2.3 s of JFK, the
+    repeat's four words aligned to the last 20 ms of the audio. Finalised as such, a result
+    repeats its own text (issue 10). Real speech repeats words too ("can do for you, ask what
+    you can do for your country"), so a repeat counts as a loop only on evidence: with aligned
+    words, when the repeated tail is squeezed (under SQUEEZED_WORD_SECONDS a word); without
+    them, when it restarts the hypothesis from its first word right after a sentence end.
+    """
+    keys = [p.key for p in pieces]
+    for index in range(1, len(pieces)):
+        size = len(pieces) - index
+        tail = keys[index:]
+        if size > index or not any(keys[j : j + size] == tail for j in range(index - size + 1)):
+            continue
+        if pieces[index].word is not None:
+            loop = pieces[-1].end - pieces[index].start < SQUEEZED_WORD_SECONDS * size
+        else:
+            loop = size >= 2 and keys[:size] == tail and ends_sentence(pieces[index - 1])
+        if loop:
+            return list(pieces[:index])
+    return list(pieces)
+
+
+def drop_finalised_head(pieces: Sequence[Piece], final_end: float) -> list[Piece]:
+    """``pieces`` without leading aligned words that lie wholly inside audio already
+    finalised (they end at or before ``final_end``): a buffer re-decoded with the text
+    before it as prompt sometimes says those words again, and they are not new."""
+    count = 0
+    while count < len(pieces) and pieces[count].word is not None and pieces[count].end <= final_end + 1e-6:
+        count += 1
+    return list(pieces[count:])
+
+
 def text_of(pieces: Sequence[Piece]) -> str:
     return " ".join(p.text for p in pieces)
 
@@ -91,3 +130,7 @@ def last_boundary(pieces: Sequence[Piece], limit: int, sentence: bool = True) ->
         ):
             return index + 1
     return 0
+
+
+def ends_sentence(piece: Piece) -> bool:
+    return piece.text.endswith(SENTENCE_END) and not piece.text.endswith("..")

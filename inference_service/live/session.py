@@ -20,6 +20,8 @@ from inference_service.live.agreement import (
     Piece,
     after_committed,
     common_prefix,
+    drop_finalised_head,
+    drop_looped_tail,
     drop_repeated_head,
     last_boundary,
     text_of,
@@ -215,6 +217,8 @@ class LiveSession:
         self._last_decode_end = max(self._last_decode_end, job.audio_end)
         self.processed = max(self.processed, job.audio_end)
         pieces = to_pieces(hypothesis, job.buffer_start, job.audio_end, self._last_final_end)
+        # Never final twice (issue 10): not the words of audio already final, not a loop.
+        pieces = drop_looped_tail(drop_finalised_head(pieces, self._last_final_end))
         if not self._committed:
             pieces = drop_repeated_head(pieces, self._finalized_tail) or []
         self._last_pieces = pieces

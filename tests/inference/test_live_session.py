@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Sequence
 
+import numpy as np
+import pytest
+
+from inference_service.engines.whisper import Word
 from inference_service.live.decoder import DecodedSegment, Hypothesis
 from inference_service.live.session import DecodeJob, LiveResult, LiveSession, LiveSettings, SpeechEvent
 from inference_service.live.vad import CHUNK
@@ -26,7 +30,7 @@ def run(session: LiveSession, *segments: tuple[float, float, str, bool]) -> tupl
     return job, list(session.apply(job, hypothesis(*segments)))
 
 
-def results(events: list[object]) -> list[LiveResult]:
+def results(events: Sequence[object]) -> list[LiveResult]:
     return [e for e in events if isinstance(e, LiveResult)]
 
 
@@ -104,3 +108,110 @@ def test_the_buffer_is_cut_at_max_buffer_without_agreement() -> None:
     feed(session, 0.5, 0.9)
     job = session.next_job()
     assert job is not None and job.buffer_start >= 2.0 - 1e-6  # the buffer starts at the cut
+
+
+# ------------------------------------------------------------ a final never repeats its words (issue 10)
+
+
+def aligned(start: float, end: float, closed: bool, *words: tuple[float, float, str]) -> DecodedSegment:
+    """A decoded segment with aligned words (buffer seconds), as with word timestamps on."""
+    text = "".join(w for _, _, w in words).strip()
+    return DecodedSegment(start, end, text, tuple(Word(s, e, w, 0.9) for s, e, w in words), closed)
+
+
+JFK_LOOP = (  # what tiny.en made of 2.28 s of JFK's "And so my fellow Americans" (bench, issue 10)
+    (0.0, 0.64, " And"),
+    (0.64, 0.92, " so"),
+    (0.92, 1.32, " my"),
+    (1.32, 1.62, " fellow"),
+    (1.62, 2.06, " Americans."),
+    (2.26, 2.26, " And"),
+    (2.26, 2.26, " so"),
+    (2.26, 2.26, " my"),
+    (2.26, 2.26, " fellow"),
+)
+
+
+def finals_of(events: Sequence[object]) -> list[str]:
+    return [r.text for r in results(events) if r.is_final]
+
+
+def test_a_decode_that_loops_into_the_padding_is_final_once() -> None:
+    session = LiveSession(LiveSettings(endpoint_silence=0.5))
+    feed(session, 2.3, 0.9)
+    job = session.next_job()
+    assert job is not None
+    drafts = results(session.apply(job, Hypothesis((aligned(0.0, 2.28, False, *JFK_LOOP),), 2.3, 0.01, False)))
+    assert [r.text for r in drafts] == ["And so my fellow Americans."]  # the loop is not even a draft
+    feed(session, 0.6, 0.0)  # the endpoint: final from the whole utterance
+    job = session.next_job()
+    assert job is not None and job.final
+    events = session.apply(job, Hypothesis((aligned(0.0, 2.28, False, *JFK_LOOP),), 2.3, 0.01, False))
+    assert finals_of(events) == ["And so my fellow Americans."]
+
+
+def test_a_loop_without_word_timestamps_is_cut_where_it_restarts_the_sentence() -> None:
+    session = LiveSession(LiveSettings(endpoint_silence=0.5))
+    feed(session, 2.3, 0.9)
+    run(session, (0.0, 2.28, "And so my fellow Americans. And so my fellow", False))
+    feed(session, 0.6, 0.0)
+    job = session.next_job()
+    assert job is not None and job.final
+    events = session.apply(job, hypothesis((0.0, 2.28, "And so my fellow Americans. And so my fellow", False)))
+    assert finals_of(events) == ["And so my fellow Americans."]
+
+
+def test_words_spoken_twice_are_kept() -> None:
+    # Real repeats have real durations ("... can do for you, ask what you can do for your country").
+    session = LiveSession(LiveSettings(endpoint_silence=0.5))
+    feed(session, 3.0, 0.9)
+    spoken = ((0.0, 0.3, " can"), (0.3, 0.5, " do"), (0.5, 0.7, " for"), (0.7, 1.0, " you,"))
+    again = ((1.2, 1.5, " can"), (1.5, 1.7, " do"), (1.7, 1.9, " for"), (1.9, 2.2, " you."))
+    run(session)  # the first draft decode: nothing heard yet
+    feed(session, 0.6, 0.0)
+    job = session.next_job()
+    assert job is not None and job.final
+    events = session.apply(job, Hypothesis((aligned(0.0, 2.2, True, *spoken, *again),), 3.0, 0.01, False))
+    assert finals_of(events) == ["can do for you, can do for you."]
+    # and without word timestamps, a repeat that does not restart after a sentence end stays too
+    feed(session, 1.0, 0.9)
+    run(session, (0.0, 1.0, "No, no", False))
+    feed(session, 0.6, 0.0)
+    job = session.next_job()
+    assert job is not None and job.final
+    assert finals_of(session.apply(job, hypothesis((0.0, 1.0, "No, no, no.", True)))) == ["No, no, no."]
+
+
+def test_an_endpoint_decode_that_restarts_the_utterance_after_a_commit_does_not_repeat_the_final() -> None:
+    """A sentence final inside an utterance cuts the buffer; the endpoint's decode of what is
+    left, with that sentence as prompt, says its first words again, stamped at the cut."""
+    session = LiveSession(LiveSettings(endpoint_silence=0.5, min_cut_buffer=1.0))
+    feed(session, 2.6, 0.9)
+    sentence = aligned(0.0, 2.06, True, *JFK_LOOP[:5])
+    for _ in range(2):  # two decodes agree on the sentence and the first word after it
+        job = session.next_job()
+        assert job is not None
+        events = session.apply(
+            job, Hypothesis((sentence, aligned(2.1, 2.6, False, (2.1, 2.5, " Ask"))), 2.6, 0.01, False)
+        )
+        feed(session, 0.4, 0.9)
+    assert finals_of(events) == ["And so my fellow Americans."]
+    first = next(r for r in results(events) if r.is_final)
+    feed(session, 1.0, 0.9)
+    feed(session, 0.6, 0.0)
+    job = session.next_job()
+    assert job is not None and job.final and job.buffer_start == pytest.approx(first.end, abs=1e-3)
+    restarted = aligned(
+        0.0,
+        2.0,
+        False,
+        (0.0, 0.0, " And"),
+        (0.0, 0.0, " so"),
+        (0.0, 0.0, " my"),
+        (0.0, 0.0, " fellow"),
+        (0.04, 0.5, " Ask"),
+        (0.5, 0.9, " not"),
+        (0.9, 1.3, " what"),
+    )
+    events = session.apply(job, Hypothesis((restarted,), 2.0, 0.01, False))
+    assert finals_of(events) == ["Ask not what"]
