@@ -12,7 +12,16 @@ import grpc
 import pytest
 
 from model_service.catalog import CatalogEntry
-from tests.support import DATA_DIR, TINY_EN_DIR, TINY_EN_FILES, InferenceHandle, make_catalog, sha256, transcribe
+from tests.support import (
+    DATA_DIR,
+    TINY_EN_DIR,
+    TINY_EN_FILES,
+    InferenceHandle,
+    make_catalog,
+    sha256,
+    transcribe,
+    wait_for,
+)
 from tests.tiny_demucs import export_tiny_demucs_bag
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2 as store_pb
@@ -144,15 +153,22 @@ def test_metrics_endpoint_serves_cache_and_job_metrics(start_inference) -> None:
     transcribe(handle, SHORT)
     transcribe(handle, SHORT)
     port = handle.app.server.metrics_endpoint.port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-    }
+    finished = ("voxserve_jobs_finished_total", (("outcome", "completed"),))
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+
+    # The job's bookkeeping (outcome counters) ends just after its completed event is sent.
+    wait_for(lambda: scrape().get(finished) == 2, timeout=30, message="both jobs counted as completed")
+    samples = scrape()
     assert samples[("voxserve_cache_hits_total", (("model_id", "whisper-tiny.en"),))] >= 1
     assert samples[("voxserve_cache_misses_total", (("model_id", "whisper-tiny.en"),))] == 1
-    assert samples[("voxserve_jobs_finished_total", (("outcome", "completed"),))] == 2
+    assert samples[finished] == 2
     assert samples[("voxserve_audio_seconds_processed_total", (("model_id", "whisper-tiny.en"),))] == pytest.approx(
         6.48, abs=0.2
     )
