@@ -282,14 +282,14 @@ class JobManager:
             except BaseException as exc:  # noqa: BLE001 - every failure is reported to the job's watchers
                 outcome, error = JobState.FAILED, exc
                 logger.warning("job failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+            if self.metrics is not None:  # counted before the last event: a caller that saw it sees the count
+                self.metrics.jobs_finished.labels(outcome.value.lower()).inc()
             job.finish(outcome, error)
             logger.info(
                 "job ended", extra={"state": outcome.value, "seconds": round(time.monotonic() - job.started, 3)}
             )
         with self._lock:
             self._running.discard(job.job_id)
-        if self.metrics is not None:
-            self.metrics.jobs_finished.labels(outcome.value.lower()).inc()
         self._update_gauges()
 
     def _sweep(self) -> None:
