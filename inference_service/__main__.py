@@ -152,6 +152,7 @@ def live_limits(config: InferenceConfig) -> LiveLimits:
         abandon_lag=config.live_abandon_lag_seconds,
         decode_interval=config.live_decode_interval_seconds,
         beam_size=config.live_beam_size,
+        final_beam_size=config.live_final_beam_size,
     )
 
 

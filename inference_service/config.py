@@ -59,6 +59,7 @@ class InferenceConfig(ServiceSettings):
     live_abandon_lag_seconds: float = 20.0
     live_decode_interval_seconds: float = 0.3
     live_beam_size: int = 1  # when the client leaves beam_size at 0
+    live_final_beam_size: int = 5  # the endpoint decode that makes an utterance final (client beam_size 0)
     # Transcribe/TranscribeStream: decode the first utterance on its own so its segment is
     # sent before the first 30 s window is decoded (see docs/performance.md for its cost).
     fast_first_segment: bool = False
@@ -88,6 +89,7 @@ class InferenceConfig(ServiceSettings):
             ),
             (0.05 <= self.live_decode_interval_seconds <= 5, "live_decode_interval_seconds", "must be 0.05-5"),
             (1 <= self.live_beam_size <= 20, "live_beam_size", "must be 1-20"),
+            (1 <= self.live_final_beam_size <= 20, "live_final_beam_size", "must be 1-20"),
             (bool(self.default_model), "default_model", "must not be empty"),
         ]
         check_settings(self, checks)

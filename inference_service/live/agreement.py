@@ -8,6 +8,7 @@ committed even when its start differs.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 from inference_service.engines.whisper import Word
 
 _PUNCTUATION = re.compile(r"[^\w']+")
-ALIGN_SLACK = 0.1  # seconds a piece may start before the last committed end and still count as after it
 MAX_REPEAT_NGRAM = 5
+UNHEARD_WORD_SECONDS = 0.04  # an aligned word shorter than this at the end of the audio was not heard
+UNHEARD_END_SECONDS = 0.1
+MIN_GUESS_PROBABILITY = 0.3
 SQUEEZED_WORD_SECONDS = (
     0.05  # aligned words shorter than this on average were not heard: Whisper ran on into the padding
 )
@@ -51,15 +54,12 @@ def common_prefix(first: Sequence[Piece], second: Sequence[Piece]) -> int:
 
 
 def after_committed(hypothesis: Sequence[Piece], committed: Sequence[Piece]) -> list[Piece] | None:
-    """The part of ``hypothesis`` that follows the committed words, or None if it lines up
-    with them only by time (its first words differ from the committed ones)."""
+    """The part of ``hypothesis`` that follows the committed words, or None when it does not
+    start with them: a decode that heard more audio contradicts what two earlier, shorter
+    decodes agreed on (tiny.en read the first 0.8 s of "Ask not" as "S" twice)."""
     if common_prefix(hypothesis, committed) == len(committed):
         return list(hypothesis[len(committed) :])
-    if not committed:
-        return list(hypothesis)
-    end = committed[-1].end
-    rest = [p for p in hypothesis if p.start >= end - ALIGN_SLACK]
-    return drop_repeated_head(rest, committed)
+    return None
 
 
 def drop_repeated_head(pieces: Sequence[Piece], before: Sequence[Piece]) -> list[Piece] | None:
@@ -99,6 +99,33 @@ def drop_looped_tail(pieces: Sequence[Piece]) -> list[Piece]:
         if loop:
             return list(pieces[:index])
     return list(pieces)
+
+
+def drop_unheard_tail(pieces: Sequence[Piece], audio_end: float) -> list[Piece]:
+    """``pieces`` without trailing aligned words squeezed against the end of the audio (under
+    UNHEARD_WORD_SECONDS long, ending within UNHEARD_END_SECONDS of it): Whisper guessed them
+    from the padding ("like your country, like your" from 1.1 s of "what your country", the
+    repeat aligned to one instant). For drafts only: at an endpoint the audio runs on past the
+    speech, so a real last word is not squeezed there."""
+    count = len(pieces)
+    while count:
+        piece = pieces[count - 1]
+        squeezed = piece.end - piece.start < UNHEARD_WORD_SECONDS and piece.end >= audio_end - UNHEARD_END_SECONDS
+        if piece.word is None or not squeezed:
+            break
+        count -= 1
+    return list(pieces[:count])
+
+
+def is_guess(pieces: Sequence[Piece]) -> bool:
+    """A hypothesis of a short buffer that is not yet words: a word said twice in a row ("S. S.",
+    "-0 -0") or aligned words of mean probability under MIN_GUESS_PROBABILITY ("answer and
+    answer" for the first 0.65 s of "And so my fellow Americans", mean 0.25)."""
+    keys = [p.key for p in pieces]
+    if any(a == b for a, b in itertools.pairwise(keys)):
+        return True
+    probabilities = [p.word.probability for p in pieces if p.word is not None]
+    return bool(probabilities) and sum(probabilities) / len(probabilities) < MIN_GUESS_PROBABILITY
 
 
 def drop_finalised_head(pieces: Sequence[Piece], final_end: float) -> list[Piece]:

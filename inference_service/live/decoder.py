@@ -61,6 +61,7 @@ class Hypothesis:
     audio_seconds: float  # how much audio was decoded
     compute_seconds: float
     full_window: bool  # decoded again with the 30 s window
+    avg_logprob: float = 0.0  # mean log probability per output token (faster-whisper's measure of confidence)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class DecodeSettings:
     word_timestamps: bool
     hotwords: str | None
     temperature: float | None = None  # above 0: sample at it (one hypothesis); else beam search
+    # The beam of a decode that makes an utterance final (0: beam_size). Greedy drafts are
+    # fast; the endpoint decode decides the words for good: on JFK x6 greedy read "Ask not"
+    # alone as "S NOT" in 2 of 6 repetitions, beam 5 in none (docs/performance.md).
+    final_beam_size: int = 0
 
 
 def raw_model(engine: WhisperEngine) -> WhisperModel:
@@ -88,24 +93,39 @@ class BufferDecoder:
         self._tokenizer: Tokenizer | None = None
         self._suppress: list[int] = []
 
-    def decode(self, audio: FloatArray, prompt: str) -> Hypothesis:
-        """Segments of ``audio`` (16 kHz mono, at most 30 s), conditioned on ``prompt`` (the text before it)."""
+    def decode(self, audio: FloatArray, prompt: str, final: bool = False) -> Hypothesis:
+        """Segments of ``audio`` (16 kHz mono, at most 30 s), conditioned on ``prompt`` (the text
+        before it). ``final`` decodes with the final beam; a beam result that says a word or a
+        pair of words twice in a row is checked against the draft beam, which wins if it does
+        not (beam 5 looped on 2 of 88 utterance prefixes of speech_multi.wav: "third, third,
+        third,", greedy on none)."""
         started = time.perf_counter()
         audio = audio[-int(MAX_SECONDS * WHISPER_SAMPLE_RATE) :]
         seconds = audio.shape[0] / WHISPER_SAMPLE_RATE
         padded = np.concatenate([audio, np.zeros(int(PAD_SECONDS * WHISPER_SAMPLE_RATE), np.float32)])
         features = self.model.feature_extractor(padded, padding=0)[:, :-1]
         content_frames = min(FULL_FRAMES, round(seconds * 100))
-        segments, suspicious = self._decode_features(features, content_frames, prompt, seconds, full=False)
-        full = False
-        if suspicious:
-            segments, _ = self._decode_features(features, content_frames, prompt, seconds, full=True)
-            full = True
-        return Hypothesis(tuple(segments), seconds, time.perf_counter() - started, full)
+        beam = (self.settings.final_beam_size or self.settings.beam_size) if final else self.settings.beam_size
+        segments, logprob, full = self._decode_window(features, content_frames, prompt, seconds, beam)
+        if beam != self.settings.beam_size and _stutters(segments):
+            draft = self._decode_window(features, content_frames, prompt, seconds, self.settings.beam_size)
+            if not _stutters(draft[0]):
+                segments, logprob, full = draft
+        return Hypothesis(tuple(segments), seconds, time.perf_counter() - started, full, logprob)
+
+    def _decode_window(
+        self, features: np.ndarray, content_frames: int, prompt: str, seconds: float, beam: int
+    ) -> tuple[list[DecodedSegment], float, bool]:
+        """The cut window's decode, or the 30 s window's when the cut one looks wrong; whether it was."""
+        segments, logprob, suspicious = self._decode_features(features, content_frames, prompt, seconds, beam, False)
+        if not suspicious:
+            return segments, logprob, False
+        segments, logprob, _ = self._decode_features(features, content_frames, prompt, seconds, beam, True)
+        return segments, logprob, True
 
     def _decode_features(
-        self, features: np.ndarray, content_frames: int, prompt: str, seconds: float, full: bool
-    ) -> tuple[list[DecodedSegment], bool]:
+        self, features: np.ndarray, content_frames: int, prompt: str, seconds: float, beam: int, full: bool
+    ) -> tuple[list[DecodedSegment], float, bool]:
         frames = FULL_FRAMES if full else min(FULL_FRAMES, features.shape[1])
         window = np.full((features.shape[0], frames), float(features.min()), np.float32)
         used = min(frames, features.shape[1])
@@ -117,7 +137,7 @@ class BufferDecoder:
         result = self.model.model.generate(
             encoder_output,
             [sequence],
-            beam_size=1 if sampling else self.settings.beam_size,
+            beam_size=1 if sampling else beam,
             sampling_topk=0 if sampling else 1,  # 0: sample from the whole distribution
             sampling_temperature=self.settings.temperature if sampling else 1.0,
             max_length=min(448, len(sequence) + int(seconds * TOKENS_PER_SECOND) + 8),
@@ -133,7 +153,7 @@ class BufferDecoder:
         segments = self._segments(tokenizer, tokens, seconds)
         if self.settings.word_timestamps and segments:
             segments = self._with_words(tokenizer, tokens, segments, encoder_output, content_frames, seconds)
-        return segments, suspicious
+        return segments, logprob, suspicious
 
     def _tokenizer_for(self, encoder_output: ctranslate2.StorageView) -> Tokenizer:
         if self._tokenizer is None:
@@ -238,6 +258,14 @@ def _without_loops(segments: list[DecodedSegment]) -> list[DecodedSegment]:
         seen.append(key)
         kept.append(segment)
     return kept
+
+
+def _stutters(segments: list[DecodedSegment]) -> bool:
+    """A word or a pair of words said twice in a row (case and punctuation aside)."""
+    words = _WORD.findall(" ".join(segment.text for segment in segments).lower())
+    return any(words[i] == words[i + 1] for i in range(len(words) - 1)) or any(
+        words[i : i + 2] == words[i + 2 : i + 4] for i in range(len(words) - 3)
+    )
 
 
 def _compression_ratio(text: str) -> float:

@@ -43,6 +43,7 @@ class LiveLimits:
     abandon_lag: float = 20.0
     decode_interval: float = 0.3
     beam_size: int = 1
+    final_beam_size: int = 5
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class LiveService:
             max_lag=request.max_lag or self.limits.max_lag,
             decode_interval=self.limits.decode_interval,
             initial_prompt=request.options.initial_prompt or "",
+            report_words=request.options.word_timestamps,
         )
 
     async def run(self, request: StreamRequest, audio: AsyncIterator[bytes]) -> AsyncIterator[StreamEvent]:
@@ -208,10 +210,17 @@ class LiveService:
     ) -> LiveStream:
         options = engine.validate(request.options)
         beam = options.beam_size if request.beam_size_given else self.limits.beam_size
+        final_beam = options.beam_size if request.beam_size_given else self.limits.final_beam_size
         decoder = BufferDecoder(
             raw_model(engine),
             DecodeSettings(
-                options.language, options.task, beam, options.word_timestamps, options.hotwords, options.temperature
+                options.language,
+                options.task,
+                beam,
+                True,  # aligned words for the session's checks; results carry them if asked for
+                options.hotwords,
+                options.temperature,
+                final_beam_size=final_beam,
             ),
         )
         detector = SpeechDetector(self.vad_sessions.session(vad_path))

@@ -23,6 +23,8 @@ from inference_service.live.agreement import (
     drop_finalised_head,
     drop_looped_tail,
     drop_repeated_head,
+    drop_unheard_tail,
+    is_guess,
     last_boundary,
     text_of,
 )
@@ -32,10 +34,18 @@ from inference_service.live.vad import CHUNK_SECONDS, VadThresholds
 # Text finalised earlier in the same utterance, given to Whisper as the previous text when
 # the buffer was cut inside an utterance. Not across endpoints: with the previous
 # sentences as prompt, cut windows looped in 14 of 71 decodes of speech_multi.wav (0 of
-# 71 without), and the WER of the final decodes was 0.0 both ways.
+# 71 without), and on JFK x6 (issue 10) even the last final alone as prompt made finals
+# loop ("Ask not. Ask not. Ask not."). Decoding the previous final's last 1.5 s of audio
+# before the new buffer (and dropping its words) was tried too: "Ask not" came out right,
+# but "What your country" became "like your country" and new speech after a sentence end
+# was often not transcribed at all (WER 9.8 % vs 1.5 % on JFK x6).
 PROMPT_CHARS = 200
 SPEECH_PAD = 0.2  # audio kept before the VAD's speech start (Silero starts late on soft onsets)
 TAIL_PAD = 0.3  # audio decoded after the last speech at an endpoint
+# A draft decode of a buffer shorter than this is a guess when it looks like one (is_guess):
+# no draft, no agreement. On JFK's audio every first decode of a phrase (0.6-0.7 s of audio)
+# was one: "answer and answer", "S. S.", "S, S,".
+GUESS_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class LiveSettings:
     max_buffer: float = 20.0  # buffer length at which a segment is finalised without agreement
     min_cut_buffer: float = 4.0  # shortest audio finalised inside an utterance (before that, wait for the endpoint)
     initial_prompt: str = ""
+    report_words: bool = True  # words in results (always aligned inside: the loop and guess checks need them)
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,7 @@ class DecodeJob:
     buffer_start: float
     audio_end: float
     prompt: str
-    final: bool  # every word becomes final (an endpoint or the end of the stream)
+    final: bool  # every word becomes final (an endpoint or the end of the stream): decoded with the final beam
 
 
 LiveEvent = SpeechEvent | LiveResult
@@ -100,6 +111,7 @@ class LiveSession:
         self._onset: float | None = None  # where the current run of speech began
         self._endpoint: float | None = None  # speech end of an utterance whose endpoint was seen
         self._last_decode_end = 0.0
+        self._heard_until = 0.0  # audio end of the decode the latest hypothesis came from
         self._committed: list[Piece] = []
         self._draft: list[Piece] = []  # the latest hypothesis after the committed words
         self._previous: list[Piece] = []  # the hypothesis before, after the committed words
@@ -221,15 +233,24 @@ class LiveSession:
         pieces = drop_looped_tail(drop_finalised_head(pieces, self._last_final_end))
         if not self._committed:
             pieces = drop_repeated_head(pieces, self._finalized_tail) or []
+        if not job.final:
+            pieces = drop_unheard_tail(pieces, job.audio_end)
+            if job.audio_end - max(job.buffer_start, self._last_final_end) < GUESS_SECONDS and is_guess(pieces):
+                return []  # not words yet: neither a draft nor a vote for the agreement
         self._last_pieces = pieces
-        rest = after_committed(pieces, self._committed)
+        self._heard_until = job.audio_end
         if job.final:
             # The decode of the whole utterance heard to its end beats words two drafts agreed
             # on early (a 0.5 s buffer of "Second" read twice as "I can't"): drafts may change.
             words = pieces or self._committed + self._draft
             return self._final_all(words, job.audio_end, resume=self._endpoint is not None)
-        if rest is None:  # lines up with nothing: keep the last draft
-            return []
+        rest = after_committed(pieces, self._committed)
+        if rest is None:
+            # The committed words were agreed on too early (they are not final yet, so they
+            # may still change): agree again, from this hypothesis against the one before.
+            self._previous = self._committed + self._draft
+            self._committed = []
+            rest = pieces
         agreed = common_prefix(self._previous, rest)
         self._committed += rest[:agreed]
         self._draft = rest[agreed:]
@@ -270,7 +291,7 @@ class LiveSession:
             return []
         if self._all_final:
             return self._final_all([], min(self.received, self._endpoint + self._tail_pad), resume=True)
-        if self._last_decode_end < self._endpoint + self.settings.speech_end_silence:
+        if self._heard_until < self._endpoint + self.settings.speech_end_silence:
             return []
         end = min(self.received, self._endpoint + self._tail_pad)
         return self._final_all(self._last_pieces or self._committed + self._draft, end, resume=True)
@@ -310,7 +331,7 @@ class LiveSession:
         (Whisper's end timestamps on cut windows come up to 0.4 s early)."""
         start = max(self._last_final_end, words[0].start)
         end = max(start, words[-1].end, speech_end or 0.0)
-        aligned = tuple(p.word for p in words if p.word is not None)
+        aligned = self._aligned(words)
         result = LiveResult(self._result_id, True, 1.0, start, end, text_of(words), aligned)
         self._last_final_end = end
         self._utterance_text = (self._utterance_text + " " + result.text).strip()[-PROMPT_CHARS:]
@@ -318,6 +339,9 @@ class LiveSession:
         self._result_id = str(next(self._ids))
         self._last_draft = ""
         return result
+
+    def _aligned(self, words: list[Piece]) -> tuple[Word, ...]:
+        return tuple(p.word for p in words if p.word is not None) if self.settings.report_words else ()
 
     def _interim(self) -> list[LiveEvent]:
         words = self._committed + self._draft
@@ -327,7 +351,7 @@ class LiveSession:
         self._last_draft = text
         start = max(self._last_final_end, words[0].start)
         stability = len(self._committed) / len(words)
-        aligned = tuple(p.word for p in words if p.word is not None)
+        aligned = self._aligned(words)
         return [LiveResult(self._result_id, False, stability, start, max(start, words[-1].end), text, aligned)]
 
 

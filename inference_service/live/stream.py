@@ -182,7 +182,9 @@ class LiveStream:
         job = self.session.finish_job() if self._ended else self.session.next_job()
         if job is None:
             return False
-        future = self.worker.submit(lambda: self.decoder.decode(job.audio, job.prompt), FINAL if job.final else DRAFT)
+        future = self.worker.submit(
+            lambda: self.decoder.decode(job.audio, job.prompt, final=job.final), FINAL if job.final else DRAFT
+        )
         self.in_flight, self._in_flight_job = future, job
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._wake.set))
         return True

@@ -80,10 +80,12 @@ class SlowDecodes:
         self.lengths: list[float] = []
         original = live_decoder.BufferDecoder.decode
 
-        def slow(decoder: live_decoder.BufferDecoder, audio: Any, prompt: str) -> live_decoder.Hypothesis:
+        def slow(
+            decoder: live_decoder.BufferDecoder, audio: Any, prompt: str, final: bool = False
+        ) -> live_decoder.Hypothesis:
             time.sleep(self.delay)
             self.lengths.append(audio.shape[0] / 16000)
-            return original(decoder, audio, prompt)
+            return original(decoder, audio, prompt, final)
 
         monkeypatch.setattr(live_decoder.BufferDecoder, "decode", slow)
 

@@ -215,3 +215,85 @@ def test_an_endpoint_decode_that_restarts_the_utterance_after_a_commit_does_not_
     )
     events = session.apply(job, Hypothesis((restarted,), 2.0, 0.01, False))
     assert finals_of(events) == ["Ask not what"]
+
+
+# ------------------------------------------------------------ early guesses and early agreement (issue 10)
+
+
+def weak(start: float, end: float, *words: tuple[float, float, str, float]) -> DecodedSegment:
+    """An open segment of aligned words with their probabilities."""
+    text = "".join(w for _, _, w, _ in words).strip()
+    return DecodedSegment(start, end, text, tuple(Word(s, e, w, p) for s, e, w, p in words), False)
+
+
+def decode(session: LiveSession, *segments: DecodedSegment) -> list[LiveResult]:
+    job = session.next_job()
+    assert job is not None
+    return results(session.apply(job, Hypothesis(segments, job.audio_end - job.buffer_start, 0.01, False)))
+
+
+def test_a_guess_from_a_short_buffer_is_neither_a_draft_nor_a_vote() -> None:
+    """The first 0.65 s of JFK's "And so my fellow Americans" came out as "answer and answer
+    answer answer" (mean word probability 0.25), of "Ask not" as "S. S.": not sent, and not
+    agreed on with the next decode."""
+    session = LiveSession(LiveSettings(min_cut_buffer=100))
+    feed(session, 0.5, 0.9)
+    garbled = weak(0.0, 0.5, (0.0, 0.2, " answer", 0.31), (0.2, 0.22, " and", 0.22), (0.22, 0.45, " answer", 0.21))
+    assert decode(session, garbled) == []
+    feed(session, 0.35, 0.9)
+    assert decode(session, aligned(0.0, 0.8, False, (0.0, 0.3, " S."), (0.3, 0.5, " S."))) == []  # a word twice
+    feed(session, 0.35, 0.9)
+    first = decode(session, aligned(0.0, 1.2, False, (0.0, 0.4, " And"), (0.4, 0.7, " so"), (0.7, 1.0, " my")))
+    assert [(r.text, r.stability) for r in first] == [("And so my", 0.0)]  # nothing agreed on with the guesses
+
+
+def test_words_two_short_decodes_agreed_on_give_way_to_a_decode_that_heard_more() -> None:
+    """tiny.en read the first 0.8 and 1.0 s of "Ask not" as "S" twice, then "Ask not!": the
+    final must not be "S not!" (the agreed "S" kept, "not!" lined up after it by time)."""
+    session = LiveSession(LiveSettings(endpoint_silence=0.5))
+    feed(session, 0.8, 0.9)
+    assert [r.text for r in decode(session, aligned(0.0, 0.7, False, (0.0, 0.7, " S")))] == ["S"]
+    feed(session, 0.35, 0.9)
+    assert [
+        r.text for r in decode(session, aligned(0.0, 0.9, False, (0.0, 0.9, " S")))
+    ] == []  # same text: no new draft
+    feed(session, 0.4, 0.9)
+    feed(session, 0.2, 0.0)  # a pause after the sentence
+    latest = aligned(0.0, 1.4, True, (0.0, 0.76, " Ask"), (0.76, 1.3, " not!"))
+    events = decode(session, latest)
+    assert [(r.text, r.is_final) for r in events] == [("Ask not!", False)]  # a draft: the two decodes disagree
+    feed(session, 0.4, 0.0)  # the endpoint
+    job = session.next_job()
+    assert job is not None and job.final
+    assert finals_of(session.apply(job, Hypothesis((latest,), 1.9, 0.01, False))) == ["Ask not!"]
+
+
+def test_words_squeezed_against_the_end_of_a_draft_buffer_are_not_shown_until_heard() -> None:
+    session = LiveSession(LiveSettings(min_cut_buffer=100))
+    feed(session, 1.2, 0.9)
+    job = session.next_job()
+    assert job is not None
+    end = job.audio_end - job.buffer_start
+    guessed = aligned(
+        0.0, end, False, (0.0, 0.5, " like"), (0.5, 0.8, " your"), (0.8, 1.0, " country,"), (end, end, " like")
+    )
+    assert [r.text for r in results(session.apply(job, Hypothesis((guessed,), end, 0.01, False)))] == [
+        "like your country,"
+    ]
+    # at an endpoint the audio runs on past the speech: a final keeps its last word
+    feed(session, 0.6, 0.0)
+    job = session.next_job()
+    assert job is not None and job.final
+    end = job.audio_end - job.buffer_start
+    heard = aligned(
+        0.0, end, False, (0.0, 0.5, " what"), (0.5, 0.8, " your"), (0.8, 1.15, " country"), (end, end, " do")
+    )
+    assert finals_of(session.apply(job, Hypothesis((heard,), end, 0.01, False))) == ["what your country do"]
+
+
+def test_results_carry_words_only_when_asked_for() -> None:
+    for report in (True, False):
+        session = LiveSession(LiveSettings(report_words=report))
+        feed(session, 0.5, 0.9)
+        (draft,) = decode(session, aligned(0.0, 0.5, False, (0.0, 0.2, " good"), (0.2, 0.45, " morning")))
+        assert [w.word.strip() for w in draft.words] == (["good", "morning"] if report else [])

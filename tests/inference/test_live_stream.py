@@ -105,6 +105,8 @@ def test_without_interim_results_only_finals_are_sent(inference: InferenceHandle
     audio = pcm(MULTI)
     responses = stream(inference, audio, 4.0, config(interim_results=False))
     assert all(result.is_final for _, result in results(responses))
+    # words are aligned inside (the session's loop checks need them) but sent only when asked for
+    assert not any(result.words for _, result in results(responses))
     check_stream(responses, len(audio) / 2 / RATE, TRANSCRIPTS[MULTI])
 
 
