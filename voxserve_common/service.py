@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import faulthandler
+import json
 import logging
+import os
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar, cast
 
@@ -24,6 +29,45 @@ logger = logging.getLogger(__name__)
 # Settings SIGHUP applies without a restart; a change to any other one is reported as
 # needing a restart.
 LIVE_SETTINGS = frozenset({"log_level", "log_levels"})
+
+
+# Once the server has stopped, closing the domain objects, asyncio.run's teardown (on
+# Python 3.11 it waits without a limit for every executor thread) and the interpreter's
+# exit must end within this many seconds; past it the process prints every thread's stack
+# and exits 1, so a stop never runs into the orchestrator's SIGKILL without a trace. A
+# clean close takes 0.1-2 s (tests/common/test_exit_deadline.py, the podman test's logs).
+EXIT_DEADLINE_SECONDS = 10.0
+EXIT_DEADLINE_STATUS = 1
+
+
+class ExitDeadline:
+    """A daemon timer that ends a process whose shutdown hangs, after dumping its threads."""
+
+    def __init__(self, service: str, seconds: float = EXIT_DEADLINE_SECONDS) -> None:
+        self.service = service
+        self.seconds = seconds
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.name = "exit-deadline"
+
+    def arm(self) -> ExitDeadline:
+        self._timer.start()
+        return self
+
+    def _expire(self) -> None:
+        # Logging may be stopped or be what hangs: write to the stderr file descriptor directly.
+        record = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+            "level": "CRITICAL",
+            "service": self.service,
+            "message": f"shutdown did not finish within {self.seconds:g} s after the server stopped: "
+            "exiting; every thread's stack follows",
+        }
+        try:
+            os.write(2, (json.dumps(record) + "\n").encode())
+            faulthandler.dump_traceback(file=2, all_threads=True)
+        finally:
+            os._exit(EXIT_DEADLINE_STATUS)
 
 
 class ServiceApp(Protocol):
@@ -140,6 +184,7 @@ def run_service(
         try:
             await serve_until_signal(server, config.grace_seconds)
         finally:
+            ExitDeadline(service).arm()
             await asyncio.to_thread(close, app)
 
     try:
