@@ -190,6 +190,12 @@ def analyse(record: Record, marks: list[tuple[float, float, str]]) -> dict[str, 
         used = nearest if abs(nearest - end) <= SNAP else end
         latencies.append((used, wall - sent_at(record, used)))
         finals.append((used, wall - sent_at(record, used), text))
+    # The first text shown for each phrase (draft or final): what a viewer read first.
+    first_per_phrase: list[tuple[float, float, str]] = []  # (phrase start, seconds after it, text)
+    for phrase_start, _, _ in marks:
+        shown = [item for item in texts if item[4] > phrase_start and item[0] >= sent_at(record, phrase_start)]
+        if shown:
+            first_per_phrase.append((phrase_start, shown[0][0] - sent_at(record, phrase_start), shown[0][2]))
     reference = reference_of(marks)
     hypothesis = " ".join(item[2] for item in texts if item[1])
     values = [lat for _, lat in latencies]
@@ -204,6 +210,7 @@ def analyse(record: Record, marks: list[tuple[float, float, str]]) -> dict[str, 
         "hypothesis": hypothesis,
         "final_results": finals,
         "first_text": texts[0][2] if texts else "",
+        "first_text_per_phrase": first_per_phrase,
         "error": record.error,
     }
 
