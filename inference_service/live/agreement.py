@@ -117,12 +117,18 @@ def drop_unheard_tail(pieces: Sequence[Piece], audio_end: float) -> list[Piece]:
     return list(pieces[:count])
 
 
+def stutters(keys: Sequence[str]) -> bool:
+    """A word or a pair of words said twice in a row (``keys`` normalised, none empty)."""
+    return any(a == b for a, b in itertools.pairwise(keys)) or any(
+        keys[i : i + 2] == keys[i + 2 : i + 4] for i in range(len(keys) - 3)
+    )
+
+
 def is_guess(pieces: Sequence[Piece]) -> bool:
-    """A hypothesis of a short buffer that is not yet words: a word said twice in a row ("S. S.",
-    "-0 -0") or aligned words of mean probability under MIN_GUESS_PROBABILITY ("answer and
-    answer" for the first 0.65 s of "And so my fellow Americans", mean 0.25)."""
-    keys = [p.key for p in pieces]
-    if any(a == b for a, b in itertools.pairwise(keys)):
+    """A hypothesis of a short buffer that is not yet words: it stutters ("S. S.", "and so,
+    and so,") or its aligned words have a mean probability under MIN_GUESS_PROBABILITY
+    ("answer and answer" for the first 0.65 s of "And so my fellow Americans", mean 0.25)."""
+    if stutters([p.key for p in pieces if p.key]):
         return True
     probabilities = [p.word.probability for p in pieces if p.word is not None]
     return bool(probabilities) and sum(probabilities) / len(probabilities) < MIN_GUESS_PROBABILITY

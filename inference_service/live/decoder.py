@@ -28,6 +28,7 @@ from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, FloatArray
 from inference_service.engines.whisper import WhisperEngine, Word
+from inference_service.live.agreement import normalise, stutters
 
 logger = logging.getLogger(__name__)
 
@@ -261,11 +262,8 @@ def _without_loops(segments: list[DecodedSegment]) -> list[DecodedSegment]:
 
 
 def _stutters(segments: list[DecodedSegment]) -> bool:
-    """A word or a pair of words said twice in a row (case and punctuation aside)."""
-    words = _WORD.findall(" ".join(segment.text for segment in segments).lower())
-    return any(words[i] == words[i + 1] for i in range(len(words) - 1)) or any(
-        words[i : i + 2] == words[i + 2 : i + 4] for i in range(len(words) - 3)
-    )
+    keys = [normalise(word) for segment in segments for word in segment.text.split()]
+    return stutters([key for key in keys if key])
 
 
 def _compression_ratio(text: str) -> float:
