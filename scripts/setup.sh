@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with the project installed: torch 2.13.0 (CPU) first, then voxserve.
 # System packages: python3-venv if venv is missing; with --test also espeak-ng, sox and
-# prometheus (promtool checks the Prometheus config in the tests) and kubectl.
+# prometheus (promtool checks the Prometheus config in the tests), kubectl and, as root,
+# podman, runc, podman-compose and debootstrap (the compose stack test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,9 @@ if ((want_test)); then
     apt_install espeak-ng sox prometheus
     # kubectl builds the Kubernetes manifests (kustomize) in tests/deploy.
     command -v kubectl >/dev/null 2>&1 || apt_install kubernetes-client
+    # tests/deploy/test_compose_podman.py brings the compose stack up with rootful podman
+    # (runc; images built from Debian packages with debootstrap): as root only.
+    if [[ "$(id -u)" == "0" ]]; then apt_install podman runc podman-compose debootstrap; fi
 fi
 
 stamp=".venv/.voxserve-installed"
