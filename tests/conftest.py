@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.pop("HF_HUB_OFFLINE", None)
+# A shell without job control starts background commands (`cmd &`, nohup) with SIGINT
+# ignored, and an ignored signal stays ignored in every process the suite starts: voxctl
+# would not stop on the Ctrl-C the CLI tests send. Handled, it is reset on exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from model_service.catalog import CatalogEntry
 from model_service.config import ModelStoreConfig
