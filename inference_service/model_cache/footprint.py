@@ -13,7 +13,8 @@ from voxserve_common.kinds import ModelKind
 # Measured on CPU (RSS delta around the load, psutil), 2 cores, torch 2.13 / CT2 4.8.5:
 # - whisper: tiny.en CTranslate2 (float16 model.bin 75.5 MB, 78 MB with the tokenizer)
 #   with compute_type=int8 took 51-55 MiB (0.7x) with freed memory returned to the OS
-#   before and after the load (as the cache does), 66-91 MiB without the trim after it;
+#   before and after the load (as the cache does), 66-91 MiB without the trim after it
+#   (74-77 MiB, 1.0x, on a later VM of the same kind, with the mmap threshold pinned);
 #   float32 took 155 MiB (2x). 1.0x fits int8, the project's CPU default, with room to
 #   spare; a float32/float16 load is corrected by its first measurement.
 # - vad: Silero VAD 6.2.3 as shipped: JIT (2.3 MB) 3.9 MiB (1.7x); ONNX (2.3 MB) 21.7 MiB
