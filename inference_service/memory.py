@@ -92,40 +92,42 @@ def is_cuda(device: str) -> bool:
 
 
 @cache
-def _malloc_trim() -> Any:
+def _glibc_function(name: str) -> Any:
+    """``name`` from glibc, or None (not Linux, musl or no glibc: nothing to tune)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl or no glibc: nothing to trim with
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
         return None
+
+
+def _malloc_trim() -> Any:
+    return _glibc_function("malloc_trim")
 
 
 # glibc raises its mmap threshold (up to 32 MiB) as mapped blocks are freed; past that, a
 # model load's transient buffers come from the heap and some stay resident after
-# malloc_trim. In the test suite, after the live-memory tests had run in the same process, a tiny.en
-# int8 load then measured 180 MiB instead of 76, so the cache over-counted it and evicted
-# models it had room for. A fixed threshold also turns the raising off: buffers above it get
-# their own mappings, and those go back to the OS when freed. Pinning it also pins the trim
-# threshold at its 128 KiB default, which makes glibc hand back the top of the heap after
-# every large free: a 25 s transcription then took 33 % longer (0.97 vs 0.73 s, same
-# process layout). So the trim threshold is set to 64 MiB, what the dynamic scheme reaches;
-# the cache's explicit malloc_trim around loads and evictions still releases it all.
-# An operator's MALLOC_MMAP_THRESHOLD_ wins.
+# malloc_trim. In the test suite, after the live-memory tests had run in the same process,
+# a tiny.en int8 load then measured 180 MiB instead of 76, so the cache over-counted it and
+# evicted models it had room for. A fixed threshold also turns the raising off: buffers
+# above it get their own mappings, and those go back to the OS when freed. Pinning it also
+# pins the trim threshold at its 128 KiB default, which makes glibc hand back the top of the
+# heap after every large free: a 25 s transcription then took 33 % longer (0.97 vs 0.73 s,
+# same process layout). So the trim threshold is set to 64 MiB, what the dynamic scheme
+# reaches; the cache's explicit malloc_trim around loads and evictions still releases it
+# all. An operator's MALLOC_MMAP_THRESHOLD_ wins.
 MMAP_THRESHOLD_BYTES = 4 << 20
 TRIM_THRESHOLD_BYTES = 64 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
 
 
 @cache
-def fix_mmap_threshold() -> bool:
+def pin_malloc_thresholds() -> bool:
     """Pin glibc's mmap and trim thresholds (once per process); False where there is no
     glibc or the environment sets the mmap threshold."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl or no glibc
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
@@ -168,7 +170,7 @@ class MemoryProbe:
 
     def __init__(self) -> None:
         self._process = psutil.Process()
-        fix_mmap_threshold()  # so that an RSS delta around a load is the model's
+        pin_malloc_thresholds()  # so that an RSS delta around a load is the model's
 
     def device_total_bytes(self, device: str) -> int:
         """All memory of the device: system RAM for "cpu", VRAM for "cuda[:N]"."""

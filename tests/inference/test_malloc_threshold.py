@@ -1,4 +1,4 @@
-"""The pinned glibc mmap threshold (inference_service.memory.fix_mmap_threshold): a freed
+"""The pinned glibc mmap threshold (inference_service.memory.pin_malloc_thresholds): a freed
 block above it leaves the process at once, even after glibc would have raised a dynamic
 threshold. Without it, the RSS delta the model cache measures around a load could count a
 load's freed buffers (a tiny.en int8 load measured 180 MiB instead of 76 after other tests).
@@ -10,19 +10,17 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.support import REPO_ROOT
 
 PROBE = """
 import ctypes, sys
 import psutil
-from inference_service.memory import MMAP_THRESHOLD_BYTES, fix_mmap_threshold
+from inference_service.memory import MMAP_THRESHOLD_BYTES, pin_malloc_thresholds
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
-pinned = fix_mmap_threshold() if sys.argv[1] == "pin" else False
+pinned = pin_malloc_thresholds() if sys.argv[1] == "pin" else False
 libc.free(libc.malloc(30 << 20))  # freeing a mapped 30 MiB block raises glibc's dynamic threshold to it
 size = 2 * MMAP_THRESHOLD_BYTES
 before = psutil.Process().memory_info().rss
@@ -43,7 +41,6 @@ def run_probe(mode: str, **env: str) -> tuple[bool, float]:
     return pinned == "True", float(kept)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_a_freed_block_above_the_pinned_threshold_leaves_the_process() -> None:
     pinned, kept = run_probe("pin")
     assert pinned and kept < 0.2, f"{kept:.0%} of the freed block still resident"
@@ -52,7 +49,6 @@ def test_a_freed_block_above_the_pinned_threshold_leaves_the_process() -> None:
     assert kept > 0.8, f"only {kept:.0%} of the freed block resident without the pin"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_an_operators_malloc_setting_wins() -> None:
     pinned, _ = run_probe("pin", MALLOC_MMAP_THRESHOLD_=str(64 << 20))
     assert not pinned
