@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 from inference_service.config import InferenceConfig
 from inference_service.engines.device import choose_device
@@ -251,7 +251,7 @@ def parse_config(argv: Sequence[str] | None = None) -> InferenceConfig:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> NoReturn:
     run_service(
         service="inference_service",
         program="voxserve-inference",

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 from model_service.catalog import Catalog, CatalogEntry
 from model_service.config import ModelStoreConfig
@@ -135,7 +135,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ModelStoreConfig:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> NoReturn:
     run_service(
         service="model_service",
         program="voxserve-models",

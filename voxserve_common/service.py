@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import faulthandler
 import json
@@ -12,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 from voxserve_common.banner import log_startup
 from voxserve_common.config import ConfigError, ServiceSettings
@@ -32,12 +33,25 @@ LIVE_SETTINGS = frozenset({"log_level", "log_levels"})
 
 
 # Once the server has stopped, closing the domain objects, asyncio.run's teardown (on
-# Python 3.11 it waits without a limit for every executor thread) and the interpreter's
-# exit must end within this many seconds; past it the process prints every thread's stack
-# and exits 1, so a stop never runs into the orchestrator's SIGKILL without a trace. A
-# clean close takes 0.1-2 s (tests/common/test_exit_deadline.py, the podman test's logs).
+# Python 3.11 it waits without a limit for every executor thread) and flushing the logs
+# must end within this many seconds; past it the process prints every thread's stack and
+# exits 1, so a stop never runs into the orchestrator's SIGKILL without a trace. A clean
+# close takes 0.1-2 s (tests/common/test_exit_deadline.py, the podman test's logs). The
+# interpreter's own finalization is not run at all: see exit_without_finalizing.
 EXIT_DEADLINE_SECONDS = 10.0
 EXIT_DEADLINE_STATUS = 1
+
+
+def exit_without_finalizing(status: int) -> NoReturn:
+    """End the process once everything of ours is closed and flushed, skipping the
+    interpreter's finalization and the native libraries' exit-time destructors (grpc core,
+    CTranslate2 and its OpenMP pool, onnxruntime, torch). They have nothing left to do for
+    us, and one of them once hung a container stop past faulthandler's uninstall: no Python
+    ran to dump a stack or fire the exit deadline, so only SIGKILL ended it."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or gone: nothing reaches it
+            stream.flush()
+    os._exit(status)
 
 
 class ExitDeadline:
@@ -158,11 +172,12 @@ def run_service(
     start: Callable[[C], Awaitable[A]],
     close: Callable[[A], Any],
     reload: Callable[[], C] | None = None,
-) -> None:
+) -> NoReturn:
     """Configure logs and tracing, start the app, log the start-up record, serve until
     SIGTERM/SIGINT (SIGHUP re-reads the settings with ``reload``: log levels, and the
-    settings an app that implements ``LiveSettings`` names), then close the domain objects;
-    a start-up failure exits 1 with the reason on stderr."""
+    settings an app that implements ``LiveSettings`` names), then close the domain objects
+    and exit 0; a configuration error exits 2 and a start-up failure 1, with the reason on
+    stderr."""
     setup_logging(service, config)
     setup_tracing(service)
 
@@ -187,16 +202,18 @@ def run_service(
             ExitDeadline(service).arm()
             await asyncio.to_thread(close, app)
 
+    status = 0
     try:
         asyncio.run(serve())
     except ConfigError as error:  # found when starting (a certificate, the tokens file, the bind)
         logger.error("configuration error", extra={"error": str(error)})
         print(f"configuration error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        status = 2
     except (VoxserveError, OSError) as error:
         logger.error("service failed", extra={"error": str(error)})
         print(f"{program}: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        status = 1
     finally:
         shutdown_tracing()
         stop_logging()
+    exit_without_finalizing(status)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 
@@ -21,7 +22,7 @@ from voxserve_common.config import ConfigError
 from voxserve_common.log_levels import LogLevelControl
 from voxserve_common.logs import stop_logging
 from voxserve_common.metrics import ErrorCountingHandler, MetricsEndpoint, runtime_metrics, start_metrics_endpoint
-from voxserve_common.service import LIVE_SETTINGS, setup_logging
+from voxserve_common.service import LIVE_SETTINGS, exit_without_finalizing, setup_logging
 from voxserve_common.tracing import setup_tracing, shutdown_tracing
 from voxserve_http.app import create_app
 from voxserve_http.config import GatewayConfig
@@ -168,13 +169,17 @@ def parse_config(argv: Sequence[str] | None = None) -> GatewayConfig:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> NoReturn:
     config = parse_config(argv)
     setup_logging(SERVICE, config)  # log files, redaction (the backend token), library levels
+    status = 0
     try:
         _run(config, lambda: parse_config(argv))
+    except SystemExit as error:  # a configuration error (2) or a failed start (1), already said
+        status = error.code if isinstance(error.code, int) else 1
     finally:
         stop_logging()
+    exit_without_finalizing(status)
 
 
 def _run(config: GatewayConfig, reload: Callable[[], GatewayConfig]) -> None:
