@@ -201,6 +201,7 @@ def run_service(
         finally:
             ExitDeadline(service).arm()
             await asyncio.to_thread(close, app)
+            logger.info("service closed")  # what follows is tracing's and logging's flush, then exit
 
     status = 0
     try:

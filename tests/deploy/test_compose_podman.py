@@ -51,8 +51,9 @@ SPEECH = ROOT / "tests" / "data" / "speech_short.wav"
 # Image build (minutes on a cold cache) and the stack's start-up take longer than the suite's
 # default timeout.
 pytestmark = pytest.mark.timeout(3600)
-# The services log these on SIGTERM (voxserve_common/server.py serve_until_signal).
-SHUTDOWN_LINES = ("shutdown requested", "server stopped")
+# The services log these on SIGTERM (voxserve_common/server.py serve_until_signal, then
+# service.py run_service once the models and the store channel are closed).
+SHUTDOWN_LINES = ("shutdown requested", "server stopped", "service closed")
 
 
 def _why_podman_cannot_run() -> str | None:
@@ -374,4 +375,4 @@ def test_compose_stack_with_tls_and_tokens_transcribes_and_stops_gracefully(stac
         "cat /logs/model_service.log /logs/inference_service.log",
     )
     assert files.returncode == 0, files.stderr
-    assert files.stdout.count('"message": "server stopped"') >= 2, "the log files end with the shutdown"
+    assert files.stdout.count('"message": "service closed"') >= 2, "the log files end with the shutdown"
