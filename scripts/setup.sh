@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with the project installed: torch 2.13.0 (CPU) first, then voxserve.
+# Create .venv with the project installed from the lock (requirements/test.lock), then voxserve.
 # System packages: python3-venv if venv is missing; with --test also espeak-ng, sox and
 # prometheus (promtool checks the Prometheus config in the tests), kubectl and, as root,
 # podman, runc, podman-compose and debootstrap (the compose stack test).
@@ -42,13 +42,17 @@ if ((want_test)); then
 fi
 
 stamp=".venv/.voxserve-installed"
-if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+lock="requirements/test.lock"
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || "$lock" -nt "$stamp" ]]; then
     echo "==> creating .venv"
     [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
-    .venv/bin/python -m pip install -q --upgrade pip
-    echo "==> installing torch 2.13.0 (CPU) first, so pip does not pick a CUDA build"
-    .venv/bin/pip install -q torch==2.13.0
+    # Every dependency at the version and sha256 the lock names (scripts/lock.sh refreshes
+    # it), so a fresh clone always gets the same environment. torch is the CPU build
+    # (2.13.0+cpu, from pip's configured find-links), never a multi-GB CUDA build.
+    echo "==> installing the locked dependencies ($lock)"
+    .venv/bin/python -m pip install -q --require-hashes -r "$lock"
     echo "==> installing voxserve"
-    .venv/bin/pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+    .venv/bin/python -m pip check
     touch "$stamp"
 fi

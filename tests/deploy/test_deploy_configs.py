@@ -846,8 +846,11 @@ def test_dockerfile(pyproject: dict[str, Any]) -> None:
     args = [a for op, a in instructions if op == "ARG"]
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args
     assert '--index-url "$TORCH_INDEX_URL"' in runs[torch_step]
-    deps_step = next(i for i, r in enumerate(runs) if "pip install -r /tmp/requirements.txt" in r)
-    assert "['project']['dependencies']" in runs[deps_step], "the dependencies come from pyproject.toml"
+    # The dependencies come from the lock, every one with its hash, as in scripts/setup.sh.
+    deps_step = next(i for i, r in enumerate(runs) if "-r requirements/runtime.lock" in r)
+    assert "--require-hashes" in runs[deps_step]
+    assert "requirements/runtime.lock ./requirements/" in [a for op, a in instructions if op == "COPY"]
+    assert "torch==2.13.0+cpu" in (ROOT / "requirements" / "runtime.lock").read_text()
     project_step = next(
         i for i, r in enumerate(runs) if re.search(r"pip wheel --no-deps --wheel-dir /wheels \.(\s|$)", r)
     )
