@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from model_service.paths import validate_model_id
+from voxserve_common.client_strings import check_model_id
 from voxserve_common.errors import InvalidArgument
 from voxserve_http.errors import bad_request
 
@@ -17,9 +17,9 @@ MAX_SEQUENCE = (1 << 64) - 1
 
 
 def model_id(value: str, param: str = "id") -> str:
-    """A catalog model id (the model store's own rule), or 400 naming ``param``."""
+    """A catalog model id (the rule both services share), or 400 naming ``param``."""
     try:
-        return validate_model_id(value)
+        return check_model_id(value)
     except InvalidArgument as error:
         raise bad_request(str(error), param=param, code="invalid_model_id") from None
 

@@ -4,7 +4,7 @@
     python deploy/grafana/generate_dashboards.py --check  # exit 1 if they are stale
 
 The JSON files are committed (Grafana provisions them as they are); edit this script,
-not the JSON. tests/deploy/test_deploy_configs.py proves the two are in sync and that
+not the JSON. tests/deploy/test_deploy_grafana.py proves the two are in sync and that
 every metric queried here exists in the services' registries.
 """
 
