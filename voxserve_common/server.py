@@ -1,5 +1,10 @@
-"""gRPC server bootstrap: interceptor (trace, metrics, logs, error table), health,
-reflection, /metrics, and graceful shutdown on SIGTERM/SIGINT."""
+"""gRPC server bootstrap: the one interceptor (trace, auth, metrics, logs, error table),
+health, reflection, the Admin service, /metrics, and graceful shutdown on SIGTERM/SIGINT.
+
+``start_server`` runs in phases, the way uvicorn's ``Server.startup`` does: build the aio
+server (interceptor, options, services), bind, start, install the hooks that run on stop
+and reload, then announce liveness and readiness.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,139 +20,26 @@ from typing import Any, cast
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 
 from voxserve.admin.v1 import admin_pb2_grpc
 from voxserve_common.admin import SERVICE_NAME as ADMIN_SERVICE
 from voxserve_common.admin import AdminServicer
 from voxserve_common.auth import AUTH_FAILURE_REASONS, Authenticator
-from voxserve_common.errors import InvalidArgument, ResourceExhausted, VoxserveError
-from voxserve_common.grpc_errors import ERROR_CATEGORY_KEY, category_for_code, status_for, wire_category
+from voxserve_common.errors import ResourceExhausted
 from voxserve_common.log_levels import LogLevelControl
-from voxserve_common.logs import log_context
 from voxserve_common.metrics import (
     ErrorCountingHandler,
     MetricsEndpoint,
     RpcMetrics,
+    RuntimeMetrics,
     runtime_metrics,
     start_metrics_endpoint,
 )
+from voxserve_common.rpc_requests import checked, checked_stream, log_request, tolerant
+from voxserve_common.rpc_scope import RpcScope
 from voxserve_common.tls import ServerTls, server_credentials
-from voxserve_common.tracing import context_from_metadata
 
 logger = logging.getLogger(__name__)
-tracer = trace.get_tracer("voxserve.rpc")
-
-
-class _CancelledStreamDetachFilter(logging.Filter):
-    """grpc.aio may finalize a cancelled stream's generator in another context, where
-    OpenTelemetry cannot reset the token it attached and logs a traceback; the context
-    dies with the call anyway, so that one message is noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "Failed to detach context"
-
-
-logging.getLogger("opentelemetry.context").addFilter(_CancelledStreamDetachFilter())
-
-
-class _RpcScope:
-    """Per-call bookkeeping: span, status code, duration, one log line at the end."""
-
-    def __init__(self, method: str, context: grpc.aio.ServicerContext[Any, Any], metrics: RpcMetrics | None) -> None:
-        self.method = method
-        self.context = context
-        self.metrics = metrics
-        self.code = grpc.StatusCode.OK
-        self.detail = ""
-
-    @contextlib.contextmanager
-    def run(self) -> Iterator[None]:
-        parent = context_from_metadata(self.context.invocation_metadata())
-        # Read the peer now: grpc.aio's context.peer() on a cancelled call can crash.
-        peer = self.context.peer()
-        token = otel_context.attach(parent)
-        started = time.perf_counter()
-        if self.metrics:
-            self.metrics.in_flight.labels(self.method).inc()
-        try:
-            service, _, method = self.method.lstrip("/").partition("/")
-            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-            with (
-                tracer.start_as_current_span(self.method, kind=trace.SpanKind.SERVER, attributes=attributes) as span,
-                log_context(method=self.method, peer=peer),
-            ):
-                try:
-                    yield
-                except grpc.aio.AbortError:
-                    code = self.context.code()
-                    if isinstance(code, grpc.StatusCode):
-                        self.code = code
-                    elif isinstance(code, int):
-                        self.code = _code_from_int(code)
-                    self.detail = self.context.details() or ""
-                    raise
-                except asyncio.CancelledError:
-                    self.code = grpc.StatusCode.CANCELLED
-                    self.detail = "client cancelled or disconnected"
-                    raise
-                finally:
-                    span.set_attribute("rpc.grpc.status_code", self.code.value[0])
-                    duration = time.perf_counter() - started
-                    if self.metrics:
-                        self.metrics.requests.labels(self.method, self.code.name).inc()
-                        self.metrics.duration.labels(self.method).observe(duration)
-                    level = logging.INFO if self.code in _QUIET_CODES else logging.WARNING
-                    if self.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-                        level = logging.ERROR
-                    logger.log(
-                        level,
-                        "rpc finished",
-                        extra={
-                            "rpc_method": self.method,
-                            "grpc_code": self.code.name,
-                            "duration_ms": round(duration * 1000, 3),
-                            "peer": peer,
-                            **({"detail": self.detail} if self.detail else {}),
-                            **(
-                                {"error_category": category_for_code(self.code)}
-                                if self.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
-                                else {}
-                            ),
-                        },
-                    )
-        finally:
-            otel_context.detach(token)
-
-    async def abort_for(self, error: BaseException) -> None:
-        self.code = status_for(error)
-        self.detail = str(error) or type(error).__name__
-        if not isinstance(error, VoxserveError):
-            logger.exception("unexpected error in %s", self.method, exc_info=error)
-            self.detail = f"internal error: {type(error).__name__}: {error}"
-        # The error's category travels with the status, so a client can tell a service
-        # that answered with an error from one it could not reach (same status code).
-        await self.context.abort(
-            self.code, self.detail, trailing_metadata=((ERROR_CATEGORY_KEY, wire_category(error)),)
-        )
-
-
-_QUIET_CODES = {
-    grpc.StatusCode.OK,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.ALREADY_EXISTS,
-}
-
-
-def _code_from_int(value: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code
-    return grpc.StatusCode.UNKNOWN
 
 
 # Transport limits, set on purpose (docs/security.md): a client may not open unbounded
@@ -211,43 +102,11 @@ class PeerStreamLimit:
                 del self._open[address]
 
 
-@dataclass(frozen=True)
-class _Undecodable:
-    method: str
-    reason: str
-
-
-def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
-
-    def decode(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and friends: the caller's bytes
-            return _Undecodable(method, str(error) or type(error).__name__)
-
-    return decode
-
-
-def _checked(request: Any) -> Any:
-    if isinstance(request, _Undecodable):
-        raise InvalidArgument(
-            f"the request to {request.method} is not a valid protobuf message ({request.reason}); "
-            "check that the client's generated code comes from the service's .proto files"
-        )
-    return request
-
-
-async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    async for request in requests:
-        yield _checked(request)
-
-
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: continues the caller's trace, checks the caller's token and
     role (when authentication is on), maps domain errors to statuses through the one table,
-    counts and times the RPC, and logs one line per call."""
+    counts and times the RPC, logs one line per call and, at DEBUG, the request's fields
+    (``rpc_requests.log_request``: strings escaped and cut, bytes as their length)."""
 
     def __init__(
         self,
@@ -270,66 +129,68 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
-        metrics = self.metrics
-        authenticator = self.authenticator
-
-        def authorize(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            if authenticator is not None:
-                authenticator.authorize(method, context.invocation_metadata(), context.peer())
-
         # Bytes that are not a valid request message: INVALID_ARGUMENT from the handler,
         # instead of grpc's own UNKNOWN for an exception in its deserializer.
-        deserializer = _tolerant(handler.request_deserializer, method)
-        watch_limit = self.watch_limit
+        deserializer = tolerant(handler.request_deserializer, method)
+        serializer = handler.response_serializer
+        # typeshed types handlers as sync callables; on a grpc.aio server they are coroutines.
+        if handler.unary_unary:
+            unary = self._unary(method, handler.unary_unary, streaming=False)
+            return grpc.unary_unary_rpc_method_handler(cast(Any, unary), deserializer, serializer)
+        if handler.stream_unary:
+            unary = self._unary(method, handler.stream_unary, streaming=True)
+            return grpc.stream_unary_rpc_method_handler(unary, deserializer, serializer)
+        if handler.unary_stream:
+            stream = self._stream(method, handler.unary_stream, streaming=False)
+            return grpc.unary_stream_rpc_method_handler(cast(Any, stream), deserializer, serializer)
+        stream = self._stream(method, handler.stream_stream, streaming=True)
+        return grpc.stream_stream_rpc_method_handler(stream, deserializer, serializer)
 
-        def watch_slot(context: grpc.aio.ServicerContext[Any, Any]) -> contextlib.AbstractContextManager[None]:
-            if method in WATCH_METHODS:
-                return watch_limit.hold(context.peer(), method)
-            return contextlib.nullcontext()
+    def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any], request: Any, streaming: bool) -> Any:
+        """Authorize the call, then the request (checked; logged at DEBUG) for the handler."""
+        if self.authenticator is not None:
+            self.authenticator.authorize(method, context.invocation_metadata(), context.peer())
+        if streaming:
+            return checked_stream(request)
+        request = checked(request)
+        log_request(request)
+        return request
 
-        checked = _checked_stream if handler.request_streaming else _checked
+    def _watch_slot(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> contextlib.AbstractContextManager[None]:
+        if method in WATCH_METHODS:
+            return self.watch_limit.hold(context.peer(), method)
+        return contextlib.nullcontext()
 
-        if handler.unary_unary or handler.stream_unary:
-            # typeshed types handlers as sync callables; on a grpc.aio server they are coroutines.
-            inner: Any = handler.unary_unary or handler.stream_unary
-
-            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                scope = _RpcScope(method, context, metrics)
-                with scope.run():
-                    try:
-                        authorize(context)
-                        return await inner(checked(request), context)
-                    except (grpc.aio.AbortError, asyncio.CancelledError):
-                        raise
-                    except Exception as error:  # noqa: BLE001 - the edge maps every error
-                        await scope.abort_for(error)
-
-            if handler.unary_unary:
-                return grpc.unary_unary_rpc_method_handler(
-                    cast(Any, unary_behavior), deserializer, handler.response_serializer
-                )
-            return grpc.stream_unary_rpc_method_handler(unary_behavior, deserializer, handler.response_serializer)
-
-        inner_stream: Any = handler.unary_stream or handler.stream_stream
-
-        async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            scope = _RpcScope(method, context, metrics)
+    def _unary(self, method: str, inner: Any, streaming: bool) -> Callable[..., Awaitable[Any]]:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            scope = RpcScope(method, context, self.metrics)
             with scope.run():
                 try:
-                    authorize(context)
-                    with watch_slot(context):
-                        async for item in inner_stream(checked(request), context):
+                    return await inner(self._admit(method, context, request, streaming), context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as error:  # noqa: BLE001 - the edge maps every error
+                    await scope.abort_for(error)
+
+        return behavior
+
+    def _stream(self, method: str, inner: Any, streaming: bool) -> Callable[..., AsyncIterator[Any]]:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            scope = RpcScope(method, context, self.metrics)
+            with scope.run():
+                try:
+                    admitted = self._admit(method, context, request, streaming)
+                    with self._watch_slot(method, context):
+                        async for item in inner(admitted, context):
                             yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as error:  # noqa: BLE001
                     await scope.abort_for(error)
 
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                cast(Any, stream_behavior), deserializer, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(stream_behavior, deserializer, handler.response_serializer)
+        return behavior
 
 
 @dataclass
@@ -386,6 +247,32 @@ class RunningServer:
             self.metrics_endpoint.stop()
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    """What ``start_server`` builds, as one typed value (its keyword arguments)."""
+
+    register: Callable[[grpc.aio.Server], None]
+    service_names: Sequence[str]
+    host: str
+    port: int
+    rpc_metrics: RpcMetrics | None
+    metrics_registry: Any = None
+    metrics_port: int | None = None
+    max_message_bytes: int = 64 * 1024 * 1024
+    disk_paths: Mapping[str, Path] | None = None
+    log_levels: LogLevelControl | None = None
+    service_label: str = ""
+    tls: ServerTls | None = None
+    authenticator: Authenticator | None = None
+    max_watch_streams_per_peer: int = MAX_WATCH_STREAMS_PER_PEER
+    ready: bool = True
+
+    @property
+    def label(self) -> str:
+        """The ``service`` label of the auth-failure and error counters."""
+        return self.service_label or (self.service_names[0] if self.service_names else "")
+
+
 async def start_server(
     *,
     register: Callable[[grpc.aio.Server], None],
@@ -409,77 +296,115 @@ async def start_server(
 
     Liveness ("" in grpc.health.v1) is SERVING from here on; readiness (the service names)
     is ``ready``: pass False when start-up work must finish first, then ``set_ready(True)``.
+    The arguments are ServerConfig's fields; ``start(config)`` takes one.
     """
-    options = [*server_options(max_message_bytes)]
-    runtime = runtime_metrics(metrics_registry, disk_paths) if metrics_registry is not None else None
-    if authenticator is not None and runtime is not None:
-        failures, label = runtime.auth_failures, service_label or (service_names[0] if service_names else "")
+    return await start(
+        ServerConfig(
+            register=register, service_names=service_names, host=host, port=port, rpc_metrics=rpc_metrics,
+            metrics_registry=metrics_registry, metrics_port=metrics_port, max_message_bytes=max_message_bytes,
+            disk_paths=disk_paths, log_levels=log_levels, service_label=service_label, tls=tls,
+            authenticator=authenticator, max_watch_streams_per_peer=max_watch_streams_per_peer, ready=ready,
+        )
+    )  # fmt: skip
+
+
+async def start(config: ServerConfig) -> RunningServer:
+    """The start-up phases in order; see the module docstring."""
+    runtime = _runtime_metrics(config)
+    log_levels = config.log_levels or LogLevelControl()
+    server = _build(config)
+    health_servicer = _add_standard_services(server, config.service_names, log_levels)
+    port = _bind(server, config)
+    await server.start()
+    endpoint = None
+    if config.metrics_registry is not None and config.metrics_port is not None and config.metrics_port >= 0:
+        endpoint = start_metrics_endpoint(config.metrics_registry, config.host, config.metrics_port, config.tls)
+    running = RunningServer(server, port, health_servicer, config.service_names, endpoint, log_levels=log_levels)
+    _install_hooks(running, config, runtime)
+    await _announce(running, config.ready)
+    return running
+
+
+def _runtime_metrics(config: ServerConfig) -> RuntimeMetrics | None:
+    """The process/host figures of the registry, and the auth-failure counter wired up."""
+    if config.metrics_registry is None:
+        return None
+    runtime = runtime_metrics(config.metrics_registry, config.disk_paths)
+    if config.authenticator is not None:
+        failures, label = runtime.auth_failures, config.label
         for reason in AUTH_FAILURE_REASONS:
             failures.labels(label, reason)
-        authenticator.on_failure = lambda reason: failures.labels(label, reason).inc()
-    server = grpc.aio.server(
-        interceptors=[
-            ObservabilityInterceptor(rpc_metrics, authenticator, PeerStreamLimit(max_watch_streams_per_peer))
-        ],
-        options=options,
+        config.authenticator.on_failure = lambda reason: failures.labels(label, reason).inc()
+    return runtime
+
+
+def _build(config: ServerConfig) -> grpc.aio.Server:
+    """The aio server with the interceptor, the transport limits and the caller's services."""
+    interceptor = ObservabilityInterceptor(
+        config.rpc_metrics, config.authenticator, PeerStreamLimit(config.max_watch_streams_per_peer)
     )
-    register(server)
-    log_levels = log_levels or LogLevelControl()
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(config.max_message_bytes))
+    config.register(server)
+    return server
+
+
+def _add_standard_services(
+    server: grpc.aio.Server, service_names: Sequence[str], log_levels: LogLevelControl
+) -> health.aio.HealthServicer:
+    """Admin (log levels), health and reflection beside the service's own."""
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(log_levels), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            *service_names,
-            ADMIN_SERVICE,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    if tls is not None:
-        credentials, _ = server_credentials(tls)
-        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((*service_names, ADMIN_SERVICE, health_name, reflection.SERVICE_NAME), server)
+    return health_servicer
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """The bound port (TLS when configured); OSError when the address cannot be bound."""
+    address = f"{config.host}:{config.port}"
+    if config.tls is not None:
+        credentials, _ = server_credentials(config.tls)
+        bound = server.add_secure_port(address, credentials)
     else:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"could not bind gRPC port {host}:{port}")
-    await server.start()
-    endpoint = None
-    if metrics_registry is not None and metrics_port is not None and metrics_port >= 0:
-        endpoint = start_metrics_endpoint(metrics_registry, host, metrics_port, tls)
-    running = RunningServer(server, bound, health_servicer, service_names, endpoint)
+        raise OSError(f"could not bind gRPC port {address}")
+    return bound
+
+
+def _install_hooks(running: RunningServer, config: ServerConfig, runtime: RuntimeMetrics | None) -> None:
+    """What runs on stop (event-loop lag watch, error counter, timed log levels) and on SIGHUP."""
     if runtime is not None:
         lag_watch = asyncio.create_task(runtime.watch_event_loop(), name="event-loop-lag")
+        error_counter = ErrorCountingHandler(runtime.errors, config.label)
+        logging.getLogger().addHandler(error_counter)
 
         def stop_lag_watch() -> None:
             lag_watch.cancel()
 
-        running.on_stop.append(stop_lag_watch)
-        error_counter = ErrorCountingHandler(
-            runtime.errors, service_label or (service_names[0] if service_names else "")
-        )
-        logging.getLogger().addHandler(error_counter)
-
         def stop_error_counter() -> None:
             logging.getLogger().removeHandler(error_counter)
 
-        running.on_stop.append(stop_error_counter)
-    running.on_stop.append(log_levels.close)
-    if authenticator is not None:
-        running.on_reload.append(authenticator.reload)
-    running.log_levels = log_levels
+        running.on_stop.extend((stop_lag_watch, stop_error_counter))
+    running.on_stop.append(running.log_levels.close)
+    if config.authenticator is not None:
+        running.on_reload.append(config.authenticator.reload)
+
+
+async def _announce(running: RunningServer, ready: bool) -> None:
+    """Liveness SERVING, readiness as asked, and the "server started" record."""
     await running.health.set("", health_pb2.HealthCheckResponse.SERVING)
     await running.set_ready(ready)
+    endpoint = running.metrics_endpoint
     logger.info(
         "server started",
         extra={
-            "grpc_port": bound,
+            "grpc_port": running.port,
             "metrics_port": endpoint.port if endpoint else None,
-            "services": list(service_names),
+            "services": list(running.service_names),
         },
     )
-    return running
 
 
 async def serve_until_signal(running: RunningServer, grace_seconds: float) -> None:
