@@ -49,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="voxctl",
         description="Command-line client of the voxserve model store and inference service.",
     )
+    _add_connection_flags(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_models(commands, shared)
+    _add_inference(commands, shared)
+    live.add_parser(commands, shared)
+    _add_admin(commands, shared)
+    return parser
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the services are and how to reach them (addresses, TLS, token), and the
+    output and deadline flags given before the command."""
     parser.add_argument(
         "--store",
         default=os.environ.get("VOXCTL_STORE", DEFAULT_STORE),
@@ -91,12 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", help="machine-readable output (JSON; one object per line for streams)"
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    _add_models(commands, shared)
-    _add_inference(commands, shared)
-    live.add_parser(commands, shared)
 
+def _add_admin(commands: argparse._SubParsersAction[argparse.ArgumentParser], shared: argparse.ArgumentParser) -> None:
+    """health, log-level and logs: the commands about the services rather than their models."""
     health = commands.add_parser("health", parents=[shared], help="check the services with grpc.health.v1")
     which = health.add_mutually_exclusive_group()
     which.add_argument("--store", dest="only", action="store_const", const="store", help="only the model store")
@@ -120,7 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     logs.add_parser(commands)
     commands.choices["logs"].set_defaults(handler=lambda session, args: logs.run(args, out=session.out))
-    return parser
 
 
 def _add_models(commands: argparse._SubParsersAction[argparse.ArgumentParser], shared: argparse.ArgumentParser) -> None:

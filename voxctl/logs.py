@@ -2,7 +2,9 @@
 
 Records of every file are merged in time order and filtered on their fields (job, trace,
 model, level, time, text), the "grep a task id across services" workflow done on
-structured data; ``--errors --summary`` groups failures by category and message template.
+structured data: ``--job`` also takes the records that share a trace id with the job's
+(the store's records of the pull a transcription caused carry its trace, not its job id).
+``--errors --summary`` groups failures by category and message template.
 """
 
 from __future__ import annotations
@@ -82,6 +84,12 @@ def parse_time(text: str, now: datetime | None = None) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def trace_of(record: Record) -> str | None:
+    """The record's trace id; None without one (or with OpenTelemetry's invalid all-zero id)."""
+    value = record.get("trace_id")
+    return value if isinstance(value, str) and value.strip("0") else None
+
+
 @dataclass(frozen=True)
 class LogFilter:
     job: str | None = None
@@ -93,9 +101,23 @@ class LogFilter:
     until: str | None = None
     grep: re.Pattern[str] | None = None
     errors: bool = False
+    # The trace ids of the job's records (``learn``): a record without a job id in one of
+    # them belongs to the job too (the other service's work for the same request).
+    job_traces: set[str] = field(default_factory=set, compare=False)
+
+    def learn(self, records: Iterable[Record]) -> None:
+        """Remember the trace ids of the job's records among ``records``."""
+        if self.job is not None:
+            self.job_traces.update(t for r in records if r.get("job_id") == self.job and (t := trace_of(r)))
+
+    def of_job(self, record: Record) -> bool:
+        job = record.get("job_id")
+        return job == self.job or (job in (None, "") and trace_of(record) in self.job_traces)
 
     def __call__(self, record: Record) -> bool:
-        for key, wanted in (("job_id", self.job), ("trace_id", self.trace), ("model_id", self.model)):
+        if self.job is not None and not self.of_job(record):
+            return False
+        for key, wanted in (("trace_id", self.trace), ("model_id", self.model)):
             if wanted is not None and record.get(key) != wanted:
                 return False
         if self.service is not None and record.get("service") != self.service:
@@ -211,7 +233,7 @@ def follow(
     offsets = dict(offsets)
     stop = stop or threading.Event()
     while not stop.is_set():
-        fresh: list[Record] = []
+        written: list[Record] = []
         for path in paths_of():
             if path.suffix == ".gz":
                 continue
@@ -225,8 +247,10 @@ def follow(
                     chunk = handle.read()
                 complete = chunk[: chunk.rfind("\n") + 1]
                 offsets[path] = start + len(complete.encode("utf-8"))
-                fresh.extend(r for r in _parse_lines(complete.splitlines()) if wanted(r))
-        for record in sorted(fresh, key=lambda r: str(r.get("timestamp", ""))):
+                written.extend(_parse_lines(complete.splitlines()))
+        wanted.learn(written)
+        fresh = sorted((r for r in written if wanted(r)), key=lambda r: str(r.get("timestamp", "")))
+        for record in fresh:
             out.write((json.dumps(record, ensure_ascii=False) if as_json else format_record(record)) + "\n")
         out.flush()
         stop.wait(poll)
@@ -243,7 +267,11 @@ def add_parser(commands: Any) -> None:
         metavar="DIR",
         help="a directory of *.log files (repeatable; env VOXCTL_LOG_DIR, colon-separated; default .data/logs)",
     )
-    logs.add_argument("--job", help="only records of this job_id")
+    logs.add_argument(
+        "--job",
+        help="only records of this job_id, and the records without a job id that share a trace id with them "
+        "(e.g. the model store's records of the pull the job caused)",
+    )
     logs.add_argument("--trace", help="only records of this trace_id")
     logs.add_argument("--model", help="only records of this model_id")
     logs.add_argument("--service", help="only records of this service (model_service, inference_service)")
@@ -284,6 +312,7 @@ def run(args: argparse.Namespace, out: IO[str] | None = None, environ: dict[str,
         print(f"voxctl logs: {error}", file=sys.stderr)
         return 2
     offsets = end_offsets(paths)
+    wanted.learn(merged(paths))  # a first pass: the other service may log before the job's first record
     records = (r for r in merged(paths) if wanted(r))
     if args.summary:
         print_summary(summarise_errors(records), out, as_json)

@@ -1,5 +1,6 @@
 """voxctl logs over log files written by the real logging set-up of two services: merge in
-time order across plain and rotated .gz files, filters, --json, the error summary, follow."""
+time order across plain and rotated .gz files, filters, --json, the error summary, follow;
+a job's records across both services (its trace ids), on real service processes too."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ import argparse
 import io
 import json
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+from tests.hubserver import HubServer
+from tests.support import DATA_DIR, InferenceProcess, StoreProcess
 from voxctl import logs
+from voxserve.inference.v1 import inference_pb2 as ipb
 from voxserve_common.errors import NotFound, Unavailable
 from voxserve_common.logfiles import LogFileSettings
 from voxserve_common.logs import configure_logging, log_context, stop_logging
@@ -42,7 +49,13 @@ def write_service_logs(directory: Path, service: str, lines: list[tuple[str, dic
         job = fields.pop("job", None)
         level = int(str(fields.pop("levelno", logging.INFO)))
         error = fields.pop("raise", None)
-        with log_context(job_id=job if isinstance(job, str) else None):
+        trace_id = fields.pop("trace", None)
+        span = NonRecordingSpan(
+            SpanContext(int(str(trace_id), 16), 0x1234, is_remote=False, trace_flags=TraceFlags(1))
+            if trace_id
+            else SpanContext(0, 0, is_remote=False)
+        )
+        with trace.use_span(span), log_context(job_id=job if isinstance(job, str) else None):
             if isinstance(error, Exception):
                 try:
                     raise error
@@ -160,3 +173,93 @@ def test_follow_prints_records_written_later(tmp_path: Path) -> None:
     assert not follower.is_alive()
     printed = [json.loads(line)["message"] for line in out.getvalue().splitlines()]
     assert printed == ["new"]  # not the old one, not the half-written one
+
+
+JOB_TRACE, WATCH_TRACE, OTHER_TRACE = "a1" * 16, "b2" * 16, "c3" * 16
+
+
+def test_job_takes_the_records_that_share_its_trace_ids(tmp_path: Path, restore_root: None) -> None:
+    directory = tmp_path / "logs"
+    write_service_logs(
+        directory,
+        "model_service",
+        [
+            ("pull queued", {"model_id": "whisper-tiny.en", "trace": JOB_TRACE}),
+            ("rpc finished", {"trace": JOB_TRACE}),
+            ("rpc finished", {"trace": OTHER_TRACE}),  # another request
+            ("scan done", {}),  # no trace at all
+        ],
+    )
+    write_service_logs(
+        directory,
+        "inference_service",
+        [
+            ("rpc request", {"trace": JOB_TRACE}),  # before the job had its id
+            ("job accepted", {"job": "job-a", "trace": JOB_TRACE}),
+            ("job accepted", {"job": "job-b", "trace": JOB_TRACE}),  # another job's record in that trace
+            ("segment", {"job": "job-a", "trace": JOB_TRACE}),
+            ("job watched", {"job": "job-a", "trace": WATCH_TRACE}),  # a WatchJob from another caller
+            ("rpc finished", {"trace": WATCH_TRACE}),
+            ("rpc finished", {"trace": OTHER_TRACE}),
+        ],
+    )
+    records = [
+        json.loads(line) for line in voxctl_logs("--log-dir", str(directory), "--job", "job-a", "--json").splitlines()
+    ]
+    assert [(r["service"], r["message"]) for r in records] == [
+        ("model_service", "pull queued"),
+        ("model_service", "rpc finished"),
+        ("inference_service", "rpc request"),
+        ("inference_service", "job accepted"),
+        ("inference_service", "segment"),
+        ("inference_service", "job watched"),
+        ("inference_service", "rpc finished"),
+    ]
+    assert {r.get("job_id") for r in records} == {"job-a", None}
+    assert {r["trace_id"] for r in records} == {JOB_TRACE, WATCH_TRACE}
+    only_store = voxctl_logs("--log-dir", str(directory), "--job", "job-a", "--service", "model_service")
+    assert len(only_store.splitlines()) == 2
+
+
+def test_job_across_both_service_processes(tmp_path: Path, hub: HubServer) -> None:
+    """The issue's case: a transcription whose model the store served; the store's records
+    of the pull carry the job's trace id, not its job id, and voxctl logs --job shows them."""
+    log_dir = tmp_path / "logs"
+    store = StoreProcess(tmp_path, tmp_path / "store", hub, extra_args=["--log-dir", str(log_dir)])
+    inference: InferenceProcess | None = None
+    try:
+        store.wait_serving()
+        inference = InferenceProcess(
+            tmp_path,
+            f"127.0.0.1:{store.port}",
+            ["--log-dir", str(log_dir)],
+            env={"VOXSERVE_DEFAULT_MODEL": "test-tiny"},
+        )
+        inference.wait_status(1, timeout=120)
+        audio = (DATA_DIR / "speech_short.wav").read_bytes()
+        request = ipb.TranscribeRequest(options=ipb.TranscribeOptions(job_id="logs-job-1"), audio=audio)
+        events = list(inference.stub.Transcribe(request, timeout=300))
+        assert events[-1].WhichOneof("event") == "completed"
+    finally:
+        for process in (inference, store):
+            if process is not None and process.process.poll() is None:
+                process.process.send_signal(signal.SIGTERM)  # a clean stop flushes the log files
+                process.process.wait(60)
+            if process is not None:
+                process.close()
+    records = [
+        json.loads(line)
+        for line in voxctl_logs("--log-dir", str(log_dir), "--job", "logs-job-1", "--json").splitlines()
+    ]
+    by_service: dict[str, list[dict[str, object]]] = {}
+    for record in records:
+        by_service.setdefault(str(record["service"]), []).append(record)
+    assert set(by_service) == {"inference_service", "model_service"}
+    store_records = by_service["model_service"]
+    assert all("job_id" not in r for r in store_records)  # the store never knew the job id
+    assert any(r.get("rpc_method") == "/voxserve.modelstore.v1.ModelStore/PullModel" for r in store_records)
+    traces = {r["trace_id"] for r in records}
+    assert {r["trace_id"] for r in store_records} <= traces
+    assert all(r.get("job_id") in (None, "logs-job-1") for r in records)
+    everything = voxctl_logs("--log-dir", str(log_dir), "--json").splitlines()
+    assert len(everything) > len(records)  # start-up, scan and shutdown records are not the job's
