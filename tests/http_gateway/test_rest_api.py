@@ -12,7 +12,8 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from tests.http_gateway.conftest import GatewayHandle, sse_events
+from inference_service.jobs import JobState
+from tests.http_gateway.conftest import GatewayHandle, long_wav, sse_events
 from tests.hubserver import HubServer
 from tests.support import DATA_DIR, InferenceHandle, wait_for
 
@@ -171,6 +172,48 @@ def test_job_events_resume_after_last_event_id(gateway: GatewayHandle) -> None:
         assert unknown.json()["error"]["code"] == "job_not_found"
 
 
+def test_cancel_stops_a_running_job(gateway: GatewayHandle, services: InferenceHandle) -> None:
+    job_id = "gw-cancel-1"
+    answers: list[httpx.Response] = []
+
+    def transcribe() -> None:
+        with gateway.http() as http:
+            files = {"file": ("long.wav", long_wav(4))}
+            answers.append(http.post("/v1/audio/transcriptions", files=files, data={"job_id": job_id}))
+
+    thread = threading.Thread(target=transcribe, daemon=True)
+    thread.start()
+    with gateway.http() as http:
+        # the job's event stream stays open while it runs: its first segment is enough
+        wait_for(lambda: _first_segment(http, job_id), timeout=120, message="the job decodes")
+        cancelled = http.post(f"/api/jobs/{job_id}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json() == {"job_id": job_id, "state": "JOB_CANCELLED"}
+        thread.join(120)
+        assert not thread.is_alive()
+        (answer,) = answers
+        assert answer.status_code == 409, answer.text  # the job's own request learns why it ended
+        assert answer.json()["error"]["code"] == "cancelled"
+        assert services.app.jobs.get(job_id).state == JobState.CANCELLED
+        again = http.post(f"/api/jobs/{job_id}/cancel")  # an ended job answers its final state
+        assert again.status_code == 200 and again.json()["state"] == "JOB_CANCELLED"
+        unknown = http.post("/api/jobs/no-such-job/cancel")
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["code"] == "job_not_found" and unknown.json()["error"]["param"] == "id"
+
+
+def _first_segment(http: httpx.Client, job_id: str) -> bool:
+    """True once the job exists and a segment event arrived (the stream is read only that far)."""
+    with http.stream("GET", f"/api/jobs/{job_id}/events") as response:
+        if response.status_code == 404:
+            return False
+        assert response.status_code == 200, response.read()
+        for event in sse_events(response.iter_lines()):
+            if event.get("event") == "segment":
+                return True
+    return False
+
+
 def test_loaded_lists_the_inference_cache(gateway: GatewayHandle, services: InferenceHandle) -> None:
     with gateway.http() as http:
         assert http.get("/api/loaded").json() == {"models": []}
@@ -199,6 +242,8 @@ def test_loaded_lists_the_inference_cache(gateway: GatewayHandle, services: Infe
         ("GET", "/api/jobs/..%2F..%2Fx/events", 404, "unknown_route"),
         ("GET", "/api/jobs/a%20b/events", 400, "invalid_job_id"),
         ("GET", "/api/jobs/x..y/events", 400, "invalid_job_id"),
+        ("POST", "/api/jobs/a%20b/cancel", 400, "invalid_job_id"),
+        ("POST", "/api/jobs/..%2F..%2Fx/cancel", 404, "unknown_route"),
         ("GET", "/api/events?model_id=..%2Fx", 400, "invalid_model_id"),
         ("GET", "/api/models?kind=../whisper", 400, "invalid_argument"),
     ],
@@ -286,7 +331,7 @@ def test_openapi_document_and_docs(gateway: GatewayHandle) -> None:
     for path in (
         "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models", "/v1/models/{model}",
         "/api/models", "/api/models/{id}", "/api/models/{id}/pull", "/api/models/{id}/cancel",
-        "/api/events", "/api/loaded", "/api/jobs/{id}/events", "/healthz", "/readyz",
+        "/api/events", "/api/loaded", "/api/jobs/{id}/events", "/api/jobs/{id}/cancel", "/healthz", "/readyz",
     ):  # fmt: skip
         assert path in paths, path
     assert "delete" in paths["/api/models/{id}"]

@@ -153,6 +153,23 @@ async def watch_job(
     return await _event_stream(gw, events, _job_event)
 
 
+@router.post(
+    "/api/jobs/{id}/cancel",
+    summary="Cancel a queued or running transcription job (CancelJob); answers its state",
+)
+async def cancel_job(id: str, request: Request, gw: GatewayDep) -> dict[str, Any]:
+    """A job that already ended answers its final state; the job's own request (a
+    transcription still waiting for its answer) then fails with 409 ``cancelled``."""
+    reply = await gw.backends.unary(
+        INFERENCE,
+        gw.backends.inference.CancelJob,
+        ipb.CancelJobRequest(job_id=validation.job_id(id)),
+        authorization(request),
+        not_found=JOB_NOT_FOUND,
+    )
+    return message_to_json(reply)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
