@@ -83,7 +83,9 @@ def test_transcribe_that_auto_pulls_is_one_trace_across_both_services(tmp_path: 
             ours = [s for s in spans if s.trace_id == TRACE_ID]
             names = {s.name for s in ours}
             return {"voxserve-models", "voxserve-inference"} <= {s.service for s in ours} and (
-                "/voxserve.modelstore.v1.ModelStore/PullModel" in names and work_spans <= names
+                "/voxserve.modelstore.v1.ModelStore/PullModel" in names
+                and "/voxserve.inference.v1.Inference/Transcribe" in names
+                and work_spans <= names
             )
 
         spans = [s for s in receiver.wait_for(both_arrived) if s.trace_id == TRACE_ID]
