@@ -14,6 +14,7 @@ from typing import ClassVar, NoReturn
 
 from inference_service.config import InferenceConfig
 from inference_service.engines.device import choose_device
+from inference_service.engines.loaders import make_loader
 from inference_service.jobs import JobLimits, JobManager
 from inference_service.live.service import LiveLimits, LiveService
 from inference_service.memory import MemoryProbe, parse_memory_budget
@@ -21,7 +22,7 @@ from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import CacheConfig, ModelCache
 from inference_service.model_source import StoreModelSource
 from inference_service.servicer import InferenceServicer
-from inference_service.transcriber import Transcriber, make_loader
+from inference_service.transcriber import Transcriber
 from voxserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from voxserve_common.cli import common_parser, config_from_args
 from voxserve_common.errors import Unavailable, VoxserveError

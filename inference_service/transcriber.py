@@ -11,45 +11,23 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 from opentelemetry import trace
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, audio_duration, decode_audio
-from inference_service.engines.device import DeviceChoice
 from inference_service.engines.whisper import Segment, TranscribeOptions, WhisperEngine
 from inference_service.jobs import Completed, Job, Phase, Progress
 from inference_service.live.first_segment import FirstUtterance, decode_first_utterance
 from inference_service.live.vad import SpeechDetector, VadSessions
 from inference_service.metrics import InferenceMetrics
-from inference_service.model_cache import LoadedModel, LoadProgress, ModelCache, ModelSpec
-from voxserve_common.errors import Cancelled, InvalidArgument
-from voxserve_common.kinds import ModelKind
+from inference_service.model_cache import LoadProgress, ModelCache
+from voxserve_common.errors import Cancelled
 
 logger = logging.getLogger(__name__)
 # Spans of the stages, children of the RPC span: the job's thread runs in a copy of the
 # submitting call's contextvars (JobManager.submit), so the current span is the RPC's.
 tracer = trace.get_tracer("voxserve.inference")
-
-
-def make_loader(device: DeviceChoice, cpu_threads: int = 0) -> Callable[[ModelSpec], LoadedModel]:
-    """The cache's load function: builds the right engine for the model's kind."""
-
-    def load(spec: ModelSpec) -> LoadedModel:
-        if spec.kind == ModelKind.WHISPER:
-            return WhisperEngine.load(spec.model_id, spec.path, device, cpu_threads)
-        if spec.kind == ModelKind.VAD:
-            from inference_service.engines.vad import SileroVadEngine
-
-            return SileroVadEngine.load(spec.model_id, spec.path, device)
-        if spec.kind == ModelKind.DEMUCS:
-            from inference_service.engines.separation import DemucsSeparator
-
-            return DemucsSeparator.load(spec.model_id, spec.path, device, name=_demucs_name(spec))
-        raise InvalidArgument(f"model {spec.model_id!r} has kind {spec.kind!r}, which this service cannot load")
-
-    return load
 
 
 SILENCE_PEAK = 1e-3  # -60 dBFS: below this everywhere, the audio holds no speech
@@ -58,11 +36,6 @@ SILENCE_PEAK = 1e-3  # -60 dBFS: below this everywhere, the audio holds no speec
 def is_silent(audio: np.ndarray) -> bool:
     """True when no sample rises above -60 dBFS (digital or near-digital silence)."""
     return audio.size == 0 or float(np.max(np.abs(audio))) < SILENCE_PEAK
-
-
-def _demucs_name(spec: ModelSpec) -> str | None:
-    yamls = sorted(Path(spec.path).glob("*.yaml"))
-    return yamls[0].stem if len(yamls) == 1 else spec.model_id
 
 
 def _relay_to(job: Job) -> Callable[[LoadProgress], None]:

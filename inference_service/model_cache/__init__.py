@@ -1,8 +1,9 @@
 """Keeps loaded models in memory within a count limit and a memory budget, shared through leases.
 
-``ModelCache`` (cache.py) over one registry (registry.py); loads in flight.py and loading.py,
-eviction choices in eviction.py, run-time limit changes in limits.py, footprint estimates in footprint.py, the watchdog in
-watchdog.py; the types callers use in cache_types.py.
+``ModelCache`` (cache.py: the API, the flights, the watchdog) over one ``CacheState`` (state.py: one
+lock, the entries, flights, leases, reservations and counters); the measured loads and the
+single-flight in loading.py; eviction, limits, footprints and memory pressure as pure functions in
+policy.py; the types callers use in cache_types.py and reservations.py.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from inference_service.model_cache.cache_types import (
     CacheConfig,
     CacheStats,
     Lease,
+    LimitsChange,
     LoadedModel,
     LoadedModelInfo,
     LoadProgress,
     ModelSpec,
     ProgressCallback,
 )
-from inference_service.model_cache.footprint import FOOTPRINT_FACTORS
-from inference_service.model_cache.limits import LimitsChange
+from inference_service.model_cache.policy import FOOTPRINT_FACTORS
+from inference_service.model_cache.reservations import Reservation
 
 __all__ = [
     "FOOTPRINT_FACTORS",
@@ -38,5 +40,6 @@ __all__ = [
     "ModelNotLoaded",
     "ModelSpec",
     "ProgressCallback",
+    "Reservation",
     "WrongModelKind",
 ]

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import cast
 
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from typing_extensions import TypeVar
 
-from inference_service.errors import ModelInUse, ModelLoadFailed, ModelNotLoaded
-from inference_service.memory import MemoryProbe, is_cuda
+from inference_service.errors import ModelLoadFailed
+from inference_service.memory import MemoryProbe, format_bytes, is_cuda
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache.cache_types import (
     UNKNOWN_MODEL_LABEL,
@@ -21,20 +20,23 @@ from inference_service.model_cache.cache_types import (
     CacheEntry,
     CacheStats,
     Lease,
+    LimitsChange,
     LoadedModel,
     LoadedModelInfo,
+    LoadProgress,
     ModelSpec,
     ProgressCallback,
+    kind_accepted,
+    wrong_kind,
 )
-from inference_service.model_cache.eviction import evictable
-from inference_service.model_cache.flight import Flight, kind_accepted, wrong_kind
-from inference_service.model_cache.limits import LimitsChange, NewLimits, check_limits, held_over, over_limits
-from inference_service.model_cache.loading import FlightLoader
-from inference_service.model_cache.registry import CacheRegistry
-from inference_service.model_cache.reservations import Reservation, reserve
-from inference_service.model_cache.watchdog import MemoryWatchdog, memory_pressure, process_used
-from voxserve_common.client_strings import check_model_id, shown
-from voxserve_common.errors import InvalidArgument, NotFound
+from inference_service.model_cache.loading import Flight, Measured, ModelLoader
+from inference_service.model_cache.policy import NewLimits, check_limits
+from inference_service.model_cache.reservations import Reservation
+from inference_service.model_cache.state import CacheState
+from inference_service.model_cache.watchdog import MemoryWatchdog
+from voxserve_common.client_strings import check_model_id
+from voxserve_common.errors import InvalidArgument, NotFound, VoxserveError
+from voxserve_common.logs import log_context
 
 logger = logging.getLogger(__name__)
 
@@ -43,31 +45,19 @@ DEFAULT_BUDGET_FRACTION = 0.8
 E = TypeVar("E", bound=LoadedModel)
 
 
-@dataclass(frozen=True)
-class _Checkout:
-    """An entry whose refcount the caller now holds, before it is wrapped in a Lease."""
-
-    entry: CacheEntry
-    model: LoadedModel
-    cache_hit: bool
-    load_seconds: float
-
-
-def _held_reason(entry: CacheEntry) -> str:
-    reasons = (["pinned"] if entry.pinned else []) + ([f"in use by {entry.refcount}"] if entry.refcount else [])
-    return ", ".join(reasons)
-
-
 class ModelCache:
     """Loads models on first use and keeps them within max_models and a memory budget.
 
     ``resolve(model_id, on_progress)`` turns an id into a ModelSpec and may be slow (it may
-    pull the model from the store, reporting progress); ``load(spec)`` builds the model.
-    Concurrent acquires of a cold model share one resolve+load. Before a load, idle
-    unpinned models are evicted least-recently-used first until the new model's estimated
-    footprint fits; models that are pinned or leased are never evicted. Loads of different
-    models run one at a time so that each one's memory can be measured (RSS delta on CPU,
-    allocated-memory delta on CUDA).
+    pull the model from the store, reporting progress); ``load(spec)`` builds the model (the
+    engines' loader: inference_service/engines/loaders.py). Concurrent acquires of a cold model
+    share one resolve+load. Before a load, idle unpinned models are evicted least-recently-used
+    first until the new model's estimated footprint fits; models that are pinned or leased are
+    never evicted. Loads of different models run one at a time so that each one's memory can be
+    measured (RSS delta on CPU, allocated-memory delta on CUDA).
+
+    What the cache knows is in one CacheState (state.py); the loads in a ModelLoader (loading.py);
+    the decisions in policy.py.
     """
 
     def __init__(
@@ -82,22 +72,23 @@ class ModelCache:
         self._config = config
         self._tracer = tracer if tracer is not None else trace.get_tracer(__name__)
         self._metrics = metrics
+        self._resolve = resolve
         self._probe = memory if memory is not None else MemoryProbe()
         self._device = config.device
-        self._device_type = "cuda" if is_cuda(config.device) else "cpu"
         self._device_total = self._probe.device_total_bytes(config.device)
         if config.memory_budget_bytes is not None:
             budget = config.memory_budget_bytes
         else:
             budget = int(self._device_total * DEFAULT_BUDGET_FRACTION)
-        gc.collect()
-        self._probe.return_freed_memory(self._device)
-        self._baseline_used = process_used(self._probe, self._device)
-
-        self._reg = CacheRegistry(self._probe, self._device, budget, config.max_models, metrics)
-        self._lock = self._reg.lock
-        self._loader = FlightLoader(self._reg, resolve, load, self._probe, config)
-        self._watchdog = MemoryWatchdog(config.watchdog_interval_seconds, self.check_memory_once)
+        self._loader = ModelLoader(load, self._probe, config.device, config.warmup)
+        self._state = CacheState(
+            budget=budget,
+            max_models=config.max_models,
+            free=self._loader.free,
+            metrics=metrics,
+            device_type="cuda" if is_cuda(config.device) else "cpu",
+        )
+        self._watchdog = MemoryWatchdog(config, self._state, self._loader, self._probe, self._device_total)
 
     @property
     def config(self) -> CacheConfig:
@@ -106,16 +97,25 @@ class ModelCache:
     @property
     def memory_budget_bytes(self) -> int:
         """The budget in force (SetCacheLimits may have changed it since start-up)."""
-        return self._reg.budget
+        return self._state.budget
 
     @property
     def max_models(self) -> int:
         """The count limit in force."""
-        return self._reg.max_models
+        return self._state.max_models
 
     @property
     def device_total_bytes(self) -> int:
         return self._device_total
+
+    @property
+    def warmup(self) -> bool:
+        """Whether loads of Whisper models end with a warm-up decode (a reloadable setting)."""
+        return self._loader.warmup
+
+    @warmup.setter
+    def warmup(self, enabled: bool) -> None:
+        self._loader.warmup = enabled
 
     # -- using models ---------------------------------------------------------------
 
@@ -131,8 +131,7 @@ class ModelCache:
         other failure of resolve or load. A failure is not cached: the next acquire tries
         again. Every concurrent caller of one load gets its result or its exception.
         """
-        out = self._checkout(model_id, expected_kind, on_progress)
-        return Lease(self._release, out.entry, out.model, cache_hit=out.cache_hit, load_seconds=out.load_seconds)
+        return self._checkout(model_id, expected_kind, on_progress)
 
     def acquire_as(
         self, model_id: str, engine_type: type[E], *, on_progress: ProgressCallback | None = None
@@ -143,26 +142,16 @@ class ModelCache:
         Raises what acquire raises, and ModelLoadFailed when the loader built another
         class than engine_type for that kind.
         """
-        out = self._checkout(model_id, engine_type.kind, on_progress)
-        model = out.model
-        if not isinstance(model, engine_type):
-            self._release(Lease(self._release, out.entry, model, cache_hit=out.cache_hit, load_seconds=0.0))
+        lease = self._checkout(model_id, engine_type.kind, on_progress)
+        if not isinstance(lease.model, engine_type):
+            lease.release()
             raise ModelLoadFailed(
-                f"model {model_id!r} of kind {out.entry.kind} was loaded as {type(model).__name__}, "
+                f"model {model_id!r} of kind {lease.kind} was loaded as {type(lease.model).__name__}, "
                 f"not {engine_type.__name__}"
             )
-        return Lease(self._release, out.entry, model, cache_hit=out.cache_hit, load_seconds=out.load_seconds)
+        return cast("Lease[E]", lease)
 
-    @property
-    def warmup(self) -> bool:
-        """Whether loads of Whisper models end with a warm-up decode (a live setting)."""
-        return self._loader.warmup
-
-    @warmup.setter
-    def warmup(self, enabled: bool) -> None:
-        self._loader.warmup = enabled
-
-    def _checkout(self, model_id: str, expected_kind: str | None, on_progress: ProgressCallback | None) -> _Checkout:
+    def _checkout(self, model_id: str, expected_kind: str | None, on_progress: ProgressCallback | None) -> Lease:
         if not model_id:
             raise InvalidArgument("model_id is empty")
         check_model_id(model_id)
@@ -170,36 +159,31 @@ class ModelCache:
         # a copy of the RPC's context, asyncio.to_thread and JobManager.submit both copy it).
         # On a hit it records the hit and nothing else; on a miss it covers resolve, load, warm-up.
         attributes = {"voxserve.model_id": model_id, "voxserve.device": self._device}
-        with self._tracer.start_as_current_span("inference.model_load", attributes=attributes) as span:
-            out = self._checkout_traced(model_id, expected_kind, on_progress)
-            span.set_attribute("voxserve.cache.hit", out.cache_hit)
-            span.set_attribute("voxserve.model.bytes", out.entry.memory_bytes)
-            span.set_attribute("voxserve.device", out.entry.device)
-            if not out.cache_hit:
-                span.set_attribute("voxserve.model.load_seconds", round(out.load_seconds, 3))
-            return out
+        with (
+            log_context(model_id=model_id),
+            self._tracer.start_as_current_span("inference.model_load", attributes=attributes) as span,
+        ):
+            lease = self._checkout_traced(model_id, expected_kind, on_progress)
+            info = self._state.lease_info(lease, pin=False)
+            span.set_attribute("voxserve.cache.hit", lease.cache_hit)
+            span.set_attribute("voxserve.model.bytes", info.memory_bytes)
+            span.set_attribute("voxserve.device", info.device)
+            if not lease.cache_hit:
+                span.set_attribute("voxserve.model.load_seconds", round(lease.load_seconds, 3))
+            return lease
 
-    def _checkout_traced(
-        self, model_id: str, expected_kind: str | None, on_progress: ProgressCallback | None
-    ) -> _Checkout:
+    def _checkout_traced(self, model_id: str, expected_kind: str | None, on_progress: ProgressCallback | None) -> Lease:
         while True:
-            with self._lock:
-                entry = self._reg.entries.get(model_id)
-                if entry is not None:
-                    return _Checkout(entry, self._reg.hit_locked(entry, expected_kind), True, 0.0)
-                flight = self._reg.flights.get(model_id)
-                leader = flight is None
-                if flight is None:
-                    flight = self._reg.flights[model_id] = Flight(model_id)
-                flight.expected_kinds.append(expected_kind)
-                self._reg.misses += 1
-            logger.info("model cache miss", extra={"model_id": model_id, "joined_load": not leader})
+            got = self._state.checkout(model_id, expected_kind)
+            if isinstance(got, Lease):
+                return got
+            logger.info("model cache miss", extra={"model_id": model_id, "joined_load": not got.leader})
             if on_progress is not None:
-                flight.listen(on_progress)
-            if leader:
-                self._loader.run(flight)
+                got.flight.listen(on_progress)
+            if got.leader:
+                self._run_flight(got.flight)
             try:
-                result = flight.future.result()
+                result = got.flight.future.result()
             except NotFound:
                 # An id the store does not know is counted under one label: a caller sending
                 # made-up ids must not create a metric series per id.
@@ -211,35 +195,13 @@ class ModelCache:
             self._count_miss(model_id)
             if not kind_accepted(expected_kind, result.spec.kind):
                 raise wrong_kind(model_id, result.spec.kind, expected_kind)
-            if result.entry is None:
-                continue  # joined a flight that loaded nothing (it was started for another kind)
-            assert result.entry.model is not None
-            return _Checkout(result.entry, result.entry.model, cache_hit=False, load_seconds=result.load_seconds)
+            if got.participant.lease is not None:
+                return got.participant.lease
+            # else: joined a flight that loaded nothing (it was started for another kind)
 
     def _count_miss(self, label: str) -> None:
         if self._metrics is not None:
             self._metrics.cache_misses.labels(label).inc()
-
-    def _release(self, lease: Lease) -> None:
-        entry = lease._entry
-        with self._lock:
-            if lease._released:
-                return
-            lease._released = True
-            entry.refcount -= 1
-            entry.last_used = time.time()
-            close_now = entry.detached and entry.refcount == 0
-            # Limits lowered while models were in use: the cache catches up as they go idle.
-            trimmed = [] if close_now else self._trim_to_limits_locked()
-        if close_now:
-            self._reg.free([entry])
-        self._reg.free(trimmed)
-
-    def _trim_to_limits_locked(self) -> list[CacheEntry]:
-        plan = over_limits(list(self._reg.entries.values()), self._reg.max_models, self._reg.room_locked())
-        for victim, reason in plan:
-            self._reg.evict_locked(victim, reason)
-        return [victim for victim, _ in plan]
 
     def reserve(self, nbytes: int, label: str) -> Reservation:
         """Count memory held outside the models (a live stream's state) as used until the
@@ -248,7 +210,7 @@ class ModelCache:
         May free models, so call it off the event loop. Raises CacheFull when models that
         cannot be evicted leave no room, InvalidArgument for a negative size.
         """
-        return reserve(self._reg, nbytes, label)
+        return self._state.reserve(nbytes, label)
 
     def estimate_bytes(self, spec: ModelSpec) -> int:
         """Memory the model is expected to take once loaded.
@@ -256,7 +218,83 @@ class ModelCache:
         The median of the last loads of this model_id by this cache (while its size on
         disk is unchanged), else its size on disk times the factor of its kind.
         """
-        return self._loader.estimate_bytes(spec)
+        return self._state.estimate(spec)
+
+    # -- loading (the leader of a flight runs it; the others wait on its future) ----
+
+    def _run_flight(self, flight: Flight) -> None:
+        """Resolve and load for every participant of the flight; never raises an Exception."""
+        model_id = flight.model_id
+        stage = "resolving"
+        try:
+            spec = self._resolve(model_id, flight.report)
+            if self._state.settle_unwanted(flight, spec):
+                return
+            stage = "loading"
+            loaded = self._loader.load(spec, lambda: self._state.make_room(spec), flight.report)
+            message = f"loaded in {loaded.seconds:.2f} s, {format_bytes(loaded.memory_bytes)}"
+            flight.report(LoadProgress(model_id, "loaded", message=message))
+            now = time.time()
+            entry = CacheEntry(
+                spec=spec,
+                model=loaded.model,
+                kind=spec.kind,
+                device=str(getattr(loaded.model, "device", self._device)),
+                compute_type=str(getattr(loaded.model, "compute_type", "")),
+                memory_bytes=loaded.memory_bytes,
+                loaded_at=now,
+                last_used=now,
+                pinned=model_id in self._config.pinned,
+            )
+            used = self._state.add_loaded(flight, entry, loaded.seconds)
+            self._report_load(spec, loaded, used)
+        except BaseException as exc:
+            if flight.future.done():  # failed after the model was handed out: the load stands
+                logger.exception("model cache bookkeeping failed after a load", extra={"model_id": model_id})
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            self._fail(flight, stage, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _fail(self, flight: Flight, stage: str, exc: BaseException) -> None:
+        model_id = flight.model_id
+        failure: BaseException = exc
+        if isinstance(exc, Exception) and not isinstance(exc, VoxserveError):
+            failure = ModelLoadFailed(f"{stage} model {model_id!r} failed: {type(exc).__name__}: {exc}")
+            failure.__cause__ = exc
+        self._state.fail(flight)
+        logger.warning(
+            "model load failed", extra={"model_id": model_id, "stage": stage, "error": str(failure)}, exc_info=exc
+        )
+        if self._metrics is not None:
+            label = UNKNOWN_MODEL_LABEL if isinstance(failure, NotFound) else model_id
+            self._metrics.model_loads.labels(label, "error").inc()
+        flight.future.set_exception(failure)
+
+    def _report_load(self, spec: ModelSpec, loaded: Measured, used: int) -> None:
+        logger.info(
+            "model loaded",
+            extra={
+                "model_id": spec.model_id,
+                "kind": spec.kind,
+                "load_seconds": round(loaded.seconds, 3),
+                "warmup_seconds": None if loaded.warmup_seconds is None else round(loaded.warmup_seconds, 3),
+                "memory_bytes": loaded.memory_bytes,
+                "estimate_bytes": loaded.estimate,
+                "memory_used_bytes": used,
+            },
+        )
+        if self._metrics is not None:
+            self._metrics.model_loads.labels(spec.model_id, "ok").inc()
+            self._metrics.load_duration.labels(spec.model_id).observe(loaded.seconds)
+        budget = self._state.budget
+        if used > budget:
+            logger.warning(
+                "model cache over its memory budget",
+                extra={"model_id": spec.model_id, "memory_used_bytes": used, "memory_budget_bytes": budget},
+            )
 
     # -- managing models ------------------------------------------------------------
 
@@ -272,23 +310,16 @@ class ModelCache:
 
         Raises what acquire raises.
         """
-        with self.acquire(model_id, expected_kind=expected_kind, on_progress=on_progress) as lease, self._lock:
-            if pin:
-                lease._entry.pinned = True
-            return lease._entry.info(own_leases=1)
+        with self.acquire(model_id, expected_kind=expected_kind, on_progress=on_progress) as lease:
+            return self._state.lease_info(lease, pin=pin)
 
     def touch_loaded(self, model_id: str, pin: bool = False) -> LoadedModelInfo | None:
         """If the model is loaded: count a hit, mark it used (and pinned) and return its
         info; else None. Never waits for a load, so an event loop may call it."""
-        with self._lock:
-            entry = self._reg.entries.get(model_id)
-            if entry is None or entry.model is None or entry.detached:
-                return None
-            model = self._reg.hit_locked(entry, None)
-            if pin:
-                entry.pinned = True
-            info = entry.info(own_leases=1)
-        self._release(Lease(self._release, entry, model, cache_hit=True, load_seconds=0.0))
+        with log_context(model_id=model_id):
+            info = self._state.touch(model_id, pin)
+        if info is None:
+            return None
         attributes: dict[str, str | bool | int] = {
             "voxserve.model_id": model_id,
             "voxserve.device": info.device,
@@ -305,23 +336,8 @@ class ModelCache:
         unless force: then it leaves the cache now and is closed when its last lease is
         released. Pinned models are unloaded too.
         """
-        with self._lock:
-            entry = self._reg.entries.get(model_id)
-            if entry is None:
-                loading = " (it is being loaded now)" if model_id in self._reg.flights else ""
-                raise ModelNotLoaded(f"model {shown(model_id)} is not loaded{loading}")
-            if entry.refcount and not force:
-                raise ModelInUse(
-                    f"model {model_id!r} is in use by {entry.refcount} lease{'s' if entry.refcount != 1 else ''}; "
-                    "retry when they finish, or unload with force to close it after them"
-                )
-            info = entry.info()
-            self._reg.evict_locked(entry, "unload")
-            entry.detached = entry.refcount > 0
-            close_now = not entry.detached
-        if close_now:
-            self._reg.free([entry])
-        return info
+        with log_context(model_id=model_id):
+            return self._state.unload(model_id, force)
 
     def preload(self, items: Iterable[tuple[str, bool]]) -> list[tuple[str, Exception]]:
         """Load (model_id, pin) pairs at start-up; returns the failures instead of raising."""
@@ -350,18 +366,8 @@ class ModelCache:
         while the cache is still over (pinned ones stay until unloaded).
         """
         new = self.check_limits(max_models, memory_budget)
-        with self._lock:
-            before = (self._reg.max_models, self._reg.budget)
-            self._reg.set_limits_locked(
-                new.max_models if new.max_models is not None else self._reg.max_models,
-                new.memory_budget_bytes if new.memory_budget_bytes is not None else self._reg.budget,
-            )
-            evicted = self._trim_to_limits_locked()
-            entries = list(self._reg.entries.values())
-            over = held_over(entries, self._reg.max_models, self._reg.room_locked())
-            stats = self._reg.stats_locked()
-        self._reg.free(evicted)
-        change = LimitsChange(stats, tuple(e.model_id for e in evicted), tuple(e.model_id for e in over))
+        change, before, held = self._state.set_limits(new.max_models, new.memory_budget_bytes)
+        stats = change.stats
         logger.info(
             "model cache limits changed",
             extra={
@@ -380,17 +386,17 @@ class ModelCache:
                     "max_models": stats.max_models,
                     "memory_used_bytes": stats.memory_used_bytes,
                     "memory_budget_bytes": stats.memory_budget_bytes,
-                    "held": [f"{e.model_id} ({_held_reason(e)})" for e in over],
+                    "held": held,
                 },
             )
         return change
 
     def loaded(self) -> list[LoadedModelInfo]:
         """Every loaded model, least recently used first."""
-        return self._reg.loaded()
+        return self._state.loaded()
 
     def stats(self) -> CacheStats:
-        return self._reg.stats()
+        return self._state.stats()
 
     # -- memory watchdog ------------------------------------------------------------
 
@@ -401,41 +407,12 @@ class ModelCache:
         device memory in use on CUDA) exceeds watchdog_threshold x the budget, or the whole
         device is fuller than watchdog_threshold of its memory. Returns the evicted ids.
         """
-        evicted: list[str] = []
-        while (pressure := self._memory_pressure()) is not None:
-            with self._lock:
-                victim = next((e for e in self._reg.entries.values() if evictable(e)), None)
-                if victim is not None:
-                    self._reg.evict_locked(victim, "watchdog")
-            if victim is None:
-                logger.warning("memory over the watchdog threshold and no model can be evicted", extra=pressure)
-                break
-            self._reg.free([victim])
-            evicted.append(victim.model_id)
-        return evicted
-
-    def _memory_pressure(self) -> dict[str, int] | None:
-        return memory_pressure(
-            self._probe,
-            self._device,
-            baseline=self._baseline_used,
-            budget=self._reg.budget,
-            device_total=self._device_total,
-            threshold=self._config.watchdog_threshold,
-        )
+        return self._watchdog.check_once()
 
     def set_watchdog(self, threshold: float | None = None, interval_seconds: float | None = None) -> None:
         """Change the watchdog's threshold and/or interval at run time (None = unchanged);
         InvalidArgument naming the setting for a value out of range (nothing changes then)."""
-        if threshold is not None and not 0 < threshold <= 1:
-            raise InvalidArgument(f"watchdog_threshold must be in (0, 1], not {threshold}")
-        if interval_seconds is not None and not interval_seconds > 0:
-            raise InvalidArgument(f"watchdog_interval_seconds must be positive, not {interval_seconds}")
-        if threshold is not None:
-            self._config.watchdog_threshold = threshold
-        if interval_seconds is not None:
-            self._config.watchdog_interval_seconds = interval_seconds
-            self._watchdog.interval = interval_seconds
+        self._watchdog.set(threshold, interval_seconds)
 
     def start_watchdog(self) -> None:
         """Check memory every watchdog_interval_seconds in a daemon thread until stop()."""
@@ -448,10 +425,4 @@ class ModelCache:
     def close(self) -> None:
         """Stop the watchdog and unload every model (models in use close at their last release)."""
         self.stop()
-        with self._lock:
-            entries = list(self._reg.entries.values())
-            for entry in entries:
-                self._reg.evict_locked(entry, "unload")
-                entry.detached = entry.refcount > 0
-            idle = [e for e in entries if not e.detached]
-        self._reg.free(idle)
+        self._state.unload_all()

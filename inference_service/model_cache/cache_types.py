@@ -10,6 +10,7 @@ from typing import ClassVar, Generic, Protocol
 
 from typing_extensions import TypeVar
 
+from inference_service.errors import WrongModelKind
 from inference_service.memory import is_cuda
 from voxserve_common.errors import InvalidArgument
 from voxserve_common.kinds import ModelKind
@@ -142,7 +143,8 @@ class CacheStats:
 
 @dataclass(eq=False)
 class CacheEntry:
-    """One loaded model and its bookkeeping; the cache changes it under its lock."""
+    """One loaded model and its bookkeeping: CacheState's record, changed only under its lock
+    (policy.py reads entries to decide; nothing else holds one)."""
 
     spec: ModelSpec
     model: LoadedModel | None
@@ -185,25 +187,27 @@ class Lease(Generic[M_co]):
 
     Use it as a context manager; ``model`` must not be used after the lease is released.
     ``Lease[WhisperEngine]`` (from ``ModelCache.acquire_as``) types ``model`` as the engine.
+    Only the cache makes leases; ``release`` is the cache's, which knows each lease it handed
+    out and ignores one it has taken back already.
     """
 
     def __init__(
         self,
-        release: Callable[[Lease[LoadedModel]], None],
-        entry: CacheEntry,
         model: M_co,
         *,
+        model_id: str,
+        kind: ModelKind,
         cache_hit: bool,
         load_seconds: float,
+        release: Callable[[Lease[LoadedModel]], None],
     ) -> None:
         self._model = model
-        self.model_id = entry.model_id
-        self.kind = entry.kind
+        self.model_id = model_id
+        self.kind = kind
         self.cache_hit = cache_hit
         self.load_seconds = load_seconds
         self._release_to = release
-        self._entry = entry
-        self._released = False
+        self._released = False  # for repr only: the cache keeps the count
 
     @property
     def model(self) -> M_co:
@@ -212,6 +216,7 @@ class Lease(Generic[M_co]):
     def release(self) -> None:
         """Give the model back; releasing twice is harmless."""
         self._release_to(self)
+        self._released = True
 
     def __enter__(self) -> Lease[M_co]:
         return self
@@ -226,6 +231,34 @@ class Lease(Generic[M_co]):
         return f"Lease({self.model_id!r}, {state}, cache_hit={self.cache_hit})"
 
 
+@dataclass(frozen=True)
+class LimitsChange:
+    """What SetCacheLimits (or a SIGHUP) did.
+
+    ``evicted``: idle, unpinned models evicted to meet the new limits, in eviction order.
+    ``held_over``: models in use or pinned that keep the cache over the new limits; the limits
+    are in force anyway (new loads respect them) and each of these models is evicted when it
+    becomes idle while the cache is still over (pinned ones stay until unloaded or unpinned).
+    """
+
+    stats: CacheStats
+    evicted: tuple[str, ...]
+    held_over: tuple[str, ...]
+
+    @property
+    def over_limits(self) -> bool:
+        return bool(self.held_over)
+
+
 # The model_id label of misses and failed loads of ids the store does not know: never a valid
 # catalog id, so made-up ids share one metric series instead of creating one each.
 UNKNOWN_MODEL_LABEL = "(unknown)"
+
+
+def kind_accepted(expected_kind: str | None, kind: ModelKind) -> bool:
+    """Whether a caller that expects ``expected_kind`` (None: any) can use a model of ``kind``."""
+    return expected_kind is None or expected_kind == kind
+
+
+def wrong_kind(model_id: str, kind: ModelKind, expected_kind: str | None) -> WrongModelKind:
+    return WrongModelKind(f"model {model_id!r} is a {kind} model, but this request needs a {expected_kind} model")

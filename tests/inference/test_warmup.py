@@ -16,9 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from inference_service.engines.device import choose_device
+from inference_service.engines.loaders import make_loader
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import CacheConfig, ModelCache, ModelLoadFailed
-from inference_service.transcriber import make_loader
 from inference_service.warmup import WARMUP_AUDIO_SECONDS, warm_up
 from tests.inference.test_model_cache import Loader, Resolver
 from tests.support import InferenceHandle
