@@ -13,10 +13,11 @@ from typing import ClassVar, NoReturn
 
 from model_service.catalog import Catalog, CatalogEntry
 from model_service.config import ModelStoreConfig
-from model_service.hub import HubClient, default_sources
 from model_service.metrics import ModelStoreMetrics
 from model_service.servicer import ModelStoreServicer
 from model_service.store import LIVE_STORE_SETTINGS, ModelStore
+from model_service.store.download.hub import HubClient
+from model_service.store.download.sources import default_sources
 from voxserve.modelstore.v1 import modelstore_pb2, modelstore_pb2_grpc
 from voxserve_common.cli import common_parser, config_from_args
 from voxserve_common.security import server_security

@@ -70,7 +70,7 @@ class ModelStoreConfig(ServiceSettings):
                     f"invalid setting hub_endpoints: {endpoint!r} must be URL or name=URL, "
                     "the URL starting with http:// or https://"
                 )
-        from model_service.hub import default_sources  # the one parser of endpoint names
+        from model_service.store.download.sources import default_sources  # the one parser of endpoint names
 
         try:
             default_sources(self.hub_endpoints, None)

@@ -12,7 +12,6 @@ import contextlib
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -20,7 +19,6 @@ from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from model_service.errors import DownloadCancelled
-from model_service.hub import display_url
 from voxserve_common.redaction import Redactor
 
 QUEUE_WAIT = "model_store.queue_wait"
@@ -30,12 +28,6 @@ VERIFY = "model_store.verify"
 IMPORT = "model_store.import"
 
 tracer = trace.get_tracer("model_service")
-
-
-def url_without_credentials(url: str) -> str:
-    """``url`` without user:password@, query or fragment (where tokens hide)."""
-    parts = urlsplit(display_url(url))
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 class WorkSpans:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_service.events import EventBus, EventType, StoreEvent
-from model_service.hub import display_url
 from model_service.metrics import ModelStoreMetrics
 from model_service.state import ModelState
+from model_service.urls import display_url
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class DownloadProgress:
 
 
 class ProgressReporter:
-    """The callbacks FileFetcher calls for one download: counts bytes per source in the
+    """The callbacks FileDownloader calls for one download: counts bytes per source in the
     metrics and publishes PROGRESS events no faster than the bus lets them out."""
 
     def __init__(self, model_id: str, progress: DownloadProgress, bus: EventBus, metrics: ModelStoreMetrics) -> None:
@@ -124,9 +124,6 @@ class ProgressReporter:
         if force:
             self._bus.allow_next_progress(self.model_id)
         self._bus.publish(event)
-
-    def stopped(self) -> None:
-        self._metrics.download_speed.labels(self.model_id).set(0)
 
 
 class VerifyReporter:

@@ -235,10 +235,6 @@ class ModelRegistry:
         with self._lock:
             return self._models[model_id].readers
 
-    def reader_counts(self) -> dict[str, int]:
-        with self._lock:
-            return {model_id: m.readers for model_id, m in self._models.items()}
-
     def view(self, model_id: str) -> ModelView:
         self.catalog.get(model_id)
         with self._lock:

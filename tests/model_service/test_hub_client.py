@@ -8,7 +8,8 @@ import pytest
 
 from model_service.catalog import CatalogEntry
 from model_service.errors import UnsafePath
-from model_service.hub import OFFICIAL_ENDPOINT, HubClient, SourceError, default_endpoints
+from model_service.store.download.hub import HubClient, SourceError
+from model_service.store.download.sources import OFFICIAL_ENDPOINT, default_sources
 from tests.hubserver import HubServer, git_blob_sha1, refused_endpoint
 
 REPO = "unit-org/hub-client"
@@ -150,6 +151,10 @@ def test_open_file_errors_are_source_errors(repo_hub: HubServer) -> None:
     ):
         pass
     assert past_the_end.value.reason == "range not satisfiable" and not past_the_end.value.not_found
+
+
+def default_endpoints(configured: tuple[str, ...], hf_endpoint: str | None) -> tuple[str, ...]:
+    return tuple(source.url for source in default_sources(configured, hf_endpoint))
 
 
 def test_default_endpoints_order_dedupe_and_validation() -> None:

@@ -71,7 +71,7 @@ def test_pause_running_keeps_bytes_frees_the_slot_and_resume_continues_with_rang
     assert "paused; ResumeDownload continues it" in result["error"].details()
     kept = partial_size(store.store.data_dir, "test-tiny", "model.bin")
     assert kept > 2_000_000
-    assert (store.store.partial_dir / "test-tiny" / "model.bin.part.json").is_file()
+    assert (store.store.registry.partial_dir / "test-tiny" / "model.bin.part.json").is_file()
     assert get_model(store, "test-tiny").bytes_on_disk >= kept
     # A paused model holds no slot: the waiting pull runs.
     waiting[0].join(60)
@@ -86,7 +86,7 @@ def test_pause_running_keeps_bytes_frees_the_slot_and_resume_continues_with_rang
     assert f"bytes={kept}-" in model_bin_ranges(hub)
     assert hub.bytes_served(TINY_REPO, "model.bin") == MODEL_BIN - kept
     assert sha256(store.store.model_dir("test-tiny") / "model.bin") == sha256(TINY_EN_DIR / "model.bin")
-    assert not (store.store.partial_dir / "test-tiny").exists()
+    assert not (store.store.registry.partial_dir / "test-tiny").exists()
 
 
 def test_pause_waiting_takes_it_out_of_the_queue_and_resume_requeues_at_the_end(
@@ -105,7 +105,7 @@ def test_pause_waiting_takes_it_out_of_the_queue_and_resume_requeues_at_the_end(
     second[0].join(30)
     assert second[1]["error"].code() == grpc.StatusCode.FAILED_PRECONDITION
     wait_for(lambda: get_model(handle, "test-text-2").queue_position == 1, message="the next moved up")
-    assert handle.store.queue.waiting_ids() == ["test-text-2"]
+    assert handle.store.downloads.queue.waiting_ids() == ["test-text-2"]
 
     model = resume(handle, "test-text")
     assert model.state == pb.WAITING and model.queue_position == 2  # at the end
@@ -166,7 +166,7 @@ def test_paused_survives_a_restart_and_cancel_removes_its_partials(
     assert model.state == pb.PAUSED
     assert model.bytes_on_disk >= kept
     assert partial_size(store_config.data_dir, "test-tiny", "model.bin") == kept
-    assert second.store.queue.waiting_ids() == []  # paused is not queued again
+    assert second.store.downloads.queue.waiting_ids() == []  # paused is not queued again
 
     model = second.stub.CancelDownload(pb.CancelDownloadRequest(model_id="test-tiny"))
     assert model.state in (pb.NOT_DOWNLOADED, pb.INCOMPLETE)
@@ -185,11 +185,11 @@ def test_import_of_a_paused_model_drops_its_pause_request_and_partials(
         lambda: [r["model_id"] for r in json.loads(queue_file.read_text())["paused"]] == ["test-tiny"],
         message="queue.json holds the pause request",
     )
-    assert (store.store.partial_dir / "test-tiny").is_dir()
+    assert (store.store.registry.partial_dir / "test-tiny").is_dir()
 
     imported = store.stub.ImportModel(pb.ImportModelRequest(model_id="test-tiny", source_dir=str(TINY_EN_DIR)))
     assert imported.state == pb.READY
-    assert not (store.store.partial_dir / "test-tiny").exists()
+    assert not (store.store.registry.partial_dir / "test-tiny").exists()
     assert json.loads(queue_file.read_text())["paused"] == []
     # READY, not PAUSED: Resume has nothing to continue, a pull answers at once.
     assert rpc_error(lambda: resume(store, "test-tiny")).code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -202,4 +202,4 @@ def test_import_of_a_paused_model_drops_its_pause_request_and_partials(
     again = start_store(store_config)
     assert get_model(again, "test-tiny").state == pb.READY
     assert json.loads(queue_file.read_text())["paused"] == []
-    assert not (again.store.partial_dir / "test-tiny").exists()
+    assert not (again.store.registry.partial_dir / "test-tiny").exists()

@@ -70,7 +70,7 @@ def test_queue_is_fifo_with_visible_positions(start_store, hub) -> None:
 def test_cancel_running_download_removes_partial_files(store: StoreHandle, hub) -> None:
     hub.throttle(4 << 20, path="model.bin")
     thread, result = start_pull(store, "test-tiny")
-    partial_dir = store.store.partial_dir / "test-tiny"
+    partial_dir = store.store.registry.partial_dir / "test-tiny"
     # model.bin is the throttled file, so its .part stays in place until the cancel (a
     # small file's .part can be moved into models/ between listing and stat).
     wait_for(lambda: partial_size(store.store.data_dir, "test-tiny", "model.bin") > 0)
@@ -136,7 +136,7 @@ def test_cancel_is_prompt_on_a_slow_source(store: StoreHandle, hub) -> None:
     checks for cancellation on every network read, not per megabyte)."""
     hub.throttle(32 << 10, path="model.bin")
     thread, result = start_pull(store, "test-tiny")
-    partial_dir = store.store.partial_dir / "test-tiny"
+    partial_dir = store.store.registry.partial_dir / "test-tiny"
     # model.bin is the throttled file, so its .part stays in place until the cancel (a
     # small file's .part can be moved into models/ between listing and stat).
     wait_for(lambda: partial_size(store.store.data_dir, "test-tiny", "model.bin") > 0)

@@ -8,7 +8,13 @@ import grpc
 import pytest
 
 from model_service.config import ModelStoreConfig
-from model_service.hub import OFFICIAL_ENDPOINT, BreakerState, Source, SourceBreakers, default_sources
+from model_service.store.download.sources import (
+    OFFICIAL_ENDPOINT,
+    BreakerState,
+    Source,
+    SourceBreakers,
+    default_sources,
+)
 from tests.hubserver import HubServer, refused_endpoint
 from tests.support import TEXT_REPO, StoreHandle, get_model, pull, text_repo_files, wait_for
 from voxserve.modelstore.v1 import modelstore_pb2 as pb

@@ -112,7 +112,7 @@ def test_delete_refused_while_a_fetch_stream_is_open(store: StoreHandle) -> None
     assert get_model(store, "test-tiny").state == pb.READY
     stream.cancel()
     # The reader is released once the server notices the cancellation.
-    wait_for(lambda: store.store._readers.get("test-tiny") == 0, timeout=10, message="fetch reader released")
+    wait_for(lambda: store.store.registry.readers("test-tiny") == 0, timeout=10, message="fetch reader released")
     assert store.stub.DeleteModel(pb.DeleteModelRequest(model_id="test-tiny")).state == pb.NOT_DOWNLOADED
 
 
@@ -164,7 +164,7 @@ def test_import_missing_required_file_names_it(store: StoreHandle, tmp_path: Pat
     assert "tokenizer.json" in error.details()
     assert get_model(store, "test-tiny").state == pb.NOT_DOWNLOADED
     assert not store.store.model_dir("test-tiny").exists()
-    assert list(store.store.staging_dir.iterdir()) == []
+    assert list(store.store.registry.staging_dir.iterdir()) == []
 
 
 def test_import_refused_while_the_model_downloads(store: StoreHandle, hub: HubServer) -> None:

@@ -118,7 +118,7 @@ def test_resume_downloads_on_start_off_keeps_partials_but_queues_nothing(
     hub.reset_stats()
 
     second = start_store(config=store_config, resume_downloads_on_start=False)
-    assert second.store.queue.jobs() == []
+    assert second.store.downloads.queue.jobs() == []
     assert get_model(second, "test-tiny").state == pb.INCOMPLETE
     assert get_model(second, "test-text").state == pb.NOT_DOWNLOADED
     assert partial_size(store_config.data_dir, "test-tiny", "model.bin") == kept

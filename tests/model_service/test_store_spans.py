@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from prometheus_client import generate_latest
 
-from model_service.spans import url_without_credentials
+from model_service.urls import url_without_credentials
 from tests.hubserver import HubServer
 from tests.support import (
     TEXT_REPO,

@@ -1,4 +1,4 @@
-"""The download queue: FIFO, N jobs at a time, one job per model that later pulls join."""
+"""The download queue: FIFO, N jobs at a time, one job per model that later PullModel calls join."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class StopReason(enum.StrEnum):
 
 @dataclass
 class DownloadJob:
-    """One pull of one model; every PullModel of the same model while it waits or runs
+    """One download of one model; every PullModel of the same model while it waits or runs
     joins this object instead of starting another download."""
 
     model_id: str
@@ -43,7 +43,7 @@ class DownloadJob:
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
-    joiners: int = 1  # pulls served by this job; counted by DownloadQueue.join only
+    joiners: int = 1  # PullModel calls served by this job; counted by DownloadQueue.join only
     # Files already on disk were hashed when stored and nothing has found them bad since
     # (the model was READY): a size check is enough to keep them.
     trust_sizes: bool = False
@@ -105,11 +105,11 @@ class DownloadQueue:
             worker.start()
 
     def join(self, model_id: str) -> DownloadJob | None:
-        """The waiting or running job of ``model_id``, counted as joined by one more pull."""
+        """The waiting or running job of ``model_id``, counted as joined by one more PullModel."""
         with self._cond:
             job = self._active(model_id)
             if job is not None:
-                job.joiners += 1  # the one place a joining pull is counted
+                job.joiners += 1  # the one place a joining PullModel is counted
             return job
 
     def submit(

@@ -1,8 +1,10 @@
-"""The resumable file fetcher: Range resumes, retries, endpoint fallback, hash checks."""
+"""One file onto disk: PartialFile (``.part`` plus sidecar, resumable across restarts) and
+FileDownloader (Range resumes, endpoint fallback, hashing while writing, size and hash checks)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -14,12 +16,11 @@ from typing import IO
 
 import httpx2
 
-from model_service.download_queue import DownloadJob, DownloadQueue
 from model_service.errors import DownloadCancelled, IntegrityError, SourcesFailed
-from model_service.hub import HubClient, RemoteFile, SourceBreakers, SourceError, backoff_delay, display_url
+from model_service.store.download.hub import BodyDropped, HubClient, RemoteFile, SourceError
+from model_service.store.download.retry import FILE_RETRY_KINDS, Retrier
+from model_service.urls import display_url
 from model_service.validator import FileHasher, hash_file
-
-__all__ = ["DownloadJob", "DownloadQueue", "FetchResult", "FileFetcher", "PartialFile"]  # queue re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,10 @@ class PartialFile:
 
 
 @dataclass(frozen=True)
-class FetchResult:
+class DownloadedFile:
+    """A file in its ``.part``, checked: where it came from, its sha256, the bytes this
+    download received and where it resumed."""
+
     source: str
     sha256: str
     bytes_fetched: int
@@ -99,25 +103,16 @@ class _Transfer:
             raise DownloadCancelled(f"download of {self.remote.path} cancelled")
 
 
-class FileFetcher:
-    """Fetches one file through the endpoint chain, resuming with Range, hashing while
-    writing, checking size and hash before the caller moves it into place."""
+class FileDownloader:
+    """Downloads one file through the endpoint chain, resuming with Range, hashing while
+    writing, checking size and hash before the caller moves it into place. Each endpoint's
+    attempts run in the Retrier (breaker, backoff, budget)."""
 
-    def __init__(
-        self,
-        hub: HubClient,
-        chunk_size: int = 1 << 20,
-        retries: int = 3,
-        backoff: float = 0.25,
-        breakers: SourceBreakers | None = None,
-    ) -> None:
+    def __init__(self, hub: HubClient, retrier: Retrier) -> None:
         self.hub = hub
-        self.chunk_size = chunk_size
-        self.retries = retries
-        self.backoff = backoff
-        self.breakers = breakers or SourceBreakers(hub.sources)
+        self.retrier = retrier
 
-    def fetch(
+    def download(
         self,
         *,
         repo_id: str,
@@ -129,7 +124,7 @@ class FileFetcher:
         on_bytes: Callable[[int, str], None],
         on_source_failed: Callable[[str, str], None] = lambda endpoint, reason: None,
         on_verify_failed: Callable[[str], None] = lambda reason: None,
-    ) -> FetchResult:
+    ) -> DownloadedFile:
         """Download ``remote`` into ``partial.part``, trying ``endpoints`` in order.
 
         Blocking (network and fsync): run it in a worker thread. Raises SourcesFailed
@@ -138,79 +133,53 @@ class FileFetcher:
         ``cancel`` is set.
         """
         transfer = _Transfer(repo_id, commit, remote, partial, cancel, on_bytes)
+        identity = partial.describe(repo_id, commit, remote)
         reasons: list[str] = []
         integrity_failures = 0
-        for endpoint in endpoints:
+        for index, endpoint in enumerate(endpoints):
+            transfer.check_cancel()
             try:
-                result = self._fetch_from(endpoint, transfer)
-            except _EndpointFailed as failure:
+                result = self.retrier.call(
+                    endpoint,
+                    functools.partial(self._attempt, endpoint, transfer, identity),
+                    retry_kinds=FILE_RETRY_KINDS,
+                    cancel=cancel,
+                    cancelled=f"download of {remote.path} cancelled",
+                    log_fields={"file": remote.path},
+                )
+            except SourceError as failure:
                 reasons.append(f"{display_url(endpoint)}: {failure.reason}")
-                if failure.integrity:
+                if failure.kind == "integrity":
                     integrity_failures += 1
                     on_verify_failed(failure.reason)
                 on_source_failed(endpoint, failure.reason)
-            else:
-                return result
+                continue
+            why = "the manifest's source" if index == 0 else "fallback"
+            logger.debug("source choice", extra={"file": remote.path, "endpoint": display_url(endpoint), "why": why})
+            return result
         message = f"could not download {remote.path} of {repo_id}@{commit[:12]}: " + "; ".join(reasons)
         if integrity_failures:
             raise IntegrityError(message)
         raise SourcesFailed(message)
 
-    def _fetch_from(self, endpoint: str, transfer: _Transfer) -> FetchResult:
-        """Attempts against one endpoint; a drop after new bytes resets the retry budget,
-        a definitive not-found gives up on the endpoint at once. Retries wait with
-        exponential backoff and jitter; every failed request counts in the endpoint's
-        circuit breaker, and an open breaker ends the attempts at once."""
-        remote, partial = transfer.remote, transfer.partial
-        identity = partial.describe(transfer.repo_id, transfer.commit, remote)
-        breakers = self.breakers
-        attempts_left = self.retries
-        failed_in_a_row = 0
-        while True:
-            transfer.check_cancel()
-            refused = breakers.allow(endpoint)
-            if refused:
-                raise _EndpointFailed(refused)
-            offset = partial.resumable_bytes(identity)
-            if offset == 0:
-                partial.start(identity)
-            try:
-                hasher, fetched = self._stream(endpoint, transfer, offset)
-            except SourceError as error:
-                attempts_left -= 1
-                failed_in_a_row += 1
-                if not error.not_found:
-                    breakers.failure(endpoint, error.kind, error.reason)
-                if error.not_found or attempts_left <= 0:
-                    raise _EndpointFailed(error.reason) from error
-                transfer.cancel.wait(backoff_delay(failed_in_a_row, self.backoff))
-                continue
-            except _DroppedConnection as error:
-                if error.progressed:  # bytes flowed: the endpoint works, the network hiccuped
-                    breakers.success(endpoint)
-                    attempts_left, failed_in_a_row = self.retries, 0
-                else:
-                    breakers.failure(endpoint, "reset", str(error))
-                    attempts_left, failed_in_a_row = attempts_left - 1, failed_in_a_row + 1
-                if attempts_left <= 0:
-                    raise _EndpointFailed(str(error)) from error
-                logger.info(
-                    "connection dropped; resuming",
-                    extra={"file": remote.path, "endpoint": endpoint, "offset": partial.part.stat().st_size},
-                )
-                transfer.cancel.wait(backoff_delay(max(failed_in_a_row, 1), self.backoff))
-                continue
-            problem = self._check(remote, hasher)
-            if problem:
-                partial.remove()
-                breakers.failure(endpoint, "integrity", problem)
-                raise _EndpointFailed(problem, integrity=True)
-            breakers.success(endpoint)
-            return FetchResult(endpoint, hasher.sha256.hexdigest(), fetched, offset)
+    def _attempt(self, endpoint: str, transfer: _Transfer, identity: dict[str, object]) -> DownloadedFile:
+        """One request: resume what the part file holds, append the body, check the whole file.
+        A file that fails its check is removed (its bytes are never resumed)."""
+        transfer.check_cancel()
+        partial, remote = transfer.partial, transfer.remote
+        offset = partial.resumable_bytes(identity)
+        if offset == 0:
+            partial.start(identity)
+        hasher, fetched = self._stream(endpoint, transfer, offset)
+        problem = self._check(remote, hasher)
+        if problem:
+            partial.remove()
+            raise SourceError(endpoint, problem, kind="integrity")
+        return DownloadedFile(endpoint, hasher.sha256.hexdigest(), fetched, offset)
 
     def _stream(self, endpoint: str, transfer: _Transfer, offset: int) -> tuple[FileHasher, int]:
         """Append the body from ``offset`` to the part file; returns the hasher of the whole
-        file and the bytes received now. Raises _DroppedConnection when the body breaks off."""
+        file and the bytes received now. Raises BodyDropped when the body breaks off."""
         remote = transfer.remote
         need_git = not remote.sha256
         if offset >= remote.size:
@@ -229,7 +198,8 @@ class FileFetcher:
             with open(transfer.partial.part, mode) as handle:
                 fetched = self._write_body(endpoint, transfer, response, handle, hasher)
         if hasher.size < remote.size:
-            raise _DroppedConnection(f"body ended after {hasher.size} of {remote.size} bytes", fetched > 0)
+            message = f"body ended after {hasher.size} of {remote.size} bytes"
+            raise BodyDropped(endpoint, message, fetched > 0, hasher.size)
         return hasher, fetched
 
     @staticmethod
@@ -250,10 +220,8 @@ class FileFetcher:
         except RETRYABLE_READ_ERRORS as error:
             handle.flush()
             os.fsync(handle.fileno())
-            raise _DroppedConnection(
-                f"connection dropped after {hasher.size} of {remote.size} bytes ({type(error).__name__})",
-                fetched > 0,
-            ) from error
+            message = f"connection dropped after {hasher.size} of {remote.size} bytes ({type(error).__name__})"
+            raise BodyDropped(endpoint, message, fetched > 0, hasher.size) from error
         handle.flush()
         os.fsync(handle.fileno())
         return fetched
@@ -271,18 +239,3 @@ class FileFetcher:
             if actual != remote.git_oid:
                 return f"git blob sha1 mismatch for {remote.path}: expected {remote.git_oid}, got {actual}"
         return ""
-
-
-class _DroppedConnection(Exception):
-    def __init__(self, message: str, progressed: bool) -> None:
-        super().__init__(message)
-        self.progressed = progressed
-
-
-class _EndpointFailed(Exception):
-    """An endpoint gave up on a file; ``integrity`` when its bytes failed the checks."""
-
-    def __init__(self, reason: str, integrity: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.integrity = integrity

@@ -1,9 +1,9 @@
 """The pipeline one download job runs, on a queue worker thread.
 
 resolve the manifest (endpoint chain) -> plan (keep files already good, resume
-partials) -> check the disk -> fetch each missing file into partial/ -> move it into
+partials) -> check the disk -> download each missing file into partial/ -> move it into
 models/ -> check sizes -> READY. Every state change goes through the registry.
-PullService owns one and hands ``run`` to its DownloadQueue.
+DownloadService owns one and hands ``run`` to its DownloadQueue. At DEBUG each step logs.
 """
 
 from __future__ import annotations
@@ -13,61 +13,35 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from opentelemetry.util.types import AttributeValue
 
 from model_service.catalog import Catalog, CatalogEntry
 from model_service.config import ModelStoreConfig
-from model_service.download_queue import DownloadJob, StopReason
-from model_service.downloader import FileFetcher, PartialFile
-from model_service.errors import (
-    DownloadCancelled,
-    DownloadPaused,
-    InsufficientDisk,
-    IntegrityError,
-    RemoteNotFound,
-    SourcesFailed,
-    UnsafePath,
-)
-from model_service.hub import (
-    HubClient,
-    RemoteFile,
-    RemoteManifest,
-    SourceBreakers,
-    SourceError,
-    backoff_delay,
-    display_url,
-)
+from model_service.errors import DownloadCancelled, DownloadPaused, InsufficientDisk, IntegrityError, UnsafePath
 from model_service.metrics import ModelStoreMetrics
 from model_service.paths import remove_files_except, remove_path, safe_join, validate_relative_file
-from model_service.spans import FILE_TRANSFER, RESOLVE_MANIFEST, VERIFY, WorkSpans, url_without_credentials
+from model_service.spans import FILE_TRANSFER, RESOLVE_MANIFEST, VERIFY, WorkSpans
 from model_service.state import FileRecord, ModelState, fsync_dir
+from model_service.store.download.files import FileDownloader, PartialFile
+from model_service.store.download.hub import HubClient, RemoteFile, RemoteManifest
+from model_service.store.download.manifest import manifest_records, resolve_manifest
+from model_service.store.download.plan import Plan, make_plan
+from model_service.store.download.queue import DownloadJob, StopReason
+from model_service.store.download.retry import Retrier
 from model_service.store.progress import DownloadProgress, ProgressReporter, VerifyReporter
 from model_service.store.registry import ModelRegistry
+from model_service.urls import display_url, url_without_credentials
 from model_service.validator import check_file
 from voxserve_common.errors import Internal, VoxserveError
 from voxserve_common.logs import log_context
 
-# The logger pull.py used, so download log lines keep the name operators filter on.
-logger = logging.getLogger("model_service.store.pull")
+logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What a job must fetch after looking at the disk."""
-
-    files: tuple[FileRecord, ...]  # the manifest's files, sha256 filled where known
-    to_fetch: tuple[RemoteFile, ...]
-    # Kept on disk by their size but not known good (the model was not READY): VERIFYING
-    # re-hashes them, and fetches again those that fail.
-    to_verify: tuple[FileRecord, ...]
-    present_bytes: int  # in files kept as they are (to_verify included)
-    resumable_bytes: int  # in partial files that will be resumed
-
-
-class PullPipeline:
+class DownloadPipeline:
     """Runs one DownloadJob to READY, ERROR, PAUSED or its resting state after a cancel.
 
     ``on_paused(job)`` is called under the registry lock when a job stops for a pause,
@@ -81,22 +55,20 @@ class PullPipeline:
         hub: HubClient,
         config: ModelStoreConfig,
         metrics: ModelStoreMetrics,
-        fetcher: FileFetcher,
-        breakers: SourceBreakers,
-        retry_backoff_seconds: float,
+        downloader: FileDownloader,
+        retrier: Retrier,
         on_paused: Callable[[DownloadJob], None],
-        spans: WorkSpans | None = None,
+        spans: WorkSpans,
     ) -> None:
         self.registry = registry
         self.catalog = catalog
         self.hub = hub
         self.config = config
         self.metrics = metrics
-        self.fetcher = fetcher
-        self.breakers = breakers
-        self.retry_backoff_seconds = retry_backoff_seconds
+        self.downloader = downloader
+        self.retrier = retrier
         self._on_paused = on_paused
-        self.spans = spans or WorkSpans([hub.token])
+        self.spans = spans
 
     def run(self, job: DownloadJob) -> None:
         with log_context(model_id=job.model_id, job_id=job.job_id):
@@ -107,6 +79,14 @@ class PullPipeline:
             )
             entry = self.catalog.get(job.model_id)
             started = time.monotonic()
+            logger.debug(
+                "download started",
+                extra={
+                    "revision": job.revision or entry.revision,
+                    "source": job.source or "",
+                    "waited_seconds": round(started - job.submitted_at, 3),
+                },
+            )
             try:
                 source = self._download(job, entry, job.revision or entry.revision)
             except DownloadCancelled as error:
@@ -176,39 +156,21 @@ class PullPipeline:
     def _download(self, job: DownloadJob, entry: CatalogEntry, revision: str) -> str:
         """Run one job to READY and return the endpoint the last file came from."""
         model_id = entry.model_id
-        self.registry.transition(
-            model_id, ModelState.DOWNLOADING, message=f"resolving {entry.repo_id}@{revision}", persist=False
-        )
         endpoints = [self.hub.find_source(job.source).url] if job.source else list(self.hub.endpoints)
-        with self.spans.span(
-            RESOLVE_MANIFEST,
-            {"voxserve.model_id": model_id, "voxserve.revision": revision},
-            parent=job.trace_context,
-        ) as span:
-            manifest = self._resolve_manifest(job, entry, revision, endpoints)
-            span.set_attributes(
-                {
-                    "voxserve.source": self.hub.name_of(manifest.endpoint),
-                    "voxserve.files": len(manifest.files),
-                    "voxserve.commit": manifest.commit,
-                }
-            )
-        old_files = {f.path: f for f in self.registry.record(model_id).files}
-        files = _manifest_records(manifest, entry, old_files)
-        self.registry.transition(
-            model_id,
-            ModelState.DOWNLOADING,
-            message=f"downloading {len(files)} files from {display_url(manifest.endpoint)}",
-            revision=manifest.commit,
-            requested_revision=revision,
-            files=files,
-            source=manifest.endpoint,
+        manifest, files, old_files = self._resolve(job, entry, revision, endpoints)
+        plan = make_plan(
+            self.registry.model_dir(model_id),
+            self.registry.partial_root(model_id),
+            manifest,
+            files,
+            old_files,
+            job.trust_sizes,
         )
-        plan = self._plan(job, entry, manifest, files, old_files)
-        needed = sum(r.size for r in plan.to_fetch) - plan.resumable_bytes
-        available = shutil.disk_usage(self.registry.data_dir).free - self.config.disk_reserve_bytes
-        if needed > available:
-            raise InsufficientDisk(model_id, needed, max(0, available))
+        free = shutil.disk_usage(self.registry.data_dir).free
+        _log_plan(plan, free)
+        available = free - self.config.disk_reserve_bytes
+        if plan.needed_bytes > available:
+            raise InsufficientDisk(model_id, plan.needed_bytes, max(0, available))
         progress = DownloadProgress(
             manifest.total_bytes,
             plan.present_bytes + plan.resumable_bytes,
@@ -219,14 +181,14 @@ class PullPipeline:
         self.registry.set_progress(model_id, progress)
         self.metrics.downloads_started.labels(model_id, display_url(manifest.endpoint)).inc()
         reporter = ProgressReporter(model_id, progress, self.registry.bus, self.metrics)
-        source, fetched = self._fetch_all(job, manifest, plan.to_fetch, reporter, endpoints)
-        files = tuple(replace(f, sha256=fetched.get(f.path, f.sha256)) for f in plan.files)
+        source, downloaded = self._download_files(job, manifest, plan.to_fetch, reporter, endpoints)
+        files = tuple(replace(f, sha256=downloaded.get(f.path, f.sha256)) for f in plan.files)
         to_verify = plan.to_verify
         while True:
             files, bad = self._verify(job, files, to_verify, progress, source or manifest.endpoint)
             if not bad:
                 break
-            # Files kept from disk failed their hash (removed by _verify): fetch them again.
+            # Files kept from disk failed their hash (removed by _verify): download them again.
             # Their bytes no longer count as done; the one time the bar steps back.
             progress.bytes_done -= sum(f.size for f in bad)
             progress.files_done -= len(bad)
@@ -234,106 +196,50 @@ class PullPipeline:
                 model_id, ModelState.DOWNLOADING, message=f"fetching {len(bad)} files again: they failed verification"
             )
             by_path = {remote.path: remote for remote in manifest.files}
-            again, more = self._fetch_all(job, manifest, tuple(by_path[f.path] for f in bad), reporter, endpoints)
+            again, more = self._download_files(job, manifest, tuple(by_path[f.path] for f in bad), reporter, endpoints)
             source = again or source
             files = tuple(replace(f, sha256=more.get(f.path, f.sha256)) for f in files)
             to_verify = ()
         return self._finish(model_id, files, source or manifest.endpoint)
 
-    def _resolve_manifest(
+    def _resolve(
         self, job: DownloadJob, entry: CatalogEntry, revision: str, endpoints: list[str]
-    ) -> RemoteManifest:
-        """The manifest from the first of ``endpoints`` that answers; an endpoint whose
-        circuit is open is skipped, transient errors are retried with backoff."""
-        reasons: list[str] = []
-        not_found = 0
-        for endpoint in endpoints:
-            try:
-                manifest = self._manifest_from(job, endpoint, entry, revision)
-            except SourceError as error:
-                reasons.append(f"{display_url(endpoint)}: {error.reason}")
-                not_found += error.not_found
-                logger.warning(
-                    "hub source failed; trying the next", extra={"endpoint": endpoint, "reason": error.reason}
-                )
-                continue
-            logger.info(
-                "source chosen", extra={"endpoint": endpoint, "commit": manifest.commit, "files": len(manifest.files)}
+    ) -> tuple[RemoteManifest, tuple[FileRecord, ...], dict[str, FileRecord]]:
+        """DOWNLOADING: the manifest (in its span), then the record's files, revision and
+        source. Returns the manifest, its records and the files the record had before."""
+        model_id = entry.model_id
+        self.registry.transition(
+            model_id, ModelState.DOWNLOADING, message=f"resolving {entry.repo_id}@{revision}", persist=False
+        )
+        with self.spans.span(
+            RESOLVE_MANIFEST,
+            {"voxserve.model_id": model_id, "voxserve.revision": revision},
+            parent=job.trace_context,
+        ) as span:
+            manifest = resolve_manifest(
+                self.hub, self.retrier, endpoints, entry, revision, requested=bool(job.source), cancel=job.cancel_event
             )
-            return manifest
-        message = f"every hub source failed for {entry.model_id} ({entry.repo_id}@{revision}): " + "; ".join(reasons)
-        if not_found == len(endpoints):
-            raise RemoteNotFound(message)
-        raise SourcesFailed(message)
+            span.set_attributes(
+                {
+                    "voxserve.source": self.hub.name_of(manifest.endpoint),
+                    "voxserve.files": len(manifest.files),
+                    "voxserve.commit": manifest.commit,
+                }
+            )
+        old_files = {f.path: f for f in self.registry.record(model_id).files}
+        files = manifest_records(manifest, entry, old_files)
+        self.registry.transition(
+            model_id,
+            ModelState.DOWNLOADING,
+            message=f"downloading {len(files)} files from {display_url(manifest.endpoint)}",
+            revision=manifest.commit,
+            requested_revision=revision,
+            files=files,
+            source=manifest.endpoint,
+        )
+        return manifest, files, old_files
 
-    def _manifest_from(self, job: DownloadJob, endpoint: str, entry: CatalogEntry, revision: str) -> RemoteManifest:
-        attempt = 0
-        while True:
-            attempt += 1
-            refused = self.breakers.allow(endpoint)
-            if refused:
-                raise SourceError(endpoint, refused)
-            try:
-                manifest = self.hub.manifest(endpoint, entry, revision)
-            except SourceError as error:
-                if error.not_found:
-                    raise
-                self.breakers.failure(endpoint, error.kind, error.reason)
-                if not error.transient or attempt >= self.config.download_retries:
-                    raise
-                delay = backoff_delay(attempt, self.retry_backoff_seconds)
-                logger.info(
-                    "hub source failed; retrying",
-                    extra={"endpoint": endpoint, "reason": error.reason, "attempt": attempt, "delay": round(delay, 3)},
-                )
-                if job.cancel_event.wait(delay):
-                    raise DownloadCancelled(f"download of {entry.model_id} cancelled") from error
-                continue
-            self.breakers.success(endpoint)
-            return manifest
-
-    def _plan(
-        self,
-        job: DownloadJob,
-        entry: CatalogEntry,
-        manifest: RemoteManifest,
-        files: tuple[FileRecord, ...],
-        old_files: dict[str, FileRecord],
-    ) -> _Plan:
-        """Keep files on disk whose size is right: a READY model's unchanged files as they
-        are, others to be re-hashed while VERIFYING; remove bad ones; count resumable partials."""
-        model_dir = self.registry.model_dir(entry.model_id)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        kept: list[FileRecord] = []
-        to_fetch: list[RemoteFile] = []
-        to_verify: list[FileRecord] = []
-        present = 0
-        for remote, record in zip(manifest.files, files, strict=True):
-            old = old_files.get(remote.path)
-            trusted = job.trust_sizes and old is not None and _same_blob(old, remote)
-            expected = replace(record, sha256=old.sha256) if trusted and old is not None else record
-            check = check_file(model_dir, expected, deep=False)
-            if check.ok:
-                present += remote.size
-                kept.append(record)
-                if not trusted:
-                    to_verify.append(record)
-                continue
-            kept.append(record)
-            if check.problem != "missing":
-                logger.warning(
-                    "existing file is bad; fetching it again", extra={"file": remote.path, "problem": check.problem}
-                )
-                safe_join(model_dir, remote.path).unlink(missing_ok=True)
-            to_fetch.append(remote)
-        partial_root = self.registry.partial_root(entry.model_id)
-        resumable = 0
-        for remote in to_fetch:
-            partial = PartialFile.for_target(partial_root, Path(validate_relative_file(remote.path)))
-            resumable += partial.resumable_bytes(partial.describe(entry.repo_id, manifest.commit, remote))
-        return _Plan(tuple(kept), tuple(to_fetch), tuple(to_verify), present, resumable)
-
-    def _fetch_all(
+    def _download_files(
         self,
         job: DownloadJob,
         manifest: RemoteManifest,
@@ -341,7 +247,7 @@ class PullPipeline:
         reporter: ProgressReporter,
         allowed: list[str],
     ) -> tuple[str, dict[str, str]]:
-        """Fetch and move in each missing file; returns the last source and each file's sha256."""
+        """Download and move in each missing file; returns the last source and each file's sha256."""
         model_id = job.model_id
         model_dir = self.registry.model_dir(model_id)
         partial_root = self.registry.partial_root(model_id)
@@ -363,7 +269,7 @@ class PullPipeline:
                 },
                 parent=job.trace_context,
             ) as span:
-                result = self.fetcher.fetch(
+                result = self.downloader.download(
                     repo_id=manifest.repo_id,
                     commit=manifest.commit,
                     remote=remote,
@@ -422,6 +328,10 @@ class PullPipeline:
             "voxserve.bytes": sum(f.size for f in files),
             "voxserve.verify.rehashed_bytes": rehash_total,
         }
+        logger.debug(
+            "verification started",
+            extra={"files": len(files), "rehash_files": len(to_verify), "rehash_bytes": rehash_total},
+        )
         with self.spans.span(VERIFY, attributes, parent=job.trace_context):
             message = f"re-hashing {len(to_verify)} files kept on disk" if to_verify else "checking files"
             registry.transition(model_id, ModelState.VERIFYING, message=message, files=files, source=source)
@@ -478,33 +388,11 @@ class PullPipeline:
         return source
 
 
-def _manifest_records(
-    manifest: RemoteManifest, entry: CatalogEntry, old_files: dict[str, FileRecord]
-) -> tuple[FileRecord, ...]:
-    """The manifest as records; a non-LFS file keeps the sha256 computed at an earlier
-    download of the same blob (the hub only gives its git oid)."""
-    required = set(entry.required_files)
-    records = []
-    for f in manifest.files:
-        sha256 = f.sha256
-        old = old_files.get(f.path)
-        if old and not sha256 and old.size == f.size and old.git_oid == f.git_oid:
-            sha256 = old.sha256
-        records.append(FileRecord(f.path, f.size, sha256, f.git_oid, f.path in required))
-    return tuple(records)
-
-
 def _size_or_zero(path: Path) -> int:
     try:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def _same_blob(old: FileRecord, remote: RemoteFile) -> bool:
-    """The recorded file is the remote one (same size and hash) and its sha256 is known."""
-    same_hash = old.sha256 == remote.sha256 or (not remote.sha256 and old.git_oid == remote.git_oid)
-    return old.size == remote.size and same_hash and bool(old.sha256)
 
 
 def _move_into_place(partial: PartialFile, model_dir: Path, relative: str) -> None:
@@ -515,3 +403,19 @@ def _move_into_place(partial: PartialFile, model_dir: Path, relative: str) -> No
     os.replace(partial.part, target)
     fsync_dir(target.parent)
     partial.remove()
+    logger.debug("file moved into place", extra={"file": relative})
+
+
+def _log_plan(plan: Plan, free_bytes: int) -> None:
+    logger.debug(
+        "download planned",
+        extra={
+            "files": len(plan.files),
+            "to_fetch": [r.path for r in plan.to_fetch],
+            "to_verify": [f.path for f in plan.to_verify],
+            "present_bytes": plan.present_bytes,
+            "resumable_bytes": plan.resumable_bytes,
+            "needed_bytes": plan.needed_bytes,
+            "free_bytes": free_bytes,
+        },
+    )

@@ -1,4 +1,4 @@
-"""FileFetcher and PartialFile against the loopback hub with the real huggingface_hub client:
+"""FileDownloader and PartialFile against the loopback hub with the real huggingface_hub client:
 Range resumes, retries after drops, endpoint fallback, size and hash checks, cancellation.
 Also the DownloadQueue's joining and ordering."""
 
@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from model_service.catalog import CatalogEntry
-from model_service.download_queue import DownloadJob
-from model_service.downloader import DownloadQueue, FetchResult, FileFetcher, PartialFile
 from model_service.errors import DownloadCancelled, IntegrityError, SourcesFailed
-from model_service.hub import HubClient, RemoteFile, RemoteManifest
+from model_service.store.download.files import DownloadedFile, FileDownloader, PartialFile
+from model_service.store.download.hub import HubClient, RemoteFile, RemoteManifest
+from model_service.store.download.queue import DownloadJob, DownloadQueue
+from model_service.store.download.retry import Retrier
+from model_service.store.download.sources import SourceBreakers
 from tests.hubserver import HubServer, refused_endpoint
 
 REPO = "unit-org/downloader"
@@ -25,7 +27,7 @@ ENTRY = CatalogEntry("unit", "whisper", REPO, "main", (), ("config.json",))
 
 
 class Calls:
-    """What the fetcher reported through its callbacks."""
+    """What the downloader reported through its callbacks."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -58,16 +60,16 @@ def remote(hub: HubServer, path: str) -> RemoteFile:
     return next(f for f in manifest_of(hub).files if f.path == path)
 
 
-def fetch(
-    fetcher: FileFetcher,
+def download(
+    downloader: FileDownloader,
     hub: HubServer,
     remote_file: RemoteFile,
     partial: PartialFile,
     calls: Calls,
     endpoints: tuple[str, ...] | None = None,
     cancel: threading.Event | None = None,
-) -> FetchResult:
-    return fetcher.fetch(
+) -> DownloadedFile:
+    return downloader.download(
         repo_id=REPO,
         commit=hub.commit(REPO),
         remote=remote_file,
@@ -80,8 +82,9 @@ def fetch(
     )
 
 
-def make_fetcher(hub: HubServer, *extra: str, retries: int = 3) -> FileFetcher:
-    return FileFetcher(HubClient((hub.endpoint, *extra), timeout=5), chunk_size=64 << 10, retries=retries, backoff=0)
+def make_downloader(hub: HubServer, *extra: str, retries: int = 3) -> FileDownloader:
+    client = HubClient((hub.endpoint, *extra), timeout=5)
+    return FileDownloader(client, Retrier(SourceBreakers(client.sources), retries, backoff=0))
 
 
 def ranges(hub: HubServer, path: str) -> list[str | None]:
@@ -94,7 +97,7 @@ def test_fetch_writes_the_file_and_checks_its_sha256(repo_hub: HubServer, tmp_pa
     calls = Calls()
     repo_hub.reset_stats()
 
-    result = fetch(make_fetcher(repo_hub), repo_hub, weights, partial, calls)
+    result = download(make_downloader(repo_hub), repo_hub, weights, partial, calls)
 
     assert result.sha256 == hashlib.sha256(WEIGHTS).hexdigest()
     assert (result.source, result.bytes_fetched, result.resumed_from) == (repo_hub.endpoint, len(WEIGHTS), 0)
@@ -109,7 +112,7 @@ def test_a_git_file_is_checked_by_its_blob_sha1(repo_hub: HubServer, tmp_path: P
     assert config.sha256 == "" and config.git_oid
     partial = PartialFile.for_target(tmp_path, Path("config.json"))
 
-    result = fetch(make_fetcher(repo_hub), repo_hub, config, partial, Calls())
+    result = download(make_downloader(repo_hub), repo_hub, config, partial, Calls())
 
     assert partial.part.read_bytes() == SMALL
     assert result.sha256 == hashlib.sha256(SMALL).hexdigest()
@@ -124,7 +127,7 @@ def test_partial_bytes_of_the_same_file_are_resumed_with_range(repo_hub: HubServ
     repo_hub.reset_stats()
     calls = Calls()
 
-    result = fetch(make_fetcher(repo_hub), repo_hub, weights, partial, calls)
+    result = download(make_downloader(repo_hub), repo_hub, weights, partial, calls)
 
     assert result.resumed_from == 700_000 and result.bytes_fetched == len(WEIGHTS) - 700_000
     assert ranges(repo_hub, "weights.bin") == ["bytes=700000-"]
@@ -147,7 +150,7 @@ def test_partial_bytes_of_another_version_are_discarded(repo_hub: HubServer, tmp
     partial.start(stale)
     partial.part.write_bytes(b"\xff" * 500_000)
     repo_hub.reset_stats()
-    result = fetch(make_fetcher(repo_hub), repo_hub, weights, partial, Calls())
+    result = download(make_downloader(repo_hub), repo_hub, weights, partial, Calls())
     assert result.resumed_from == 0 and ranges(repo_hub, "weights.bin") == [None]
     assert partial.part.read_bytes() == WEIGHTS
 
@@ -178,7 +181,7 @@ def test_dropped_connections_resume_where_they_broke_off(repo_hub: HubServer, tm
     repo_hub.reset_stats()
     calls = Calls()
 
-    result = fetch(make_fetcher(repo_hub, retries=2), repo_hub, weights, partial, calls)
+    result = download(make_downloader(repo_hub, retries=2), repo_hub, weights, partial, calls)
 
     assert partial.part.read_bytes() == WEIGHTS
     assert result.sha256 == hashlib.sha256(WEIGHTS).hexdigest()
@@ -199,7 +202,7 @@ def test_drops_without_progress_use_up_the_retries(repo_hub: HubServer, tmp_path
     repo_hub.drop_after(0, times=10, path="weights.bin")
 
     with pytest.raises(SourcesFailed) as failed:
-        fetch(make_fetcher(repo_hub, retries=3), repo_hub, weights, partial, calls := Calls())
+        download(make_downloader(repo_hub, retries=3), repo_hub, weights, partial, calls := Calls())
 
     assert len(ranges(repo_hub, "weights.bin")) == 3
     assert "weights.bin" in str(failed.value) and repo_hub.endpoint in str(failed.value)
@@ -212,8 +215,12 @@ def test_server_errors_are_retried_then_reported(repo_hub: HubServer, tmp_path: 
     repo_hub.reset_stats()
 
     with pytest.raises(SourcesFailed, match="HTTP 500"):
-        fetch(
-            make_fetcher(repo_hub, retries=3), repo_hub, weights, PartialFile.for_target(tmp_path, Path("w")), Calls()
+        download(
+            make_downloader(repo_hub, retries=3),
+            repo_hub,
+            weights,
+            PartialFile.for_target(tmp_path, Path("w")),
+            Calls(),
         )
 
     assert len(ranges(repo_hub, "weights.bin")) == 3
@@ -225,8 +232,8 @@ def test_an_unreachable_endpoint_falls_back_to_the_next(repo_hub: HubServer, tmp
     partial = PartialFile.for_target(tmp_path, Path("weights.bin"))
     calls = Calls()
 
-    result = fetch(
-        make_fetcher(repo_hub, refused), repo_hub, weights, partial, calls, endpoints=(refused, repo_hub.endpoint)
+    result = download(
+        make_downloader(repo_hub, refused), repo_hub, weights, partial, calls, endpoints=(refused, repo_hub.endpoint)
     )
 
     assert result.source == repo_hub.endpoint
@@ -241,7 +248,9 @@ def test_a_not_found_endpoint_is_not_retried(repo_hub: HubServer, tmp_path: Path
     repo_hub.reset_stats()
 
     with pytest.raises(SourcesFailed, match="file not found"):
-        fetch(make_fetcher(repo_hub, retries=5), repo_hub, ghost, PartialFile.for_target(tmp_path, Path("a")), Calls())
+        download(
+            make_downloader(repo_hub, retries=5), repo_hub, ghost, PartialFile.for_target(tmp_path, Path("a")), Calls()
+        )
 
     assert len(ranges(repo_hub, "absent.bin")) == 1
 
@@ -253,7 +262,7 @@ def test_wrong_bytes_of_the_right_size_are_an_integrity_error(repo_hub: HubServe
     calls = Calls()
 
     with pytest.raises(IntegrityError, match="sha256 mismatch"):
-        fetch(make_fetcher(repo_hub), repo_hub, weights, partial, calls)
+        download(make_downloader(repo_hub), repo_hub, weights, partial, calls)
 
     assert len(calls.verify_failures) == 1 and "sha256 mismatch for weights.bin" in calls.verify_failures[0]
     assert not partial.part.exists() and not partial.sidecar.exists()  # bad bytes are never resumed
@@ -264,7 +273,7 @@ def test_a_corrupt_git_file_fails_its_blob_sha1(repo_hub: HubServer, tmp_path: P
     repo_hub.corrupt_file(REPO, "config.json", SMALL.upper())
 
     with pytest.raises(IntegrityError, match="git blob sha1 mismatch"):
-        fetch(make_fetcher(repo_hub), repo_hub, config, PartialFile.for_target(tmp_path, Path("c")), Calls())
+        download(make_downloader(repo_hub), repo_hub, config, PartialFile.for_target(tmp_path, Path("c")), Calls())
 
 
 def test_a_body_longer_than_the_manifest_says_is_refused(repo_hub: HubServer, tmp_path: Path) -> None:
@@ -272,7 +281,9 @@ def test_a_body_longer_than_the_manifest_says_is_refused(repo_hub: HubServer, tm
     short = RemoteFile(weights.path, weights.size - 1000, weights.sha256, weights.git_oid)
 
     with pytest.raises(SourcesFailed, match="more than"):
-        fetch(make_fetcher(repo_hub, retries=1), repo_hub, short, PartialFile.for_target(tmp_path, Path("w")), Calls())
+        download(
+            make_downloader(repo_hub, retries=1), repo_hub, short, PartialFile.for_target(tmp_path, Path("w")), Calls()
+        )
 
 
 def test_cancel_stops_the_download_and_keeps_what_arrived(repo_hub: HubServer, tmp_path: Path) -> None:
@@ -287,7 +298,7 @@ def test_cancel_stops_the_download_and_keeps_what_arrived(repo_hub: HubServer, t
             cancel.set()
 
     with pytest.raises(DownloadCancelled):
-        make_fetcher(repo_hub).fetch(
+        make_downloader(repo_hub).download(
             repo_id=REPO,
             commit=repo_hub.commit(REPO),
             remote=weights,

@@ -1,4 +1,4 @@
-"""queue.json: the pulls that were running, waiting or paused, kept across restarts."""
+"""queue.json: the downloads that were running, waiting or paused, kept across restarts."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ from typing import Any
 
 from model_service.state import atomic_write_bytes
 
-# The logger pull.py used, so queue log lines keep the name operators filter on.
-logger = logging.getLogger("model_service.store.pull")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PullRequest:
-    """What a queued or paused pull asked for; persisted in queue.json across restarts."""
+class DownloadRequest:
+    """What a queued or paused download asked for; persisted in queue.json across restarts."""
 
     model_id: str
     revision: str | None = None
@@ -26,17 +25,17 @@ class PullRequest:
         return {"model_id": self.model_id, "revision": self.revision, "source": self.source}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PullRequest:
+    def from_json(cls, data: dict[str, Any]) -> DownloadRequest:
         return cls(str(data["model_id"]), data.get("revision") or None, data.get("source") or None)
 
 
 class QueueFile:
-    """queue.json: the running and waiting pulls in order, and the paused ones, replaced
+    """queue.json: the running and waiting downloads in order, and the paused ones, replaced
     atomically (temp, fsync, rename) like state.json on every change of the queue.
 
     ``graceful`` is true only in the file a graceful stop wrote: its queue is what the
     next start resumes. After a crash (kill -9) the queue is not resumed: the models are
-    INCOMPLETE with their partial files, and the next pull continues them with Range.
+    INCOMPLETE with their partial files, and the next PullModel continues them with Range.
     """
 
     VERSION = 1
@@ -44,12 +43,12 @@ class QueueFile:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self) -> tuple[list[PullRequest], list[PullRequest], bool]:
+    def load(self) -> tuple[list[DownloadRequest], list[DownloadRequest], bool]:
         """(queued in order, paused, graceful); empty when missing or unreadable."""
         try:
             data = json.loads(self.path.read_text())
-            queued = [PullRequest.from_json(item) for item in data.get("queue", [])]
-            paused = [PullRequest.from_json(item) for item in data.get("paused", [])]
+            queued = [DownloadRequest.from_json(item) for item in data.get("queue", [])]
+            paused = [DownloadRequest.from_json(item) for item in data.get("paused", [])]
             graceful = data.get("graceful") is True
         except FileNotFoundError:
             return [], [], False
@@ -58,7 +57,7 @@ class QueueFile:
             return [], [], False
         return queued, paused, graceful
 
-    def save(self, queued: list[PullRequest], paused: list[PullRequest], graceful: bool = False) -> None:
+    def save(self, queued: list[DownloadRequest], paused: list[DownloadRequest], graceful: bool = False) -> None:
         payload = {
             "version": self.VERSION,
             "graceful": graceful,
