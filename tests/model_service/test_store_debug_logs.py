@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.hubserver import HubServer, refused_endpoint
@@ -135,3 +136,15 @@ def test_the_json_log_output_at_debug_never_shows_an_endpoint_password(
     assert len({r["job_id"] for r in steps}) == 1
     choices = [r for r in records if r["message"] == "source choice" and "file" not in r]
     assert [(c["endpoint"], c["why"]) for c in choices] == [(hub.endpoint, "requested")]
+
+
+def test_an_unknown_source_is_refused_without_showing_a_configured_password(
+    start_store: Callable[..., StoreHandle], hub: HubServer
+) -> None:
+    store = start_store(hub_endpoints=(f"mirror={credentialed(hub.endpoint)}",))
+    with pytest.raises(grpc.RpcError) as raised:
+        list(store.stub.PullModel(pb.PullModelRequest(model_id="test-text", source="nowhere"), timeout=30))
+    error = raised.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert "mirror" in error.details() and hub.endpoint in error.details()
+    assert PASSWORD not in error.details()

@@ -144,7 +144,7 @@ class HubClient:
         for source in self.sources:
             if wanted in (source.name, source.url, source.url + "/"):
                 return source
-        known = ", ".join(f"{s.name} ({s.url})" for s in self.sources)
+        known = ", ".join(f"{s.name} ({display_url(s.url)})" for s in self.sources)
         raise UnknownSource(f"unknown source {shown(wanted)}; configured sources: {known}")
 
     def name_of(self, url: str) -> str:
