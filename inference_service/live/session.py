@@ -109,6 +109,10 @@ class LiveSession:
         self._utterance_start: float | None = None  # speech in the buffer not yet final
         self._silence_since: float | None = None
         self._onset: float | None = None  # where the current run of speech began
+        # Runs of speech the VAD heard while an endpoint's final was pending (on a loaded
+        # machine it runs seconds late): [onset, end or None while it lasts], each one an
+        # utterance of its own once the finals before it are done.
+        self._queued_runs: list[list[float | None]] = []
         self._endpoint: float | None = None  # speech end of an utterance whose endpoint was seen
         self._last_decode_end = 0.0
         self._heard_until = 0.0  # audio end of the decode the latest hypothesis came from
@@ -153,6 +157,8 @@ class LiveSession:
             if not self._in_speech:
                 self._in_speech = True
                 self._onset = time
+                if self._endpoint is not None:
+                    self._queued_runs.append([time, None])
                 if self._utterance_start is None and self._endpoint is None:
                     self._utterance_start = time
                     self._trim_to(max(self._buffer_start, time - SPEECH_PAD))
@@ -166,6 +172,8 @@ class LiveSession:
                 if self._utterance_start is not None and self._endpoint is None:
                     self._endpoint = self._silence_since
                     return [SpeechEvent("END_OF_UTTERANCE", self._silence_since)]
+                if self._queued_runs and self._queued_runs[-1][1] is None:
+                    self._queued_runs[-1][1] = self._silence_since
         return []
 
     def _skip_silence(self) -> None:
@@ -319,10 +327,20 @@ class LiveSession:
         self._endpoint = None
         self._last_draft = ""
         self._utterance_start = None
-        if resume and self._in_speech and self._onset is not None:  # speech resumed during the endpoint
-            self._utterance_start = max(end, self._onset)
+        if resume and self._queued_runs:
+            # Speech resumed while this endpoint's final was pending: the next utterance is
+            # the first run heard since, with its own endpoint if it ended too, so no
+            # sentence spoken in between is lost or merged into the next.
+            onset, run_end = self._queued_runs.pop(0)
+            assert onset is not None
+            self._utterance_start = max(end, onset)
+            self._trim_to(max(self._buffer_start, self._utterance_start - SPEECH_PAD))
             events.append(SpeechEvent("SPEECH_STARTED", self._utterance_start))
+            if run_end is not None:
+                self._endpoint = run_end
+                events.append(SpeechEvent("END_OF_UTTERANCE", run_end))
         else:
+            self._queued_runs.clear()
             self._skip_silence()
         return events
 

@@ -297,3 +297,50 @@ def test_results_carry_words_only_when_asked_for() -> None:
         feed(session, 0.5, 0.9)
         (draft,) = decode(session, aligned(0.0, 0.5, False, (0.0, 0.2, " good"), (0.2, 0.45, " morning")))
         assert [w.word.strip() for w in draft.words] == (["good", "morning"] if report else [])
+
+
+def test_speech_heard_while_an_endpoint_final_is_pending_is_neither_lost_nor_merged() -> None:
+    # On a loaded machine the endpoint's final decode runs seconds late: the next sentence
+    # ("First, ...") began and ended, and a third ("Second, ...") began before it was applied.
+    session = LiveSession(LiveSettings(endpoint_silence=0.5))
+    feed(session, 1.0, 0.9)
+    feed(session, 0.6, 0.0)  # the endpoint of "Hello there."
+    job = session.next_job()
+    assert job is not None and job.final
+    first_onset = session.received
+    feed(session, 1.5, 0.9)  # "First, the server is online." while the final decode runs
+    first_end = session.received
+    feed(session, 0.6, 0.0)
+    second_onset = session.received
+    feed(session, 0.5, 0.9)  # "Second, ..." is being spoken
+    events = session.apply(job, hypothesis((0.0, 1.0, "Hello there.", True)))
+    assert [r.text for r in results(events)] == ["Hello there."]
+    speech = [(e.kind, e.time) for e in events if isinstance(e, SpeechEvent)]
+    assert speech == [("SPEECH_STARTED", pytest.approx(first_onset)), ("END_OF_UTTERANCE", pytest.approx(first_end))]
+    first_job = session.next_job()
+    assert first_job is not None and first_job.final
+    assert first_job.buffer_start <= first_onset and first_job.audio_end < second_onset
+    events = session.apply(first_job, hypothesis((0.0, 1.7, "First, the server is online.", True)))
+    assert [r.text for r in results(events)] == ["First, the server is online."]
+    assert [(e.kind, e.time) for e in events if isinstance(e, SpeechEvent)] == [
+        ("SPEECH_STARTED", pytest.approx(second_onset))
+    ]
+    draft_job = session.next_job()
+    assert draft_job is not None and not draft_job.final and draft_job.buffer_start <= second_onset
+
+
+def test_speech_that_ended_while_an_endpoint_final_was_pending_gets_its_own_endpoint() -> None:
+    session = LiveSession(LiveSettings(endpoint_silence=0.5))
+    feed(session, 1.0, 0.9)
+    feed(session, 0.6, 0.0)
+    job = session.next_job()
+    assert job is not None and job.final
+    feed(session, 1.5, 0.9)  # a whole sentence while the final decode runs
+    feed(session, 1.0, 0.0)  # and the silence after it
+    events = session.apply(job, hypothesis((0.0, 1.0, "Hello there.", True)))
+    kinds = [e.kind for e in events if isinstance(e, SpeechEvent)]
+    assert kinds == ["SPEECH_STARTED", "END_OF_UTTERANCE"]
+    final_job = session.next_job()
+    assert final_job is not None and final_job.final and final_job.audio_end > 1.6 + 1.5
+    events = session.apply(final_job, hypothesis((0.0, 1.5, "First, the server is online.", True)))
+    assert [(r.text, r.is_final) for r in results(events)] == [("First, the server is online.", True)]

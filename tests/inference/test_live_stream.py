@@ -22,6 +22,16 @@ MULTI = "speech_multi.wav"
 WER_BOUND = 0.1
 
 
+@pytest.fixture
+def inference(start_inference: Any) -> InferenceHandle:
+    """The service these tests stream to. They check what a stream says, not when the
+    service gives up on one (tests/inference/test_live_errors.py does): streams sent at 4x
+    real time on a machine loaded by other work can fall 20 s behind (the default
+    live_abandon_lag_seconds), so the limit is raised here."""
+    handle: InferenceHandle = start_inference(live_abandon_lag_seconds=120.0)
+    return handle
+
+
 def pcm(name: str, rate: int = RATE, dtype: str = "<i2", channels: int = 1) -> bytes:
     samples = decode_audio((DATA_DIR / name).read_bytes(), rate)
     if channels > 1:
@@ -91,7 +101,10 @@ def test_speech_streamed_gives_drafts_then_finals_matching_the_words(inference: 
     for sequence, result in results(responses):
         by_id.setdefault(result.result_id, []).append((sequence, result))
     with_drafts = [items for items in by_id.values() if len(items) > 1]
-    assert len(with_drafts) >= 3, "most utterances should have shown drafts before their final"
+    # At real time most utterances show drafts first. At 4x on a loaded machine the decodes
+    # fall behind, and an utterance heard whole while the decode of the one before ran gets
+    # only its final (drafts of audio already complete would only delay it).
+    assert len(with_drafts) >= (3 if speed == 1.0 else 1), "utterances should show drafts before their final"
     for items in with_drafts:
         assert all(not r.is_final for _, r in items[:-1]) and items[-1][1].is_final
     events = [r.speech_event for r in responses if r.WhichOneof("event") == "speech_event"]
