@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo
 from inference_service.metrics import InferenceMetrics
+from inference_service.payloads import Accepted, Completed
 from voxserve_common.client_strings import check_job_id, shown
 from voxserve_common.errors import (
     AlreadyExists,
@@ -59,29 +60,12 @@ class Phase(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class Accepted:
-    queue_position: int
-    model_id: str
-
-
-@dataclass(frozen=True)
 class Progress:
     phase: Phase
     percent: float
     message: str = ""
     bytes_done: int = 0
     bytes_total: int = 0
-
-
-@dataclass(frozen=True)
-class Completed:
-    audio_seconds: float
-    processing_seconds: float
-    real_time_factor: float
-    model_load_seconds: float
-    cache_hit: bool
-    segments: int
-    text: str
 
 
 Payload = Accepted | Progress | TranscriptionInfo | Segment | Completed

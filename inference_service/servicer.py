@@ -15,8 +15,6 @@ from inference_service.audio import check_audio_size
 from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo, checked_temperature
 from inference_service.jobs import (
     ENDED,
-    Accepted,
-    Completed,
     Job,
     JobEvent,
     JobManager,
@@ -28,6 +26,7 @@ from inference_service.jobs import (
 from inference_service.live.adapter import accepted_to_pb, completed_to_pb, stream_responses
 from inference_service.live.service import LiveService
 from inference_service.model_cache import CacheStats, LoadedModelInfo, ModelCache
+from inference_service.payloads import Accepted, Completed
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc as pb_grpc
 from voxserve_common.errors import InvalidArgument, Unavailable

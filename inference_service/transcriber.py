@@ -16,12 +16,13 @@ import numpy as np
 from opentelemetry import trace
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, audio_duration, decode_audio
+from inference_service.engines.first_segment import FirstUtterance, decode_first_utterance
+from inference_service.engines.speech_detector import SpeechDetector, VadSessions
 from inference_service.engines.whisper import Segment, TranscribeOptions, WhisperEngine
-from inference_service.jobs import Completed, Job, Phase, Progress
-from inference_service.live.first_segment import FirstUtterance, decode_first_utterance
-from inference_service.live.vad import SpeechDetector, VadSessions
+from inference_service.jobs import Job, Phase, Progress
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import LoadProgress, ModelCache
+from inference_service.payloads import Completed
 from voxserve_common.errors import Cancelled
 
 logger = logging.getLogger(__name__)

@@ -10,11 +10,11 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from inference_service.engines.whisper import TranscribeOptions
-from inference_service.jobs import Accepted, Completed
 from inference_service.live.pcm import Encoding
 from inference_service.live.service import LiveService, StreamRequest
 from inference_service.live.session import LiveResult, SpeechEvent
 from inference_service.live.stream import StreamEvent
+from inference_service.payloads import Accepted, Completed
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve_common.client_strings import check_job_id
 from voxserve_common.errors import InvalidArgument

@@ -17,17 +17,17 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from typing_extensions import TypeVar
 
+from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings, raw_model
+from inference_service.engines.speech_detector import SpeechDetector, VadSessions
 from inference_service.engines.whisper import TranscribeOptions, WhisperEngine
-from inference_service.jobs import Accepted, Completed
-from inference_service.live.decoder import BufferDecoder, DecodeSettings, raw_model
 from inference_service.live.memory import stream_bytes
 from inference_service.live.pcm import Encoding, PcmDecoder
 from inference_service.live.session import LiveResult, LiveSession, LiveSettings
 from inference_service.live.stream import LiveStream, StreamEvent
-from inference_service.live.vad import SpeechDetector, VadSessions
 from inference_service.live.worker import DecodeWorker
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import Lease, ModelCache
+from inference_service.payloads import Accepted, Completed
 from voxserve_common.errors import Cancelled, InvalidArgument, ResourceExhausted
 from voxserve_common.logs import log_context
 

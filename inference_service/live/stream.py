@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from inference_service.audio import FloatArray
-from inference_service.jobs import Accepted, Completed
-from inference_service.live.decoder import BufferDecoder, Hypothesis
+from inference_service.engines.buffer_decoder import BufferDecoder, Hypothesis
+from inference_service.engines.speech_detector import SpeechDetector
 from inference_service.live.pcm import PcmDecoder
 from inference_service.live.session import DecodeJob, LiveEvent, LiveResult, LiveSession, SpeechEvent
-from inference_service.live.vad import SpeechDetector
 from inference_service.live.worker import DRAFT, FINAL, DecodeWorker
+from inference_service.payloads import Accepted, Completed
 from voxserve_common.errors import ResourceExhausted
 
 logger = logging.getLogger(__name__)
