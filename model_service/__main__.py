@@ -33,8 +33,8 @@ SERVICE_NAME = modelstore_pb2.DESCRIPTOR.services_by_name["ModelStore"].full_nam
 class ModelStoreApp:
     """A running model store: domain object, gRPC server and the shutdown flag.
 
-    Implements voxserve_common.service.LiveSettings: SIGHUP applies the settings in
-    ``live_settings``; the others are reported as needing a restart.
+    Implements voxserve_common.service.ReloadableSettings: SIGHUP applies the settings in
+    ``reloadable_settings``; the others are reported as needing a restart.
     """
 
     store: ModelStore
@@ -44,13 +44,13 @@ class ModelStoreApp:
 
     # Read afresh by every new stream, event or request, so changing them mid-run is safe
     # (max_concurrent_downloads, data_dir, endpoints, ports, ... are fixed at start-up).
-    live_settings: ClassVar[frozenset[str]] = LIVE_STORE_SETTINGS | {"heartbeat_seconds"}
+    reloadable_settings: ClassVar[frozenset[str]] = LIVE_STORE_SETTINGS | {"heartbeat_seconds"}
 
     @property
     def port(self) -> int:
         return self.server.port
 
-    def apply_live_settings(self, new: ModelStoreConfig) -> None:
+    def apply_reloadable_settings(self, new: ModelStoreConfig) -> None:
         """SIGHUP: the new heartbeat for streams opened from now on, the rest in the store."""
         self.store.apply_live_settings(new)
         self.servicer.heartbeat_seconds = new.heartbeat_seconds
