@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +136,7 @@ class LiveService:
             report_words=request.options.word_timestamps,
         )
 
-    async def run(self, request: StreamRequest, audio: AsyncIterator[bytes]) -> AsyncIterator[StreamEvent]:
+    async def run(self, request: StreamRequest, audio: AsyncIterator[bytes]) -> AsyncGenerator[StreamEvent, None]:
         """Accepted, then the stream's events, then Completed once the client half-closed.
 
         Raises InvalidArgument (bad config or options, a bad message), ResourceExhausted
