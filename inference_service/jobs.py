@@ -200,6 +200,8 @@ class JobManager:
             self._queued[job_id] = job
             position = max(0, active - self.limits.max_running + 1)
         job.emit(Accepted(position, request.model_id))
+        with log_context(job_id=job_id, model_id=request.model_id):
+            logger.debug("job queued", extra={"phase": "queued", "queue_position": position})
         if position:
             job.emit(Progress(Phase.QUEUED, 0.0, f"{position} job(s) ahead"))
         context = contextvars.copy_context()
@@ -251,6 +253,7 @@ class JobManager:
         outcome = JobState.COMPLETED
         error: BaseException | None = None
         with log_context(job_id=job.job_id, model_id=job.request.model_id):
+            logger.debug("job started", extra={"phase": "queued", "seconds": round(job.started - job.created, 3)})
             try:
                 if job.should_stop():
                     raise Cancelled("job cancelled before it started")

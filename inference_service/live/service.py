@@ -194,6 +194,7 @@ class LiveService:
             if stream is not None:
                 span.set_attribute("voxserve.audio.duration_seconds", stream.session.received)
                 span.set_attribute("voxserve.live.decodes", stream.stats.decodes)
+                _log_stats(stream, job_id, request.model_id)
             span.end()
             self._release(stream, leases)
             self._leave(key, outcome)
@@ -222,6 +223,16 @@ class LiveService:
                 options.temperature,
                 final_beam_size=final_beam,
             ),
+        )
+        logger.debug(
+            "live stream settings",
+            extra={
+                "endpoint_silence": settings.endpoint_silence,
+                "max_lag": settings.max_lag,
+                "interim_results": settings.interim_results,
+                "beam_size": beam,
+                "final_beam_size": final_beam,
+            },
         )
         detector = SpeechDetector(self.vad_sessions.session(vad_path))
         return LiveStream(LiveSession(settings), pcm, detector, decoder, self.worker, self.limits.abandon_lag, observer)
@@ -279,6 +290,24 @@ class LiveService:
             return
         for lease in leases:
             lease.release()
+
+
+def _log_stats(stream: LiveStream, job_id: str, model_id: str) -> None:
+    """The counts of a stream that ended, at DEBUG (its log context is closed by then)."""
+    stats = stream.stats
+    logger.debug(
+        "live stream stats",
+        extra={
+            "job_id": job_id,
+            "model_id": model_id,
+            "audio_seconds": round(stream.session.received, 3),
+            "decodes": stats.decodes,
+            "decode_seconds": round(stats.decode_seconds, 3),
+            "finals": stats.finals,
+            "drafts": stats.drafts,
+            "rewrites": stats.rewrites,
+        },
+    )
 
 
 class _Held(Protocol):
