@@ -15,7 +15,7 @@ from model_service.catalog import Catalog, CatalogEntry
 from model_service.config import ModelStoreConfig
 from model_service.metrics import ModelStoreMetrics
 from model_service.servicer import ModelStoreServicer
-from model_service.store import LIVE_STORE_SETTINGS, ModelStore
+from model_service.store import RELOADABLE_STORE_SETTINGS, ModelStore
 from model_service.store.download.hub import HubClient
 from model_service.store.download.sources import default_sources
 from voxserve.modelstore.v1 import modelstore_pb2, modelstore_pb2_grpc
@@ -44,7 +44,7 @@ class ModelStoreApp:
 
     # Read afresh by every new stream, event or request, so changing them mid-run is safe
     # (max_concurrent_downloads, data_dir, endpoints, ports, ... are fixed at start-up).
-    reloadable_settings: ClassVar[frozenset[str]] = LIVE_STORE_SETTINGS | {"heartbeat_seconds"}
+    reloadable_settings: ClassVar[frozenset[str]] = RELOADABLE_STORE_SETTINGS | {"heartbeat_seconds"}
 
     @property
     def port(self) -> int:
@@ -52,7 +52,7 @@ class ModelStoreApp:
 
     def apply_reloadable_settings(self, new: ModelStoreConfig) -> None:
         """SIGHUP: the new heartbeat for streams opened from now on, the rest in the store."""
-        self.store.apply_live_settings(new)
+        self.store.apply_reloadable_settings(new)
         self.servicer.heartbeat_seconds = new.heartbeat_seconds
 
     async def stop(self, grace: float | None = 1.0) -> None:
