@@ -53,7 +53,7 @@ class InferenceApp:
     # (the path SetCacheLimits takes), warm-up, the watchdog, and auto_pull (read at each
     # resolve). The others (ports, TLS, the store's address, device, job and live limits)
     # are built into objects at start-up and are reported as needing a restart.
-    live_settings: ClassVar[frozenset[str]] = frozenset(
+    reloadable_settings: ClassVar[frozenset[str]] = frozenset(
         {"max_models", "memory_budget", "warmup", "watchdog_threshold", "watchdog_interval_seconds", "auto_pull"}
     )
 
@@ -61,8 +61,8 @@ class InferenceApp:
     def port(self) -> int:
         return self.server.port
 
-    def apply_live_settings(self, new: InferenceConfig) -> None:
-        """SIGHUP: apply the live settings that differ from the ones in force. A bad value
+    def apply_reloadable_settings(self, new: InferenceConfig) -> None:
+        """SIGHUP: apply the reloadable settings that differ from the ones in force. A bad value
         raises InvalidArgument before anything changes (the running settings stay)."""
         old = self.config
         # Only the limits the file changed: one SetCacheLimits made since is not undone.
@@ -83,7 +83,7 @@ class InferenceApp:
         self.cache.warmup = new.warmup
         if old.auto_pull != new.auto_pull:
             self.source.config = dataclasses.replace(self.source.config, auto_pull=new.auto_pull)
-        self.config = dataclasses.replace(old, **{name: getattr(new, name) for name in self.live_settings})
+        self.config = dataclasses.replace(old, **{name: getattr(new, name) for name in self.reloadable_settings})
 
     async def stop(self, grace: float | None = 1.0) -> None:
         await self.server.stop(grace)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo
 from inference_service.metrics import InferenceMetrics
+from inference_service.payloads import Accepted, Completed
 from voxserve_common.client_strings import check_job_id, shown
 from voxserve_common.errors import (
     AlreadyExists,
@@ -59,29 +60,12 @@ class Phase(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class Accepted:
-    queue_position: int
-    model_id: str
-
-
-@dataclass(frozen=True)
 class Progress:
     phase: Phase
     percent: float
     message: str = ""
     bytes_done: int = 0
     bytes_total: int = 0
-
-
-@dataclass(frozen=True)
-class Completed:
-    audio_seconds: float
-    processing_seconds: float
-    real_time_factor: float
-    model_load_seconds: float
-    cache_hit: bool
-    segments: int
-    text: str
 
 
 Payload = Accepted | Progress | TranscriptionInfo | Segment | Completed
@@ -216,6 +200,8 @@ class JobManager:
             self._queued[job_id] = job
             position = max(0, active - self.limits.max_running + 1)
         job.emit(Accepted(position, request.model_id))
+        with log_context(job_id=job_id, model_id=request.model_id):
+            logger.debug("job queued", extra={"phase": "queued", "queue_position": position})
         if position:
             job.emit(Progress(Phase.QUEUED, 0.0, f"{position} job(s) ahead"))
         context = contextvars.copy_context()
@@ -267,6 +253,7 @@ class JobManager:
         outcome = JobState.COMPLETED
         error: BaseException | None = None
         with log_context(job_id=job.job_id, model_id=job.request.model_id):
+            logger.debug("job started", extra={"phase": "queued", "seconds": round(job.started - job.created, 3)})
             try:
                 if job.should_stop():
                     raise Cancelled("job cancelled before it started")

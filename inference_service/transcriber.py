@@ -16,12 +16,13 @@ import numpy as np
 from opentelemetry import trace
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, audio_duration, decode_audio
+from inference_service.engines.first_segment import FirstUtterance, decode_first_utterance
+from inference_service.engines.speech_detector import SpeechDetector, VadSessions
 from inference_service.engines.whisper import Segment, TranscribeOptions, WhisperEngine
-from inference_service.jobs import Completed, Job, Phase, Progress
-from inference_service.live.first_segment import FirstUtterance, decode_first_utterance
-from inference_service.live.vad import SpeechDetector, VadSessions
+from inference_service.jobs import Job, Phase, Progress
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import LoadProgress, ModelCache
+from inference_service.payloads import Completed
 from voxserve_common.errors import Cancelled
 
 logger = logging.getLogger(__name__)
@@ -87,11 +88,14 @@ class Transcriber:
             audio = decode_audio(request.audio, WHISPER_SAMPLE_RATE)  # sets voxserve.audio.sample_rate
             duration = audio_duration(audio, WHISPER_SAMPLE_RATE)
             span.set_attribute("voxserve.audio.duration_seconds", duration)
+        _phase_done("audio decoded", "decoding", started, audio_seconds=round(duration, 3))
         self._check_stop(job)
         relay = _relay_to(job)
+        acquiring = time.monotonic()
         with self.cache.acquire_as(request.model_id, WhisperEngine, on_progress=relay) as lease:
             load_seconds = lease.load_seconds
             cache_hit = lease.cache_hit
+            _phase_done("model acquired", "model_acquire", acquiring, cache_hit=cache_hit)
             self._check_stop(job)
             if request.separate_model_id:
                 audio = self._separate(job, request.separate_model_id, relay)
@@ -136,6 +140,7 @@ class Transcriber:
         """Decode and emit each segment as it comes (after the first utterance, if it was
         sent already); returns the segments' texts."""
         job.emit(Progress(Phase.TRANSCRIBING, 0.0, "transcribing"))
+        started = time.monotonic()
         if self.batch_size > 0:
             info, segments = engine.transcribe_batched(
                 audio,
@@ -164,6 +169,7 @@ class Transcriber:
             texts.append(segment.text)
             percent = min(100.0, 100.0 * segment.end / duration) if duration else 100.0
             job.emit(Progress(Phase.TRANSCRIBING, percent))
+        _phase_done("audio transcribed", "transcribing", started, segments=len(texts), language=info.language)
         return texts
 
     def _first_utterance(
@@ -188,6 +194,7 @@ class Transcriber:
             return None
         from inference_service.engines.vad import SileroVadEngine
 
+        started = time.monotonic()
         with (
             self.cache.acquire_as(self.vad_model_id, SileroVadEngine, on_progress=relay) as vad,
             tracer.start_as_current_span("inference.first_utterance") as span,
@@ -199,6 +206,7 @@ class Transcriber:
             span.set_attribute("voxserve.first_utterance.found", first is not None)
             if first is not None:
                 span.set_attribute("voxserve.first_utterance.resume_at", first.resume_at)
+        _phase_done("first utterance searched", "first_utterance", started, found=first is not None)
         if first is not None:
             _segment_event(trace.get_current_span(), first.segment)
             logger.info(
@@ -237,6 +245,7 @@ class Transcriber:
 
     def _separate(self, job: Job, model_id: str, relay: Callable[[LoadProgress], None]) -> np.ndarray:
         job.emit(Progress(Phase.SEPARATING, 0.0, f"isolating vocals with {model_id}"))
+        started = time.monotonic()
         from inference_service.engines.separation import DemucsSeparator
 
         with (
@@ -249,6 +258,7 @@ class Transcriber:
             audio = separator.vocals_for_whisper(vocals)
             span.set_attribute("voxserve.audio.duration_seconds", audio_duration(audio, WHISPER_SAMPLE_RATE))
         job.emit(Progress(Phase.SEPARATING, 100.0, "vocals isolated"))
+        _phase_done("vocals separated", "separation", started, separate_model_id=model_id)
         self._check_stop(job)
         return audio
 
@@ -256,6 +266,7 @@ class Transcriber:
         self, job: Job, audio: np.ndarray, relay: Callable[[LoadProgress], None]
     ) -> list[tuple[float, float]]:
         job.emit(Progress(Phase.VAD, 0.0, f"finding speech with {self.vad_model_id}"))
+        started = time.monotonic()
         from inference_service.engines.vad import SileroVadEngine
 
         with (
@@ -266,6 +277,7 @@ class Transcriber:
             span.set_attribute("voxserve.vad.chunks", len(spans))
             span.set_attribute("voxserve.vad.speech_seconds", float(sum(end - start for start, end in spans)))
         job.emit(Progress(Phase.VAD, 100.0, f"{len(spans)} speech span(s)"))
+        _phase_done("speech found", "vad", started, speech_spans=len(spans))
         self._check_stop(job)
         return [(float(start), float(end)) for start, end in spans]
 
@@ -273,6 +285,12 @@ class Transcriber:
     def _check_stop(job: Job) -> None:
         if job.should_stop():
             raise Cancelled("job cancelled")
+
+
+def _phase_done(message: str, phase: str, started: float, **fields: object) -> None:
+    """One DEBUG record per phase of a job, with its duration; job_id and model_id come from
+    the job's log context (JobManager runs the job inside it)."""
+    logger.debug(message, extra={"phase": phase, "seconds": round(time.monotonic() - started, 3), **fields})
 
 
 def _segment_event(span: trace.Span, segment: Segment) -> None:

@@ -15,7 +15,7 @@ from model_service.catalog import Catalog, CatalogEntry
 from model_service.config import ModelStoreConfig
 from model_service.metrics import ModelStoreMetrics
 from model_service.servicer import ModelStoreServicer
-from model_service.store import LIVE_STORE_SETTINGS, ModelStore
+from model_service.store import RELOADABLE_STORE_SETTINGS, ModelStore
 from model_service.store.download.hub import HubClient
 from model_service.store.download.sources import default_sources
 from voxserve.modelstore.v1 import modelstore_pb2, modelstore_pb2_grpc
@@ -33,8 +33,8 @@ SERVICE_NAME = modelstore_pb2.DESCRIPTOR.services_by_name["ModelStore"].full_nam
 class ModelStoreApp:
     """A running model store: domain object, gRPC server and the shutdown flag.
 
-    Implements voxserve_common.service.LiveSettings: SIGHUP applies the settings in
-    ``live_settings``; the others are reported as needing a restart.
+    Implements voxserve_common.service.ReloadableSettings: SIGHUP applies the settings in
+    ``reloadable_settings``; the others are reported as needing a restart.
     """
 
     store: ModelStore
@@ -44,15 +44,15 @@ class ModelStoreApp:
 
     # Read afresh by every new stream, event or request, so changing them mid-run is safe
     # (max_concurrent_downloads, data_dir, endpoints, ports, ... are fixed at start-up).
-    live_settings: ClassVar[frozenset[str]] = LIVE_STORE_SETTINGS | {"heartbeat_seconds"}
+    reloadable_settings: ClassVar[frozenset[str]] = RELOADABLE_STORE_SETTINGS | {"heartbeat_seconds"}
 
     @property
     def port(self) -> int:
         return self.server.port
 
-    def apply_live_settings(self, new: ModelStoreConfig) -> None:
+    def apply_reloadable_settings(self, new: ModelStoreConfig) -> None:
         """SIGHUP: the new heartbeat for streams opened from now on, the rest in the store."""
-        self.store.apply_live_settings(new)
+        self.store.apply_reloadable_settings(new)
         self.servicer.heartbeat_seconds = new.heartbeat_seconds
 
     async def stop(self, grace: float | None = 1.0) -> None:

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 # Settings SIGHUP applies without a restart; a change to any other one is reported as
 # needing a restart.
-LIVE_SETTINGS = frozenset({"log_level", "log_levels"})
+RELOADABLE_SETTINGS = frozenset({"log_level", "log_levels"})
 
 
 # Once the server has stopped, closing the domain objects, asyncio.run's teardown (on
@@ -128,31 +128,31 @@ def setup_logging(service: str, config: ServiceSettings) -> None:
     )
 
 
-class LiveSettings(Protocol):
+class ReloadableSettings(Protocol):
     """An app that applies some of its own settings without a restart (SIGHUP)."""
 
-    live_settings: frozenset[str]
+    reloadable_settings: frozenset[str]
 
-    def apply_live_settings(self, new: Any) -> None: ...
+    def apply_reloadable_settings(self, new: Any) -> None: ...
 
 
 def apply_reload(
     server: RunningServer, current: ServiceSettings, load: Callable[[], ServiceSettings], app: object = None
 ) -> ServiceSettings:
-    """SIGHUP: re-read the settings; apply the log levels and the app's live settings, report
-    what needs a restart. Returns the settings now in force (the running ones, with the live
+    """SIGHUP: re-read the settings; apply the log levels and the app's reloadable settings, report
+    what needs a restart. Returns the settings now in force (the running ones, with the reloadable
     changes applied), which the next SIGHUP compares against."""
     try:
         new = load()
     except (SystemExit, Exception) as error:  # noqa: BLE001 - a bad file keeps the running settings
         logger.error("settings not reloaded; the running ones stay in force", extra={"error": str(error)})
         return current
-    app_live: frozenset[str] = getattr(app, "live_settings", frozenset())
+    app_reloadable: frozenset[str] = getattr(app, "reloadable_settings", frozenset())
     changed = sorted(f.name for f in dataclasses.fields(current) if getattr(current, f.name) != getattr(new, f.name))
-    applied = [name for name in changed if name in LIVE_SETTINGS or name in app_live]
-    if app_live and any(name in app_live for name in changed):
+    applied = [name for name in changed if name in RELOADABLE_SETTINGS or name in app_reloadable]
+    if app_reloadable and any(name in app_reloadable for name in changed):
         try:
-            cast(LiveSettings, app).apply_live_settings(new)
+            cast(ReloadableSettings, app).apply_reloadable_settings(new)
         except (VoxserveError, ValueError) as error:
             logger.error("settings not reloaded; the running ones stay in force", extra={"error": str(error)})
             return current
@@ -175,7 +175,7 @@ def run_service(
 ) -> NoReturn:
     """Configure logs and tracing, start the app, log the start-up record, serve until
     SIGTERM/SIGINT (SIGHUP re-reads the settings with ``reload``: log levels, and the
-    settings an app that implements ``LiveSettings`` names), then close the domain objects
+    settings an app that implements ``ReloadableSettings`` names), then close the domain objects
     and exit 0; a configuration error exits 2 and a start-up failure 1, with the reason on
     stderr."""
     setup_logging(service, config)

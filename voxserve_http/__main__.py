@@ -22,7 +22,7 @@ from voxserve_common.config import ConfigError
 from voxserve_common.log_levels import LogLevelControl
 from voxserve_common.logs import stop_logging
 from voxserve_common.metrics import ErrorCountingHandler, MetricsEndpoint, runtime_metrics, start_metrics_endpoint
-from voxserve_common.service import LIVE_SETTINGS, exit_without_finalizing, setup_logging
+from voxserve_common.service import RELOADABLE_SETTINGS, exit_without_finalizing, setup_logging
 from voxserve_common.tracing import setup_tracing, shutdown_tracing
 from voxserve_http.app import create_app
 from voxserve_http.config import GatewayConfig
@@ -237,8 +237,8 @@ class _Reloader:
         self.levels.apply({"root": new.log_level, **new.library_levels()})
         fields = dataclasses.fields(new)
         changed = sorted(f.name for f in fields if getattr(new, f.name) != getattr(self.current, f.name))
-        applied = [name for name in changed if name in LIVE_SETTINGS]
-        needs_restart = [name for name in changed if name not in LIVE_SETTINGS]
+        applied = [name for name in changed if name in RELOADABLE_SETTINGS]
+        needs_restart = [name for name in changed if name not in RELOADABLE_SETTINGS]
         logger.info("settings reloaded", extra={"changed": changed, "applied": applied, "needs_restart": needs_restart})
         if needs_restart:
             logger.warning("some changed settings take effect only after a restart", extra={"settings": needs_restart})

@@ -8,14 +8,12 @@ committed even when its start differs.
 
 from __future__ import annotations
 
-import itertools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from inference_service.engines.buffer_decoder import normalise, stutters
 from inference_service.engines.whisper import Word
 
-_PUNCTUATION = re.compile(r"[^\w']+")
 MAX_REPEAT_NGRAM = 5
 UNHEARD_WORD_SECONDS = 0.04  # an aligned word shorter than this at the end of the audio was not heard
 UNHEARD_END_SECONDS = 0.1
@@ -38,10 +36,6 @@ class Piece:
     @property
     def key(self) -> str:
         return normalise(self.text)
-
-
-def normalise(text: str) -> str:
-    return _PUNCTUATION.sub("", text.lower())
 
 
 def common_prefix(first: Sequence[Piece], second: Sequence[Piece]) -> int:
@@ -115,13 +109,6 @@ def drop_unheard_tail(pieces: Sequence[Piece], audio_end: float) -> list[Piece]:
             break
         count -= 1
     return list(pieces[:count])
-
-
-def stutters(keys: Sequence[str]) -> bool:
-    """A word or a pair of words said twice in a row (``keys`` normalised, none empty)."""
-    return any(a == b for a, b in itertools.pairwise(keys)) or any(
-        keys[i : i + 2] == keys[i + 2 : i + 4] for i in range(len(keys) - 3)
-    )
 
 
 def is_guess(pieces: Sequence[Piece]) -> bool:

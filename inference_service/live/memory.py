@@ -11,9 +11,9 @@ stream is abandoned, and a queued decode holds a copy of at most 30 s.
 from __future__ import annotations
 
 from inference_service.audio import WHISPER_SAMPLE_RATE
-from inference_service.live.decoder import MAX_SECONDS
+from inference_service.engines.buffer_decoder import MAX_SECONDS
+from inference_service.engines.speech_detector import VAD_SESSION_BYTES
 from inference_service.live.session import LiveSettings
-from inference_service.live.vad import VAD_SESSION_BYTES
 
 __all__ = ["VAD_SESSION_BYTES", "VAD_STATE_BYTES", "stream_bytes"]
 

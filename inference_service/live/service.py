@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +17,17 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from typing_extensions import TypeVar
 
+from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings, raw_model
+from inference_service.engines.speech_detector import SpeechDetector, VadSessions
 from inference_service.engines.whisper import TranscribeOptions, WhisperEngine
-from inference_service.jobs import Accepted, Completed
-from inference_service.live.decoder import BufferDecoder, DecodeSettings, raw_model
 from inference_service.live.memory import stream_bytes
 from inference_service.live.pcm import Encoding, PcmDecoder
 from inference_service.live.session import LiveResult, LiveSession, LiveSettings
 from inference_service.live.stream import LiveStream, StreamEvent
-from inference_service.live.vad import SpeechDetector, VadSessions
 from inference_service.live.worker import DecodeWorker
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import Lease, ModelCache
+from inference_service.payloads import Accepted, Completed
 from voxserve_common.errors import Cancelled, InvalidArgument, ResourceExhausted
 from voxserve_common.logs import log_context
 
@@ -136,7 +136,7 @@ class LiveService:
             report_words=request.options.word_timestamps,
         )
 
-    async def run(self, request: StreamRequest, audio: AsyncIterator[bytes]) -> AsyncIterator[StreamEvent]:
+    async def run(self, request: StreamRequest, audio: AsyncIterator[bytes]) -> AsyncGenerator[StreamEvent, None]:
         """Accepted, then the stream's events, then Completed once the client half-closed.
 
         Raises InvalidArgument (bad config or options, a bad message), ResourceExhausted
@@ -194,6 +194,7 @@ class LiveService:
             if stream is not None:
                 span.set_attribute("voxserve.audio.duration_seconds", stream.session.received)
                 span.set_attribute("voxserve.live.decodes", stream.stats.decodes)
+                _log_stats(stream, job_id, request.model_id)
             span.end()
             self._release(stream, leases)
             self._leave(key, outcome)
@@ -222,6 +223,16 @@ class LiveService:
                 options.temperature,
                 final_beam_size=final_beam,
             ),
+        )
+        logger.debug(
+            "live stream settings",
+            extra={
+                "endpoint_silence": settings.endpoint_silence,
+                "max_lag": settings.max_lag,
+                "interim_results": settings.interim_results,
+                "beam_size": beam,
+                "final_beam_size": final_beam,
+            },
         )
         detector = SpeechDetector(self.vad_sessions.session(vad_path))
         return LiveStream(LiveSession(settings), pcm, detector, decoder, self.worker, self.limits.abandon_lag, observer)
@@ -279,6 +290,24 @@ class LiveService:
             return
         for lease in leases:
             lease.release()
+
+
+def _log_stats(stream: LiveStream, job_id: str, model_id: str) -> None:
+    """The counts of a stream that ended, at DEBUG (its log context is closed by then)."""
+    stats = stream.stats
+    logger.debug(
+        "live stream stats",
+        extra={
+            "job_id": job_id,
+            "model_id": model_id,
+            "audio_seconds": round(stream.session.received, 3),
+            "decodes": stats.decodes,
+            "decode_seconds": round(stats.decode_seconds, 3),
+            "finals": stats.finals,
+            "drafts": stats.drafts,
+            "rewrites": stats.rewrites,
+        },
+    )
 
 
 class _Held(Protocol):

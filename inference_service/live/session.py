@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, FloatArray
+from inference_service.engines.buffer_decoder import Hypothesis
+from inference_service.engines.speech_detector import CHUNK_SECONDS, VadThresholds
 from inference_service.engines.whisper import Word
 from inference_service.live.agreement import (
     SENTENCE_END,
@@ -28,8 +30,6 @@ from inference_service.live.agreement import (
     last_boundary,
     text_of,
 )
-from inference_service.live.decoder import Hypothesis
-from inference_service.live.vad import CHUNK_SECONDS, VadThresholds
 
 # Text finalised earlier in the same utterance, given to Whisper as the previous text when
 # the buffer was cut inside an utterance. Not across endpoints: with the previous

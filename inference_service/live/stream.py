@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from inference_service.audio import FloatArray
-from inference_service.jobs import Accepted, Completed
-from inference_service.live.decoder import BufferDecoder, Hypothesis
+from inference_service.engines.buffer_decoder import BufferDecoder, Hypothesis
+from inference_service.engines.speech_detector import SpeechDetector
 from inference_service.live.pcm import PcmDecoder
 from inference_service.live.session import DecodeJob, LiveEvent, LiveResult, LiveSession, SpeechEvent
-from inference_service.live.vad import SpeechDetector
 from inference_service.live.worker import DRAFT, FINAL, DecodeWorker
+from inference_service.payloads import Accepted, Completed
 from voxserve_common.errors import ResourceExhausted
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class LiveStream:
         self._last_draft: dict[str, str] = {}
         self.in_flight: Future[Hypothesis] | None = None
         self._in_flight_job: DecodeJob | None = None
+        self._behind = False  # more than max_lag behind: decoding less often (logged when it changes)
 
     def event(self, payload: Payload) -> StreamEvent:
         self._sequence += 1
@@ -176,7 +177,17 @@ class LiveStream:
             self.stats.decode_seconds += hypothesis.compute_seconds
             events += self.session.apply(job, hypothesis)
             self.observer.decoded(hypothesis.compute_seconds, self.session.lag)
+            self._log_lag_change()
         return self._track(events)
+
+    def _log_lag_change(self) -> None:
+        """A DEBUG record when the stream falls more than max_lag behind (it decodes less often,
+        on larger chunks) and when it has caught up: at most one per crossing, never per decode."""
+        behind = self.session.lag > self.session.settings.max_lag
+        if behind != self._behind:
+            self._behind = behind
+            message = "live stream behind; decoding less often" if behind else "live stream caught up"
+            logger.debug(message, extra={"lag_seconds": round(self.session.lag, 3)})
 
     def _start_decode(self, loop: asyncio.AbstractEventLoop) -> bool:
         job = self.session.finish_job() if self._ended else self.session.next_job()
@@ -212,6 +223,8 @@ class LiveStream:
         """Measure results as they go out: latencies, drafts rewritten."""
         now = time.monotonic()
         for event in events:
+            if isinstance(event, SpeechEvent):  # the endpoint decisions: a few per utterance
+                logger.debug(event.kind.lower().replace("_", " "), extra={"stream_seconds": round(event.time, 3)})
             if not isinstance(event, LiveResult):
                 continue
             if self.stats.first_result_latency is None and self._speech_arrival is not None:
@@ -222,6 +235,15 @@ class LiveStream:
                 arrived = self.clock.arrival(event.end)
                 if arrived is not None:
                     self.observer.final_result(now - arrived)
+                logger.debug(
+                    "final result",
+                    extra={
+                        "result_id": event.result_id,
+                        "start": round(event.start, 3),
+                        "end": round(event.end, 3),
+                        "latency_seconds": None if arrived is None else round(now - arrived, 3),
+                    },
+                )
                 self._last_draft.pop(event.result_id, None)
             else:
                 self.stats.drafts += 1

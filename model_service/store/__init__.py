@@ -36,14 +36,14 @@ from model_service.store.reader import ModelReader
 from model_service.store.reconcile import Reconciler
 from model_service.store.registry import ModelRegistry, ModelView
 
-__all__ = ["LIVE_STORE_SETTINGS", "ModelStore"]
+__all__ = ["RELOADABLE_STORE_SETTINGS", "ModelStore"]
 
 logger = logging.getLogger(__name__)
 
-# Settings ModelStore.apply_live_settings changes in a running store: each is read when
+# Settings ModelStore.apply_reloadable_settings changes in a running store: each is read when
 # it is used (per event, request, retry or download), so a new value is simply in force
 # from the next use.
-LIVE_STORE_SETTINGS = frozenset(
+RELOADABLE_STORE_SETTINGS = frozenset(
     {
         "progress_events_per_second",
         "breaker_failures",
@@ -106,16 +106,16 @@ class ModelStore:
         self._scan_thread = threading.Thread(target=self._startup_scan, name="startup-scan", daemon=True)
         self._scan_thread.start()
 
-    def apply_live_settings(self, new: ModelStoreConfig) -> None:
-        """SIGHUP: put the LIVE_STORE_SETTINGS of ``new`` in force (the rest stays as it
+    def apply_reloadable_settings(self, new: ModelStoreConfig) -> None:
+        """SIGHUP: put the RELOADABLE_STORE_SETTINGS of ``new`` in force (the rest stays as it
         started). ValueError for a value that fails validation (nothing changes then)."""
         new.validate()
-        live = {name: getattr(new, name) for name in LIVE_STORE_SETTINGS}
-        config = dataclasses.replace(self.config, **live)
+        reloaded = {name: getattr(new, name) for name in RELOADABLE_STORE_SETTINGS}
+        config = dataclasses.replace(self.config, **reloaded)
         self.bus.progress_interval = 1.0 / config.progress_events_per_second
         self.downloads.apply_config(config)
         self.config = config
-        logger.info("live settings applied", extra={"settings": live})
+        logger.info("reloadable settings applied", extra={"settings": reloaded})
 
     def close(self) -> None:
         self.downloads.stop()

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 import pytest
 
-from inference_service.live import decoder as live_decoder
+from inference_service.engines import buffer_decoder as live_decoder
 from tests.inference.test_live_stream import MULTI, TRANSCRIPTS, config, final_text, in_use, pcm, results, stream
 from tests.support import InferenceHandle, wait_for, word_error_rate
 from voxctl.live import live_requests

@@ -16,7 +16,7 @@ import pytest
 from faster_whisper import WhisperModel
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, FloatArray, decode_audio
-from inference_service.live.decoder import BufferDecoder, DecodeSettings
+from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings
 from tests.support import DATA_DIR, TINY_EN_DIR
 
 THANK_YOU_START = 21.91  # "Thank you all, and see you next week." in speech_multi.wav; its first 0.55-0.65 s

@@ -14,10 +14,9 @@ import pytest
 from faster_whisper import WhisperModel
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, decode_audio
-from inference_service.live.agreement import normalise
-from inference_service.live.decoder import BufferDecoder, DecodeSettings, Hypothesis
+from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings, Hypothesis, normalise
+from inference_service.engines.speech_detector import CHUNK
 from inference_service.live.session import LiveResult, LiveSession, LiveSettings
-from inference_service.live.vad import CHUNK
 from tests.support import DATA_DIR, TINY_EN_DIR
 
 CUT = (11.5, 15.1)  # "Friday. Third, the design team." of speech_multi.wav

@@ -14,11 +14,11 @@ import pytest
 from inference_service.audio import decode_audio
 from inference_service.engines.device import DeviceChoice
 from inference_service.engines.loaders import make_loader
+from inference_service.engines.speech_detector import SpeechDetector, VadSessions
 from inference_service.engines.vad import find_onnx_model, packaged_silero_model_dir
 from inference_service.errors import CacheFull
 from inference_service.live.memory import VAD_SESSION_BYTES, VAD_STATE_BYTES, stream_bytes
 from inference_service.live.session import LiveSettings
-from inference_service.live.vad import SpeechDetector, VadSessions
 from inference_service.memory import MemoryProbe
 from inference_service.model_cache import CacheConfig, ModelCache, ModelSpec, ProgressCallback
 from tests.support import DATA_DIR, TINY_EN_DIR, InferenceHandle, wait_for

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from inference_service.engines.buffer_decoder import DecodedSegment, Hypothesis
+from inference_service.engines.speech_detector import CHUNK
 from inference_service.engines.whisper import Word
-from inference_service.live.decoder import DecodedSegment, Hypothesis
 from inference_service.live.session import DecodeJob, LiveResult, LiveSession, LiveSettings, SpeechEvent
-from inference_service.live.vad import CHUNK
 
 STEP = CHUNK / 16000  # seconds per VAD probability
 

@@ -100,7 +100,7 @@ def test_sigterm_stops_the_inference_service_gracefully(start_store, tmp_path) -
 
 def test_sighup_applies_the_cache_limits_from_the_file_and_reports_the_rest(start_store, tmp_path) -> None:
     """A real process: the YAML file changes, SIGHUP, GetCacheStats shows the new limits (an
-    idle model left to meet them); a changed setting that is not live is logged as needing a restart."""
+    idle model left to meet them); a changed setting that is not reloadable is logged as needing a restart."""
     store = start_store(import_embedded=True)
     config = tmp_path / "inference.yaml"
     config.write_text(yaml.safe_dump({"max_models": 3, "memory_budget": "2GiB", "max_running_jobs": 1}))

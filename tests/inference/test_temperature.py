@@ -86,7 +86,7 @@ def test_transcribe_with_a_temperature_outside_0_to_1_is_invalid_argument(
 
 
 def test_the_live_decoder_samples_at_a_set_temperature_and_still_transcribes(whisper: WhisperEngine) -> None:
-    from inference_service.live.decoder import BufferDecoder, DecodeSettings
+    from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings
 
     audio = decode_audio((DATA_DIR / SHORT).read_bytes())
     for temperature in (None, 0.0, 0.2):

@@ -1,4 +1,4 @@
-"""SIGHUP on a real store process: the live settings (heartbeat, progress rate, breakers,
+"""SIGHUP on a real store process: the reloadable settings (heartbeat, progress rate, breakers,
 retries, hub timeout, disk reserve) change without a restart; the others are reported as
 needing one."""
 
@@ -121,7 +121,7 @@ def test_sighup_applies_heartbeat_and_progress_rate_and_reports_the_rest(
     assert again["applied"] == [] and again["needs_restart"] == ["max_concurrent_downloads"]
 
 
-def test_sighup_with_an_invalid_live_value_keeps_the_running_settings(
+def test_sighup_with_an_invalid_reloadable_value_keeps_the_running_settings(
     tmp_path: Path, hub: HubServer, store_processes: list[StoreProcess]
 ) -> None:
     config = tmp_path / "store.yaml"

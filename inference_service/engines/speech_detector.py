@@ -1,8 +1,8 @@
-"""Streaming Silero VAD: one ONNX session shared by every live stream, recurrent state per stream.
+"""Streaming Silero VAD: one ONNX session shared by every caller, recurrent state per stream.
 
 The cached ``SileroVadEngine`` serialises its calls because its wrapper keeps the model's
-recurrent state inside; a live stream needs that state across calls, for as long as the
-stream lasts, next to other streams. The ONNX graph takes the state as an input and
+recurrent state inside; a live stream (or a file's search for its first utterance) needs
+that state across calls, for as long as the stream lasts, next to other streams. The ONNX graph takes the state as an input and
 returns the next one, so one session (thread-safe in ONNX Runtime) serves all streams and
 each ``SpeechDetector`` holds its own 2x1x128 state and 64-sample context.
 """

@@ -1,4 +1,4 @@
-"""One decode of a short live buffer with faster-whisper's CTranslate2 model, encoder cut to the audio.
+"""One decode of a short buffer (live audio, a file's first utterance) with CTranslate2, encoder cut to it.
 
 faster-whisper's ``transcribe()`` pads every window to 30 s before the encoder; on this
 machine (2 cores, tiny.en int8) that encoder pass alone takes 0.24-0.32 s whatever the
@@ -14,10 +14,12 @@ speech_multi.wav cut at every second from 2 to 25 s: the same transcript as the 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ctranslate2
@@ -28,7 +30,6 @@ from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, FloatArray
 from inference_service.engines.whisper import WhisperEngine, Word
-from inference_service.live.agreement import normalise, stutters
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ COMPRESSION_LIMIT = 2.4  # faster-whisper's compression_ratio_threshold: above i
 LOGPROB_LIMIT = -1.0  # faster-whisper's log_prob_threshold
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"  # faster-whisper's defaults
 _WORD = re.compile(r"[\w']+")
+_PUNCTUATION = re.compile(r"[^\w']+")
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 
 
@@ -86,7 +88,7 @@ def raw_model(engine: WhisperEngine) -> WhisperModel:
 
 
 class BufferDecoder:
-    """Decodes live buffers of one stream (the tokenizer is fixed once the language is known)."""
+    """Decodes the buffers of one stream (the tokenizer is fixed once the language is known)."""
 
     def __init__(self, model: WhisperModel, settings: DecodeSettings) -> None:
         self.model = model
@@ -259,6 +261,18 @@ def _without_loops(segments: list[DecodedSegment]) -> list[DecodedSegment]:
         seen.append(key)
         kept.append(segment)
     return kept
+
+
+def normalise(text: str) -> str:
+    """A word as the loop and agreement checks compare it: lower case, no punctuation."""
+    return _PUNCTUATION.sub("", text.lower())
+
+
+def stutters(keys: Sequence[str]) -> bool:
+    """A word or a pair of words said twice in a row (``keys`` normalised, none empty)."""
+    return any(a == b for a, b in itertools.pairwise(keys)) or any(
+        keys[i : i + 2] == keys[i + 2 : i + 4] for i in range(len(keys) - 3)
+    )
 
 
 def _stutters(segments: list[DecodedSegment]) -> bool:

@@ -2,7 +2,7 @@
 
 The plain path sends its first segment once the first 30 s window is decoded: 1.7-2.0 s
 for 67 s of speech with tiny.en on 2 cores. The first utterance (speech up to its first
-pause of 0.3 s, within the first 15 s) decoded with the live decoder (encoder cut to its
+pause of 0.3 s, within the first 15 s) decoded with the buffer decoder (encoder cut to its
 length) comes out in a fraction of that; the plain path then starts where it ended.
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, FloatArray
+from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings, raw_model
+from inference_service.engines.speech_detector import CHUNK_SECONDS, SpeechDetector, VadThresholds
 from inference_service.engines.whisper import Segment, TranscribeOptions
-from inference_service.live.decoder import BufferDecoder, DecodeSettings, raw_model
-from inference_service.live.vad import CHUNK_SECONDS, SpeechDetector, VadThresholds
 
 SEARCH_SECONDS = 15.0  # look for the first pause within this much audio
 PAUSE_SECONDS = 0.3
