@@ -296,6 +296,17 @@ def test_latency_items_go_first_and_a_file_job_gets_one_window_per_batch(
     assert all(np.array_equal(results[name], expected) for name in ("busy-1", "busy-2", "other"))
 
 
+def test_a_zero_window_never_waits_for_jobs_that_have_nothing_queued(model: WhisperModel, recorder: Recorder) -> None:
+    scheduler = DecodeScheduler("tiny.en", model, BatchSettings(batch_size=8, batch_window_ms=0), recorder)
+    idle = scheduler.open_job("idle", Lane.FILE)  # with a window, the scheduler would wait for it
+    job = scheduler.open_job("job", Lane.FILE)
+    results = run_jobs({"job": encode_through(job, window_features(model, 1.0))})
+    idle.close()
+    scheduler.close()
+    assert isinstance(results["job"], np.ndarray)
+    assert [r.jobs for r in recorder.reports] == [("job",)]
+
+
 def test_a_batch_never_exceeds_batch_size(model: WhisperModel, recorder: Recorder) -> None:
     scheduler = DecodeScheduler("tiny.en", model, BatchSettings(batch_size=2, batch_window_ms=LONG_WINDOW_MS), recorder)
     jobs = [scheduler.open_job(f"job-{i}", Lane.LATENCY) for i in range(3)]
