@@ -1,0 +1,439 @@
+"""One decode scheduler per loaded Whisper model: the encoder and decoder calls of many jobs run in
+shared CTranslate2 batches, and each job gets the result it would get alone.
+
+A job keeps faster-whisper's own sequential logic (prompts from the previous text, temperature
+fallback, timestamps, word alignment): it drives a shallow copy of the ``WhisperModel`` whose
+``.model`` (the ``ctranslate2.models.Whisper``) is a ``ScheduledWhisper``. Its ``encode`` and
+``generate`` become work items on the model's one scheduler thread and block until their batch
+ran; ``align`` and ``detect_language`` go to the model directly. A window whose decode fails
+faster-whisper's thresholds comes back as a new item at the next temperature while the rest of
+its batch has its results already.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from faster_whisper import WhisperModel
+
+from inference_service.engines.batch_ops import (
+    SOT_TOKEN,
+    EncodeCall,
+    GenerateCall,
+    Op,
+    batchable,
+    encode_key,
+    generate_key,
+    host_features,
+    run_encode,
+    run_generate,
+)
+from voxserve_common.config import check_settings
+from voxserve_common.errors import Cancelled, FailedPrecondition
+
+logger = logging.getLogger(__name__)
+
+
+class Lane(enum.IntEnum):
+    """Who goes first: latency-bound decodes (live buffers, a file's first utterance) before file windows."""
+
+    LATENCY = 0
+    FILE = 1
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """``batch_size`` items at most per CTranslate2 call; when fewer are ready, wait up to
+    ``batch_window_ms`` after the oldest one arrived for more (0 = never wait).
+
+    Raises:
+        ConfigError: batch_size below 1, or batch_window_ms negative or not a finite number;
+            the message names the field.
+    """
+
+    batch_size: int
+    batch_window_ms: float
+
+    def __post_init__(self) -> None:
+        window = self.batch_window_ms
+        check_settings(
+            self,
+            [
+                (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1"),
+                (
+                    isinstance(window, (int, float)) and math.isfinite(window) and window >= 0,
+                    "batch_window_ms",
+                    "must be a number >= 0 (0 = never wait for more work)",
+                ),
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """One CTranslate2 call, for metrics and a span (``links``: the served jobs' span contexts)."""
+
+    model_id: str
+    op: str
+    lanes: tuple[Lane, ...]
+    jobs: tuple[str, ...]  # the job key of each item, in batch order
+    waited_seconds: tuple[float, ...]  # from submission to the start of this call, per item
+    started_ns: int  # time.time_ns() when the call started, and when it ended
+    ended_ns: int
+    links: tuple[object, ...] = ()
+    error: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.jobs)
+
+    @property
+    def seconds(self) -> float:
+        return (self.ended_ns - self.started_ns) / 1e9
+
+
+class BatchObserver(Protocol):
+    """Where metrics and spans come from; called on the scheduler thread, so it must be quick."""
+
+    def batch_done(self, report: BatchReport) -> None: ...
+
+    def waiting_changed(self, model_id: str, waiting: int) -> None: ...
+
+
+class NullObserver:
+    def batch_done(self, report: BatchReport) -> None:
+        pass
+
+    def waiting_changed(self, model_id: str, waiting: int) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Item:
+    op: Op
+    key: Hashable
+    job: BatchedJob
+    call: EncodeCall | GenerateCall
+    submitted: float = field(default_factory=time.monotonic)
+    future: Future[Any] = field(default_factory=Future)
+
+
+class BatchedJob:
+    """One job's handle on a scheduler. ``model`` is a faster-whisper model to drive as usual
+    (``transcribe``, or the live decoder's own calls); its encoder and decoder calls go through
+    the scheduler in this job's lane. Close it when the job ends (a context manager)."""
+
+    def __init__(self, scheduler: DecodeScheduler, key: str, lane: Lane, link: object | None) -> None:
+        self.scheduler = scheduler
+        self.key = key
+        self.lane = lane
+        self.link = link
+        self.cancelled = False
+        self.closed = False
+        self.model: WhisperModel = copy.copy(scheduler.whisper_model)
+        self.model.model = ScheduledWhisper(scheduler.whisper_model.model, self)
+
+    def cancel(self) -> None:
+        """This job's waiting items fail with Cancelled at once, and so do its later calls."""
+        self.scheduler.cancel_jobs([self])
+
+    def close(self) -> None:
+        self.scheduler.close_job(self)
+
+    def __enter__(self) -> BatchedJob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ScheduledWhisper:
+    """Stands in for a ``ctranslate2.models.Whisper`` inside one job's ``WhisperModel`` copy.
+
+    Calls of one window (``encode`` of ``(1, n_mels, frames)``, ``generate`` with one prompt) go
+    through the scheduler; calls that are batches already, asynchronous ones and everything else
+    (``align``, ``detect_language``, ``is_multilingual``, ``device``...) go to the model as they are.
+    """
+
+    def __init__(self, model: Any, job: BatchedJob) -> None:
+        self._model = model
+        self._job = job
+
+    def encode(self, features: Any, to_cpu: bool = False) -> Any:
+        array = host_features(features)
+        if array.shape[0] != 1:
+            return self._model.encode(features, to_cpu=to_cpu)
+        return self._job.scheduler.submit(self._job, Op.ENCODE, EncodeCall(array, to_cpu))
+
+    def generate(self, features: Any, prompts: Sequence[Sequence[Any]], **options: Any) -> list[Any]:
+        if options.get("asynchronous") or len(prompts) != 1 or features.shape[0] != 1:
+            return list(self._model.generate(features, prompts, **options))
+        call = GenerateCall(features, list(prompts[0]), options)
+        return [self._job.scheduler.submit(self._job, Op.GENERATE, call)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class DecodeScheduler:
+    """Runs the encoder/decoder calls of every job of one Whisper model in batches, on one thread.
+
+    A batch is the oldest latency item's group if any latency item waits, else the oldest file
+    item's; a group is the items with equal keys (``batch_ops``: op, input shape, prompt layout,
+    decoding options). Latency items fill the batch first, then file items in arrival order, at
+    most one per file job, up to ``batch_size``. With fewer ready, the scheduler waits up to
+    ``batch_window_ms`` after the oldest one arrived, unless every open job has an item waiting
+    already (no one else could add to it).
+    """
+
+    def __init__(
+        self,
+        model_id: str,
+        whisper_model: WhisperModel,
+        settings: BatchSettings,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.whisper_model = whisper_model
+        self.settings = settings
+        self.observer: BatchObserver = observer or NullObserver()
+        self._sot_id = int(whisper_model.hf_tokenizer.token_to_id(SOT_TOKEN))
+        self._batchable = batchable(whisper_model.model)
+        if not self._batchable:
+            logger.warning("model outputs cannot be stacked (bfloat16): every call runs alone")
+        self._alone = itertools.count()
+        self._cond = threading.Condition()
+        self._waiting: list[_Item] = []
+        self._jobs: set[BatchedJob] = set()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"decode-scheduler-{model_id}", daemon=True)
+        self._thread.start()
+
+    def open_job(self, key: str, lane: Lane, link: object | None = None) -> BatchedJob:
+        """A handle for one job (``key``: its job id, which ``cancel`` names; ``link``: its span
+        context, handed to the observer with every batch that served it).
+
+        Raises:
+            FailedPrecondition: the scheduler was closed (its model evicted or unloaded).
+        """
+        with self._cond:
+            self._check_open()
+            job = BatchedJob(self, key, lane, link)
+            self._jobs.add(job)
+        return job
+
+    def close_job(self, job: BatchedJob) -> None:
+        with self._cond:
+            job.closed = True
+            self._jobs.discard(job)
+            self._cond.notify()  # one job fewer to wait for
+
+    def cancel(self, key: str) -> int:
+        """Cancel every open job with this key: its waiting items leave the queue at once and fail
+        with Cancelled (a batch already running still finishes). Returns how many items left."""
+        with self._cond:
+            jobs = [job for job in self._jobs if job.key == key]
+        return self.cancel_jobs(jobs)
+
+    def cancel_jobs(self, jobs: Sequence[BatchedJob]) -> int:
+        with self._cond:
+            for job in jobs:
+                job.cancelled = True
+            removed = [item for item in self._waiting if item.job.cancelled]
+            self._waiting = [item for item in self._waiting if not item.job.cancelled]
+            waiting = len(self._waiting)
+            self._cond.notify()
+        for item in removed:
+            item.future.set_exception(Cancelled(f"job {item.job.key} was cancelled"))
+        if removed:
+            self._waiting_changed(waiting)
+        return len(removed)
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def close(self) -> None:
+        """Stop the thread after the batch that runs now; waiting items fail with FailedPrecondition."""
+        with self._cond:
+            self._closed = True
+            removed, self._waiting = self._waiting, []
+            self._cond.notify_all()
+        for item in removed:
+            item.future.set_exception(self._closed_error())
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def submit(self, job: BatchedJob, op: Op, call: EncodeCall | GenerateCall) -> Any:
+        """Queue one call for ``job`` and wait for its result.
+
+        Raises:
+            Cancelled: the job was cancelled before or while the call waited or ran.
+            FailedPrecondition: the job or the scheduler was closed.
+            Exception: what CTranslate2 raised for this call (run alone after a failed batch).
+        """
+        item = _Item(op, self._key(op, call), job, call)
+        with self._cond:
+            self._check_open()
+            if job.cancelled:
+                raise Cancelled(f"job {job.key} was cancelled")
+            if job.closed:
+                raise FailedPrecondition(f"job {job.key} is closed; open another one")
+            self._waiting.append(item)
+            waiting = len(self._waiting)
+            self._cond.notify()
+        self._waiting_changed(waiting)
+        result = item.future.result()
+        if job.cancelled:
+            raise Cancelled(f"job {job.key} was cancelled")
+        return result
+
+    def _key(self, op: Op, call: EncodeCall | GenerateCall) -> Hashable:
+        key: Hashable | None = None
+        if self._batchable:
+            key = encode_key(call) if isinstance(call, EncodeCall) else generate_key(call, self._sot_id)
+        return key if key is not None else (op, "alone", next(self._alone))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
+
+    def _closed_error(self) -> FailedPrecondition:
+        return FailedPrecondition(f"whisper model {self.model_id!r} was closed; load it again")
+
+    # ----------------------------------------------------------------------- the thread
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._run(batch)
+            except Exception as exc:  # never leave a job waiting on a future nobody sets
+                logger.exception("decode batch failed unexpectedly", extra={"model_id": self.model_id})
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+
+    def _next_batch(self) -> list[_Item] | None:
+        """The next batch to run, taken off the queue; None once the scheduler is closed."""
+        with self._cond:
+            batch = self._ready_batch()
+            while batch is None and not self._closed:
+                self._cond.wait(self._wait_seconds())
+                batch = self._ready_batch()
+            if batch is None:
+                return None
+            taken = set(map(id, batch))
+            self._waiting = [item for item in self._waiting if id(item) not in taken]
+            waiting = len(self._waiting)
+        self._waiting_changed(waiting)
+        return batch
+
+    def _ready_batch(self) -> list[_Item] | None:
+        """The head's group if it should run now (full, waited long enough, or no one else could add to it)."""
+        head = self._head()
+        if head is None or self._closed:
+            return None
+        batch = self._gather(head)
+        if len(batch) >= self.settings.batch_size or self._everyone_waits():
+            return batch
+        return batch if self._window_left(head) <= 0 else None
+
+    def _wait_seconds(self) -> float | None:
+        head = self._head()
+        return None if head is None else max(0.0, self._window_left(head))
+
+    def _head(self) -> _Item | None:
+        for item in self._waiting:
+            if item.job.lane is Lane.LATENCY:
+                return item
+        return self._waiting[0] if self._waiting else None
+
+    def _gather(self, head: _Item) -> list[_Item]:
+        """The head's group: latency items first, then at most one item per file job, in arrival order."""
+        batch = [head]
+        file_jobs = {head.job} if head.job.lane is Lane.FILE else set()
+        for lane in (Lane.LATENCY, Lane.FILE):
+            for item in self._waiting:
+                if len(batch) >= self.settings.batch_size:
+                    return batch
+                if item is head or item.key != head.key or item.job.lane is not lane:
+                    continue
+                if lane is Lane.FILE:
+                    if item.job in file_jobs:
+                        continue
+                    file_jobs.add(item.job)
+                batch.append(item)
+        return batch
+
+    def _everyone_waits(self) -> bool:
+        busy = {item.job for item in self._waiting}
+        return all(job in busy for job in self._jobs if not job.cancelled)
+
+    def _window_left(self, head: _Item) -> float:
+        return head.submitted + self.settings.batch_window_ms / 1000 - time.monotonic()
+
+    def _run(self, batch: list[_Item]) -> None:
+        """One CTranslate2 call for the batch; when it fails, each item runs alone, so one bad
+        item fails only its own job."""
+        started, clock = time.time_ns(), time.monotonic()
+        waited = tuple(clock - item.submitted for item in batch)
+        error: BaseException | None = None
+        try:
+            results = self._execute(batch)
+        except Exception as exc:  # noqa: BLE001 - handed to the job that asked
+            if len(batch) > 1:
+                logger.warning("decode batch of %d failed (%s); running its items alone", len(batch), exc)
+                for item in batch:
+                    self._run([item])
+                return
+            error, results = exc, []
+        ended = time.time_ns()
+        if error is not None:
+            batch[0].future.set_exception(error)
+        for item, result in zip(batch, results, strict=False):
+            item.future.set_result(result)
+        self._report(batch, waited, started, ended, error)
+
+    def _execute(self, batch: list[_Item]) -> list[Any]:
+        model = self.whisper_model.model
+        if batch[0].op is Op.ENCODE:
+            return run_encode(model, [item.call for item in batch if isinstance(item.call, EncodeCall)])
+        return run_generate(model, [item.call for item in batch if isinstance(item.call, GenerateCall)])
+
+    def _report(
+        self, batch: list[_Item], waited: tuple[float, ...], started: int, ended: int, error: BaseException | None
+    ) -> None:
+        jobs = {id(item.job): item.job for item in batch}.values()
+        links = tuple(job.link for job in jobs if job.link is not None)
+        report = BatchReport(
+            model_id=self.model_id,
+            op=batch[0].op.value,
+            lanes=tuple(item.job.lane for item in batch),
+            jobs=tuple(item.job.key for item in batch),
+            waited_seconds=waited,
+            started_ns=started,
+            ended_ns=ended,
+            links=links,
+            error=None if error is None else f"{type(error).__name__}: {error}",
+        )
+        try:
+            self.observer.batch_done(report)
+        except Exception:
+            logger.exception("batch observer failed", extra={"model_id": self.model_id})
+
+    def _waiting_changed(self, waiting: int) -> None:
+        try:
+            self.observer.waiting_changed(self.model_id, waiting)
+        except Exception:
+            logger.exception("batch observer failed", extra={"model_id": self.model_id})

@@ -1,0 +1,371 @@
+"""The decode scheduler on real tiny.en: jobs served together get what they get alone, fallback,
+cancel, lane order, settings. Batches are made deterministic with a long window and a job that
+holds the scheduler until the test closes it, never with sleeps."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ctranslate2
+import numpy as np
+import pytest
+from faster_whisper import WhisperModel
+
+from inference_service.audio import decode_audio
+from inference_service.engines.batch_ops import GenerateCall, generate_key, split_batch, stack_batch
+from inference_service.engines.batching import BatchedJob, BatchReport, BatchSettings, DecodeScheduler, Lane
+from inference_service.live.decoder import BufferDecoder, DecodeSettings
+from tests.support import DATA_DIR, TINY_EN_DIR, wait_for
+from voxserve_common.config import ConfigError
+from voxserve_common.errors import Cancelled, FailedPrecondition
+
+LONG_WINDOW_MS = 600_000.0  # the scheduler waits for every open job; the tests release it
+TIME_NOISE = 0.02  # one timestamp token; CTranslate2 on the CPU is bit-exact across batch sizes here
+
+
+class Recorder:
+    """The observer: every batch report and waiting count, in order."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reports: list[BatchReport] = []
+        self.waiting: list[int] = []
+
+    def batch_done(self, report: BatchReport) -> None:
+        with self.lock:
+            self.reports.append(report)
+
+    def waiting_changed(self, model_id: str, waiting: int) -> None:
+        with self.lock:
+            self.waiting.append(waiting)
+
+    def batches(self, op: str) -> list[BatchReport]:
+        with self.lock:
+            return [r for r in self.reports if r.op == op]
+
+
+@dataclass(frozen=True)
+class Job:
+    audio: np.ndarray
+    options: dict[str, Any]
+
+
+def audio(name: str) -> np.ndarray:
+    return decode_audio((DATA_DIR / name).read_bytes())
+
+
+MULTI, SHORT = audio("speech_multi.wav"), audio("speech_short.wav")
+JOBS = {
+    "two-windows": Job(np.concatenate([MULTI, MULTI]), {"beam_size": 5}),
+    "greedy": Job(MULTI, {"beam_size": 1}),
+    "words": Job(SHORT, {"beam_size": 5, "word_timestamps": True}),
+    "short-then-long": Job(np.concatenate([SHORT, MULTI]), {"beam_size": 5}),
+}
+
+
+def transcript(model: WhisperModel, job: Job) -> list[dict[str, Any]]:
+    segments, _ = model.transcribe(job.audio, **job.options)
+    return [
+        {
+            "start": s.start,
+            "end": s.end,
+            "text": s.text,
+            "temperature": s.temperature,
+            "words": [(w.start, w.end, w.word) for w in s.words or ()],
+        }
+        for s in segments
+    ]
+
+
+@pytest.fixture(scope="module")
+def model() -> WhisperModel:
+    return WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8", cpu_threads=2)
+
+
+@pytest.fixture(scope="module")
+def alone(model: WhisperModel) -> dict[str, list[dict[str, Any]]]:
+    return {name: transcript(model, job) for name, job in JOBS.items()}
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def scheduler(model: WhisperModel, recorder: Recorder) -> Iterator[DecodeScheduler]:
+    scheduler = DecodeScheduler("tiny.en", model, BatchSettings(batch_size=8, batch_window_ms=LONG_WINDOW_MS), recorder)
+    yield scheduler
+    scheduler.close()
+
+
+def run_jobs(jobs: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Run each callable in its own thread; each name's result or the exception it raised."""
+    results: dict[str, Any] = {}
+
+    def run(name: str, work: Callable[[], Any]) -> None:
+        try:
+            results[name] = work()
+        except Exception as exc:  # noqa: BLE001 - the test asserts on it
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not any(thread.is_alive() for thread in threads)
+    return results
+
+
+def transcribe_through(job: BatchedJob, spec: Job) -> Callable[[], list[dict[str, Any]]]:
+    def work() -> list[dict[str, Any]]:
+        with job:
+            return transcript(job.model, spec)
+
+    return work
+
+
+def assert_same(got: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    assert [s["text"] for s in got] == [s["text"] for s in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert a["start"] == pytest.approx(b["start"], abs=TIME_NOISE)
+        assert a["end"] == pytest.approx(b["end"], abs=TIME_NOISE)
+        assert [w[2] for w in a["words"]] == [w[2] for w in b["words"]]
+        assert np.allclose([w[:2] for w in a["words"]], [w[:2] for w in b["words"]], atol=TIME_NOISE)
+
+
+# --------------------------------------------------------------------------- results as if alone
+
+
+def test_concurrent_jobs_get_their_transcripts_alone_in_shared_batches(
+    scheduler: DecodeScheduler, recorder: Recorder, alone: dict[str, list[dict[str, Any]]]
+) -> None:
+    handles = {name: scheduler.open_job(name, Lane.FILE, link=f"span-{name}") for name in JOBS}
+    results = run_jobs({name: transcribe_through(handles[name], JOBS[name]) for name in JOBS})
+    for name in JOBS:
+        assert_same(results[name], alone[name])
+    first_encode = recorder.batches("encode")[0]
+    assert sorted(first_encode.jobs) == sorted(JOBS)  # every job's first window in one encoder call
+    assert set(first_encode.links) == {f"span-{name}" for name in JOBS}
+    assert first_encode.lanes == (Lane.FILE,) * 4 and len(first_encode.waited_seconds) == 4
+    # First windows (no previous text) with beam 5 share one decoder call; greedy is another group.
+    first_generates = recorder.batches("generate")[:2]
+    assert sorted(len(r.jobs) for r in first_generates) == [1, 3]
+    assert max(r.size for r in recorder.reports) > 1
+    assert all(r.error is None for r in recorder.reports)
+    assert recorder.waiting[-1] == 0 and scheduler.waiting == 0
+
+
+def test_a_window_that_fails_the_thresholds_is_retried_hotter_without_holding_up_others(
+    scheduler: DecodeScheduler, recorder: Recorder, alone: dict[str, list[dict[str, Any]]]
+) -> None:
+    # log_prob_threshold 0 fails every decode of speech: all six temperatures, one call each.
+    strict = Job(SHORT, {"beam_size": 5, "log_prob_threshold": 0.0})
+    handles = {
+        "strict": scheduler.open_job("strict", Lane.FILE),
+        "normal": scheduler.open_job("normal", Lane.FILE),
+    }
+    results = run_jobs(
+        {
+            "strict": transcribe_through(handles["strict"], strict),
+            "normal": transcribe_through(handles["normal"], JOBS["two-windows"]),
+        }
+    )
+    assert_same(results["normal"], alone["two-windows"])
+    assert results["strict"] and all(s["temperature"] == 1.0 for s in results["strict"])
+    generates = recorder.batches("generate")
+    assert generates[0].size == 2  # both first windows at temperature 0: the strict one failed in it
+    strict_calls = [i for i, r in enumerate(generates) if "strict" in r.jobs]
+    normal_calls = [i for i, r in enumerate(generates) if "normal" in r.jobs]
+    assert len(strict_calls) >= 6
+    assert len(normal_calls) >= 2
+    # The normal job's later windows were decoded while the strict one still retried its first.
+    assert normal_calls[1] < strict_calls[-1]
+    assert all(r.size == 1 for r in generates[1:] if "strict" in r.jobs)  # retries sample: a group of their own
+
+
+def test_live_buffer_decode_through_the_latency_lane_matches_the_direct_decode(
+    scheduler: DecodeScheduler, model: WhisperModel
+) -> None:
+    settings = DecodeSettings(language="en", task="transcribe", beam_size=1, word_timestamps=True, hotwords=None)
+    direct = BufferDecoder(model, settings).decode(SHORT, "")
+    with scheduler.open_job("live", Lane.LATENCY) as job:
+        through = BufferDecoder(job.model, settings).decode(SHORT, "")
+    assert through.segments == direct.segments
+    assert through.avg_logprob == pytest.approx(direct.avg_logprob)
+
+
+# --------------------------------------------------------------------------- queue behaviour
+
+
+def window_features(model: WhisperModel, seconds: float) -> Any:
+    features = model.feature_extractor(MULTI[: int(seconds * 16000)], padding=0)[:, : int(seconds * 100)]
+    return ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None]))
+
+
+def encode_through(job: BatchedJob, features: Any, close: bool = True) -> Callable[[], Any]:
+    def work() -> Any:
+        try:
+            return np.asarray(job.model.model.encode(features, to_cpu=False))
+        finally:
+            if close:
+                job.close()
+
+    return work
+
+
+def start(work: Callable[[], Any], results: dict[str, Any], name: str) -> threading.Thread:
+    thread = threading.Thread(target=lambda: results.update({name: run_jobs({name: work})[name]}))
+    thread.start()
+    return thread
+
+
+def test_cancel_removes_waiting_items_at_once_and_the_others_go_on(
+    scheduler: DecodeScheduler, model: WhisperModel, recorder: Recorder
+) -> None:
+    holder = scheduler.open_job("holder", Lane.FILE)  # open, never submits: the scheduler waits
+    doomed, kept = scheduler.open_job("doomed", Lane.FILE), scheduler.open_job("kept", Lane.FILE)
+    features = window_features(model, 5.0)
+    results: dict[str, Any] = {}
+    threads = [start(encode_through(doomed, features), results, "doomed")]
+    wait_for(lambda: scheduler.waiting == 1, message="doomed's item waiting")
+    threads.append(start(encode_through(kept, features), results, "kept"))
+    wait_for(lambda: scheduler.waiting == 2, message="both items waiting")
+
+    assert scheduler.cancel("doomed") == 1
+    threads[0].join(timeout=30)
+    assert isinstance(results["doomed"], Cancelled)
+    assert scheduler.waiting == 1 and "kept" not in results  # left without any batch running
+    with pytest.raises(Cancelled):
+        doomed.model.model.encode(features)  # a cancelled job's later calls fail at once too
+
+    holder.close()
+    threads[1].join(timeout=120)
+    expected = np.asarray(model.model.encode(features, to_cpu=False))
+    assert np.array_equal(results["kept"], expected)
+    assert [r.jobs for r in recorder.reports] == [("kept",)]
+
+
+def test_close_fails_waiting_items_and_refuses_new_jobs(model: WhisperModel) -> None:
+    scheduler = DecodeScheduler("tiny.en", model, BatchSettings(batch_size=4, batch_window_ms=LONG_WINDOW_MS))
+    scheduler.open_job("holder", Lane.FILE)
+    waiting = scheduler.open_job("waiting", Lane.FILE)
+    results: dict[str, Any] = {}
+    thread = start(encode_through(waiting, window_features(model, 2.0)), results, "waiting")
+    wait_for(lambda: scheduler.waiting == 1, message="an item waiting")
+    scheduler.close()
+    thread.join(timeout=30)
+    assert isinstance(results["waiting"], FailedPrecondition)
+    with pytest.raises(FailedPrecondition, match="closed"):
+        scheduler.open_job("late", Lane.FILE)
+
+
+def test_latency_items_go_first_and_a_file_job_gets_one_window_per_batch(
+    scheduler: DecodeScheduler, model: WhisperModel, recorder: Recorder
+) -> None:
+    holder = scheduler.open_job("holder", Lane.FILE)
+    busy, other = scheduler.open_job("busy", Lane.FILE), scheduler.open_job("other", Lane.FILE)
+    live = scheduler.open_job("live", Lane.LATENCY)
+    window, live_window = window_features(model, 20.0), window_features(model, 4.0)
+    results: dict[str, Any] = {}
+    threads = []
+    # Two windows of one file job (two callers), then another job's, then a live buffer last.
+    for name, work in [
+        ("busy-1", encode_through(busy, window, close=False)),
+        ("busy-2", encode_through(busy, window, close=False)),
+        ("other", encode_through(other, window)),
+        ("live", encode_through(live, live_window)),
+    ]:
+        threads.append(start(work, results, name))
+        count = len(threads)
+        wait_for(lambda: scheduler.waiting == count, message=f"{name} waiting")  # noqa: B023 - called at once
+    holder.close()
+    for thread in threads:
+        thread.join(timeout=120)
+    busy.close()
+    assert [(r.jobs, r.lanes) for r in recorder.reports] == [
+        (("live",), (Lane.LATENCY,)),  # the newest item, but latency-bound: first
+        (("busy", "other"), (Lane.FILE, Lane.FILE)),  # busy's second window waits for the next batch
+        (("busy",), (Lane.FILE,)),
+    ]
+    expected = np.asarray(model.model.encode(window, to_cpu=False))
+    assert all(np.array_equal(results[name], expected) for name in ("busy-1", "busy-2", "other"))
+
+
+def test_a_zero_window_never_waits_for_jobs_that_have_nothing_queued(model: WhisperModel, recorder: Recorder) -> None:
+    scheduler = DecodeScheduler("tiny.en", model, BatchSettings(batch_size=8, batch_window_ms=0), recorder)
+    idle = scheduler.open_job("idle", Lane.FILE)  # with a window, the scheduler would wait for it
+    job = scheduler.open_job("job", Lane.FILE)
+    results = run_jobs({"job": encode_through(job, window_features(model, 1.0))})
+    idle.close()
+    scheduler.close()
+    assert isinstance(results["job"], np.ndarray)
+    assert [r.jobs for r in recorder.reports] == [("job",)]
+
+
+def test_a_batch_never_exceeds_batch_size(model: WhisperModel, recorder: Recorder) -> None:
+    scheduler = DecodeScheduler("tiny.en", model, BatchSettings(batch_size=2, batch_window_ms=LONG_WINDOW_MS), recorder)
+    jobs = [scheduler.open_job(f"job-{i}", Lane.LATENCY) for i in range(3)]
+    features = window_features(model, 1.0)
+    results = run_jobs({job.key: encode_through(job, features) for job in jobs})
+    scheduler.close()
+    assert sorted(r.size for r in recorder.reports) == [1, 2]
+    assert all(not isinstance(value, Exception) for value in results.values())
+
+
+# --------------------------------------------------------------------------- keys and arrays
+
+
+def test_generate_keys_group_prompts_laid_out_alike(model: WhisperModel) -> None:
+    sot = model.hf_tokenizer.token_to_id("<|startoftranscript|>")
+    prev = model.hf_tokenizer.token_to_id("<|startofprev|>")
+    output = model.model.encode(window_features(model, 1.0), to_cpu=False)
+    options = {"beam_size": 5, "suppress_tokens": [-1]}
+
+    def key(prompt: list[int], **changes: Any) -> Any:
+        return generate_key(GenerateCall(output, prompt, {**options, **changes}), sot)
+
+    assert key([prev, 10, 11, sot]) == key([prev, 20, 21, sot])  # other words, same layout
+    assert key([prev, 10, sot]) != key([prev, 10, 11, sot])  # <|startoftranscript|> elsewhere
+    assert key([sot]) != key([sot, 50362])  # more task tokens after it
+    assert key([sot]) != key([sot], beam_size=1)
+    assert key([sot]) != key([sot], suppress_tokens=[-1, 7])
+
+
+def test_split_and_stack_through_torch_match_numpy(model: WhisperModel) -> None:
+    """The CUDA path (torch tensors) run on CPU tensors: the same arrays as the numpy path."""
+    features = np.concatenate([np.asarray(window_features(model, 1.0))] * 3)
+    output = model.model.encode(ctranslate2.StorageView.from_array(features), to_cpu=False)
+    numpy_parts = split_batch(output, 3)
+    torch_parts = split_batch(output, 3, via_torch=True)
+    for a, b in zip(numpy_parts, torch_parts, strict=True):
+        assert a.shape == [1, *output.shape[1:]]
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert np.array_equal(np.asarray(stack_batch(torch_parts, via_torch=True)), np.asarray(output))
+    assert np.array_equal(np.asarray(stack_batch(numpy_parts)), np.asarray(output))
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    ("size", "window", "field"),
+    [
+        (0, 5.0, "batch_size"),
+        (-3, 5.0, "batch_size"),
+        (8, -1.0, "batch_window_ms"),
+        (8, float("nan"), "batch_window_ms"),
+        (8, float("inf"), "batch_window_ms"),
+    ],
+)
+def test_bad_settings_name_the_field(size: int, window: float, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        BatchSettings(batch_size=size, batch_window_ms=window)
+
+
+def test_zero_window_is_valid() -> None:
+    assert BatchSettings(batch_size=1, batch_window_ms=0).batch_window_ms == 0
