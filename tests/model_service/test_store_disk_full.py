@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from tests.hubserver import HubServer
+from tests.model_service.test_store_state_files import two_model_catalog
 from tests.support import (
     TEXT_REPO,
     TINY_EN_DIR,
@@ -85,7 +86,8 @@ def test_disk_full_mid_download_keeps_the_source_healthy_and_recovers_without_re
 ) -> None:
     data_dir = small_fs / "data"
     hub.throttle(8 << 20, path="model.bin")
-    store = StoreProcess(tmp_path, data_dir, hub)
+    catalog = two_model_catalog(tmp_path / "two.yaml")
+    store = StoreProcess(tmp_path, data_dir, hub, extra_args=["--catalog", str(catalog)])
     store_processes.append(store)
     store.wait_serving()
     healthy = source_health(store)
@@ -106,7 +108,7 @@ def test_disk_full_mid_download_keeps_the_source_healthy_and_recovers_without_re
     kept = partial_size(data_dir, "test-tiny", "model.bin")
     assert kept > 20_000_000, "the partial file is kept for a resume"
     model = store.stub.GetModel(pb.GetModelRequest(model_id="test-tiny"))
-    assert model.state == pb.ERROR and model.error.startswith("disk full: ")
+    assert model.state == pb.ERROR and model.error_message.startswith("disk full: ")
 
     # state.json cannot be written now: not ready, but alive and answering.
     wait_for(lambda: readiness(store) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30, message="not ready")
@@ -155,8 +157,9 @@ def test_local_write_error_mid_download_is_not_blamed_on_the_source(
 ) -> None:
     """No root needed: a file size limit (EFBIG) stands for a filesystem that refuses writes."""
     data_dir = tmp_path / "data"
+    catalog = two_model_catalog(tmp_path / "two.yaml")
     with file_size_limit(30 << 20):
-        store = StoreProcess(tmp_path, data_dir, hub)
+        store = StoreProcess(tmp_path, data_dir, hub, extra_args=["--catalog", str(catalog)])
     store_processes.append(store)
     store.wait_serving()
     healthy = source_health(store)
