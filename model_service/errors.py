@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from voxserve_common.errors import (
     Cancelled,
     DataLoss,
@@ -54,16 +56,20 @@ class InsufficientDisk(FailedPrecondition):
         self.available = available
 
 
+# A write that fails with one of these found the disk, or the user's quota on it, full.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 class DiskFull(InsufficientDisk):
     """A write failed during a download because the disk (or a quota) is full; the partial
     files are kept and the next pull resumes them."""
 
-    def __init__(self, directory: str, free: int, needed: int, doing: str, kept: int) -> None:
+    def __init__(self, directory: str, free: int, needed: int, doing: str, kept: int = 0, again: str = "pull") -> None:
         resume = f": the {kept / 2**20:.1f} MiB downloaded are kept and resume" if kept else ""
         FailedPrecondition.__init__(
             self,
             f"disk full: {free / 2**20:.1f} MiB free in {directory}, needs {needed / 2**20:.1f} MiB more "
-            f"({doing}); free space, then pull again{resume}",
+            f"({doing}); free space, then {again} again{resume}",
         )
         self.needed = needed
         self.available = free

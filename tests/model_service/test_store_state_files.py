@@ -137,7 +137,11 @@ def test_one_bad_record_is_dropped_and_the_good_ones_kept(
 
 
 BAD_QUEUE_FILES = {
-    "a revision that is a number": {"version": 1, "graceful": True, "queue": [{"model_id": "test-text", "revision": 5}]},
+    "a revision that is a number": {
+        "version": 1,
+        "graceful": True,
+        "queue": [{"model_id": "test-text", "revision": 5}],
+    },
     "a list": [{"model_id": "test-text"}],
     "queue an object": {"version": 1, "graceful": True, "queue": {"model_id": "test-text"}},
     "graceful a string": {"version": 1, "graceful": "yes", "queue": [], "paused": []},

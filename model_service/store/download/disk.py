@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from model_service.errors import DiskFull, InsufficientDisk, LocalDiskFailed, UnsafePath
+from model_service.errors import DISK_FULL_ERRNOS, DiskFull, InsufficientDisk, LocalDiskFailed, UnsafePath
 from model_service.paths import safe_join
 from model_service.state import fsync_dir
 from model_service.store.download.files import LocalDiskError, PartialFile
@@ -17,9 +17,6 @@ from model_service.store.download.plan import Plan
 from voxserve_common.errors import VoxserveError
 
 logger = logging.getLogger(__name__)
-
-# A write that fails with these found the disk, or the user's quota on it, full.
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def check_free_space(data_dir: Path, model_id: str, plan: Plan, reserve: int) -> None:
