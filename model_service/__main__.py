@@ -117,6 +117,8 @@ def _follow_readiness(store: ModelStore, server: RunningServer, shutting_down: a
     async def update() -> None:  # reads the conditions when it runs: updates never race
         if not shutting_down.is_set():
             await server.set_ready(store.scan_done.is_set() and store.writable)
+            if shutting_down.is_set():  # a stop began meanwhile: draining is never ready
+                await server.set_ready(False)
 
     def changed(_: bool = True) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed: the process is ending
