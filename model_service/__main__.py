@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -69,35 +70,33 @@ def build_store(config: ModelStoreConfig, extra_catalog: dict[str, CatalogEntry]
 
 
 async def start_app(config: ModelStoreConfig, extra_catalog: dict[str, CatalogEntry] | None = None) -> ModelStoreApp:
-    """Start the store and its gRPC server (SERVING at once; the disk scan runs behind)."""
+    """Start the store and its gRPC server (SERVING at once; the disk scan runs behind).
+    Raises DataDirInUse (exit 2) when another store holds the data dir."""
     store = build_store(config, extra_catalog)
     store.start()
-    shutting_down = asyncio.Event()
-    servicer = ModelStoreServicer(store, config.heartbeat_seconds, shutting_down)
-    tls, authenticator = server_security(config, "model_service")
-    server = await start_server(
-        register=lambda s: modelstore_pb2_grpc.add_ModelStoreServicer_to_server(servicer, s),
-        service_names=[SERVICE_NAME],
-        host=config.host,
-        port=config.port,
-        rpc_metrics=store.metrics.rpc,
-        metrics_registry=store.metrics.registry,
-        metrics_port=config.metrics_port,
-        disk_paths={"data": store.data_dir},
-        service_label="model_service",
-        tls=tls,
-        authenticator=authenticator,
-        ready=False,
-    )
+    try:
+        shutting_down = asyncio.Event()
+        servicer = ModelStoreServicer(store, config.heartbeat_seconds, shutting_down)
+        tls, authenticator = server_security(config, "model_service")
+        server = await start_server(
+            register=lambda s: modelstore_pb2_grpc.add_ModelStoreServicer_to_server(servicer, s),
+            service_names=[SERVICE_NAME],
+            host=config.host,
+            port=config.port,
+            rpc_metrics=store.metrics.rpc,
+            metrics_registry=store.metrics.registry,
+            metrics_port=config.metrics_port,
+            disk_paths={"data": store.data_dir},
+            service_label="model_service",
+            tls=tls,
+            authenticator=authenticator,
+            ready=False,
+        )
+    except BaseException:
+        await asyncio.to_thread(store.close)  # unlocks the data dir
+        raise
     server.on_stop.append(servicer.shut_down)
-    loop = asyncio.get_running_loop()
-
-    def ready_after_scan() -> None:  # readiness: requests need the start-up scan's states
-        store.scan_done.wait()
-        if not shutting_down.is_set():
-            asyncio.run_coroutine_threadsafe(server.set_ready(True), loop)
-
-    threading.Thread(target=ready_after_scan, name="readiness", daemon=True).start()
+    _follow_readiness(store, server, shutting_down)
     logger.info(
         "model store ready",
         extra={
@@ -107,6 +106,31 @@ async def start_app(config: ModelStoreConfig, extra_catalog: dict[str, CatalogEn
         },
     )
     return ModelStoreApp(store, server, shutting_down, servicer)
+
+
+def _follow_readiness(store: ModelStore, server: RunningServer, shutting_down: asyncio.Event) -> None:
+    """Readiness is SERVING once the start-up scan has set the models' states, and while
+    the state files can be written (a full disk makes it NOT_SERVING until a retried write
+    succeeds); liveness stays SERVING throughout."""
+    loop = asyncio.get_running_loop()
+
+    async def update() -> None:  # reads the conditions when it runs: updates never race
+        if not shutting_down.is_set():
+            await server.set_ready(store.scan_done.is_set() and store.writable)
+            if shutting_down.is_set():  # a stop began meanwhile: draining is never ready
+                await server.set_ready(False)
+
+    def changed(_: bool = True) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the process is ending
+            asyncio.run_coroutine_threadsafe(update(), loop)
+
+    store.registry.writes.add_listener(changed)
+
+    def after_scan() -> None:
+        store.scan_done.wait()
+        changed()
+
+    threading.Thread(target=after_scan, name="readiness", daemon=True).start()
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ModelStoreConfig:

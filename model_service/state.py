@@ -13,6 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model_service.paths import validate_model_id, validate_relative_file
+from model_service.shape import BadShape, as_list, as_object, move_aside, read_json, typed
+from voxserve_common.errors import InvalidArgument
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,6 +43,27 @@ class FileRecord:
     sha256: str = ""
     git_oid: str = ""
     required: bool = False
+
+    @classmethod
+    def from_json(cls, value: object, where: str) -> FileRecord:
+        """A file of a state.json record (untrusted): BadShape for a wrong type, a negative
+        size or a path that could leave the model's directory."""
+        data = as_object(value, where)
+        path = typed(data, "path", str, where)
+        try:
+            validate_relative_file(path)
+        except InvalidArgument as error:
+            raise BadShape(f"{where}.path: {error}") from None
+        size = typed(data, "size", int, where)
+        if size < 0:
+            raise BadShape(f"{where}.size: negative ({size})")
+        return cls(
+            path=path,
+            size=size,
+            sha256=typed(data, "sha256", str, where, ""),
+            git_oid=typed(data, "git_oid", str, where, ""),
+            required=typed(data, "required", bool, where, False),
+        )
 
 
 @dataclass(frozen=True)
@@ -71,17 +96,28 @@ class ModelRecord:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelRecord:
-        files = tuple(FileRecord(**f) for f in data.get("files", []))
+    def from_json(cls, value: object, where: str = "model") -> ModelRecord:
+        """A record from state.json, which is untrusted: BadShape names the first field
+        that is not of the type and form the store writes (ids and paths validated too)."""
+        data = as_object(value, where)
+        model_id = typed(data, "model_id", str, where)
+        state = typed(data, "state", str, where, ModelState.NOT_DOWNLOADED.value)
+        if state not in ModelState.__members__:
+            raise BadShape(f"{where}.state: unknown state {state[:40]!r}")
+        try:
+            validate_model_id(model_id)
+        except InvalidArgument as error:
+            raise BadShape(f"{where}.model_id: {error}") from None
+        files = as_list(data.get("files", []), f"{where}.files")
         return cls(
-            model_id=data["model_id"],
-            state=ModelState(data.get("state", "NOT_DOWNLOADED")),
-            revision=data.get("revision", ""),
-            requested_revision=data.get("requested_revision", ""),
-            files=files,
-            source=data.get("source", ""),
-            error=data.get("error", ""),
-            updated_at=float(data.get("updated_at", time.time())),
+            model_id=model_id,
+            state=ModelState(state),
+            revision=typed(data, "revision", str, where, ""),
+            requested_revision=typed(data, "requested_revision", str, where, ""),
+            files=tuple(FileRecord.from_json(f, f"{where}.files[{i}]") for i, f in enumerate(files)),
+            source=typed(data, "source", str, where, ""),
+            error=typed(data, "error", str, where, ""),
+            updated_at=typed(data, "updated_at", float, where, time.time()),
         )
 
 
@@ -94,14 +130,30 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace path with data so a crash leaves either the old or the new content."""
+    """Replace path with data so a crash leaves either the old or the new content.
+
+    Raises OSError (disk full, read-only filesystem); the temp file is removed then, so
+    a write that keeps failing on a full disk does not take what little space is left."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    """What StateFile.load read; ``bad`` when the file was not all good (rewrite it at once)."""
+
+    records: dict[str, ModelRecord]
+    bad: bool = False
 
 
 class StateFile:
@@ -112,29 +164,41 @@ class StateFile:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self) -> dict[str, ModelRecord]:
+    def load(self) -> LoadedState:
+        """Every readable record. state.json is untrusted: when it is unreadable or of the
+        wrong shape it is moved aside (logged, naming it) and what it held is rebuilt from
+        the disk by the start-up scan; records of the wrong shape are dropped (the scan
+        rebuilds those models) and the good ones kept."""
         try:
-            data = json.loads(self.path.read_text())
+            data = read_json(self.path)
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            broken = self.path.with_suffix(f".broken-{int(time.time())}")
-            logger.error(
-                "state file unreadable; moved aside, disk scan will rebuild state",
-                extra={"error": str(exc), "moved_to": str(broken)},
-            )
-            with contextlib.suppress(OSError):
-                os.replace(self.path, broken)
-            return {}
-        records = {}
-        for item in data.get("models", []):
+            return LoadedState({})
+        except (OSError, ValueError) as error:
+            move_aside(self.path, "state file unreadable", str(error))
+            return LoadedState({}, bad=True)
+        try:
+            document = as_object(data, "state.json")
+            version = typed(document, "version", int, "state.json", self.VERSION)
+            if version != self.VERSION:
+                raise BadShape(f"state.json.version: {version}, this store reads version {self.VERSION}")
+            items = as_list(document.get("models", []), "models")
+        except BadShape as error:
+            move_aside(self.path, "state file of the wrong shape", str(error))
+            return LoadedState({}, bad=True)
+        records: dict[str, ModelRecord] = {}
+        problems: list[str] = []
+        for index, item in enumerate(items):
             try:
-                record = ModelRecord.from_json(item)
-            except (KeyError, TypeError, ValueError) as exc:
-                logger.warning("skipping unreadable model record", extra={"error": str(exc)})
+                record = ModelRecord.from_json(item, f"models[{index}]")
+            except BadShape as error:
+                problems.append(str(error))
                 continue
             records[record.model_id] = record
-        return records
+        if not problems:
+            return LoadedState(records)
+        problem = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        move_aside(self.path, "state file of the wrong shape", problem)
+        return LoadedState(records, bad=True)
 
     def save(self, records: Iterable[ModelRecord]) -> None:
         """Write every record (fsync, rename, fsync the directory): slow, so never call it

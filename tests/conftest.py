@@ -121,9 +121,13 @@ def start_inference(
     from inference_service.config import InferenceConfig
 
     handles: list[InferenceHandle] = []
+    made: list[StoreHandle] = []  # one store for the calls that name none: one store per data dir
 
     def start(store: StoreHandle | None = None, **overrides: Any) -> InferenceHandle:
-        store = store or start_store(import_embedded=True)
+        if store is None:
+            if not made:
+                made.append(start_store(import_embedded=True))
+            store = made[0]
         settings: dict[str, Any] = {
             "host": "127.0.0.1",
             "port": 0,

@@ -29,6 +29,7 @@ from model_service.events import EventBus
 from model_service.metrics import ModelStoreMetrics
 from model_service.paths import remove_path
 from model_service.state import BUSY_STATES, ModelState
+from model_service.store.data_dir_lock import DataDirLock
 from model_service.store.download.hub import HubClient
 from model_service.store.download.service import DownloadService
 from model_service.store.importer import Importer, ImportLimits
@@ -92,17 +93,24 @@ class ModelStore:
             copy_block=config.download_chunk_bytes,
         )
         self.reader = ModelReader(self.registry)
+        self._data_dir_lock = DataDirLock(self.registry.data_dir)
         self.scan_done = threading.Event()
         self._scan_thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- life cycle
 
     def start(self) -> None:
-        """Load state.json at once and queue again the downloads a graceful stop left
-        (unless resume_downloads_on_start is off); reconcile with the disk in a background
-        thread."""
-        self.registry.restore()
-        self.downloads.restore_queue(self.config.resume_downloads_on_start)
+        """Lock the data dir, load state.json at once and queue again the downloads a
+        graceful stop left (unless resume_downloads_on_start is off); reconcile with the
+        disk in a background thread. Raises DataDirInUse (a ConfigError) when another
+        process holds the data dir."""
+        self._data_dir_lock.acquire()
+        try:
+            self.registry.restore()
+            self.downloads.restore_queue(self.config.resume_downloads_on_start)
+        except BaseException:
+            self._data_dir_lock.release()
+            raise
         self._scan_thread = threading.Thread(target=self._startup_scan, name="startup-scan", daemon=True)
         self._scan_thread.start()
 
@@ -117,10 +125,21 @@ class ModelStore:
         self.config = config
         logger.info("reloadable settings applied", extra={"settings": reloaded})
 
+    @property
+    def writable(self) -> bool:
+        """False while a state file cannot be written (disk full, read-only filesystem):
+        the store serves on, but a restart would lose what changed, so it is not ready."""
+        return self.registry.writes.healthy
+
     def close(self) -> None:
-        self.downloads.stop()
-        if self._scan_thread is not None:
-            self._scan_thread.join(5)
+        """Stop the downloads (partial files kept), write what state is pending, unlock."""
+        try:
+            self.downloads.stop()
+            if self._scan_thread is not None:
+                self._scan_thread.join(5)
+            self.registry.writes.close()
+        finally:
+            self._data_dir_lock.release()
 
     def _startup_scan(self) -> None:
         started = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 from opentelemetry.util.types import AttributeValue
 
 from model_service.catalog import CatalogEntry
-from model_service.errors import ImportFailed, ModelBusy, UnsafePath
+from model_service.errors import DISK_FULL_ERRNOS, DiskFull, ImportFailed, ModelBusy, UnsafePath
 from model_service.paths import remove_path, safe_join, validate_relative_file
 from model_service.spans import IMPORT, WorkSpans
 from model_service.state import BUSY_STATES, FileRecord, ModelState, fsync_dir
@@ -104,6 +105,13 @@ class Importer:
             )
             if isinstance(error, VoxserveError):
                 raise
+            if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+                try:
+                    free = shutil.disk_usage(registry.data_dir).free
+                except OSError:
+                    free = 0
+                doing = f"importing {model_id} from {origin}"
+                raise DiskFull(str(registry.data_dir), free, total, doing, again="import") from error
             raise ImportFailed(f"import of {model_id} from {origin} failed: {error}") from error
         self._on_imported(model_id)
         logger.info("model imported", extra={"model_id": model_id, "source": origin, "files": len(files)})

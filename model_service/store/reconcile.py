@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from model_service.errors import ModelBusy, ModelNotReady
 from model_service.metrics import ModelStoreMetrics
@@ -37,7 +38,10 @@ class Reconciler:
 
     def scan(self, deep: bool) -> None:
         """Remove orphaned partials, then check every model (hashes too when ``deep``)."""
-        self.clean_orphans()
+        try:
+            self.clean_orphans()
+        except OSError:  # the models are still checked: their states must come from the disk
+            logger.exception("removing orphaned partial files failed")
         for model_id in self.registry.records():
             try:
                 self.reconcile(model_id, deep)
@@ -87,14 +91,12 @@ class Reconciler:
                 continue
             if registry.record(child.name).state in BUSY_STATES:
                 continue
-            for part in list(child.rglob("*")):
-                if part.is_symlink():
-                    part.unlink()
-                elif part.name.endswith(".part") and not part.with_name(part.name + ".json").exists():
-                    logger.info("removing partial file without sidecar", extra={"path": str(part)})
-                    part.unlink()
-                elif part.name.endswith(".part.json") and not part.with_name(part.name[: -len(".json")]).exists():
-                    part.unlink()
+            for path in list(child.rglob("*")):
+                if path.is_symlink():
+                    path.unlink()
+                elif path.name.endswith((".part", ".part.json")) and not _resumable_pair(path):
+                    logger.info("removing partial file without its pair", extra={"path": str(path)})
+                    remove_path(path)
             for directory in sorted((p for p in child.rglob("*") if p.is_dir()), reverse=True):
                 if not any(directory.iterdir()):
                     directory.rmdir()
@@ -138,3 +140,11 @@ class Reconciler:
             view = registry.view(model_id)
         logger.info("verification result", extra={"model_id": model_id, "ok": ok, "problems": problems})
         return VerifyResult(view, ok, checks, time.monotonic() - started)
+
+
+def _resumable_pair(path: Path) -> bool:
+    """A ``.part`` and its ``.part.json`` sidecar are both regular files (what the store
+    writes); anything else in their place, a directory too, is not resumable."""
+    part = path if path.name.endswith(".part") else path.with_name(path.name.removesuffix(".json"))
+    sidecar = part.with_name(part.name + ".json")
+    return all(p.is_file() and not p.is_symlink() for p in (part, sidecar))

@@ -23,6 +23,7 @@ from model_service.events import EventBus, EventType, StoreEvent
 from model_service.metrics import ModelStoreMetrics
 from model_service.paths import safe_join
 from model_service.state import BUSY_STATES, FileRecord, ModelRecord, ModelState, StateFile
+from model_service.store.persistence import StateWrites
 from model_service.store.progress import DownloadProgress
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ class ModelRegistry:
         for directory in (self.data_dir, self.models_dir, self.partial_dir, self.staging_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._state_file = StateFile(self.data_dir / "state.json")
+        # Failed writes of state.json (and queue.json, through the download service) are
+        # retried there; while one fails the store is not ready (see ModelStore.writable).
+        self.writes = StateWrites(self.data_dir)
         self._lock = threading.RLock()
         self._depth = 0  # nesting of locked() in the owning thread: state.json is written at 0
         self._models: dict[str, _Model] = {}
@@ -139,23 +143,30 @@ class ModelRegistry:
         callback()
 
     def _persist(self) -> None:
+        """Write state.json if a change is not in it yet. Never raises for the disk: a
+        failed write is logged and retried by ``writes`` (this method again)."""
         with self._persist_lock:
             with self._lock:
                 version = self._version
                 if version <= self._saved_version:
                     return
                 records = [m.record for m in self._models.values()]
-            self._state_file.save(records)
-            self._saved_version = version
+            if self.writes.write("state.json", lambda: self._state_file.save(records), retry=self._persist):
+                self._saved_version = version
 
     def restore(self) -> None:
         """Load state.json for every catalog model; a download that died with the last
         process is INCOMPLETE now (state.json is rewritten at once so it never says it runs).
-        PAUSED stays PAUSED: its partial files wait for ResumeDownload."""
+        PAUSED stays PAUSED: its partial files wait for ResumeDownload. A state.json that
+        was moved aside (unreadable, wrong shape) is rewritten at once with what was good."""
         loaded = self._state_file.load()
         with self.locked():
+            if loaded.bad:
+                self._version += 1  # a state.json of the good records only, at once
             for entry in self.catalog:
-                record = loaded.get(entry.model_id) or ModelRecord(entry.model_id, requested_revision=entry.revision)
+                record = loaded.records.get(entry.model_id) or ModelRecord(
+                    entry.model_id, requested_revision=entry.revision
+                )
                 if record.state in BUSY_STATES:
                     record = replace(record, state=ModelState.INCOMPLETE)
                     self._version += 1

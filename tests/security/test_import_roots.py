@@ -59,6 +59,7 @@ def test_an_import_over_its_file_or_byte_limit_is_resource_exhausted(start_store
     few_files = start_store(max_import_files=2)
     error = import_error(few_files, "test-tiny", str(TINY_EN_DIR))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_import_files" in error.details()
+    few_files.stop()  # one store per data dir
 
     few_bytes = start_store(max_import_bytes=1 << 20)
     error = import_error(few_bytes, "test-tiny", str(TINY_EN_DIR))

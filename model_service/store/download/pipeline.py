@@ -9,8 +9,6 @@ DownloadService owns one and hands ``run`` to its DownloadQueue. At DEBUG each s
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,22 +18,23 @@ from opentelemetry.util.types import AttributeValue
 
 from model_service.catalog import Catalog, CatalogEntry
 from model_service.config import ModelStoreConfig
-from model_service.errors import DownloadCancelled, DownloadPaused, InsufficientDisk, IntegrityError, UnsafePath
+from model_service.errors import DownloadCancelled, DownloadPaused, IntegrityError
 from model_service.metrics import ModelStoreMetrics
 from model_service.paths import remove_files_except, remove_path, safe_join, validate_relative_file
 from model_service.spans import FILE_TRANSFER, RESOLVE_MANIFEST, VERIFY, WorkSpans
-from model_service.state import FileRecord, ModelState, fsync_dir
-from model_service.store.download.files import FileDownloader, PartialFile
+from model_service.state import FileRecord, ModelState
+from model_service.store.download.disk import check_free_space, disk_error, move_into_place
+from model_service.store.download.files import FileDownloader, LocalDiskError, PartialFile
 from model_service.store.download.hub import HubClient, RemoteFile, RemoteManifest
 from model_service.store.download.manifest import manifest_records, resolve_manifest
-from model_service.store.download.plan import Plan, make_plan
+from model_service.store.download.plan import make_plan
 from model_service.store.download.queue import DownloadJob, StopReason
 from model_service.store.download.retry import Retrier
 from model_service.store.progress import DownloadProgress, ProgressReporter, VerifyReporter
 from model_service.store.registry import ModelRegistry
 from model_service.urls import display_url, url_without_credentials
 from model_service.validator import check_file
-from voxserve_common.errors import Internal, VoxserveError
+from voxserve_common.errors import Internal, VoxserveError, category_of
 from voxserve_common.logs import log_context
 
 logger = logging.getLogger(__name__)
@@ -95,10 +94,8 @@ class DownloadPipeline:
             except VoxserveError as error:
                 self._fail(job, error)
                 return
-            except Exception as error:
-                logger.exception("download crashed")
-                message = f"download of {job.model_id} failed unexpectedly: {type(error).__name__}: {error}"
-                self._fail(job, Internal(message))
+            except Exception as error:  # noqa: BLE001 - logged with its traceback when it is a bug
+                self._fail(job, self._unexpected(job.model_id, error))
                 return
             finally:
                 self.registry.set_progress(job.model_id, None)
@@ -110,6 +107,19 @@ class DownloadPipeline:
                 "model ready", extra={"model_id": job.model_id, "source": source, "seconds": round(duration, 3)}
             )
             job.finish(None)
+
+    def _unexpected(self, model_id: str, error: Exception) -> VoxserveError:
+        """What a download that raised outside the domain's errors ends with: the store's
+        own disk failing (disk full, read-only filesystem, ...) is the operator's to fix
+        and never the source's fault; anything else is a bug (Internal, logged with its
+        traceback)."""
+        if isinstance(error, LocalDiskError | OSError):
+            view = self.registry.view(model_id)  # its bytes_on_disk are the download's counts
+            found = disk_error(error, self.registry.data_dir, model_id, max(view.size_bytes - view.bytes_on_disk, 0))
+            if found is not None:
+                return found
+        logger.exception("download crashed", exc_info=error)
+        return Internal(f"download of {model_id} failed unexpectedly: {type(error).__name__}: {error}")
 
     def after_cancel(self, model_id: str) -> None:
         remove_path(self.registry.partial_root(model_id))
@@ -149,7 +159,16 @@ class DownloadPipeline:
         reason = type(error).__name__
         # No source label: a job can fail before any source answered.
         self.metrics.downloads_failed.labels(job.model_id, "", reason).inc()
-        logger.error("download failed", extra={"model_id": job.model_id, "error": str(error), "reason": reason})
+        # Counted in voxserve_errors_total by its category: a full disk is not an Internal error.
+        logger.error(
+            "download failed",
+            extra={
+                "model_id": job.model_id,
+                "error": str(error),
+                "reason": reason,
+                "error_category": category_of(error),
+            },
+        )
         self.registry.transition(job.model_id, ModelState.ERROR, message=str(error), error=str(error))
         job.finish(error)
 
@@ -166,11 +185,7 @@ class DownloadPipeline:
             old_files,
             job.trust_sizes,
         )
-        free = shutil.disk_usage(self.registry.data_dir).free
-        _log_plan(plan, free)
-        available = free - self.config.disk_reserve_bytes
-        if plan.needed_bytes > available:
-            raise InsufficientDisk(model_id, plan.needed_bytes, max(0, available))
+        check_free_space(self.registry.data_dir, model_id, plan, self.config.disk_reserve_bytes)
         progress = DownloadProgress(
             manifest.total_bytes,
             plan.present_bytes + plan.resumable_bytes,
@@ -288,7 +303,7 @@ class DownloadPipeline:
                         "url.full": url_without_credentials(result.source),
                     }
                 )
-                _move_into_place(partial, model_dir, remote.path)
+                move_into_place(partial, model_dir, remote.path)
             source = result.source
             sha256[remote.path] = result.sha256
             reporter.file_done()
@@ -393,29 +408,3 @@ def _size_or_zero(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def _move_into_place(partial: PartialFile, model_dir: Path, relative: str) -> None:
-    target = safe_join(model_dir, relative)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.parent.is_symlink() or not target.parent.resolve().is_relative_to(model_dir.resolve()):
-        raise UnsafePath(f"refusing to write {relative}: its directory leaves {model_dir}")
-    os.replace(partial.part, target)
-    fsync_dir(target.parent)
-    partial.remove()
-    logger.debug("file moved into place", extra={"file": relative})
-
-
-def _log_plan(plan: Plan, free_bytes: int) -> None:
-    logger.debug(
-        "download planned",
-        extra={
-            "files": len(plan.files),
-            "to_fetch": [r.path for r in plan.to_fetch],
-            "to_verify": [f.path for f in plan.to_verify],
-            "present_bytes": plan.present_bytes,
-            "resumable_bytes": plan.resumable_bytes,
-            "needed_bytes": plan.needed_bytes,
-            "free_bytes": free_bytes,
-        },
-    )

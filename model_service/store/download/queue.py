@@ -216,7 +216,7 @@ class DownloadQueue:
                 job = self._waiting.popleft()
                 job.started_at = time.monotonic()
                 self._running[job.model_id] = job
-            self._on_change()
+            self._changed()
             try:
                 job.context.run(self._run, job)
             except BaseException as error:
@@ -229,4 +229,12 @@ class DownloadQueue:
             finally:
                 with self._cond:
                     self._running.pop(job.model_id, None)
-                self._on_change()
+                self._changed()
+
+    def _changed(self) -> None:
+        """Tell the owner the queue changed, from a worker: nothing it raises may end the
+        worker (one that died once left every later pull WAITING until a restart)."""
+        try:
+            self._on_change()
+        except Exception:
+            logger.exception("download queue: the change listener failed; the worker goes on")

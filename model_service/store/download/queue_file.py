@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model_service.paths import validate_model_id, validate_revision
+from model_service.shape import BadShape, as_list, as_object, move_aside, optional_str, read_json, typed
 from model_service.state import atomic_write_bytes
+from voxserve_common.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +28,18 @@ class DownloadRequest:
         return {"model_id": self.model_id, "revision": self.revision, "source": self.source}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DownloadRequest:
-        return cls(str(data["model_id"]), data.get("revision") or None, data.get("source") or None)
+    def from_json(cls, value: object, where: str) -> DownloadRequest:
+        """A request from queue.json (untrusted); BadShape names the first bad field."""
+        data = as_object(value, where)
+        model_id = typed(data, "model_id", str, where)
+        revision = optional_str(data, "revision", where)
+        try:
+            validate_model_id(model_id)
+            if revision is not None:
+                validate_revision(revision)
+        except InvalidArgument as error:
+            raise BadShape(f"{where}: {error}") from None
+        return cls(model_id, revision, optional_str(data, "source", where))
 
 
 class QueueFile:
@@ -44,16 +57,26 @@ class QueueFile:
         self.path = path
 
     def load(self) -> tuple[list[DownloadRequest], list[DownloadRequest], bool]:
-        """(queued in order, paused, graceful); empty when missing or unreadable."""
+        """(queued in order, paused, graceful); empty when missing. queue.json is untrusted:
+        one unreadable or of the wrong shape is moved aside (logged, naming it) and nothing
+        is resumed from it; the models' partial files stay for their next pull."""
         try:
-            data = json.loads(self.path.read_text())
-            queued = [DownloadRequest.from_json(item) for item in data.get("queue", [])]
-            paused = [DownloadRequest.from_json(item) for item in data.get("paused", [])]
-            graceful = data.get("graceful") is True
+            data = read_json(self.path)
         except FileNotFoundError:
             return [], [], False
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            logger.error("queue file unreadable; no download resumed", extra={"error": str(error)})
+        except (OSError, ValueError) as error:
+            move_aside(self.path, "queue file unreadable", str(error))
+            return [], [], False
+        try:
+            document = as_object(data, "queue.json")
+            version = typed(document, "version", int, "queue.json", self.VERSION)
+            if version != self.VERSION:
+                raise BadShape(f"queue.json.version: {version}, this store reads version {self.VERSION}")
+            queued = _requests(document, "queue")
+            paused = _requests(document, "paused")
+            graceful = typed(document, "graceful", bool, "queue.json", False)
+        except BadShape as error:
+            move_aside(self.path, "queue file of the wrong shape", str(error))
             return [], [], False
         return queued, paused, graceful
 
@@ -65,3 +88,8 @@ class QueueFile:
             "paused": [r.to_json() for r in paused],
         }
         atomic_write_bytes(self.path, json.dumps(payload, indent=1).encode())
+
+
+def _requests(document: dict[str, object], key: str) -> list[DownloadRequest]:
+    items = as_list(document.get(key, []), key)
+    return [DownloadRequest.from_json(item, f"{key}[{index}]") for index, item in enumerate(items)]

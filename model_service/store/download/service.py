@@ -293,11 +293,15 @@ class DownloadService:
         self._save_queue()
 
     def _save_queue(self) -> None:
+        """Write queue.json as the queue is now; a failed write is retried (registry.writes)."""
         with self._queue_file_lock:
             if self._queue_frozen:
                 return
             queued = [DownloadRequest(j.model_id, j.revision, j.source) for j in self.queue.jobs()]
-            self._queue_file.save(queued, list(dict(self._paused).values()))
+            paused = list(dict(self._paused).values())
+            self.registry.writes.write(
+                "queue.json", lambda: self._queue_file.save(queued, paused), retry=self._save_queue
+            )
 
     def is_downloading(self, model_id: str) -> bool:
         return self.queue.active(model_id) is not None
@@ -307,9 +311,15 @@ class DownloadService:
         stop the jobs keeping their partial files and sidecars."""
         with self._queue_file_lock:
             queued = [DownloadRequest(j.model_id, j.revision, j.source) for j in self.queue.jobs()]
-            self._queue_file.save(queued, list(dict(self._paused).values()), graceful=True)
+            paused = list(dict(self._paused).values())
+            # Not retried: a store that cannot write it now resumes nothing at its next start,
+            # and the models' partial files wait for their next pull.
+            saved = self.registry.writes.write(
+                "queue.json", lambda: self._queue_file.save(queued, paused, graceful=True), retry=None
+            )
             self._queue_frozen = True
-        logger.info("download queue saved for the next start", extra={"models": [r.model_id for r in queued]})
+        if saved:
+            logger.info("download queue saved for the next start", extra={"models": [r.model_id for r in queued]})
         self.queue.stop()
 
     def forget_paused(self, model_id: str) -> None:
