@@ -61,3 +61,36 @@ class ThrottledProxy:
                     time.sleep(len(data) / rate)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+
+class DroppingPort:
+    """Holds 127.0.0.1:``port`` while a server is down: accepts each connection and closes it at
+    once (a failed connection attempt for a gRPC channel, like a refused one), noting when it
+    came, so a test sees the client's reconnect attempts."""
+
+    def __init__(self, port: int) -> None:
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", port))
+        self._listener.listen(64)
+        self.attempts: list[float] = []  # time.monotonic() of each connection
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="dropping-port", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Free the port (for the server to bind again)."""
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(10)
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.attempts.append(time.monotonic())
+            connection.close()
