@@ -20,6 +20,7 @@ from inference_service.live.service import LiveLimits, LiveService
 from inference_service.memory import MemoryProbe, parse_memory_budget
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import CacheConfig, ModelCache
+from inference_service.model_copies import reloading_loader
 from inference_service.model_source import StoreModelSource
 from inference_service.servicer import InferenceServicer
 from inference_service.transcriber import Transcriber
@@ -111,7 +112,9 @@ def build_cache(config: InferenceConfig, source: StoreModelSource, metrics: Infe
         pinned=tuple(config.pin),
         warmup=config.warmup,
     )
-    return ModelCache(cache_config, source.resolve, make_loader(device, config.cpu_threads), metrics, probe)
+    # A load that fails on a damaged copy in cache_dir fetches the copy again and loads once more.
+    load = reloading_loader(make_loader(device, config.cpu_threads), source.copies, source.resolve)
+    return ModelCache(cache_config, source.resolve, load, metrics, probe)
 
 
 STORE_CONTACT_BACKOFF = (1.0, 30.0)  # seconds: first and longest wait between rounds of retries
@@ -163,6 +166,7 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
     preload_in_background=False (tests) returns only once ready."""
     metrics = InferenceMetrics()
     source = StoreModelSource(config, metrics=metrics)
+    await asyncio.to_thread(source.copies.sweep_staging)  # before any fetch can stage a copy
     cache = build_cache(config, source, metrics)
     transcriber = Transcriber(
         cache, config.vad_model, metrics, config.batch_size if config.batched else 0, config.fast_first_segment

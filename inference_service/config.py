@@ -21,7 +21,8 @@ class InferenceConfig(ServiceSettings):
     store_token_file: Path | None = None
     # How READY files reach this node: "shared" reads the store's directory (same host
     # or a shared volume, optionally mounted at shared_store_dir); "fetch" copies them
-    # with FetchModelFiles into cache_dir, checking sha256.
+    # with FetchModelFiles into cache_dir, checking sha256 (each service its own cache_dir:
+    # the start-up removes the half-copies in cache_dir/.staging).
     store_access: str = "shared"
     shared_store_dir: Path | None = None  # the store's data_dir as mounted here
     cache_dir: Path = Path("data/inference-cache")

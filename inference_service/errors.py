@@ -27,6 +27,11 @@ class ModelFilesMissing(FailedPrecondition):
     """The model directory lacks a file the engine needs (incomplete or foreign model)."""
 
 
+class ModelFilesUnloadable(FailedPrecondition):
+    """The model's files match the store's manifest (sizes, sha256) but the engine cannot load
+    them: copying them again cannot help; the model in the store needs a look."""
+
+
 class ModelLoadFailed(Internal):
     """Resolving or loading a model failed for a reason that is not a domain error
     (e.g. the files exist but the runtime could not load them)."""

@@ -8,18 +8,14 @@ store and relays the store's progress to the caller.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import random
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -27,9 +23,10 @@ from inference_service.config import InferenceConfig
 from inference_service.errors import StoreSourcesFailed
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import LoadProgress, ModelSpec, ProgressCallback
+from inference_service.model_copies import ModelCopies, StagedCopy
 from voxserve.modelstore.v1 import modelstore_pb2 as store_pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc as store_grpc
-from voxserve_common.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
+from voxserve_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from voxserve_common.grpc_errors import ERROR_CATEGORY_KEY, error_for_status
 from voxserve_common.kinds import ModelKind
 from voxserve_common.security import client_security
@@ -81,6 +78,18 @@ def _raise_from_rpc(error: grpc.RpcError, action: str) -> NoReturn:
 T = TypeVar("T")
 STORE_RETRIES = (0.2, 0.5, 1.0, 2.0)  # seconds before each new attempt, with jitter
 
+# The channel's own reconnect backoff, bounded so that it retries within the budget above
+# (at least 2.96 s): by default gRPC waits 1 s, then 1.6x more each time up to 120 s, so after
+# a 30 s outage its next attempt came 16 s later (measured: attempts at 1.0, 2.3, 4.4, 9.1,
+# 15.8, 26.0, 42.1 s) and every call until then failed although the store was back. With
+# these it tries every 0.25-1 s (±20 % jitter) while the store is down: one refused
+# connection a second.
+STORE_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+
 
 def call_with_retries(call: Callable[[], T]) -> T:
     """Run ``call``, retrying while the store cannot be reached (UNAVAILABLE from the
@@ -111,10 +120,9 @@ class StoreModelSource:
             tls, token = client_security(
                 config.store_tls_ca, config.store_tls_cert, config.store_tls_key, config.store_token_file, "store_tls_*"
             )
-            channel = open_channel(
-                config.model_store, tls, token, options=[("grpc.max_receive_message_length", 64 << 20)]
-            )
+            channel = open_channel(config.model_store, tls, token, options=STORE_CHANNEL_OPTIONS)
         self.channel = channel
+        self.copies = ModelCopies(config.cache_dir)
         self.stub = store_grpc.ModelStoreStub(self.channel)
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -215,75 +223,36 @@ class StoreModelSource:
         return path
 
     def _fetch(self, model: store_pb.Model, on_progress: ProgressCallback | None) -> Path:
-        """Copy a READY model into cache_dir/<id>/<revision>, verified, renamed in whole."""
+        """Copy a READY model into cache_dir/<id>/<revision>, verified, fsynced, renamed in whole
+        (inference_service/model_copies.py); a complete copy with the right sizes is reused."""
         with self._locks_guard:
             lock = self._fetch_locks.setdefault(model.model_id, threading.Lock())
         with lock:
-            revision = "".join(c for c in (model.revision or "local") if c.isalnum())[:40] or "local"
-            target = self.config.cache_dir / model.model_id / revision
-            manifest = {f.path: [f.size, f.sha256] for f in model.files}
-            marker = target / ".voxserve-manifest.json"
-            if marker.is_file():
-                try:
-                    if json.loads(marker.read_text()) == manifest:
-                        return target
-                except ValueError:
-                    pass
-            staging = self.config.cache_dir / ".staging" / f"{model.model_id}-{uuid.uuid4().hex[:8]}"
-            staging.mkdir(parents=True)
+            target = self.copies.target(model.model_id, model.revision)
+            manifest = {f.path: (f.size, f.sha256) for f in model.files}
+            if self.copies.is_current(target, manifest):
+                return target
+            staged = self.copies.stage(model.model_id, manifest)
             try:
-                self._copy_files(model, staging, on_progress)
-                marker_tmp = staging / ".voxserve-manifest.json"
-                marker_tmp.write_text(json.dumps(manifest, sort_keys=True))
-                if target.exists():
-                    shutil.rmtree(target)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staging, target)
+                self._copy_files(model, staged, on_progress)
+                self.copies.install(staged, target)
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                staged.close()
+                shutil.rmtree(staged.path, ignore_errors=True)
             logger.info("model copied from the store", extra={"model_id": model.model_id, "path": str(target)})
             return target
 
-    def _copy_files(self, model: store_pb.Model, staging: Path, on_progress: ProgressCallback | None) -> None:
-        expected = {f.path: f for f in model.files}
-        hashes: dict[str, hashlib._Hash] = {}
-        sizes: dict[str, int] = {}
-        handles: dict[str, BinaryIO] = {}
-        done = 0
+    def _copy_files(self, model: store_pb.Model, staged: StagedCopy, on_progress: ProgressCallback | None) -> None:
         total = sum(f.size for f in model.files)
-        root = staging.resolve()
         try:
             stream = self.stub.FetchModelFiles(
                 store_pb.FetchModelFilesRequest(model_id=model.model_id), metadata=trace_metadata()
             )
             for chunk in stream:
-                if chunk.path not in expected:
-                    raise DataLoss(f"store sent unexpected file {chunk.path!r} for {model.model_id}")
-                path = (root / chunk.path).resolve()
-                if not path.is_relative_to(root):
-                    raise DataLoss(f"store sent unsafe file name {chunk.path!r}")
-                if chunk.path not in handles:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    handles[chunk.path] = open(path, "wb")  # noqa: SIM115 - closed below
-                    hashes[chunk.path] = hashlib.sha256()
-                    sizes[chunk.path] = 0
-                if chunk.offset != sizes[chunk.path]:
-                    raise DataLoss(f"{chunk.path}: chunk at offset {chunk.offset}, expected {sizes[chunk.path]}")
-                handles[chunk.path].write(chunk.data)
-                hashes[chunk.path].update(chunk.data)
-                sizes[chunk.path] += len(chunk.data)
-                done += len(chunk.data)
+                staged.write(chunk.path, chunk.offset, chunk.data)
                 if on_progress is not None:
-                    on_progress(LoadProgress(model.model_id, "copying", done, total, f"copying {chunk.path}"))
+                    message = f"copying {chunk.path}"
+                    on_progress(LoadProgress(model.model_id, "copying", staged.bytes_written, total, message))
         except grpc.RpcError as error:
             self._failed(error, f"copying {model.model_id}")
-        finally:
-            for handle in handles.values():
-                handle.close()
-        for path, file in expected.items():
-            if sizes.get(path) != file.size:
-                raise DataLoss(f"{model.model_id}/{path}: received {sizes.get(path, 0)} bytes, expected {file.size}")
-            if file.sha256 and hashes[path].hexdigest() != file.sha256:
-                raise DataLoss(
-                    f"{model.model_id}/{path}: sha256 mismatch after copy (expected {file.sha256}, got {hashes[path].hexdigest()})"
-                )
+        staged.finish()

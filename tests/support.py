@@ -206,8 +206,9 @@ class StoreProcess:
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         name: str = "store",
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()  # a port of its own, or the one of a store it replaces
         self.stderr_path = tmp_path / f"{name}-{self.port}.stderr"
         catalog = write_catalog(tmp_path / "catalog.yaml")
         args = [

@@ -18,7 +18,7 @@ from voxserve_common.metrics import runtime_metrics
 from voxserve_http.clients import Backends
 from voxserve_http.config import GatewayConfig
 from voxserve_http.errors import ApiError, from_rpc
-from voxserve_http.limits import BodyLimitMiddleware, UploadTooLarge
+from voxserve_http.limits import BodyLimitMiddleware, UploadRefused
 from voxserve_http.metrics import GatewayMetrics, ObservabilityMiddleware
 from voxserve_http.routes import health, models, openai
 from voxserve_http.security import GatewaySecurity
@@ -48,7 +48,7 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    if isinstance(exc, UploadTooLarge):
+    if isinstance(exc, UploadRefused):
         return error_response(exc.error)
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}; the routes are listed at /docs"
@@ -129,7 +129,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(grpc.aio.AioRpcError, _rpc_error)
     app.add_exception_handler(Exception, _unexpected)
-    # Added last = outermost: every answer, the 413s included, is traced, counted and logged.
-    app.add_middleware(BodyLimitMiddleware, limit=config.max_upload_bytes)
+    # Added last = outermost: every answer, the 413s and 408s included, is traced, counted and logged.
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_upload_bytes, timeout=config.upload_timeout_seconds)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, routes=[r for x in routers for r in x.routes])
     return app

@@ -34,6 +34,11 @@ class GatewayConfig(ServiceSettings):
     # Request bodies above this get 413 before anything reaches the inference service.
     # Keep it at or below the inference service's max_audio_bytes (200 MiB by default).
     max_upload_bytes: int = 200 * 1024 * 1024
+    # Seconds a client has to send its whole request body, counted from its headers; a body
+    # still arriving then gets 408 and its connection is closed, so slow or stalled uploads
+    # cannot hold the gateway's connections. 300 s is 0.7 MB/s for a 200 MiB upload: raise it
+    # with max_upload_bytes, or for clients on slow links.
+    upload_timeout_seconds: float = 300.0
     # Model names OpenAI clients send that mean "the inference service's default model".
     default_model_aliases: tuple[str, ...] = ("whisper-1",)
     # Deadline of the unary calls (list, get, delete, cancel); transcriptions and pulls
@@ -54,6 +59,7 @@ class GatewayConfig(ServiceSettings):
             (bool(self.inference.strip()), "inference", "must be an address HOST:PORT"),
             (bool(self.model_store.strip()), "model_store", "must be an address HOST:PORT"),
             (self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0"),
+            (self.upload_timeout_seconds > 0, "upload_timeout_seconds", "must be > 0"),
             (self.request_timeout_seconds > 0, "request_timeout_seconds", "must be > 0"),
             (self.transcribe_timeout_seconds > 0, "transcribe_timeout_seconds", "must be > 0"),
             (self.pull_timeout_seconds > 0, "pull_timeout_seconds", "must be > 0"),

@@ -3,21 +3,36 @@ hub sources failing: different status, different message; it retries only the fi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from inference_service.config import InferenceConfig
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_source import StoreModelSource
-from tests.hubserver import refused_endpoint
-from tests.support import DATA_DIR, InferenceHandle, StoreHandle, free_port
+from tests.hubserver import HubServer, refused_endpoint
+from tests.netfaults import DroppingPort
+from tests.support import (
+    DATA_DIR,
+    InferenceHandle,
+    InferenceProcess,
+    StoreHandle,
+    StoreProcess,
+    free_port,
+    get_model,
+    transcribe,
+    wait_for,
+)
 from voxserve.inference.v1 import inference_pb2 as pb
+from voxserve.modelstore.v1 import modelstore_pb2 as store_pb
 from voxserve_common.errors import NotFound, Unavailable
 
 SHORT = (DATA_DIR / "speech_short.wav").read_bytes()
+INFERENCE = "voxserve.inference.v1.Inference"
 
 
 def test_a_store_that_cannot_be_reached_is_unavailable_after_retries(tmp_path: Path) -> None:
@@ -85,3 +100,56 @@ def test_failing_sources_count_as_sources_failed_with_the_store_reachable(
     assert sample(metrics, "voxserve_store_failures_total", reason="sources_failed") == 1
     assert sample(metrics, "voxserve_store_failures_total", reason="store_unreachable") == 0
     assert sample(metrics, "voxserve_store_reachable") == 1
+
+
+# As long as the outage issue 17 saw: by then gRPC's default reconnect backoff had grown to
+# 16-27 s between attempts, and every call until the next attempt failed.
+OUTAGE_SECONDS = 30.0
+
+
+def test_the_first_transcribe_after_the_store_is_back_succeeds(tmp_path: Path, hub: HubServer) -> None:
+    """A real store process stopped for a while, then started again on the same port: once it is
+    SERVING with the model READY, the inference service's next request reaches it.
+
+    While it is down the port drops every connection, so the test sees the inference service's
+    reconnect attempts, and the store comes back just after one: the next one is a whole
+    backoff away (with gRPC's defaults, 21 s or more after 30 s of outage; bounded, ~1 s)."""
+    port = free_port()
+    data_dir = tmp_path / "store"
+    embedded = {"VOXSERVE_IMPORT_EMBEDDED": "true"}
+    store = StoreProcess(tmp_path, data_dir, hub, env=embedded, port=port)
+    inference = InferenceProcess(tmp_path, f"127.0.0.1:{port}")
+    try:
+        store.wait_serving(timeout=60)
+        ready = lambda: get_model(store, "whisper-tiny.en").state == store_pb.READY  # noqa: E731
+        wait_for(ready, timeout=120, interval=0.2, message="the embedded model READY in the store")
+        inference.wait_status(health_pb2.HealthCheckResponse.SERVING, INFERENCE, timeout=120)
+
+        store.process.terminate()  # a graceful stop: the store's channel goes away
+        store.process.wait(60)
+        store.close()
+        down = DroppingPort(port)
+        try:
+            outage_began = time.monotonic()
+            with pytest.raises(grpc.RpcError) as failed:
+                transcribe(inference, SHORT, timeout=120)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "model store unreachable" in (failed.value.details() or "")
+            wait_for(
+                lambda: any(at > outage_began + OUTAGE_SECONDS for at in down.attempts),
+                timeout=OUTAGE_SECONDS + 120,
+                interval=0.05,
+                message="a reconnect attempt after the outage",
+            )
+        finally:
+            down.close()
+
+        store = StoreProcess(tmp_path, data_dir, hub, env=embedded, port=port, name="store-again")
+        store.wait_serving(timeout=60)
+        wait_for(ready, timeout=120, interval=0.2, message="the model READY in the restarted store")
+        events = transcribe(inference, SHORT, timeout=180)
+        assert events[-1].WhichOneof("event") == "completed"
+        assert "report" in " ".join(e.segment.text for e in events if e.WhichOneof("event") == "segment")
+    finally:
+        inference.close()
+        store.close()
