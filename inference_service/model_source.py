@@ -30,7 +30,7 @@ from voxserve_common.errors import FailedPrecondition, InvalidArgument, Unavaila
 from voxserve_common.grpc_errors import ERROR_CATEGORY_KEY, error_for_status
 from voxserve_common.kinds import ModelKind
 from voxserve_common.security import client_security
-from voxserve_common.tls import open_channel
+from voxserve_common.tls import RECONNECT_BACKOFF_OPTIONS, open_channel
 from voxserve_common.tracing import trace_metadata
 
 logger = logging.getLogger(__name__)
@@ -78,17 +78,10 @@ def _raise_from_rpc(error: grpc.RpcError, action: str) -> NoReturn:
 T = TypeVar("T")
 STORE_RETRIES = (0.2, 0.5, 1.0, 2.0)  # seconds before each new attempt, with jitter
 
-# The channel's own reconnect backoff, bounded so that it retries within the budget above
-# (at least 2.96 s): by default gRPC waits 1 s, then 1.6x more each time up to 120 s, so after
-# a 30 s outage its next attempt came 16 s later (measured: attempts at 1.0, 2.3, 4.4, 9.1,
-# 15.8, 26.0, 42.1 s) and every call until then failed although the store was back. With
-# these it tries every 0.25-1 s (±20 % jitter) while the store is down: one refused
-# connection a second.
-STORE_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.max_receive_message_length", 64 << 20),
-]
+# The channel's reconnect backoff is bounded (RECONNECT_BACKOFF_OPTIONS: every 0.25-1 s) so it
+# retries within the budget above (at least 2.96 s): with gRPC's default (up to 120 s) the first
+# calls after a 30 s store outage failed for 16 s although the store was back.
+STORE_CHANNEL_OPTIONS = [*RECONNECT_BACKOFF_OPTIONS, ("grpc.max_receive_message_length", 64 << 20)]
 
 
 def call_with_retries(call: Callable[[], T]) -> T:

@@ -220,6 +220,17 @@ class _AioTokenInterceptor(
         return await continuation(self._details(details), requests)
 
 
+# A channel's own reconnect backoff, bounded: by default gRPC waits 1 s, then 1.6x more each
+# time up to 120 s, so after a 30 s outage of the service behind it the next attempt came 16 s
+# later (measured: attempts at 1.0, 2.3, 4.4, 9.1, 15.8, 26.0, 42.1 s) and every call until
+# then failed although that service was back. With these a channel tries every 0.25-1 s
+# (±20 % jitter) while the other side is down: one refused connection a second.
+RECONNECT_BACKOFF_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
 def open_channel(
     address: str,
     tls: ClientTls | None = None,

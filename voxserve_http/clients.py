@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from voxserve.inference.v1 import inference_pb2 as ipb
 from voxserve.inference.v1 import inference_pb2_grpc
 from voxserve.modelstore.v1 import modelstore_pb2_grpc
-from voxserve_common.tls import open_aio_channel
+from voxserve_common.tls import RECONNECT_BACKOFF_OPTIONS, open_aio_channel
 from voxserve_common.tracing import trace_metadata
 from voxserve_http.config import GatewayConfig
 from voxserve_http.errors import ApiError, from_rpc
@@ -63,8 +63,11 @@ class Backends:
         security = security or GatewaySecurity()
         # No token on the channels: the token goes per call, only for callers without one.
         self.backend_token = security.backend_token
-        self.store_channel = open_aio_channel(config.model_store, security.store_tls)
-        self.inference_channel = open_aio_channel(config.inference, security.inference_tls)
+        # Reconnect within a second of a backend coming back, not after gRPC's default backoff.
+        self.store_channel = open_aio_channel(config.model_store, security.store_tls, options=RECONNECT_BACKOFF_OPTIONS)
+        self.inference_channel = open_aio_channel(
+            config.inference, security.inference_tls, options=RECONNECT_BACKOFF_OPTIONS
+        )
         self.store = modelstore_pb2_grpc.ModelStoreStub(self.store_channel)
         self.inference = inference_pb2_grpc.InferenceStub(self.inference_channel)
 
