@@ -4,12 +4,13 @@ gRPC's default reconnect backoff (1 s, x1.6 up to 120 s) the gateway kept answer
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.hubserver import HubServer
 from tests.http_gateway.conftest import GatewayHandle
+from tests.hubserver import HubServer
 from tests.netfaults import DroppingPort
 from tests.support import StoreProcess, free_port, wait_for
 
@@ -45,7 +46,7 @@ def test_the_gateway_reconnects_to_a_store_that_comes_back(
                 down.close()
             assert statuses == {503}, statuses
             assert len(attempts) >= 2, down.attempts
-            gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:], strict=False)]
+            gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
             assert max(gaps) < MAX_GAP_SECONDS, f"reconnect attempts {gaps} s apart in the outage's second half"
 
             store = StoreProcess(tmp_path, data_dir, hub, port=port, name="store-again")
