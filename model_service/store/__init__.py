@@ -170,6 +170,10 @@ class ModelStore:
         self.catalog.get(model_id)
         registry = self.registry
         with registry.locked():
+            settled = registry.record(model_id).state not in BUSY_STATES
+        if settled:  # a client that saw READY may delete before the job has left the queue
+            self.downloads.wait_finishing(model_id)
+        with registry.locked():
             record = registry.record(model_id)
             if record.state in BUSY_STATES or self.downloads.is_downloading(model_id):
                 raise ModelBusy(f"{model_id} is {record.state.value}; cancel the download first (CancelDownload)")

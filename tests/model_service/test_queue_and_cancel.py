@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -145,3 +147,26 @@ def test_cancel_is_prompt_on_a_slow_source(store: StoreHandle, hub) -> None:
     thread.join(30)
     assert result["error"].code() == grpc.StatusCode.CANCELLED
     assert not partial_dir.exists()
+
+
+def test_delete_right_after_the_pull_ends_is_not_refused(store: StoreHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pull's stream ends when its job finishes; the job leaves the queue moments later. A
+    client that deletes the model as soon as its pull returned must not be told the model still
+    downloads (seen in CI on a loaded machine). The job's finish is slowed here to widen that window."""
+    from model_service.store.download.queue import DownloadJob
+
+    finish = DownloadJob.finish
+    slowed = threading.Event()
+
+    def slow_finish(job: DownloadJob, error: BaseException | None) -> None:
+        finish(job, error)  # the pull's stream ends here
+        if job.model_id == "test-text":
+            slowed.set()
+            time.sleep(1.0)  # ... and the job leaves the queue only after this
+
+    monkeypatch.setattr(DownloadJob, "finish", slow_finish)
+    events = list(store.stub.PullModel(pb.PullModelRequest(model_id="test-text"), timeout=60))
+    assert events[-1].state == pb.READY
+    model = store.stub.DeleteModel(pb.DeleteModelRequest(model_id="test-text"), timeout=30)
+    assert slowed.is_set()
+    assert model.state == pb.NOT_DOWNLOADED

@@ -304,7 +304,16 @@ class DownloadService:
             )
 
     def is_downloading(self, model_id: str) -> bool:
-        return self.queue.active(model_id) is not None
+        job = self.queue.active(model_id)
+        return job is not None and not job.done_event.is_set()
+
+    def wait_finishing(self, model_id: str, timeout: float = 10.0) -> None:
+        """Wait for the job of a model that already reached its end state: a job publishes
+        READY (or FAILED) as its last step and leaves the queue moments later, so a call
+        made on seeing that state must not find the job still running."""
+        job = self.queue.active(model_id)
+        if job is not None and job.started_at is not None:
+            job.done_event.wait(timeout)
 
     def stop(self) -> None:
         """Graceful stop: write the queue as it is now (resumed at the next start), then
