@@ -17,7 +17,7 @@ from faster_whisper import WhisperModel
 from inference_service.audio import decode_audio
 from inference_service.engines.batch_ops import GenerateCall, generate_key, split_batch, stack_batch
 from inference_service.engines.batching import BatchedJob, BatchReport, BatchSettings, DecodeScheduler, Lane
-from inference_service.live.decoder import BufferDecoder, DecodeSettings
+from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings
 from tests.support import DATA_DIR, TINY_EN_DIR, wait_for
 from voxserve_common.config import ConfigError
 from voxserve_common.errors import Cancelled, FailedPrecondition
