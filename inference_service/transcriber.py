@@ -19,11 +19,12 @@ from inference_service.audio import WHISPER_SAMPLE_RATE, audio_duration, decode_
 from inference_service.engines.first_segment import FirstUtterance, decode_first_utterance
 from inference_service.engines.speech_detector import SpeechDetector, VadSessions
 from inference_service.engines.whisper import Segment, TranscribeOptions, WhisperEngine
+from inference_service.errors import ModelLoadFailed
 from inference_service.jobs import Job, Phase, Progress
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import LoadProgress, ModelCache
 from inference_service.payloads import Completed
-from voxserve_common.errors import Cancelled
+from voxserve_common.errors import Cancelled, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
 logger = logging.getLogger(__name__)
 # Spans of the stages, children of the RPC span: the job's thread runs in a copy of the
@@ -195,10 +196,16 @@ class Transcriber:
         from inference_service.engines.vad import SileroVadEngine
 
         started = time.monotonic()
-        with (
-            self.cache.acquire_as(self.vad_model_id, SileroVadEngine, on_progress=relay) as vad,
-            tracer.start_as_current_span("inference.first_utterance") as span,
-        ):
+        try:
+            vad_lease = self.cache.acquire_as(self.vad_model_id, SileroVadEngine, on_progress=relay)
+        except (NotFound, Unavailable, FailedPrecondition, ResourceExhausted, ModelLoadFailed) as error:
+            # An optimisation never fails a transcription: without its VAD model, the plain path.
+            logger.warning(
+                "fast_first_segment not used: the VAD model is not available",
+                extra={"vad_model_id": self.vad_model_id, "reason": str(error)},
+            )
+            return None
+        with vad_lease as vad, tracer.start_as_current_span("inference.first_utterance") as span:
             if self._vad_sessions is None:
                 self._vad_sessions = VadSessions(self.cache.reserve)  # its memory counts in the budget
             detector = SpeechDetector(self._vad_sessions.session(vad.model.path))

@@ -44,7 +44,7 @@ def stream(handle: InferenceHandle, **options: Any) -> list[pb.TranscribeEvent]:
 
 @pytest.fixture
 def plain_service(start_inference: Any) -> InferenceHandle:
-    handle: InferenceHandle = start_inference()
+    handle: InferenceHandle = start_inference(fast_first_segment=False)
     return handle
 
 
@@ -62,8 +62,9 @@ def test_unset_or_false_on_a_plain_service_is_the_plain_path(plain_service: Infe
     assert not fast_path_taken(stream(plain_service))
 
 
-def test_on_a_fast_service_unset_follows_the_setting_and_false_turns_it_off(start_inference: Any) -> None:
-    handle: InferenceHandle = start_inference(fast_first_segment=True)
+def test_on_by_default_unset_follows_the_setting_and_false_turns_it_off(start_inference: Any) -> None:
+    handle: InferenceHandle = start_inference()
+    assert handle.config.fast_first_segment is True
     assert fast_path_taken(transcribe(handle, MULTI))
     assert not fast_path_taken(transcribe(handle, MULTI, fast_first_segment=False))
     assert not fast_path_taken(stream(handle, fast_first_segment=False))

@@ -14,10 +14,10 @@ def segments(events: list[Any]) -> list[Any]:
 
 
 def test_first_utterance_comes_first_and_the_rest_follows_without_repeating_it(start_inference: Any) -> None:
-    plain_handle = start_inference()
+    plain_handle = start_inference(fast_first_segment=False)
     plain = segments(transcribe(plain_handle, MULTI))
     plain_handle.stop()
-    fast_handle = start_inference(store=plain_handle.store, fast_first_segment=True)
+    fast_handle = start_inference(store=plain_handle.store)  # on by default
     events = transcribe(fast_handle, MULTI)
     fast = segments(events)
     assert [s.index for s in fast] == list(range(len(fast)))

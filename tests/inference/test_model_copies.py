@@ -179,6 +179,7 @@ def test_a_load_that_fails_on_a_corrupted_copy_fetches_it_again_and_loads(
     handle = start_inference(store_access="fetch")
     assert "report" in text_of(transcribe(handle, SHORT))
     handle.stub.UnloadModel(pb.UnloadModelRequest(model_id=MODEL))
+    loads = handle.stub.GetCacheStats(pb.GetCacheStatsRequest()).loads
     copy = the_copy(cache_dir)
     with open(copy / "model.bin", "r+b") as model_bin:
         model_bin.write(b"\xff" * 64)  # CTranslate2's header: "Unsupported model binary version"
@@ -186,7 +187,7 @@ def test_a_load_that_fails_on_a_corrupted_copy_fetches_it_again_and_loads(
     assert "report" in text_of(transcribe(handle, SHORT))
     assert_intact(the_copy(cache_dir))
     stats = handle.stub.GetCacheStats(pb.GetCacheStatsRequest())
-    assert stats.loads == 2
+    assert stats.loads == loads + 1  # the model loaded once more, from the copy fetched again
 
 
 def test_files_that_match_the_manifest_but_do_not_load_are_failed_precondition(

@@ -46,7 +46,9 @@ def test_auto_pull_through_the_store_relays_progress(start_store, start_inferenc
         e.progress for e in events if e.WhichOneof("event") == "progress" and e.progress.phase == pb.PULLING_MODEL
     ]
     assert pulling, "no PULLING_MODEL progress was relayed"
-    assert pulling[-1].bytes_total == sum((TINY_EN_DIR / n).stat().st_size for n in TINY_EN_FILES)
+    # (this hub has no VAD model: fast_first_segment's pull of it fails and the plain path runs)
+    whisper_bytes = sum((TINY_EN_DIR / n).stat().st_size for n in TINY_EN_FILES)
+    assert any(p.bytes_total == whisper_bytes and p.bytes_done == whisper_bytes for p in pulling)
     assert "report" in text_of(events)
     assert store.stub.GetModel(store_pb.GetModelRequest(model_id="test-tiny")).state == store_pb.READY
     assert hub.bytes_served() > 0
@@ -174,7 +176,8 @@ def test_metrics_endpoint_serves_cache_and_job_metrics(start_inference) -> None:
     )
     assert samples[("voxserve_real_time_factor_count", (("model_id", "whisper-tiny.en"),))] == 2
     assert samples[("voxserve_time_to_first_segment_seconds_count", (("model_id", "whisper-tiny.en"),))] == 2
-    assert samples[("voxserve_loaded_models", ())] == 1
+    loaded = handle.stub.ListLoadedModels(pb.ListLoadedModelsRequest()).models
+    assert samples[("voxserve_loaded_models", ())] == len(loaded)  # whisper, and the VAD of fast_first_segment
     method = "/voxserve.inference.v1.Inference/Transcribe"
     assert samples[("voxserve_rpc_requests_total", (("code", "OK"), ("method", method)))] == 2
 
