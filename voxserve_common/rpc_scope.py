@@ -45,14 +45,18 @@ class RpcScope:
         self.metrics = metrics
         self.code = grpc.StatusCode.OK
         self.detail = ""
+        self._finished = False
+        self._started = time.perf_counter()
+        self._peer = ""
 
     @contextlib.contextmanager
     def run(self) -> Iterator[None]:
         parent = context_from_metadata(self.context.invocation_metadata())
         # Read the peer now: grpc.aio's context.peer() on a cancelled call can crash.
         peer = self.context.peer()
+        self._peer = peer
         token = otel_context.attach(parent)
-        started = time.perf_counter()
+        self._started = time.perf_counter()
         if self.metrics:
             self.metrics.in_flight.labels(self.method).inc()
         try:
@@ -77,32 +81,42 @@ class RpcScope:
                     self.detail = "client cancelled or disconnected"
                     raise
                 finally:
-                    span.set_attribute("rpc.grpc.status_code", self.code.value[0])
-                    duration = time.perf_counter() - started
-                    if self.metrics:
-                        self.metrics.requests.labels(self.method, self.code.name).inc()
-                        self.metrics.duration.labels(self.method).observe(duration)
-                    level = logging.INFO if self.code in QUIET_CODES else logging.WARNING
-                    if self.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-                        level = logging.ERROR
-                    logger.log(
-                        level,
-                        "rpc finished",
-                        extra={
-                            "rpc_method": self.method,
-                            "grpc_code": self.code.name,
-                            "duration_ms": round(duration * 1000, 3),
-                            "peer": peer,
-                            **({"detail": self.detail} if self.detail else {}),
-                            **(
-                                {"error_category": category_for_code(self.code)}
-                                if self.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
-                                else {}
-                            ),
-                        },
-                    )
+                    self._finish(span)
         finally:
             otel_context.detach(token)
+
+    def _finish(self, span: trace.Span | None = None) -> None:
+        """Count the call, log its one line and mark its span: once, before the status leaves
+        (grpc.aio's abort sends the status at once, so a caller that saw an error and then
+        scraped /metrics or read the log must find the call there)."""
+        if self._finished:
+            return
+        self._finished = True
+        span = span or trace.get_current_span()
+        span.set_attribute("rpc.grpc.status_code", self.code.value[0])
+        duration = time.perf_counter() - self._started
+        if self.metrics:
+            self.metrics.requests.labels(self.method, self.code.name).inc()
+            self.metrics.duration.labels(self.method).observe(duration)
+        level = logging.INFO if self.code in QUIET_CODES else logging.WARNING
+        if self.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            level = logging.ERROR
+        logger.log(
+            level,
+            "rpc finished",
+            extra={
+                "rpc_method": self.method,
+                "grpc_code": self.code.name,
+                "duration_ms": round(duration * 1000, 3),
+                "peer": self._peer,
+                **({"detail": self.detail} if self.detail else {}),
+                **(
+                    {"error_category": category_for_code(self.code)}
+                    if self.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
+                    else {}
+                ),
+            },
+        )
 
     async def abort_for(self, error: BaseException) -> None:
         self.code = status_for(error)
@@ -112,6 +126,7 @@ class RpcScope:
             self.detail = f"internal error: {type(error).__name__}: {error}"
         # The error's category travels with the status, so a client can tell a service
         # that answered with an error from one it could not reach (same status code).
+        self._finish()
         await self.context.abort(
             self.code, self.detail, trailing_metadata=((ERROR_CATEGORY_KEY, wire_category(error)),)
         )
