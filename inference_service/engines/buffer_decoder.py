@@ -29,7 +29,7 @@ from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, FloatArray
-from inference_service.engines.whisper import WhisperEngine, Word
+from inference_service.engines.whisper import Word
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ PAD_SECONDS = 2.0  # silence after the audio so the model hears where it ends
 FULL_FRAMES = 3000  # 30 s of mel frames: Whisper's trained window
 MAX_SECONDS = 30.0
 STAMP_SLACK = 0.1  # a segment starting this close to the end of the audio, or after, is invented
+WINDOW_BUCKET_FRAMES = 1
+BOUND_FROM_WINDOW = True
 TOKENS_PER_SECOND = 6  # bound on the output: fast speech is ~4 tokens/s
 COMPRESSION_LIMIT = 2.4  # faster-whisper's compression_ratio_threshold: above it, text loops
 LOGPROB_LIMIT = -1.0  # faster-whisper's log_prob_threshold
@@ -81,10 +83,8 @@ class DecodeSettings:
     final_beam_size: int = 0
 
 
-def raw_model(engine: WhisperEngine) -> WhisperModel:
-    """The faster-whisper model inside a leased ``WhisperEngine`` (raises FailedPrecondition if
-    the engine was closed)."""
-    return engine.whisper_model
+def window_frames(frames: int) -> int:
+    return min(FULL_FRAMES, -(-frames // WINDOW_BUCKET_FRAMES) * WINDOW_BUCKET_FRAMES)
 
 
 class BufferDecoder:
@@ -129,7 +129,8 @@ class BufferDecoder:
     def _decode_features(
         self, features: np.ndarray, content_frames: int, prompt: str, seconds: float, beam: int, full: bool
     ) -> tuple[list[DecodedSegment], float, bool]:
-        frames = FULL_FRAMES if full else min(FULL_FRAMES, features.shape[1])
+        frames = FULL_FRAMES if full else window_frames(features.shape[1])
+        bound = seconds if full or not BOUND_FROM_WINDOW else max(seconds, frames / 100 - PAD_SECONDS)
         window = np.full((features.shape[0], frames), float(features.min()), np.float32)
         used = min(frames, features.shape[1])
         window[:, :used] = features[:, :used]
@@ -143,7 +144,7 @@ class BufferDecoder:
             beam_size=1 if sampling else beam,
             sampling_topk=0 if sampling else 1,  # 0: sample from the whole distribution
             sampling_temperature=self.settings.temperature if sampling else 1.0,
-            max_length=min(448, len(sequence) + int(seconds * TOKENS_PER_SECOND) + 8),
+            max_length=min(448, len(sequence) + int(bound * TOKENS_PER_SECOND) + 8),
             suppress_blank=True,
             suppress_tokens=self._suppress,
             return_scores=True,
