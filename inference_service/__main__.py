@@ -190,6 +190,7 @@ def live_limits(config: InferenceConfig) -> LiveLimits:
         decode_interval=config.live_decode_interval_seconds,
         beam_size=config.live_beam_size,
         final_beam_size=config.live_final_beam_size,
+        window_bucket=config.live_window_bucket_seconds,
     )
 
 

@@ -74,6 +74,10 @@ class InferenceConfig(ServiceSettings):
     live_decode_interval_seconds: float = 0.3
     live_beam_size: int = 1  # when the client leaves beam_size at 0
     live_final_beam_size: int = 5  # the endpoint decode that makes an utterance final (client beam_size 0)
+    # A live buffer's encoder window is padded to a whole number of these, so that buffers of
+    # different streams batch (0: not padded; a buffer batches only with one of its exact
+    # length). Costs compute when streams do not batch (engines/buffer_decoder.py).
+    live_window_bucket_seconds: float = 5.0
     # Transcribe/TranscribeStream: decode the first utterance on its own so its segment is
     # sent before the first 30 s window is decoded (see docs/performance.md for its cost).
     fast_first_segment: bool = False
@@ -109,6 +113,11 @@ class InferenceConfig(ServiceSettings):
             (0.05 <= self.live_decode_interval_seconds <= 5, "live_decode_interval_seconds", "must be 0.05-5"),
             (1 <= self.live_beam_size <= 20, "live_beam_size", "must be 1-20"),
             (1 <= self.live_final_beam_size <= 20, "live_final_beam_size", "must be 1-20"),
+            (
+                math.isfinite(self.live_window_bucket_seconds) and 0 <= self.live_window_bucket_seconds <= 30,
+                "live_window_bucket_seconds",
+                "must be 0-30 (0 = live windows are not padded)",
+            ),
             (bool(self.default_model), "default_model", "must not be empty"),
         ]
         check_settings(self, checks)

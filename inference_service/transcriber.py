@@ -340,6 +340,7 @@ def _batch_job(job: Job, engine: WhisperEngine, lane: Lane) -> BatchedJob:
 def _cancels_decodes(job: Job, engine: WhisperEngine) -> Iterator[None]:
     """While it lasts, cancelling the job takes its decodes waiting for a batch off the queue at
     once (they fail with Cancelled) instead of at the next stop check between segments."""
+
     def cancel() -> None:
         engine.cancel(job.job_id)
 

@@ -45,6 +45,7 @@ class LiveLimits:
     decode_interval: float = 0.3
     beam_size: int = 1
     final_beam_size: int = 5
+    window_bucket: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ class LiveService:
                 options.hotwords,
                 options.temperature,
                 final_beam_size=final_beam,
+                window_bucket=self.limits.window_bucket,
             ),
         )
         logger.debug(
