@@ -293,7 +293,10 @@ class WhisperEngine:
         batch_size: int = 8,
         without_timestamps: bool = True,
     ) -> tuple[TranscriptionInfo, Iterator[Segment]]:
-        """Like ``transcribe`` but decodes ``batch_size`` VAD chunks at once (faster on long audio).
+        """Like ``transcribe`` but decodes ``batch_size`` VAD chunks of one file at once, with
+        faster-whisper's BatchedInferencePipeline: an opt-in (``batched``) for one very long file,
+        which gives up the previous text as prompt and the temperature fallback. Its calls are
+        batches already and go to the model directly, beside the scheduler's.
 
         The pipeline needs chunk boundaries, so audio of 30 s or more always goes through
         the VAD. With ``without_timestamps`` (faster-whisper's default) each segment is a
