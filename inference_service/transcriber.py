@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -338,17 +339,25 @@ def _batch_job(job: Job, engine: WhisperEngine, lane: Lane) -> BatchedJob:
 
 @contextlib.contextmanager
 def _cancels_decodes(job: Job, engine: WhisperEngine) -> Iterator[None]:
-    """While it lasts, cancelling the job takes its decodes waiting for a batch off the queue at
-    once (they fail with Cancelled) instead of at the next stop check between segments."""
+    """While it lasts, cancelling the job, or its deadline passing, takes its decodes waiting for a
+    batch off the queue at once (they fail with Cancelled; JobManager tells a deadline from a
+    cancel) instead of at the next stop check between segments."""
 
     def cancel() -> None:
         engine.cancel(job.job_id)
 
     undo = job.on_cancel(cancel)
+    deadline = job.request.deadline
+    timer = None if deadline is None else threading.Timer(max(0.0, deadline - time.monotonic()), cancel)
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     try:
         yield
     finally:
         undo()
+        if timer is not None:
+            timer.cancel()
 
 
 def _phase_done(message: str, phase: str, started: float, **fields: object) -> None:

@@ -215,6 +215,23 @@ def test_a_cancel_takes_waiting_decodes_off_the_queue_frees_the_lease_and_the_ot
     assert scheduler.waiting == 0
 
 
+def test_a_passed_deadline_takes_waiting_decodes_off_the_queue(start_inference: Any) -> None:
+    handle: InferenceHandle = start_inference()
+    handle.app.schedulers.set_settings(BatchSettings(batch_size=8, batch_window_ms=600_000.0))
+    with handle.cache.acquire_as(MODEL, WhisperEngine) as lease:
+        scheduler = lease.model.scheduler
+        holder = lease.model.open_job("holder", Lane.FILE)  # the job's windows wait while it is open
+        with pytest.raises(grpc.RpcError) as caught:
+            list(handle.stub.Transcribe(request(MULTI, "late"), timeout=5))
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        job = handle.app.jobs.get("late")
+        assert job.done_event.wait(60), "the job still runs after its deadline"
+        assert job.state.value == "FAILED" and scheduler.waiting == 0  # it left while the holder held the queue
+        assert sample(handle, "voxserve_decode_items_total", op="encode", lane="file") == 0
+        holder.close()
+    wait_for(lambda: in_use(handle) == 0, timeout=30, message="every lease released")
+
+
 # --------------------------------------------------------------------------- live streams beside file jobs
 
 
