@@ -191,8 +191,8 @@ class DecodeScheduler:
     """Runs the encoder/decoder calls of every job of one Whisper model in batches, on one thread.
 
     A batch is the oldest latency item's group if any latency item waits (an urgent one's, a
-    live final, before the others), else the oldest file item's; a group is the items with equal keys (``batch_ops``: op, input shape, prompt layout,
-    decoding options). Latency items fill the batch first, then file items in arrival order, at
+    live final, before the others), else the oldest file item's; a group is the items with
+    equal keys (``batch_ops``: op, input shape, prompt layout, decoding options). Latency items fill the batch first, then file items in arrival order, at
     most one per file job, up to ``batch_size``. With fewer ready, the scheduler waits up to
     ``batch_window_ms`` after the oldest one arrived, unless every open job has an item waiting
     already (no one else could add to it).
