@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, NoReturn
 
+from inference_service.batch_telemetry import BatchTelemetry
 from inference_service.config import InferenceConfig
+from inference_service.engines.batching import BatchSettings
 from inference_service.engines.device import choose_device
 from inference_service.engines.loaders import make_loader
+from inference_service.engines.schedulers import DecodeSchedulers
 from inference_service.jobs import JobLimits, JobManager
 from inference_service.live.service import LiveLimits, LiveService
 from inference_service.memory import MemoryProbe, parse_memory_budget
@@ -46,16 +49,29 @@ class InferenceApp:
     source: StoreModelSource
     server: RunningServer
     metrics: InferenceMetrics
+    schedulers: DecodeSchedulers
+    transcriber: Transcriber
     live: LiveService | None = None
     preload_thread: threading.Thread | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
 
     # Settings a SIGHUP applies without a restart (besides the log levels): the cache's limits
-    # (the path SetCacheLimits takes), warm-up, the watchdog, and auto_pull (read at each
-    # resolve). The others (ports, TLS, the store's address, device, job and live limits)
-    # are built into objects at start-up and are reported as needing a restart.
+    # (the path SetCacheLimits takes), warm-up, the watchdog, auto_pull (read at each resolve),
+    # and the batch size and window (each decode scheduler reads them before its next batch;
+    # the batched pipeline at its next job). The others (ports, TLS, the store's address,
+    # device, job and live limits) are built into objects at start-up and are reported as
+    # needing a restart.
     reloadable_settings: ClassVar[frozenset[str]] = frozenset(
-        {"max_models", "memory_budget", "warmup", "watchdog_threshold", "watchdog_interval_seconds", "auto_pull"}
+        {
+            "max_models",
+            "memory_budget",
+            "warmup",
+            "watchdog_threshold",
+            "watchdog_interval_seconds",
+            "auto_pull",
+            "batch_size",
+            "batch_window_ms",
+        }
     )
 
     @property
@@ -84,6 +100,12 @@ class InferenceApp:
         self.cache.warmup = new.warmup
         if old.auto_pull != new.auto_pull:
             self.source.config = dataclasses.replace(self.source.config, auto_pull=new.auto_pull)
+        if (old.batch_size, old.batch_window_ms) != (new.batch_size, new.batch_window_ms):
+            self.schedulers.set_settings(batch_settings(new))
+            self.transcriber.batch_size = pipeline_batch_size(old.batched, new.batch_size)
+            logger.info(
+                "batch settings reloaded", extra={"batch_size": new.batch_size, "batch_window_ms": new.batch_window_ms}
+            )
         self.config = dataclasses.replace(old, **{name: getattr(new, name) for name in self.reloadable_settings})
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -99,7 +121,18 @@ class InferenceApp:
         self.source.close()
 
 
-def build_cache(config: InferenceConfig, source: StoreModelSource, metrics: InferenceMetrics) -> ModelCache:
+def batch_settings(config: InferenceConfig) -> BatchSettings:
+    return BatchSettings(batch_size=config.batch_size, batch_window_ms=config.batch_window_ms)
+
+
+def pipeline_batch_size(batched: bool, batch_size: int) -> int:
+    """The batched pipeline's chunks per call (0: the pipeline is off, the default)."""
+    return batch_size if batched else 0
+
+
+def build_cache(
+    config: InferenceConfig, source: StoreModelSource, metrics: InferenceMetrics, schedulers: DecodeSchedulers
+) -> ModelCache:
     device = choose_device(config.device, config.compute_type)
     probe = MemoryProbe()
     budget = parse_memory_budget(config.memory_budget, probe.device_total_bytes(device.device))
@@ -113,7 +146,7 @@ def build_cache(config: InferenceConfig, source: StoreModelSource, metrics: Infe
         warmup=config.warmup,
     )
     # A load that fails on a damaged copy in cache_dir fetches the copy again and loads once more.
-    load = reloading_loader(make_loader(device, config.cpu_threads), source.copies, source.resolve)
+    load = reloading_loader(make_loader(device, config.cpu_threads, schedulers), source.copies, source.resolve)
     return ModelCache(cache_config, source.resolve, load, metrics, probe)
 
 
@@ -157,6 +190,7 @@ def live_limits(config: InferenceConfig) -> LiveLimits:
         decode_interval=config.live_decode_interval_seconds,
         beam_size=config.live_beam_size,
         final_beam_size=config.live_final_beam_size,
+        window_bucket=config.live_window_bucket_seconds,
     )
 
 
@@ -167,9 +201,14 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
     metrics = InferenceMetrics()
     source = StoreModelSource(config, metrics=metrics)
     await asyncio.to_thread(source.copies.sweep_staging)  # before any fetch can stage a copy
-    cache = build_cache(config, source, metrics)
+    schedulers = DecodeSchedulers(batch_settings(config), BatchTelemetry(metrics))
+    cache = build_cache(config, source, metrics, schedulers)
     transcriber = Transcriber(
-        cache, config.vad_model, metrics, config.batch_size if config.batched else 0, config.fast_first_segment
+        cache,
+        config.vad_model,
+        metrics,
+        pipeline_batch_size(config.batched, config.batch_size),
+        config.fast_first_segment,
     )
     limits = JobLimits(
         config.max_running_jobs, config.max_queued_jobs, config.job_retention_seconds, config.job_history_events
@@ -193,7 +232,7 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
         authenticator=authenticator,
         ready=False,
     )
-    app = InferenceApp(config, cache, jobs, source, server, metrics, live)
+    app = InferenceApp(config, cache, jobs, source, server, metrics, schedulers, transcriber, live)
     server.on_stop.append(shutting_down.set)
     server.on_stop.append(app.stopping.set)
     loop = asyncio.get_running_loop()

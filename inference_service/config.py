@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from voxserve_common.config import ConfigError, ServiceSettings, check_settings
+
+# A longer wait for company only delays work: a decode of one window takes 0.1-1 s on a CPU.
+MAX_BATCH_WINDOW_MS = 1000.0
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,20 @@ class InferenceConfig(ServiceSettings):
     warmup: bool = True
     watchdog_interval_seconds: float = 5.0
     watchdog_threshold: float = 0.95
-    max_running_jobs: int = 1
-    # faster-whisper's BatchedInferencePipeline (batch_size VAD chunks at once; ~30 s
-    # segments without word-level timing unless asked): faster on long audio.
-    batched: bool = False
+    # Jobs that run at once. Their windows share batches (below), so running more jobs than
+    # batch_size only makes each wait for a later batch and hold its audio longer; the memory
+    # they hold counts in memory_budget (a job the budget cannot hold is RESOURCE_EXHAUSTED).
+    max_running_jobs: int = 8
+    # One decode scheduler per loaded Whisper model runs the encoder and decoder calls of every
+    # job, first-utterance decode and live stream in shared CTranslate2 batches: at most
+    # batch_size calls per batch; with fewer ready, it waits up to batch_window_ms for more
+    # (0 = never wait). Provisional defaults, until bench/bench_batching.py's comparison.
     batch_size: int = 8
+    batch_window_ms: float = 10.0
+    # faster-whisper's BatchedInferencePipeline, for one very long file: its VAD chunks decoded
+    # batch_size at once, without the previous text as prompt nor the temperature fallback
+    # (~30 s segments without word-level timing unless asked).
+    batched: bool = False
     max_queued_jobs: int = 16
     max_audio_bytes: int = 200 * 1024 * 1024
     job_retention_seconds: float = 600.0  # how long ended jobs stay watchable
@@ -61,6 +74,10 @@ class InferenceConfig(ServiceSettings):
     live_decode_interval_seconds: float = 0.3
     live_beam_size: int = 1  # when the client leaves beam_size at 0
     live_final_beam_size: int = 5  # the endpoint decode that makes an utterance final (client beam_size 0)
+    # A live buffer's encoder window is padded to a whole number of these, so that buffers of
+    # different streams batch (0: not padded; a buffer batches only with one of its exact
+    # length). Costs compute when streams do not batch (engines/buffer_decoder.py).
+    live_window_bucket_seconds: float = 5.0
     # Transcribe/TranscribeStream: decode the first utterance on its own so its segment is
     # sent before the first 30 s window is decoded. On by default: over 9 files of real and
     # synthetic speech its words were never worse than the plain path's (docs/performance.md,
@@ -75,6 +92,11 @@ class InferenceConfig(ServiceSettings):
             (self.max_models >= 1, "max_models", "must be >= 1"),
             (self.max_running_jobs >= 1, "max_running_jobs", "must be >= 1"),
             (1 <= self.batch_size <= 64, "batch_size", "must be 1-64"),
+            (
+                math.isfinite(self.batch_window_ms) and 0 <= self.batch_window_ms <= MAX_BATCH_WINDOW_MS,
+                "batch_window_ms",
+                f"must be 0-{MAX_BATCH_WINDOW_MS:g} (milliseconds; 0 = never wait for more work)",
+            ),
             (self.max_queued_jobs >= 0, "max_queued_jobs", "must be >= 0"),
             (self.max_audio_bytes > 0, "max_audio_bytes", "must be > 0"),
             (self.job_retention_seconds >= 0, "job_retention_seconds", "must be >= 0"),
@@ -93,6 +115,11 @@ class InferenceConfig(ServiceSettings):
             (0.05 <= self.live_decode_interval_seconds <= 5, "live_decode_interval_seconds", "must be 0.05-5"),
             (1 <= self.live_beam_size <= 20, "live_beam_size", "must be 1-20"),
             (1 <= self.live_final_beam_size <= 20, "live_final_beam_size", "must be 1-20"),
+            (
+                math.isfinite(self.live_window_bucket_seconds) and 0 <= self.live_window_bucket_seconds <= 30,
+                "live_window_bucket_seconds",
+                "must be 0-30 (0 = live windows are not padded)",
+            ),
             (bool(self.default_model), "default_model", "must not be empty"),
         ]
         check_settings(self, checks)

@@ -114,6 +114,7 @@ class Job:
         self.finished: float | None = None
         self.first_segment_at: float | None = None
         self._lock = threading.Lock()
+        self._on_cancel: list[Callable[[], None]] = []
         self._log: EventLog[JobEvent] = EventLog(history)
 
     @property
@@ -133,6 +134,31 @@ class Job:
     ) -> AsyncGenerator[Followed[JobEvent], None]:
         """EventLog.follow over the job's events; End comes after the job's last event."""
         return self._log.follow(after_sequence, stop=stop)
+
+    def cancel(self) -> None:
+        """Stop the job: ``should_stop`` turns true, and the work it waits for is told at once
+        (``on_cancel``: its decodes waiting for a batch leave the queue)."""
+        with self._lock:
+            self.cancel_event.set()
+            callbacks = list(self._on_cancel)
+        for callback in callbacks:
+            callback()
+
+    def on_cancel(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when the job is cancelled (now, if it was already); returns the undo."""
+        with self._lock:
+            cancelled = self.cancel_event.is_set()
+            if not cancelled:
+                self._on_cancel.append(callback)
+        if cancelled:
+            callback()
+
+        def undo() -> None:
+            with self._lock:
+                if callback in self._on_cancel:
+                    self._on_cancel.remove(callback)
+
+        return undo
 
     def should_stop(self) -> bool:
         if self.cancel_event.is_set():
@@ -223,7 +249,7 @@ class JobManager:
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
         if job.state not in ENDED:
-            job.cancel_event.set()
+            job.cancel()
             logger.info("job cancel requested", extra={"job_id": job_id})
         return job
 
@@ -237,7 +263,7 @@ class JobManager:
             jobs = list(self._jobs.values())
         for job in jobs:
             if job.state not in ENDED:
-                job.cancel_event.set()
+                job.cancel()
         self._pool.shutdown(wait=wait, cancel_futures=False)
 
     def _execute(self, job: Job) -> None:

@@ -12,6 +12,8 @@ TTFS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 LIVE_LATENCY_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 LIVE_LAG_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 30)
 DECODE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+BATCH_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STORE_FAILURE_REASONS = ("store_unreachable", "sources_failed")
 
 
@@ -25,6 +27,7 @@ class InferenceMetrics:
         self._cache_metrics(r)
         self._job_metrics(r)
         self._live_metrics(r)
+        self._batch_metrics(r)
         self._store_metrics(r)
 
     def _cache_metrics(self, r: CollectorRegistry) -> None:
@@ -132,6 +135,35 @@ class InferenceMetrics:
             "Live streams: compute time of one decode of a stream's buffer.",
             ["model_id"],
             buckets=DECODE_BUCKETS,
+            registry=r,
+        )
+
+    def _batch_metrics(self, r: CollectorRegistry) -> None:
+        """The decode schedulers: encoder/decoder calls of every job and stream run in shared batches."""
+        self.decode_batch_size = Histogram(
+            "voxserve_decode_batch_size",
+            "Items (one job's encoder or decoder call each) in one batched CTranslate2 call, by op (encode, generate).",
+            ["model_id", "op"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.decode_items_waiting = Gauge(
+            "voxserve_decode_items_waiting",
+            "Encoder/decoder calls waiting for a batch on the model's decode scheduler.",
+            ["model_id"],
+            registry=r,
+        )
+        self.decode_wait = Histogram(
+            "voxserve_decode_wait_seconds",
+            "Time an encoder/decoder call waited for its batch to start, by lane (latency, file).",
+            ["model_id", "lane"],
+            buckets=BATCH_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.decode_items = Counter(
+            "voxserve_decode_items",
+            "Encoder/decoder calls run in batches, by op and lane (rate() = items decoded per second).",
+            ["model_id", "op", "lane"],
             registry=r,
         )
 

@@ -79,7 +79,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             finally:
                 if not completed and not job.client_named and job.state not in ENDED:
                     # The caller went away and gave no job_id to come back with: stop the work.
-                    job.cancel_event.set()
+                    job.cancel()
                     logger.info("client left; job cancelled")
 
     async def _follow(self, job: Job, after: int, stop_at_shutdown: bool = True) -> AsyncIterator[JobEvent]:
@@ -105,7 +105,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     )
                 elif isinstance(item, End):
                     if not item.closed:
-                        job.cancel_event.set()
+                        job.cancel()
                         async for event in self._follow(job, item.sequence, stop_at_shutdown=False):
                             yield event
                     elif job.error is not None:

@@ -7,23 +7,27 @@ passed deadline stops the work between segments.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import numpy as np
 from opentelemetry import trace
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, audio_duration, decode_audio
+from inference_service.engines.batching import BatchedJob, Lane
 from inference_service.engines.first_segment import FirstUtterance, decode_first_utterance
 from inference_service.engines.speech_detector import SpeechDetector, VadSessions
-from inference_service.engines.whisper import Segment, TranscribeOptions, WhisperEngine
+from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo, WhisperEngine
 from inference_service.errors import ModelLoadFailed
 from inference_service.jobs import Job, Phase, Progress
 from inference_service.metrics import InferenceMetrics
-from inference_service.model_cache import LoadProgress, ModelCache
+from inference_service.model_cache import LoadProgress, ModelCache, Reservation
 from inference_service.payloads import Completed
+from voxserve_common.client_strings import shown
 from voxserve_common.errors import Cancelled, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -33,6 +37,18 @@ tracer = trace.get_tracer("voxserve.inference")
 
 
 SILENCE_PEAK = 1e-3  # -60 dBFS: below this everywhere, the audio holds no speech
+# What a running job holds besides its models, per second of audio, for the cache's budget:
+# faster-whisper computes the mel features of the whole file before its first window, and that
+# is the peak: 0.93-0.96 MB per audio second (the STFT's complex frames), 0.10-0.17 MB after it
+# (the samples, 64 kB/s, and the features, 32 kB/s with 80 mels). Measured on tiny.en int8 with
+# the service's malloc thresholds, RSS sampled every 2 ms, 120 s and 600 s of audio. The peak is
+# reserved for the whole job: jobs that start together must not find it promised twice.
+JOB_BYTES_PER_AUDIO_SECOND = 1_000_000
+
+
+def job_bytes(request_bytes: int, audio_seconds: float) -> int:
+    """Upper bound of what one transcription holds: the request's bytes and its audio's peak."""
+    return request_bytes + int(audio_seconds * JOB_BYTES_PER_AUDIO_SECOND)
 
 
 def is_silent(audio: np.ndarray) -> bool:
@@ -93,7 +109,11 @@ class Transcriber:
         self._check_stop(job)
         relay = _relay_to(job)
         acquiring = time.monotonic()
-        with self.cache.acquire_as(request.model_id, WhisperEngine, on_progress=relay) as lease:
+        with (
+            self.cache.acquire_as(request.model_id, WhisperEngine, on_progress=relay) as lease,
+            self._held_by(job, duration),
+            _cancels_decodes(job, lease.model),
+        ):
             load_seconds = lease.load_seconds
             cache_hit = lease.cache_hit
             _phase_done("model acquired", "model_acquire", acquiring, cache_hit=cache_hit)
@@ -129,6 +149,16 @@ class Transcriber:
                 span.set_attribute("voxserve.transcription.fast_first_segment", first is not None)
             self._complete(job, started, duration, load_seconds, cache_hit, texts)
 
+    def _held_by(self, job: Job, duration: float) -> Reservation:
+        """The job's own memory counted in the cache's budget while it runs (idle models make room).
+
+        Raises:
+            CacheFull: models in use or pinned and the other jobs and streams leave no room
+                (RESOURCE_EXHAUSTED for the caller, with the figures).
+        """
+        nbytes = job_bytes(len(job.request.audio), duration)
+        return self.cache.reserve(nbytes, f"transcription job {shown(job.job_id)} ({duration:.0f} s of audio)")
+
     def _transcribe(
         self,
         job: Job,
@@ -150,8 +180,22 @@ class Transcriber:
                 batch_size=self.batch_size,
                 without_timestamps=not options.word_timestamps,
             )
+            texts = self._emit_segments(job, info, segments, first, duration)
         else:
-            info, segments = engine.transcribe(audio, options, job.should_stop)
+            with _batch_job(job, engine, Lane.FILE) as batch:
+                info, segments = engine.transcribe(audio, options, job.should_stop, batch)
+                texts = self._emit_segments(job, info, segments, first, duration)
+        _phase_done("audio transcribed", "transcribing", started, segments=len(texts), language=info.language)
+        return texts
+
+    def _emit_segments(
+        self,
+        job: Job,
+        info: TranscriptionInfo,
+        segments: Iterator[Segment],
+        first: FirstUtterance | None,
+        duration: float,
+    ) -> list[str]:
         job.emit(info)
         span = trace.get_current_span()
         span.set_attribute("voxserve.transcription.language", info.language)
@@ -170,13 +214,12 @@ class Transcriber:
             texts.append(segment.text)
             percent = min(100.0, 100.0 * segment.end / duration) if duration else 100.0
             job.emit(Progress(Phase.TRANSCRIBING, percent))
-        _phase_done("audio transcribed", "transcribing", started, segments=len(texts), language=info.language)
         return texts
 
     def _first_utterance(
         self,
         job: Job,
-        engine: object,
+        engine: WhisperEngine,
         audio: np.ndarray,
         options: TranscribeOptions,
         relay: Callable[[LoadProgress], None],
@@ -209,7 +252,8 @@ class Transcriber:
             if self._vad_sessions is None:
                 self._vad_sessions = VadSessions(self.cache.reserve)  # its memory counts in the budget
             detector = SpeechDetector(self._vad_sessions.session(vad.model.path))
-            first = decode_first_utterance(engine, detector, audio, options)
+            with _batch_job(job, engine, Lane.LATENCY) as batch:
+                first = decode_first_utterance(batch.model, detector, audio, options)
             span.set_attribute("voxserve.first_utterance.found", first is not None)
             if first is not None:
                 span.set_attribute("voxserve.first_utterance.resume_at", first.resume_at)
@@ -292,6 +336,35 @@ class Transcriber:
     def _check_stop(job: Job) -> None:
         if job.should_stop():
             raise Cancelled("job cancelled")
+
+
+def _batch_job(job: Job, engine: WhisperEngine, lane: Lane) -> BatchedJob:
+    """The job's handle on the model's decode scheduler, linked to the current span (the
+    transcription's), so each batch's span names the jobs it served."""
+    return engine.open_job(job.job_id, lane, trace.get_current_span().get_span_context())
+
+
+@contextlib.contextmanager
+def _cancels_decodes(job: Job, engine: WhisperEngine) -> Iterator[None]:
+    """While it lasts, cancelling the job, or its deadline passing, takes its decodes waiting for a
+    batch off the queue at once (they fail with Cancelled; JobManager tells a deadline from a
+    cancel) instead of at the next stop check between segments."""
+
+    def cancel() -> None:
+        engine.cancel(job.job_id)
+
+    undo = job.on_cancel(cancel)
+    deadline = job.request.deadline
+    timer = None if deadline is None else threading.Timer(max(0.0, deadline - time.monotonic()), cancel)
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        undo()
+        if timer is not None:
+            timer.cancel()
 
 
 def _phase_done(message: str, phase: str, started: float, **fields: object) -> None:

@@ -124,6 +124,7 @@ class _Item:
     key: Hashable
     job: BatchedJob
     call: EncodeCall | GenerateCall
+    urgent: bool = False
     submitted: float = field(default_factory=time.monotonic)
     future: Future[Any] = field(default_factory=Future)
 
@@ -140,6 +141,7 @@ class BatchedJob:
         self.link = link
         self.cancelled = False
         self.closed = False
+        self.urgent = False  # a latency job's calls that go before its lane's other items (a live final)
         self.model: WhisperModel = copy.copy(scheduler.whisper_model)
         self.model.model = ScheduledWhisper(scheduler.whisper_model.model, self)
 
@@ -188,9 +190,9 @@ class ScheduledWhisper:
 class DecodeScheduler:
     """Runs the encoder/decoder calls of every job of one Whisper model in batches, on one thread.
 
-    A batch is the oldest latency item's group if any latency item waits, else the oldest file
-    item's; a group is the items with equal keys (``batch_ops``: op, input shape, prompt layout,
-    decoding options). Latency items fill the batch first, then file items in arrival order, at
+    A batch is the oldest latency item's group if any latency item waits (an urgent one's, a
+    live final, before the others), else the oldest file item's; a group is the items with
+    equal keys (``batch_ops``: op, input shape, prompt layout, decoding options). Latency items fill the batch first, then file items in arrival order, at
     most one per file job, up to ``batch_size``. With fewer ready, the scheduler waits up to
     ``batch_window_ms`` after the oldest one arrived, unless every open job has an item waiting
     already (no one else could add to it).
@@ -259,6 +261,12 @@ class DecodeScheduler:
             self._waiting_changed(waiting)
         return len(removed)
 
+    def set_settings(self, settings: BatchSettings) -> None:
+        """New batch size and window, in force from the next batch (a SIGHUP reload)."""
+        with self._cond:
+            self.settings = settings
+            self._cond.notify()
+
     @property
     def waiting(self) -> int:
         with self._cond:
@@ -283,7 +291,7 @@ class DecodeScheduler:
             FailedPrecondition: the job or the scheduler was closed.
             Exception: what CTranslate2 raised for this call (run alone after a failed batch).
         """
-        item = _Item(op, self._key(op, call), job, call)
+        item = _Item(op, self._key(op, call), job, call, job.urgent)
         with self._cond:
             self._check_open()
             if job.cancelled:
@@ -354,9 +362,10 @@ class DecodeScheduler:
         return None if head is None else max(0.0, self._window_left(head))
 
     def _head(self) -> _Item | None:
-        for item in self._waiting:
-            if item.job.lane is Lane.LATENCY:
-                return item
+        """The oldest urgent latency item, else the oldest latency item, else the oldest item."""
+        latency = [item for item in self._waiting if item.job.lane is Lane.LATENCY]
+        if latency:
+            return min(latency, key=lambda item: not item.urgent)  # min keeps the first of equals
         return self._waiting[0] if self._waiting else None
 
     def _gather(self, head: _Item) -> list[_Item]:

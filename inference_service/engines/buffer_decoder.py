@@ -5,9 +5,10 @@ machine (2 cores, tiny.en int8) that encoder pass alone takes 0.24-0.32 s whatev
 audio length, and a 3 s live buffer costs as much as 30 s of audio. CTranslate2 accepts
 shorter mel inputs: the encoder then costs 47 ms for 10 s and 18 ms for 5 s. Whisper was
 trained on 30 s windows, so a cut window occasionally loops ("the fourth Friday, the
-fourth Friday...") when the audio ends abruptly; the buffer is therefore padded with 1 s
-of silence, the output length is bounded by the audio length, and a looping or unlikely
-result is decoded again the standard way (30 s window). Measured on tests/data
+fourth Friday...") when the audio ends abruptly; the buffer is therefore padded with 2 s
+of silence (then up to a whole 5 s bucket, so that buffers of different streams batch), the
+output length is bounded by the padded length, and a looping or unlikely result is decoded
+again the standard way (30 s window). Measured on tests/data
 speech_multi.wav cut at every second from 2 to 25 s: the same transcript as the 30 s path
 (WER 0.022 both, vs the reference), in half the time even at those lengths.
 """
@@ -29,7 +30,7 @@ from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, FloatArray
-from inference_service.engines.whisper import WhisperEngine, Word
+from inference_service.engines.whisper import Word
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,17 @@ PAD_SECONDS = 2.0  # silence after the audio so the model hears where it ends
 FULL_FRAMES = 3000  # 30 s of mel frames: Whisper's trained window
 MAX_SECONDS = 30.0
 STAMP_SLACK = 0.1  # a segment starting this close to the end of the audio, or after, is invented
+# A cut window (audio + pad) is padded up to a whole number of buckets (DecodeSettings.window_bucket,
+# the service's live_window_bucket_seconds), and its output bound follows the padded length: the
+# encoder and decoder calls of every buffer in one bucket have the same shape and options, so
+# buffers of different streams share a batch (the decode scheduler), and a stream's words depend
+# on its own audio only, never on who else streams. Measured on tiny.en, streams replayed offline
+# (LiveSession, Silero VAD, every decode at once), WER without a bucket / 1 / 2 / 3 / 5 / 10 s:
+# JFK x6 0.0 / 1.5 / 5.3 / 5.3 / 1.5 / 0.0 %, speech_multi.wav x2 1.1 % for all, 15 espeak-ng
+# sentences 10.3 / 11.6 / 11.6 / 10.3 / 10.3 / 11.0 % (what padding adds: a trailing "you." or a
+# phrase said twice). Compute of those streams with 5 s: 1.13x; 2 / 4 / 8 buffers of one bucket
+# decoded in one batch: 1.04x / 1.29x / 1.38x faster than one by one (docs/performance.md).
+WINDOW_BUCKET_SECONDS = 5.0
 TOKENS_PER_SECOND = 6  # bound on the output: fast speech is ~4 tokens/s
 COMPRESSION_LIMIT = 2.4  # faster-whisper's compression_ratio_threshold: above it, text loops
 LOGPROB_LIMIT = -1.0  # faster-whisper's log_prob_threshold
@@ -79,12 +91,14 @@ class DecodeSettings:
     # fast; the endpoint decode decides the words for good: on JFK x6 greedy read "Ask not"
     # alone as "S NOT" in 2 of 6 repetitions, beam 5 in none (docs/performance.md).
     final_beam_size: int = 0
+    # Cut windows are padded to a whole number of these (0: not padded; see WINDOW_BUCKET_SECONDS).
+    window_bucket: float = WINDOW_BUCKET_SECONDS
 
 
-def raw_model(engine: WhisperEngine) -> WhisperModel:
-    """The faster-whisper model inside a leased ``WhisperEngine`` (raises FailedPrecondition if
-    the engine was closed)."""
-    return engine.whisper_model
+def window_frames(frames: int, bucket_seconds: float) -> int:
+    """The encoder length of a cut window of ``frames`` mel frames: the next whole bucket (at most 30 s)."""
+    bucket = max(1, round(bucket_seconds * 100))
+    return min(FULL_FRAMES, -(-frames // bucket) * bucket)
 
 
 class BufferDecoder:
@@ -129,7 +143,10 @@ class BufferDecoder:
     def _decode_features(
         self, features: np.ndarray, content_frames: int, prompt: str, seconds: float, beam: int, full: bool
     ) -> tuple[list[DecodedSegment], float, bool]:
-        frames = FULL_FRAMES if full else min(FULL_FRAMES, features.shape[1])
+        frames = FULL_FRAMES if full else window_frames(features.shape[1], self.settings.window_bucket)
+        # The output bound of a bucket's decodes is one (the calls' options must be equal to
+        # share a batch); the 30 s fallback keeps the audio's own.
+        bound = seconds if full else max(seconds, frames / 100 - PAD_SECONDS)
         window = np.full((features.shape[0], frames), float(features.min()), np.float32)
         used = min(frames, features.shape[1])
         window[:, :used] = features[:, :used]
@@ -143,7 +160,7 @@ class BufferDecoder:
             beam_size=1 if sampling else beam,
             sampling_topk=0 if sampling else 1,  # 0: sample from the whole distribution
             sampling_temperature=self.settings.temperature if sampling else 1.0,
-            max_length=min(448, len(sequence) + int(seconds * TOKENS_PER_SECOND) + 8),
+            max_length=min(448, len(sequence) + int(bound * TOKENS_PER_SECOND) + 8),
             suppress_blank=True,
             suppress_tokens=self._suppress,
             return_scores=True,

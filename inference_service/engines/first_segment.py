@@ -9,10 +9,11 @@ length) comes out in a fraction of that; the plain path then starts where it end
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from faster_whisper import WhisperModel
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, FloatArray
-from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings, raw_model
+from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings
 from inference_service.engines.speech_detector import CHUNK_SECONDS, SpeechDetector, VadThresholds
 from inference_service.engines.whisper import Segment, TranscribeOptions
 
@@ -49,9 +50,11 @@ def first_speech_span(detector: SpeechDetector, audio: FloatArray) -> tuple[floa
 
 
 def decode_first_utterance(
-    engine: Any, detector: SpeechDetector, audio: FloatArray, options: TranscribeOptions
+    model: WhisperModel, detector: SpeechDetector, audio: FloatArray, options: TranscribeOptions
 ) -> FirstUtterance | None:
-    """The first utterance as segment 0, or None (no early pause, or nothing said in it)."""
+    """The first utterance as segment 0, or None (no early pause, or nothing said in it).
+    ``model``: the model of a latency-lane job (``WhisperEngine.open_job``), so that the decode
+    goes before the file windows waiting for a batch."""
     span = first_speech_span(detector, audio)
     if span is None:
         return None
@@ -64,7 +67,7 @@ def decode_first_utterance(
         options.hotwords,
         options.temperature,
     )
-    decoder = BufferDecoder(raw_model(engine), settings)
+    decoder = BufferDecoder(model, settings)
     samples = audio[int(start * WHISPER_SAMPLE_RATE) : int(end * WHISPER_SAMPLE_RATE)]
     hypothesis = decoder.decode(samples, options.initial_prompt or "")
     texts = [s.text for s in hypothesis.segments]

@@ -6,18 +6,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from inference_service.engines.device import DeviceChoice
+from inference_service.engines.schedulers import DecodeSchedulers
 from inference_service.engines.whisper import WhisperEngine
 from inference_service.model_cache.cache_types import LoadedModel, ModelSpec
 from voxserve_common.errors import InvalidArgument
 from voxserve_common.kinds import ModelKind
 
 
-def make_loader(device: DeviceChoice, cpu_threads: int = 0) -> Callable[[ModelSpec], LoadedModel]:
-    """The cache's load function: builds the right engine for the model's kind."""
+def make_loader(
+    device: DeviceChoice, cpu_threads: int = 0, schedulers: DecodeSchedulers | None = None
+) -> Callable[[ModelSpec], LoadedModel]:
+    """The cache's load function: builds the right engine for the model's kind (a Whisper model
+    with its decode scheduler from ``schedulers``)."""
 
     def load(spec: ModelSpec) -> LoadedModel:
         if spec.kind == ModelKind.WHISPER:
-            return WhisperEngine.load(spec.model_id, spec.path, device, cpu_threads)
+            return WhisperEngine.load(spec.model_id, spec.path, device, cpu_threads, schedulers)
         if spec.kind == ModelKind.VAD:
             from inference_service.engines.vad import SileroVadEngine
 

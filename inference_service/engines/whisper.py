@@ -13,7 +13,9 @@ import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
+from inference_service.engines.batching import BatchedJob, DecodeScheduler, Lane
 from inference_service.engines.device import DeviceChoice
+from inference_service.engines.schedulers import UNBATCHED, DecodeSchedulers
 from inference_service.errors import InvalidAudio, InvalidOptions, ModelFilesMissing, ModelLoadFailed
 from voxserve_common.client_strings import shown
 from voxserve_common.errors import Cancelled, FailedPrecondition
@@ -109,19 +111,32 @@ class TranscriptionInfo:
 
 
 class WhisperEngine:
-    """A loaded faster-whisper model; one instance may serve many requests (CTranslate2 is thread-safe)."""
+    """A loaded faster-whisper model; one instance serves many requests at once: the encoder and
+    decoder calls of every job opened on it (``open_job``) run in shared batches on its
+    ``DecodeScheduler`` (engines/batching.py)."""
 
     kind: ClassVar[ModelKind] = ModelKind.WHISPER
 
-    def __init__(self, model_id: str, model: WhisperModel, device: DeviceChoice) -> None:
+    def __init__(
+        self, model_id: str, model: WhisperModel, device: DeviceChoice, scheduler: DecodeScheduler | None = None
+    ) -> None:
         self.model_id = model_id
         self.choice = device
         self._model: WhisperModel | None = model
         self._batched: BatchedInferencePipeline | None = None
+        self.scheduler = scheduler or DecodeScheduler(model_id, model, UNBATCHED)
 
     @classmethod
-    def load(cls, model_id: str, model_dir: Path, device: DeviceChoice, cpu_threads: int = 0) -> WhisperEngine:
-        """Load a CTranslate2 Whisper model from a local directory (never from the network).
+    def load(
+        cls,
+        model_id: str,
+        model_dir: Path,
+        device: DeviceChoice,
+        cpu_threads: int = 0,
+        schedulers: DecodeSchedulers | None = None,
+    ) -> WhisperEngine:
+        """Load a CTranslate2 Whisper model from a local directory (never from the network), with
+        its scheduler from ``schedulers`` (the service's batch settings; none: every call alone).
 
         ``cpu_threads=0`` lets CTranslate2 pick (OMP_NUM_THREADS or 4).
 
@@ -147,7 +162,23 @@ class WhisperEngine:
         except Exception as exc:
             raise ModelLoadFailed(f"loading whisper model {model_id!r} from {model_dir} failed: {exc}") from exc
         logger.info("whisper model loaded", extra={"model_id": model_id, "device": device.device})
-        return cls(model_id, model, device)
+        return cls(model_id, model, device, schedulers.make(model_id, model) if schedulers is not None else None)
+
+    def open_job(self, key: str, lane: Lane, link: object | None = None) -> BatchedJob:
+        """A job's handle on this model's scheduler (a context manager): drive ``handle.model`` as a
+        faster-whisper model, or pass the handle to ``transcribe``. ``key`` is what ``cancel`` names
+        (the job id); ``link`` the job's span context, linked from the span of each batch serving it.
+
+        Raises:
+            FailedPrecondition: the engine was closed (evicted or unloaded).
+        """
+        self._loaded()
+        return self.scheduler.open_job(key, lane, link)
+
+    def cancel(self, key: str) -> int:
+        """The waiting encoder/decoder calls of the jobs opened with ``key`` fail with Cancelled at
+        once, and so do their later calls; returns how many calls left the queue."""
+        return self.scheduler.cancel(key)
 
     @property
     def is_multilingual(self) -> bool:
@@ -223,12 +254,15 @@ class WhisperEngine:
         audio: np.ndarray,
         options: TranscribeOptions,
         should_stop: Callable[[], bool] = _never,
+        batch: BatchedJob | None = None,
     ) -> tuple[TranscriptionInfo, Iterator[Segment]]:
         """Start a transcription of 16 kHz mono float32 audio.
 
         Options are validated, the VAD filter and language detection run now; the returned
         generator decodes one segment per ``next()``, so the caller can stream results and a
-        cancelled client stops the work: ``should_stop`` is polled before each segment.
+        cancelled client stops the work: ``should_stop`` is polled before each segment. With
+        ``batch`` (a handle from ``open_job``) its windows are decoded in batches shared with the
+        other jobs, with the same results as alone; the caller closes the handle.
 
         Raises:
             InvalidOptions, InvalidAudio: at call time.
@@ -236,7 +270,8 @@ class WhisperEngine:
         """
         opts = self.validate(options)
         samples = self._check_audio(audio)
-        segments, info = self._loaded().transcribe(
+        model = self._loaded() if batch is None else batch.model
+        segments, info = model.transcribe(
             samples,
             language=opts.language,
             task=opts.task,
@@ -258,7 +293,10 @@ class WhisperEngine:
         batch_size: int = 8,
         without_timestamps: bool = True,
     ) -> tuple[TranscriptionInfo, Iterator[Segment]]:
-        """Like ``transcribe`` but decodes ``batch_size`` VAD chunks at once (faster on long audio).
+        """Like ``transcribe`` but decodes ``batch_size`` VAD chunks of one file at once, with
+        faster-whisper's BatchedInferencePipeline: an opt-in (``batched``) for one very long file,
+        which gives up the previous text as prompt and the temperature fallback. Its calls are
+        batches already and go to the model directly, beside the scheduler's.
 
         The pipeline needs chunk boundaries, so audio of 30 s or more always goes through
         the VAD. With ``without_timestamps`` (faster-whisper's default) each segment is a
@@ -337,6 +375,7 @@ class WhisperEngine:
         """Free the model's memory now rather than whenever the garbage collector runs."""
         if self._model is None:
             return
+        self.scheduler.close()
         self._batched = None
         self._model = None
         gc.collect()

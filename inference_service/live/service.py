@@ -17,7 +17,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from typing_extensions import TypeVar
 
-from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings, raw_model
+from inference_service.engines.batching import BatchedJob, Lane
+from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings
 from inference_service.engines.speech_detector import SpeechDetector, VadSessions
 from inference_service.engines.whisper import TranscribeOptions, WhisperEngine
 from inference_service.live.memory import stream_bytes
@@ -44,6 +45,7 @@ class LiveLimits:
     decode_interval: float = 0.3
     beam_size: int = 1
     final_beam_size: int = 5
+    window_bucket: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,9 @@ class _Observer:
 
 
 class LiveService:
-    """Runs live streams: every stream of a model holds a lease on the one loaded copy and
-    queues its decodes on one shared DecodeWorker."""
+    """Runs live streams: every stream of a model holds a lease on the one loaded copy, runs its
+    decodes on the shared DecodeWorker (a thread per stream that may be open) and their model
+    calls in the latency lane of the model's decode scheduler, batched with other streams'."""
 
     def __init__(
         self, cache: ModelCache, vad_model_id: str, limits: LiveLimits, metrics: InferenceMetrics | None = None
@@ -103,7 +106,7 @@ class LiveService:
         self.vad_model_id = vad_model_id
         self.limits = limits
         self.metrics = metrics
-        self.worker = DecodeWorker()
+        self.worker = DecodeWorker(threads=limits.max_streams)
         self.vad_sessions = VadSessions(cache.reserve)
         self._lock = threading.Lock()
         self._active: dict[int, _Observer] = {}
@@ -146,7 +149,8 @@ class LiveService:
         pcm = PcmDecoder(request.encoding, request.sample_rate, request.channels)
         key, observer = self._admit(request.model_id)
         job_id = request.job_id or uuid.uuid4().hex
-        leases: list[_Held] = []  # model leases and the stream's memory reservation
+        leases: list[_Held] = []  # model leases, the stream's memory reservation, its scheduler handle
+        batch: BatchedJob | None = None
         stream: LiveStream | None = None
         outcome = "failed"
         started = time.monotonic()
@@ -169,7 +173,9 @@ class LiveService:
                 nbytes = stream_bytes(settings, self.limits.abandon_lag)
                 leases.append(await _off_loop(lambda: self.cache.reserve(nbytes, f"live stream {job_id}")))
                 span.set_attribute("voxserve.live.reserved_bytes", nbytes)
-                stream = self._stream(request, settings, pcm, whisper.model, vad.model.path, observer)
+                batch = whisper.model.open_job(job_id, Lane.LATENCY, span.get_span_context())
+                leases.insert(0, _Closing(batch))  # closed first: before the model may be evicted
+                stream = self._stream(request, settings, pcm, batch, whisper.model, vad.model.path, observer)
                 logger.info("live stream started", extra={"rate": request.sample_rate, "encoding": request.encoding})
                 yield stream.event(Accepted(0, request.model_id))
                 async for event in stream.run(audio):
@@ -196,7 +202,7 @@ class LiveService:
                 span.set_attribute("voxserve.live.decodes", stream.stats.decodes)
                 _log_stats(stream, job_id, request.model_id)
             span.end()
-            self._release(stream, leases)
+            self._release(stream, leases, batch)
             self._leave(key, outcome)
             logger.info("live stream ended", extra={"outcome": outcome, "job_id": job_id})
 
@@ -205,6 +211,7 @@ class LiveService:
         request: StreamRequest,
         settings: LiveSettings,
         pcm: PcmDecoder,
+        batch: BatchedJob,
         engine: WhisperEngine,
         vad_path: Path,
         observer: _Observer,
@@ -213,7 +220,7 @@ class LiveService:
         beam = options.beam_size if request.beam_size_given else self.limits.beam_size
         final_beam = options.beam_size if request.beam_size_given else self.limits.final_beam_size
         decoder = BufferDecoder(
-            raw_model(engine),
+            batch.model,
             DecodeSettings(
                 options.language,
                 options.task,
@@ -222,6 +229,7 @@ class LiveService:
                 options.hotwords,
                 options.temperature,
                 final_beam_size=final_beam,
+                window_bucket=self.limits.window_bucket,
             ),
         )
         logger.debug(
@@ -235,7 +243,9 @@ class LiveService:
             },
         )
         detector = SpeechDetector(self.vad_sessions.session(vad_path))
-        return LiveStream(LiveSession(settings), pcm, detector, decoder, self.worker, self.limits.abandon_lag, observer)
+        return LiveStream(
+            LiveSession(settings), pcm, detector, decoder, self.worker, self.limits.abandon_lag, observer, batch
+        )
 
     @staticmethod
     def _completed(stream: LiveStream, lease: Lease[WhisperEngine], started: float, texts: list[str]) -> Completed:
@@ -282,10 +292,13 @@ class LiveService:
         self.metrics.live_max_lag.set(lag)
 
     @staticmethod
-    def _release(stream: LiveStream | None, leases: list[_Held]) -> None:
-        """Give the models back, after the decode still running on them if there is one."""
+    def _release(stream: LiveStream | None, leases: list[_Held], batch: BatchedJob | None) -> None:
+        """Give the models back, after the decode still running on them if there is one (its calls
+        waiting for a batch leave the queue at once)."""
         future = stream.in_flight if stream is not None else None
         if future is not None and not future.cancel() and not future.done():
+            if batch is not None:
+                batch.cancel()
             future.add_done_callback(lambda _: _release_all(leases))
             return
         for lease in leases:
@@ -308,6 +321,16 @@ def _log_stats(stream: LiveStream, job_id: str, model_id: str) -> None:
             "rewrites": stats.rewrites,
         },
     )
+
+
+class _Closing:
+    """A scheduler handle held like a lease: closed when the stream lets its models go."""
+
+    def __init__(self, batch: BatchedJob) -> None:
+        self.batch = batch
+
+    def release(self) -> None:
+        self.batch.close()
 
 
 class _Held(Protocol):

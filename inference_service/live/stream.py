@@ -1,7 +1,8 @@
 """The driver of one live stream: audio in from the client, decodes on the shared worker, events out.
 
-Everything here runs on the server's event loop except the decodes (on the DecodeWorker
-thread). The session is touched only from the loop, so it needs no lock.
+Everything here runs on the server's event loop except the decodes (on a DecodeWorker thread,
+their model calls batched with other work by the model's decode scheduler). The session is
+touched only from the loop, so it needs no lock.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from inference_service.audio import FloatArray
+from inference_service.engines.batching import BatchedJob
 from inference_service.engines.buffer_decoder import BufferDecoder, Hypothesis
 from inference_service.engines.speech_detector import SpeechDetector
 from inference_service.live.pcm import PcmDecoder
@@ -110,6 +112,7 @@ class LiveStream:
         worker: DecodeWorker,
         abandon_lag: float,
         observer: StreamObserver | None = None,
+        batch: BatchedJob | None = None,
     ) -> None:
         self.session = session
         self.pcm = pcm
@@ -118,6 +121,7 @@ class LiveStream:
         self.worker = worker
         self.abandon_lag = abandon_lag
         self.observer: StreamObserver = observer or NoObserver()
+        self.batch = batch  # the decoder's handle on the scheduler: a final's calls go first
         self.stats = StreamStats()
         self.clock = ArrivalClock()
         self._sequence = 0
@@ -193,9 +197,13 @@ class LiveStream:
         job = self.session.finish_job() if self._ended else self.session.next_job()
         if job is None:
             return False
-        future = self.worker.submit(
-            lambda: self.decoder.decode(job.audio, job.prompt, final=job.final), FINAL if job.final else DRAFT
-        )
+
+        def decode() -> Hypothesis:
+            if self.batch is not None:
+                self.batch.urgent = job.final
+            return self.decoder.decode(job.audio, job.prompt, final=job.final)
+
+        future = self.worker.submit(decode, FINAL if job.final else DRAFT)
         self.in_flight, self._in_flight_job = future, job
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._wake.set))
         return True

@@ -199,6 +199,37 @@ def test_live_buffer_decode_through_the_latency_lane_matches_the_direct_decode(
     assert through.avg_logprob == pytest.approx(direct.avg_logprob)
 
 
+def test_live_buffers_of_two_streams_in_one_bucket_share_batches_and_decode_as_alone(
+    scheduler: DecodeScheduler, model: WhisperModel, recorder: Recorder
+) -> None:
+    """Buffers of 1.5 s and 2.5 s (with the pad: one 5 s bucket) of two streams: one encoder and
+    one decoder call for both, and each gets what it gets decoded alone."""
+    settings = DecodeSettings(language="en", task="transcribe", beam_size=1, word_timestamps=True, hotwords=None)
+    buffers = {"stream-a": MULTI[: int(1.5 * 16000)], "stream-b": MULTI[int(4.0 * 16000) : int(6.5 * 16000)]}
+    alone = {name: BufferDecoder(model, settings).decode(samples, "") for name, samples in buffers.items()}
+    holder = scheduler.open_job("holder", Lane.FILE)  # holds the first calls until both wait
+    jobs = {name: scheduler.open_job(name, Lane.LATENCY) for name in buffers}
+
+    def decode(name: str) -> Callable[[], Any]:
+        def work() -> Any:
+            with jobs[name] as job:
+                return BufferDecoder(job.model, settings).decode(buffers[name], "")
+
+        return work
+
+    results: dict[str, Any] = {}
+    threads = [start(decode(name), results, name) for name in buffers]
+    wait_for(lambda: scheduler.waiting == 2, message="both streams' encoder calls waiting")
+    holder.close()
+    for thread in threads:
+        thread.join(timeout=120)
+    for name in buffers:
+        assert results[name].segments == alone[name].segments
+        assert results[name].avg_logprob == pytest.approx(alone[name].avg_logprob)
+    assert [sorted(r.jobs) for r in recorder.reports[:2]] == [sorted(buffers)] * 2
+    assert [r.op for r in recorder.reports[:2]] == ["encode", "generate"]
+
+
 # --------------------------------------------------------------------------- queue behaviour
 
 

@@ -112,9 +112,14 @@ def test_sighup_applies_the_cache_limits_from_the_file_and_reports_the_rest(star
         stats = inference.stub.GetCacheStats(pb.GetCacheStatsRequest(), timeout=30)
         assert (stats.max_models, stats.memory_budget_bytes, stats.loaded_models) == (3, 2 << 30, 2)
 
-        config.write_text(
-            yaml.safe_dump({"max_models": 1, "memory_budget": "1GiB", "max_running_jobs": 2, "warmup": False})
-        )
+        changed = {
+            "max_models": 1,
+            "memory_budget": "1GiB",
+            "max_running_jobs": 2,
+            "batch_size": 4,
+            "batch_window_ms": 5,
+        }
+        config.write_text(yaml.safe_dump({**changed, "warmup": False}))
         inference.process.send_signal(signal.SIGHUP)
 
         def reloaded() -> pb.CacheStats | None:
@@ -130,7 +135,7 @@ def test_sighup_applies_the_cache_limits_from_the_file_and_reports_the_rest(star
             timeout=30,
             message="the reload record",
         )
-        assert set(record["applied"]) == {"max_models", "memory_budget", "warmup"}
+        assert set(record["applied"]) == {"max_models", "memory_budget", "warmup", "batch_size", "batch_window_ms"}
         assert record["needs_restart"] == ["max_running_jobs"]
         assert any(
             r["message"] == "some changed settings take effect only after a restart"
@@ -140,9 +145,7 @@ def test_sighup_applies_the_cache_limits_from_the_file_and_reports_the_rest(star
 
         # A SetCacheLimits since is not undone by a reload that leaves the limits alone.
         inference.stub.SetCacheLimits(pb.SetCacheLimitsRequest(memory_budget="3GiB"), timeout=30)
-        config.write_text(
-            yaml.safe_dump({"max_models": 1, "memory_budget": "1GiB", "max_running_jobs": 2, "warmup": True})
-        )
+        config.write_text(yaml.safe_dump({**changed, "warmup": True}))
         inference.process.send_signal(signal.SIGHUP)
         second = wait_for(
             lambda: [r for r in inference.records() if r["message"] == "settings reloaded"][1:],

@@ -7,6 +7,7 @@ which it sends in ``traceparent`` metadata.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +208,31 @@ def test_a_live_stream_has_one_span_with_its_decodes_as_events(
         assert event.attributes is not None
         assert float(event.attributes["seconds"]) > 0  # type: ignore[arg-type]
         assert float(event.attributes["lag_seconds"]) >= 0  # type: ignore[arg-type]
+    batches = [s for s in exporter.get_finished_spans() if s.name == "inference.decode_batch"]
+    assert any(link.context.span_id == span_id(live) for s in batches for link in s.links)
+
+
+def test_each_decode_batch_is_a_root_span_linked_to_the_jobs_it_served(
+    exporter: InMemorySpanExporter, start_inference: Any
+) -> None:
+    handle: InferenceHandle = start_inference(batch_size=8, batch_window_ms=1000.0)  # waits for every open job
+    audio = MULTI  # two jobs of one 25 s window each, the same options: their calls share batches
+    traces = [Trace(exporter), Trace(exporter)]
+    threads = [
+        threading.Thread(target=transcribe, args=(handle, audio), kwargs={"metadata": t.metadata}) for t in traces
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    jobs = {span_id(t.wait("inference.transcription")["inference.transcription"]) for t in traces}
+    batches = [s for s in exporter.get_finished_spans() if s.name == "inference.decode_batch"]
+    served = [s for s in batches if {link.context.span_id for link in s.links} & jobs]
+    assert served, "no batch span links to the jobs"
+    for span in served:
+        assert span.parent is None  # a root: a batch belongs to no single caller's trace
+        assert span.attributes is not None and span.attributes["voxserve.model_id"] == "whisper-tiny.en"
+        assert span.attributes["voxserve.batch.op"] in ("encode", "generate")
+        assert span.attributes["voxserve.batch.size"] == len(span.links)  # one call per file job
+        assert span.start_time is not None and span.end_time is not None and span.start_time <= span.end_time
+    assert any({link.context.span_id for link in s.links} == jobs for s in served), "no batch served both jobs"
