@@ -931,6 +931,46 @@ def inference() -> dict[str, Any]:
                 ],
             ),
             Row(
+                "Decode batching",
+                [
+                    Panel(
+                        "Batch size p50 / p95 by op",
+                        [
+                            Query(s.quantile(0.5, "voxserve_decode_batch_size", by="op"), "p50 {{op}}"),
+                            Query(s.quantile(0.95, "voxserve_decode_batch_size", by="op"), "p95 {{op}}"),
+                        ],
+                        width=6,
+                        description="Items (one job or stream each) in one batched encode or generate call; "
+                        "1 means no other request shared the call.",
+                    ),
+                    Panel(
+                        "Calls waiting for a batch",
+                        [Query(f"sum by (model_id) ({s.sel('voxserve_decode_items_waiting')})", "{{model_id}}")],
+                        width=6,
+                        description="Encoder/decoder calls queued on each model's decode scheduler; "
+                        "a steady climb means the node is saturated.",
+                    ),
+                    Panel(
+                        "Wait for a batch p50 / p95 by lane",
+                        [
+                            Query(s.quantile(0.5, "voxserve_decode_wait_seconds", by="lane"), "p50 {{lane}}"),
+                            Query(s.quantile(0.95, "voxserve_decode_wait_seconds", by="lane"), "p95 {{lane}}"),
+                        ],
+                        unit="s",
+                        width=6,
+                        description="The latency lane (live streams, first segments) should stay near batch_window_ms.",
+                    ),
+                    Panel(
+                        "Batched calls per second",
+                        [Query(f"sum by (op, lane) ({s.rate('voxserve_decode_items_total')})", "{{op}} {{lane}}")],
+                        unit="ops",
+                        width=6,
+                        stacked=True,
+                        description="Encoder/decoder calls run in batches, by op (encode, generate) and lane.",
+                    ),
+                ],
+            ),
+            Row(
                 "Model store (as this service sees it)",
                 [
                     Panel(
