@@ -209,6 +209,7 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
         metrics,
         pipeline_batch_size(config.batched, config.batch_size),
         config.fast_first_segment,
+        config.diarization_model,
     )
     limits = JobLimits(
         config.max_running_jobs, config.max_queued_jobs, config.job_retention_seconds, config.job_history_events

@@ -33,6 +33,9 @@ class InferenceConfig(ServiceSettings):
     auto_pull: bool = True  # pull models that are not READY through the store
     default_model: str = "whisper-tiny.en"
     vad_model: str = "silero-vad"
+    # Speaker diarization's speaker-embedding model when a request names none (its speech
+    # spans come from vad_model).
+    diarization_model: str = "campplus-diarization"
     device: str = "auto"  # auto | cpu | cuda
     compute_type: str | None = None  # default int8 on CPU, float16 on CUDA
     cpu_threads: int = 0  # 0 = ctranslate2's default

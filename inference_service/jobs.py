@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo
 from inference_service.metrics import InferenceMetrics
 from inference_service.payloads import Accepted, Completed
+from inference_service.speakers import DiarizationRequest
 from voxserve_common.client_strings import check_job_id, shown
 from voxserve_common.errors import (
     AlreadyExists,
@@ -57,6 +58,7 @@ class Phase(enum.StrEnum):
     VAD = "VAD"
     TRANSCRIBING = "TRANSCRIBING"
     DONE = "DONE"
+    DIARIZING = "DIARIZING"
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,14 @@ class JobRequest:
     job_id: str = ""
     deadline: float | None = None  # time.monotonic() value
     fast_first_segment: bool | None = None  # None: the service's setting
+    diarization: DiarizationRequest | None = None  # None: no speaker labels
 
     @property
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.audio)
         digest.update(repr((self.model_id, self.options, self.separate_model_id, self.fast_first_segment)).encode())
+        if self.diarization is not None:
+            digest.update(repr(self.diarization.key()).encode())
         return digest.hexdigest()
 
 

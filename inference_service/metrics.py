@@ -14,6 +14,7 @@ LIVE_LAG_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 30)
 DECODE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 BATCH_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+SPEAKER_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15)
 STORE_FAILURE_REASONS = ("store_unreachable", "sources_failed")
 
 
@@ -88,6 +89,20 @@ class InferenceMetrics:
             "From request to the first segment sent.",
             ["model_id"],
             buckets=TTFS_BUCKETS,
+            registry=r,
+        )
+        self.diarization_duration = Histogram(
+            "voxserve_diarization_duration_seconds",
+            "Time to find who spoke when in one job's audio (VAD, embeddings, clustering).",
+            ["model_id"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.diarization_speakers = Histogram(
+            "voxserve_diarization_speakers",
+            "Speakers found per diarized job.",
+            ["model_id"],
+            buckets=SPEAKER_BUCKETS,
             registry=r,
         )
 

@@ -39,6 +39,7 @@ KIND_NAMES: dict[store_pb.ModelKind, ModelKind] = {
     store_pb.WHISPER: ModelKind.WHISPER,
     store_pb.VAD: ModelKind.VAD,
     store_pb.DEMUCS: ModelKind.DEMUCS,
+    store_pb.DIARIZATION: ModelKind.DIARIZATION,
 }
 
 

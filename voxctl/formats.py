@@ -118,9 +118,16 @@ class TranscriptWriter:
         raise NotImplementedError
 
 
+def speaker_of(segment: SegmentLike) -> str:
+    """The segment's speaker label (diarized transcripts), else empty."""
+    return str(getattr(segment, "speaker", "") or "")
+
+
 class TextWriter(TranscriptWriter):
     def render(self, segment: SegmentLike, number: int) -> str:
-        return f"[{text_timestamp(segment.start)} -> {text_timestamp(segment.end)}] {segment.text.strip()}\n"
+        speaker = speaker_of(segment)
+        prefix = f"[{speaker}] " if speaker else ""
+        return f"[{text_timestamp(segment.start)} -> {text_timestamp(segment.end)}] {prefix}{segment.text.strip()}\n"
 
 
 class SrtWriter(TranscriptWriter):
@@ -128,6 +135,8 @@ class SrtWriter(TranscriptWriter):
         text = _cue_text(segment.text)
         if not text:
             return ""
+        speaker = speaker_of(segment)
+        text = f"[{speaker}] {text}" if speaker else text
         return f"{number}\n{srt_timestamp(segment.start)} --> {srt_timestamp(segment.end)}\n{text}\n\n"
 
 
@@ -143,6 +152,9 @@ class VttWriter(TranscriptWriter):
         text = _cue_text(segment.text)
         if not text:
             return ""
+        speaker = speaker_of(segment)
+        if speaker:  # WebVTT's voice span names who speaks the cue
+            text = f"<v {_vtt_voice(speaker)}>{text}"
         header = "" if self.header_written else "WEBVTT\n\n"
         self.header_written = True
         return f"{header}{vtt_timestamp(segment.start)} --> {vtt_timestamp(segment.end)}\n{text}\n\n"
@@ -163,6 +175,11 @@ class JsonLinesWriter(TranscriptWriter):
     def event(self, event: dict[str, Any]) -> None:
         self.out.write(json.dumps(event, ensure_ascii=False) + "\n")
         self.out.flush()
+
+
+def _vtt_voice(name: str) -> str:
+    # A voice annotation ends at ">", and "&" / "<" start escapes and tags.
+    return name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _cue_text(text: str) -> str:

@@ -24,7 +24,28 @@ RESUME_TRIES = 3
 TASKS = {"transcribe": pb.TRANSCRIBE, "translate": pb.TRANSLATE}
 
 
+def known_speakers(specs: list[str]) -> list[pb.KnownSpeaker]:
+    """``NAME=FILE`` arguments as known speakers with their clips' bytes."""
+    speakers = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CliError(
+                f"--known-speaker {spec!r}: write NAME=FILE (a short clip of that speaker alone)", exit_code=2
+            )
+        try:
+            with open(path, "rb") as clip:
+                speakers.append(pb.KnownSpeaker(name=name, audio=clip.read()))
+        except OSError as error:
+            raise CliError(f"--known-speaker {name}: cannot read {path}: {error.strerror}") from None
+    return speakers
+
+
 def transcribe_options(args: argparse.Namespace) -> pb.TranscribeOptions:
+    minimum = args.speakers if args.speakers else args.min_speakers or 0
+    maximum = args.speakers if args.speakers else args.max_speakers or 0
+    known = known_speakers(args.known_speaker)
+    diarize = bool(args.diarize or minimum or maximum or known or args.diarization_model)
     return pb.TranscribeOptions(
         model_id=args.model or "",
         language=args.language or "",
@@ -36,6 +57,11 @@ def transcribe_options(args: argparse.Namespace) -> pb.TranscribeOptions:
         hotwords=args.hotwords or "",
         separate_model_id=args.separate or "",
         job_id=args.job_id or "",
+        diarize=diarize,
+        min_speakers=minimum,
+        max_speakers=maximum,
+        diarization_model_id=args.diarization_model or "",
+        known_speakers=known,
     )
 
 
@@ -196,9 +222,10 @@ class JobFollower:
 
     def _summary(self, done: pb.Completed) -> None:
         cache = "cache hit" if done.cache_hit else f"cache miss, model load {done.model_load_seconds:.2f} s"
+        speakers = f"; {done.speakers} speakers" if done.speakers else ""
         self.session.err.write(
             f"done: {done.audio_seconds:.2f} s of audio in {done.processing_seconds:.2f} s "
-            f"(RTF {done.real_time_factor:.3f}); {cache}; {done.segments} segments; job {self.job_id}\n"
+            f"(RTF {done.real_time_factor:.3f}); {cache}; {done.segments} segments{speakers}; job {self.job_id}\n"
         )
         self.session.err.flush()
 

@@ -20,6 +20,7 @@ KINDS: dict[ModelKind, pb.ModelKind] = {
     ModelKind.WHISPER: pb.WHISPER,
     ModelKind.VAD: pb.VAD,
     ModelKind.DEMUCS: pb.DEMUCS,
+    ModelKind.DIARIZATION: pb.DIARIZATION,
 }
 RECONNECT_MAX_SECONDS = 5.0
 

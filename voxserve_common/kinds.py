@@ -15,6 +15,7 @@ class ModelKind(StrEnum):
     WHISPER = "whisper"
     VAD = "vad"
     DEMUCS = "demucs"
+    DIARIZATION = "diarization"
 
     @classmethod
     def parse(cls, value: str) -> ModelKind | None:

@@ -30,6 +30,10 @@ def make_loader(
             from inference_service.engines.separation import DemucsSeparator
 
             return DemucsSeparator.load(spec.model_id, spec.path, device, name=_demucs_name(spec))
+        if spec.kind == ModelKind.DIARIZATION:
+            from inference_service.engines.diarization import SpeakerDiarizer
+
+            return SpeakerDiarizer.load(spec.model_id, spec.path, device)
         raise InvalidArgument(f"model {spec.model_id!r} has kind {spec.kind!r}, which this service cannot load")
 
     return load

@@ -85,6 +85,7 @@ class Word:
     end: float
     word: str
     probability: float
+    speaker: str = ""  # with diarization: the label of who said it
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Segment:
     avg_logprob: float
     no_speech_prob: float
     temperature: float | None = None  # the temperature of the decode that produced it, when known
+    speaker: str = ""  # with diarization: the label of who said it
 
 
 @dataclass(frozen=True)

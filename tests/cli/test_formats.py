@@ -114,6 +114,28 @@ def test_vtt_has_header_once_and_dotted_times() -> None:
     assert "00:00:05.000 --> 01:01:01.250\nSecond line\nwith a gap.\n\n" in text
 
 
+def test_writers_name_the_speaker_of_diarized_segments() -> None:
+    segments = [
+        ipb.Segment(start=0.0, end=1.5, text=" Hello.", speaker="SPEAKER_00"),
+        ipb.Segment(start=1.5, end=3.0, text=" Hi, <you>.", speaker="Ana <& Bo>"),
+    ]
+    rendered = {}
+    for name, writer_class in (("text", TextWriter), ("srt", SrtWriter), ("vtt", VttWriter)):
+        out = io.StringIO()
+        writer = writer_class(out)
+        for segment in segments:
+            writer.segment(segment)
+        writer.finish()
+        rendered[name] = out.getvalue()
+    assert rendered["text"].splitlines() == [
+        "[00:00.00 -> 00:01.50] [SPEAKER_00] Hello.",
+        "[00:01.50 -> 00:03.00] [Ana <& Bo>] Hi, <you>.",
+    ]
+    assert "1\n00:00:00,000 --> 00:00:01,500\n[SPEAKER_00] Hello.\n\n" in rendered["srt"]
+    assert "00:00:00.000 --> 00:00:01.500\n<v SPEAKER_00>Hello.\n\n" in rendered["vtt"]
+    assert "<v Ana &lt;&amp; Bo&gt;>Hi, <you>." in rendered["vtt"]
+
+
 def test_empty_vtt_is_still_a_valid_file() -> None:
     out = io.StringIO()
     VttWriter(out).finish()

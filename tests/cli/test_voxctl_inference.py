@@ -80,3 +80,21 @@ def test_console_script_transcribes(inference: InferenceHandle) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "office" in result.stdout.lower()
+
+
+def test_transcribe_diarized_text_and_vtt(capsys, inference: InferenceHandle) -> None:
+    conversation = str(DATA_DIR / "conversation.ogg")
+    code, out, err = run(capsys, inference, "transcribe", conversation, "--speakers", "3")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines and all(
+        re.match(r"\[\d\d:\d\d\.\d\d -> \d\d:\d\d\.\d\d\] \[SPEAKER_0[0-2]\] ", line) for line in lines
+    ), out
+    assert {line.split("] [")[1].split("]")[0] for line in lines} == {"SPEAKER_00", "SPEAKER_01", "SPEAKER_02"}
+    assert "3 speakers" in err
+    jfk = f"Kennedy={DATA_DIR / 'known_jfk.ogg'}"
+    code, out, err = run(capsys, inference, "transcribe", conversation, "--known-speaker", jfk, "--format", "vtt")
+    assert code == 0, err
+    assert out.startswith("WEBVTT\n\n") and "<v Kennedy>" in out and "<v SPEAKER_0" in out, out
+    code, _, err = run(capsys, inference, "transcribe", conversation, "--known-speaker", "Kennedy")
+    assert code == 2 and "NAME=FILE" in err

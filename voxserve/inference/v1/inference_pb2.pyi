@@ -27,6 +27,7 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VAD: _ClassVar[Phase]
     TRANSCRIBING: _ClassVar[Phase]
     DONE: _ClassVar[Phase]
+    DIARIZING: _ClassVar[Phase]
 
 class JobEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -69,6 +70,7 @@ SEPARATING: Phase
 VAD: Phase
 TRANSCRIBING: Phase
 DONE: Phase
+DIARIZING: Phase
 JOB_EVENT_TYPE_UNSPECIFIED: JobEventType
 JOB_EVENT_ACCEPTED: JobEventType
 JOB_EVENT_PROGRESS: JobEventType
@@ -89,7 +91,7 @@ SPEECH_STARTED: SpeechEventType
 END_OF_UTTERANCE: SpeechEventType
 
 class TranscribeOptions(_message.Message):
-    __slots__ = ("model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id", "fast_first_segment", "temperature")
+    __slots__ = ("model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id", "fast_first_segment", "temperature", "diarize", "min_speakers", "max_speakers", "diarization_model_id", "known_speakers")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +104,11 @@ class TranscribeOptions(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     FAST_FIRST_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    DIARIZE_FIELD_NUMBER: _ClassVar[int]
+    MIN_SPEAKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SPEAKERS_FIELD_NUMBER: _ClassVar[int]
+    DIARIZATION_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_SPEAKERS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     language: str
     task: Task
@@ -114,7 +121,20 @@ class TranscribeOptions(_message.Message):
     job_id: str
     fast_first_segment: bool
     temperature: float
-    def __init__(self, model_id: _Optional[str] = ..., language: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., beam_size: _Optional[int] = ..., vad_filter: _Optional[bool] = ..., word_timestamps: _Optional[bool] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[str] = ..., separate_model_id: _Optional[str] = ..., job_id: _Optional[str] = ..., fast_first_segment: _Optional[bool] = ..., temperature: _Optional[float] = ...) -> None: ...
+    diarize: bool
+    min_speakers: int
+    max_speakers: int
+    diarization_model_id: str
+    known_speakers: _containers.RepeatedCompositeFieldContainer[KnownSpeaker]
+    def __init__(self, model_id: _Optional[str] = ..., language: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., beam_size: _Optional[int] = ..., vad_filter: _Optional[bool] = ..., word_timestamps: _Optional[bool] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[str] = ..., separate_model_id: _Optional[str] = ..., job_id: _Optional[str] = ..., fast_first_segment: _Optional[bool] = ..., temperature: _Optional[float] = ..., diarize: _Optional[bool] = ..., min_speakers: _Optional[int] = ..., max_speakers: _Optional[int] = ..., diarization_model_id: _Optional[str] = ..., known_speakers: _Optional[_Iterable[_Union[KnownSpeaker, _Mapping]]] = ...) -> None: ...
+
+class KnownSpeaker(_message.Message):
+    __slots__ = ("name", "audio")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    audio: bytes
+    def __init__(self, name: _Optional[str] = ..., audio: _Optional[bytes] = ...) -> None: ...
 
 class TranscribeRequest(_message.Message):
     __slots__ = ("options", "audio", "model_id", "language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "hotwords", "separate_model_id", "job_id")
@@ -185,19 +205,21 @@ class Info(_message.Message):
     def __init__(self, language: _Optional[str] = ..., language_probability: _Optional[float] = ..., duration: _Optional[float] = ...) -> None: ...
 
 class Word(_message.Message):
-    __slots__ = ("start", "end", "word", "probability")
+    __slots__ = ("start", "end", "word", "probability", "speaker")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     WORD_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
     start: float
     end: float
     word: str
     probability: float
-    def __init__(self, start: _Optional[float] = ..., end: _Optional[float] = ..., word: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+    speaker: str
+    def __init__(self, start: _Optional[float] = ..., end: _Optional[float] = ..., word: _Optional[str] = ..., probability: _Optional[float] = ..., speaker: _Optional[str] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("index", "start", "end", "text", "words", "avg_logprob", "no_speech_prob")
+    __slots__ = ("index", "start", "end", "text", "words", "avg_logprob", "no_speech_prob", "speaker")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +227,7 @@ class Segment(_message.Message):
     WORDS_FIELD_NUMBER: _ClassVar[int]
     AVG_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     NO_SPEECH_PROB_FIELD_NUMBER: _ClassVar[int]
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
     index: int
     start: float
     end: float
@@ -212,10 +235,11 @@ class Segment(_message.Message):
     words: _containers.RepeatedCompositeFieldContainer[Word]
     avg_logprob: float
     no_speech_prob: float
-    def __init__(self, index: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., text: _Optional[str] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ..., avg_logprob: _Optional[float] = ..., no_speech_prob: _Optional[float] = ...) -> None: ...
+    speaker: str
+    def __init__(self, index: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., text: _Optional[str] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ..., avg_logprob: _Optional[float] = ..., no_speech_prob: _Optional[float] = ..., speaker: _Optional[str] = ...) -> None: ...
 
 class Completed(_message.Message):
-    __slots__ = ("audio_seconds", "processing_seconds", "real_time_factor", "model_load_seconds", "cache_hit", "segments", "text")
+    __slots__ = ("audio_seconds", "processing_seconds", "real_time_factor", "model_load_seconds", "cache_hit", "segments", "text", "speakers")
     AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PROCESSING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REAL_TIME_FACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +247,7 @@ class Completed(_message.Message):
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    SPEAKERS_FIELD_NUMBER: _ClassVar[int]
     audio_seconds: float
     processing_seconds: float
     real_time_factor: float
@@ -230,7 +255,8 @@ class Completed(_message.Message):
     cache_hit: bool
     segments: int
     text: str
-    def __init__(self, audio_seconds: _Optional[float] = ..., processing_seconds: _Optional[float] = ..., real_time_factor: _Optional[float] = ..., model_load_seconds: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., segments: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+    speakers: int
+    def __init__(self, audio_seconds: _Optional[float] = ..., processing_seconds: _Optional[float] = ..., real_time_factor: _Optional[float] = ..., model_load_seconds: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., segments: _Optional[int] = ..., text: _Optional[str] = ..., speakers: _Optional[int] = ...) -> None: ...
 
 class TranscribeEvent(_message.Message):
     __slots__ = ("job_id", "sequence", "timestamp", "accepted", "progress", "info", "segment", "completed")

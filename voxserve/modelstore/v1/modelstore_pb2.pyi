@@ -16,6 +16,7 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WHISPER: _ClassVar[ModelKind]
     VAD: _ClassVar[ModelKind]
     DEMUCS: _ClassVar[ModelKind]
+    DIARIZATION: _ClassVar[ModelKind]
 
 class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -48,6 +49,7 @@ MODEL_KIND_UNSPECIFIED: ModelKind
 WHISPER: ModelKind
 VAD: ModelKind
 DEMUCS: ModelKind
+DIARIZATION: ModelKind
 MODEL_STATE_UNSPECIFIED: ModelState
 NOT_DOWNLOADED: ModelState
 WAITING: ModelState
