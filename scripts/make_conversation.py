@@ -57,7 +57,10 @@ def write_opus(path: Path, samples: np.ndarray) -> None:
 
 
 def main(argv: list[str]) -> int:
-    sources = {"sample": decode_audio(Path(argv[1]).read_bytes(), RATE), "jfk": decode_audio(Path(argv[2]).read_bytes(), RATE)}
+    sources = {
+        "sample": decode_audio(Path(argv[1]).read_bytes(), RATE),
+        "jfk": decode_audio(Path(argv[2]).read_bytes(), RATE),
+    }
     out = Path(argv[3]) if len(argv) > 3 else Path(__file__).resolve().parent.parent / "tests" / "data"
 
     def cut(source: str, start: float, end: float) -> np.ndarray:
