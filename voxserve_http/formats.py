@@ -15,10 +15,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from voxctl.formats import SrtWriter, TranscriptWriter, VttWriter
 from voxserve.inference.v1 import inference_pb2 as ipb
 
-RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
 MEDIA_TYPES = {
     "json": "application/json",
     "verbose_json": "application/json",
+    "diarized_json": "application/json",
     "text": "text/plain; charset=utf-8",
     "srt": "application/x-subrip; charset=utf-8",
     "vtt": "text/vtt; charset=utf-8",
@@ -134,7 +135,29 @@ class Transcript:
                 writer.segment(segment)
             writer.finish()
             return out.getvalue()
+        if response_format == "diarized_json":
+            return self.diarized()
         return self.verbose(granularities)
+
+    def diarized(self) -> dict[str, Any]:
+        """OpenAI's diarized_json (TranscriptionDiarized): segments with their speaker."""
+        return {
+            "task": self.task,
+            "duration": round(self.duration, 3),
+            "text": self.text,
+            "segments": [
+                {
+                    "type": "transcript.text.segment",
+                    "id": f"seg_{index:03d}",
+                    "start": round(segment.start, 3),
+                    "end": round(segment.end, 3),
+                    "text": segment.text.strip(),
+                    "speaker": segment.speaker,
+                }
+                for index, segment in enumerate(self.segments)
+            ],
+            "usage": self.usage(),
+        }
 
     def verbose(self, granularities: frozenset[str]) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -152,12 +175,18 @@ class Transcript:
                     "text": segment.text,
                     "avg_logprob": segment.avg_logprob,
                     "no_speech_prob": segment.no_speech_prob,
+                    **({"speaker": segment.speaker} if segment.speaker else {}),
                 }
                 for index, segment in enumerate(self.segments)
             ]
         if "word" in granularities:
             body["words"] = [
-                {"word": word.word.strip(), "start": round(word.start, 3), "end": round(word.end, 3)}
+                {
+                    "word": word.word.strip(),
+                    "start": round(word.start, 3),
+                    "end": round(word.end, 3),
+                    **({"speaker": word.speaker} if word.speaker else {}),
+                }
                 for segment in self.segments
                 for word in segment.words
             ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 
 from voxserve_common.client_strings import check_model_id
@@ -92,3 +93,41 @@ def temperature(value: str | None) -> float | None:
             f"temperature must be between 0 and 1, got {value[:32]}", param="temperature", code="invalid_temperature"
         )
     return number
+
+
+MAX_KNOWN_SPEAKERS = 4  # as OpenAI's known_speaker_names[]
+MAX_REFERENCE_BYTES = 10 * 1024 * 1024
+_DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(;[\w.+-]+=[\w.+-]+)*;base64,(?P<data>[A-Za-z0-9+/=\s]*)", re.ASCII)
+
+
+def known_speakers(names: list[str], references: list[str]) -> list[tuple[str, bytes]]:
+    """OpenAI's known_speaker_names[] with their known_speaker_references[] (data URLs of
+    audio), as (name, audio bytes); 400 naming the field for a count that differs or a
+    reference that is not a base64 data URL. The names and clips are checked again by the
+    inference service (length, characters, audio, 0.5-30 s)."""
+    if len(names) != len(references):
+        raise bad_request(
+            f"known_speaker_names[] has {len(names)} entries and known_speaker_references[] {len(references)}; "
+            "give one reference clip per name",
+            param="known_speaker_references[]",
+        )
+    if len(names) > MAX_KNOWN_SPEAKERS:
+        raise bad_request(
+            f"at most {MAX_KNOWN_SPEAKERS} known speakers, got {len(names)}", param="known_speaker_names[]"
+        )
+    speakers = []
+    for index, (name, reference) in enumerate(zip(names, references, strict=True)):
+        match = _DATA_URL.fullmatch(reference.strip())
+        if match is None or len(reference) > MAX_REFERENCE_BYTES * 4 // 3 + 256:
+            raise bad_request(
+                f"known_speaker_references[{index}] must be a data URL of audio (data:audio/wav;base64,...)",
+                param="known_speaker_references[]",
+            )
+        try:
+            audio = base64.b64decode("".join(match.group("data").split()), validate=True)
+        except ValueError:
+            raise bad_request(
+                f"known_speaker_references[{index}] is not valid base64", param="known_speaker_references[]"
+            ) from None
+        speakers.append((name.strip(), audio))
+    return speakers

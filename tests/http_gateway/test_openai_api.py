@@ -17,6 +17,7 @@ from tests.support import DATA_DIR, TRANSCRIPTS, InferenceHandle, wait_for, word
 
 SHORT = DATA_DIR / "speech_short.wav"
 MULTI = DATA_DIR / "speech_multi.wav"
+CONVERSATION = DATA_DIR / "conversation.ogg"
 ENDED = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
 
@@ -336,3 +337,61 @@ def test_a_client_that_leaves_a_plain_request_stops_its_job(gateway: GatewayHand
     wait_for(lambda: count("voxserve_jobs", state="running") == 0, timeout=60, message="the job ended")
     assert count("voxserve_jobs_finished_total", outcome="cancelled") == 1
     assert count("voxserve_jobs_finished_total", outcome="completed") == 0
+
+
+# --------------------------------------------------------------------------- speakers
+
+
+def data_url(path: Any) -> str:
+    import base64
+
+    with open(path, "rb") as clip:
+        return "data:audio/ogg;base64," + base64.b64encode(clip.read()).decode()
+
+
+def test_diarized_json_names_known_speakers(gateway: GatewayHandle) -> None:
+    client = gateway.client()
+    result = transcribe(
+        client,
+        CONVERSATION,
+        response_format="diarized_json",
+        known_speaker_names=["Kennedy"],
+        known_speaker_references=[data_url(DATA_DIR / "known_jfk.ogg")],
+    )
+    assert result.task == "transcribe" and 24.0 < result.duration < 24.4
+    assert result.segments and all(s.type == "transcript.text.segment" for s in result.segments)
+    assert [s.id for s in result.segments] == [f"seg_{n:03d}" for n in range(len(result.segments))]
+    speakers = {s.speaker for s in result.segments}
+    assert "Kennedy" in speakers and len(speakers) == 3, speakers
+    kennedy = " ".join(s.text for s in result.segments if s.speaker == "Kennedy").lower()
+    assert "country" in kennedy
+    assert " ".join(s.text for s in result.segments) == result.text
+
+    # verbose_json carries the speaker of each segment and word when asked to diarize.
+    verbose = transcribe(
+        client,
+        CONVERSATION,
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+        extra_body={"diarize": "true"},
+    )
+    assert verbose.segments and all(s.speaker.startswith("SPEAKER_") for s in verbose.segments)
+    assert verbose.words and all(w.speaker for w in verbose.words)
+    assert {s.speaker for s in verbose.segments} == {"SPEAKER_00", "SPEAKER_01", "SPEAKER_02"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"known_speaker_names": ["A"]}, "known_speaker_references[]"),
+        ({"known_speaker_names": ["A"], "known_speaker_references": ["http://x/a.wav"]}, "known_speaker_references[]"),
+        ({"response_format": "diarized_json", "stream": True}, "stream"),
+        ({"extra_body": {"diarize": "maybe"}}, "diarize"),
+    ],
+)
+def test_bad_speaker_parameters_are_400(gateway: GatewayHandle, kwargs: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client().audio.transcriptions.create(
+            model="whisper-1", file=("short.wav", SHORT.read_bytes()), **kwargs
+        )
+    assert caught.value.body["param"] == param, caught.value.body

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -25,6 +26,15 @@ from voxserve_http.state import Gateway, authorization, gateway
 from voxserve_http.streams import ClosingStream, Prefetched
 
 router = APIRouter(tags=["OpenAI-compatible"])
+
+
+@dataclass(frozen=True)
+class Speakers:
+    """What a transcription asks of diarization: whether to label speakers, and known voices."""
+
+    diarize: bool = False
+    known: list[tuple[str, bytes]] = field(default_factory=list)
+
 
 GRANULARITIES = ("word", "segment")
 STREAM_FORMATS = ("json", "text")
@@ -43,7 +53,31 @@ TemperatureField = Annotated[
     str | None,
     Form(description="0-1: 0 = greedy/beam search, above 0 = sampling; absent = 0 with fallback to higher values."),
 ]
-FormatField = Annotated[str | None, Form(description="json (default), text, srt, vtt or verbose_json.")]
+FormatField = Annotated[
+    str | None,
+    Form(description="json (default), text, srt, vtt, verbose_json or diarized_json (segments with their speaker)."),
+]
+DiarizeField = Annotated[
+    str | None,
+    Form(
+        description="voxserve extension: true labels each segment and word with its speaker (verbose_json, srt, vtt); "
+        "diarized_json and known speakers imply it."
+    ),
+]
+SpeakerNamesField = Annotated[
+    list[str] | None, Form(alias="known_speaker_names[]", description="Up to 4 names of speakers to recognise.")
+]
+SpeakerNamesPlainField = Annotated[list[str] | None, Form(alias="known_speaker_names", include_in_schema=False)]
+SpeakerReferencesField = Annotated[
+    list[str] | None,
+    Form(
+        alias="known_speaker_references[]",
+        description="One clip per name, as a data URL (data:audio/wav;base64,...), of that speaker alone.",
+    ),
+]
+SpeakerReferencesPlainField = Annotated[
+    list[str] | None, Form(alias="known_speaker_references", include_in_schema=False)
+]
 GranularityField = Annotated[
     list[str] | None,
     Form(alias="timestamp_granularities[]", description="word and/or segment; needs verbose_json."),
@@ -76,11 +110,21 @@ async def create_transcription(
     timestamp_granularities_plain: GranularityPlainField = None,
     stream: StreamField = None,
     job_id: JobIdField = None,
+    diarize: DiarizeField = None,
+    known_speaker_names: SpeakerNamesField = None,
+    known_speaker_names_plain: SpeakerNamesPlainField = None,
+    known_speaker_references: SpeakerReferencesField = None,
+    known_speaker_references_plain: SpeakerReferencesPlainField = None,
 ) -> Response:
     granularities = [*(timestamp_granularities or ()), *(timestamp_granularities_plain or ())]
+    known = validation.known_speakers(
+        [*(known_speaker_names or ()), *(known_speaker_names_plain or ())],
+        [*(known_speaker_references or ()), *(known_speaker_references_plain or ())],
+    )
+    speakers = Speakers(validation.boolean(diarize, "diarize") or bool(known), known)
     return await _transcribe(
         request, gw, ipb.TRANSCRIBE, file, model, validation.language(language), prompt, temperature,
-        response_format, granularities, stream, job_id,
+        response_format, granularities, stream, job_id, speakers,
     )  # fmt: skip
 
 
@@ -122,8 +166,10 @@ async def _transcribe(
     granularities: list[str],
     stream: str | None,
     job_id: str | None,
+    speakers: Speakers | None = None,
 ) -> Response:
     fmt = (response_format or "json").strip()
+    speakers = speakers or Speakers()
     if fmt not in RESPONSE_FORMATS:
         raise bad_request(
             f"unknown response_format {fmt[:32]!r}; use one of {', '.join(RESPONSE_FORMATS)}", param="response_format"
@@ -161,6 +207,8 @@ async def _transcribe(
         initial_prompt=validation.prompt(prompt),
         job_id=named_job,
         temperature=sampling,  # None leaves the optional field unset
+        diarize=speakers.diarize or fmt == "diarized_json",
+        known_speakers=[ipb.KnownSpeaker(name=name, audio=clip) for name, clip in speakers.known],
     )
     metadata = call_metadata(authorization(request))
     timeout = gw.config.transcribe_timeout_seconds
