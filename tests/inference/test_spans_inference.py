@@ -236,3 +236,23 @@ def test_each_decode_batch_is_a_root_span_linked_to_the_jobs_it_served(
         assert span.attributes["voxserve.batch.size"] == len(span.links)  # one call per file job
         assert span.start_time is not None and span.end_time is not None and span.start_time <= span.end_time
     assert any({link.context.span_id for link in s.links} == jobs for s in served), "no batch served both jobs"
+
+
+def test_diarization_span_and_metrics(exporter: InMemorySpanExporter, inference: InferenceHandle) -> None:
+    tr = Trace(exporter)
+    events = transcribe(inference, SHORT, metadata=tr.metadata, diarize=True, max_speakers=4)
+    spans = tr.wait(RPC + "Transcribe", "inference.diarization", "inference.transcription")
+    diarization = spans["inference.diarization"]
+    assert parent_of(diarization) == span_id(spans[RPC + "Transcribe"])
+    assert diarization.end_time is not None and spans["inference.transcription"].start_time is not None
+    assert diarization.end_time <= spans["inference.transcription"].start_time
+    assert diarization.attributes is not None
+    assert diarization.attributes["voxserve.model_id"] == "campplus-diarization"
+    assert diarization.attributes["voxserve.diarization.max_speakers"] == 4
+    assert diarization.attributes["voxserve.diarization.speakers"] == events[-1].completed.speakers == 1
+    assert int(diarization.attributes["voxserve.diarization.turns"]) >= 1  # type: ignore[arg-type]
+    registry = inference.app.metrics.registry
+    labels = {"model_id": "campplus-diarization"}
+    assert registry.get_sample_value("voxserve_diarization_duration_seconds_count", labels) == 1
+    assert registry.get_sample_value("voxserve_diarization_speakers_sum", labels) == 1
+    assert {s.speaker for s in segments_of(events)} == {"SPEAKER_00"}
