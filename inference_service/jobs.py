@@ -98,7 +98,7 @@ class JobRequest:
         digest = hashlib.sha256(self.audio)
         digest.update(repr((self.model_id, self.options, self.separate_model_id, self.fast_first_segment)).encode())
         if self.diarization is not None:
-            digest.update(repr(self.diarization.key()).encode())
+            digest.update(self.diarization.digest())
         return digest.hexdigest()
 
 

@@ -8,6 +8,7 @@ of first appearance, or the name of a known speaker whose reference clip matches
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -45,9 +46,10 @@ class DiarizationRequest:
     bounds: SpeakerBounds = UNBOUNDED
     known_speakers: tuple[KnownSpeaker, ...] = ()
 
-    def key(self) -> tuple[object, ...]:
-        """What identifies the request for a job's fingerprint (the clips by their bytes)."""
-        return (self.model_id, self.bounds, tuple((k.name, k.audio) for k in self.known_speakers))
+    def digest(self) -> bytes:
+        """What identifies the request, for a job's fingerprint (the clips by their sha256)."""
+        clips = tuple((k.name, hashlib.sha256(k.audio).hexdigest()) for k in self.known_speakers)
+        return repr((self.model_id, self.bounds, clips)).encode()
 
 
 def diarization_request(

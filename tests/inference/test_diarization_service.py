@@ -88,6 +88,9 @@ def test_three_voices_found_and_every_word_labelled(inference: InferenceHandle) 
     change = inference.stub.SetCacheLimits(pb.SetCacheLimitsRequest(max_models=1))
     assert "campplus-diarization" in change.evicted_model_ids
     inference.stub.SetCacheLimits(pb.SetCacheLimitsRequest(max_models=3))
+    # Loadable and pinnable ahead of requests (what the preload setting does at start-up).
+    pinned = inference.stub.LoadModel(pb.LoadModelRequest(model_id="campplus-diarization", pin=True))
+    assert pinned.kind == "diarization" and pinned.pinned and pinned.memory_bytes > 1 << 20
 
     # Without word_timestamps the words are not sent, the labels are.
     events = transcribe(inference, CONVERSATION.read_bytes(), diarize=True, max_speakers=2)

