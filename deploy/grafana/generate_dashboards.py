@@ -880,6 +880,32 @@ def inference() -> dict[str, Any]:
                         threshold_line=True,
                         description="From request to the first segment sent, model load included on a cache miss.",
                     ),
+                    Panel(
+                        "Diarization time p50 / p95 by model",
+                        [
+                            Query(
+                                s.quantile(0.5, "voxserve_diarization_duration_seconds", "model_id"),
+                                "p50 {{model_id}}",
+                            ),
+                            Query(
+                                s.quantile(0.95, "voxserve_diarization_duration_seconds", "model_id"),
+                                "p95 {{model_id}}",
+                            ),
+                        ],
+                        unit="s",
+                        width=12,
+                        description="Who spoke when in one diarized job's audio (VAD, speaker embeddings, clustering).",
+                    ),
+                    Panel(
+                        "Speakers found per diarized job p50 / p95",
+                        [
+                            Query(s.quantile(0.5, "voxserve_diarization_speakers", "model_id"), "p50 {{model_id}}"),
+                            Query(s.quantile(0.95, "voxserve_diarization_speakers", "model_id"), "p95 {{model_id}}"),
+                        ],
+                        width=12,
+                        min=0,
+                        description="How many speakers diarization found in each job.",
+                    ),
                 ],
             ),
             Row(
