@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.support import DATA_DIR, InferenceHandle, transcribe
+from tests.support import DATA_DIR, InferenceHandle, transcribe, wait_for
 from voxserve.inference.v1 import inference_pb2 as pb
 
 CONVERSATION = DATA_DIR / "conversation.ogg"
@@ -150,3 +150,35 @@ def test_bad_diarization_input_is_invalid_argument(
         transcribe(inference, (DATA_DIR / "speech_short.ogg").read_bytes(), **options)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert fragment in info.value.details()
+
+
+def test_cancel_while_diarizing_stops_the_work_and_frees_the_leases(inference: InferenceHandle) -> None:
+    from inference_service.audio import decode_audio
+
+    samples = np.tile(decode_audio(CONVERSATION.read_bytes(), 16000), 8)  # 193 s: ~280 windows, 5 batches
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    call = inference.stub.Transcribe(
+        pb.TranscribeRequest(audio=out.getvalue(), options=pb.TranscribeOptions(diarize=True)), timeout=300
+    )
+    job_id = ""
+    for event in call:
+        job_id = event.job_id
+        if event.WhichOneof("event") == "progress" and event.progress.phase == pb.DIARIZING:
+            break
+    call.cancel()
+    job = inference.app.jobs.get(job_id)
+    assert job.done_event.wait(120), "job still running after the client cancelled"
+    assert job.state.value == "CANCELLED"
+
+    def leases() -> int:
+        return sum(m.in_use for m in inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest()).models)
+
+    wait_for(lambda: leases() == 0, timeout=10, message="leases released")
+    kinds = [type(e.payload).__name__ for e in job.events_after(0)]
+    phases = [e.payload.phase for e in job.events_after(0) if type(e.payload).__name__ == "Progress"]
+    assert "Segment" not in kinds and "TRANSCRIBING" not in phases  # it stopped inside diarization
