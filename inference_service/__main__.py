@@ -51,11 +51,19 @@ class InferenceApp:
     stopping: threading.Event = field(default_factory=threading.Event)
 
     # Settings a SIGHUP applies without a restart (besides the log levels): the cache's limits
-    # (the path SetCacheLimits takes), warm-up, the watchdog, and auto_pull (read at each
-    # resolve). The others (ports, TLS, the store's address, device, job and live limits)
-    # are built into objects at start-up and are reported as needing a restart.
+    # (the path SetCacheLimits takes), warm-up, the watchdog and the idle TTL, and auto_pull
+    # (read at each resolve). The others (ports, TLS, the store's address, device, job and live
+    # limits) are built into objects at start-up and are reported as needing a restart.
     reloadable_settings: ClassVar[frozenset[str]] = frozenset(
-        {"max_models", "memory_budget", "warmup", "watchdog_threshold", "watchdog_interval_seconds", "auto_pull"}
+        {
+            "max_models",
+            "memory_budget",
+            "warmup",
+            "watchdog_threshold",
+            "watchdog_interval_seconds",
+            "model_idle_ttl_seconds",
+            "auto_pull",
+        }
     )
 
     @property
@@ -70,11 +78,9 @@ class InferenceApp:
         max_models = new.max_models if new.max_models != old.max_models else None
         budget = new.memory_budget if new.memory_budget != old.memory_budget else None
         self.cache.check_limits(max_models, budget)
-        if (old.watchdog_threshold, old.watchdog_interval_seconds) != (
-            new.watchdog_threshold,
-            new.watchdog_interval_seconds,
-        ):
-            self.cache.set_watchdog(new.watchdog_threshold, new.watchdog_interval_seconds)
+        watchdog = ("watchdog_threshold", "watchdog_interval_seconds", "model_idle_ttl_seconds")
+        if any(getattr(old, name) != getattr(new, name) for name in watchdog):
+            self.cache.set_watchdog(*(getattr(new, name) for name in watchdog))
         if max_models is not None or budget is not None:
             change = self.cache.set_limits(max_models, budget)
             logger.info(
@@ -111,6 +117,7 @@ def build_cache(config: InferenceConfig, source: StoreModelSource, metrics: Infe
         watchdog_threshold=config.watchdog_threshold,
         pinned=tuple(config.pin),
         warmup=config.warmup,
+        idle_ttl_seconds=config.model_idle_ttl_seconds,
     )
     # A load that fails on a damaged copy in cache_dir fetches the copy again and loads once more.
     load = reloading_loader(make_loader(device, config.cpu_threads), source.copies, source.resolve)

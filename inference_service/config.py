@@ -41,6 +41,9 @@ class InferenceConfig(ServiceSettings):
     warmup: bool = True
     watchdog_interval_seconds: float = 5.0
     watchdog_threshold: float = 0.95
+    # An idle, unpinned model nobody used for this long is unloaded (0 = never), freeing its
+    # memory for the models a proxy routes to this replica (deploy/haproxy).
+    model_idle_ttl_seconds: float = 0.0
     max_running_jobs: int = 1
     # faster-whisper's BatchedInferencePipeline (batch_size VAD chunks at once; ~30 s
     # segments without word-level timing unless asked): faster on long audio.
@@ -79,6 +82,7 @@ class InferenceConfig(ServiceSettings):
             (self.job_history_events >= 10, "job_history_events", "must be >= 10"),
             (0 < self.watchdog_threshold <= 1, "watchdog_threshold", "must be in (0, 1]"),
             (self.watchdog_interval_seconds > 0, "watchdog_interval_seconds", "must be > 0"),
+            (self.model_idle_ttl_seconds >= 0, "model_idle_ttl_seconds", "must be >= 0 (0 = never)"),
             (self.cpu_threads >= 0, "cpu_threads", "must be >= 0"),
             (self.live_max_streams >= 0, "live_max_streams", "must be >= 0 (0 refuses live streams)"),
             (0.1 <= self.live_endpoint_silence_seconds <= 10, "live_endpoint_silence_seconds", "must be 0.1-10"),
