@@ -38,6 +38,8 @@ HEALTH_SERVICE = {
 CONSOLE_SCRIPT = {"model_service": "voxserve-models", "inference_service": "voxserve-inference"}
 MAIN_MODULE = {"model_service": "model_service", "inference_service": "inference_service"}
 COMPOSE_SERVICE = {"model_service": "model-store", "inference_service": "inference"}
+# What clients of the inference service call: HAProxy, routing by model to the replicas.
+ROUTER_COMPOSE_SERVICE = "haproxy"
 K8S_WORKLOAD = {"model_service": ("StatefulSet", "model-store"), "inference_service": ("Deployment", "inference")}
 DASHBOARD_JOB = {"model-store.json": "model_service", "inference.json": "inference_service"}
 DEFAULT_GRACE_SECONDS = 20

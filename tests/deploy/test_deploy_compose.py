@@ -22,6 +22,7 @@ from tests.deploy.deploy_facts import (
     METRICS_PORT,
     NO_PROBE_IMAGES,
     PROMETHEUS_DIR,
+    ROUTER_COMPOSE_SERVICE,
     assert_budget_fits,
     compose_env,
     docker_bytes,
@@ -65,8 +66,12 @@ def test_compose_voxserve_service(job: str, compose: dict[str, Any], pyproject: 
     assert flags["--port"] == str(GRPC_PORT[job])
     assert flags["--metrics-port"] == str(METRICS_PORT[job])
     assert flags["--host"] == "0.0.0.0"
-    published = [str(p).rsplit(":", 1)[-1] for p in service.get("ports", [])]
+    # The inference replicas publish nothing: clients reach them through haproxy, on the same port
+    # (test_deploy_routing.py).
+    publisher = compose["services"][ROUTER_COMPOSE_SERVICE] if job == "inference_service" else service
+    published = [str(p).rsplit(":", 1)[-1] for p in publisher.get("ports", [])]
     assert str(GRPC_PORT[job]) in published
+    assert job == "model_service" or not service.get("ports")
     health = service["healthcheck"]["test"]
     assert health[0] == "CMD"
     assert "voxserve_common.healthcheck" in health
@@ -129,6 +134,6 @@ def test_compose_services_load_their_config(compose: dict[str, Any], monkeypatch
     assert inference.model_store == f"model-store:{store.port}"
     assert inference.store_access == "shared"
     assert inference.shared_store_dir == store.data_dir
-    assert f"{store.data_dir}:ro" in [m.split(":", 1)[1] for m in service["volumes"]]
-    assert str(inference.cache_dir) in [m.split(":")[1] for m in service["volumes"]]
+    assert f"{store.data_dir}:ro" in [m.split(":", 1)[1] for m in service["volumes"] if ":" in m]
+    assert str(inference.cache_dir) in service["volumes"], "each replica its own cache dir (an anonymous volume)"
     assert_budget_fits(inference.memory_budget, docker_bytes(service["mem_limit"]))
