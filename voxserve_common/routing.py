@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import grpc
+import grpc.aio
 
 MODEL_HEADER = "x-voxserve-model"
 # What HAProxy (deploy/haproxy/haproxy.cfg) adds to every response: the replica that served it.
@@ -49,7 +50,8 @@ def replica_lost(error: grpc.RpcError) -> bool:
     A transcription is idempotent, so a client resubmits such a call (a job on the lost replica
     is gone with it); any other status is the service's answer and is final.
     """
-    if not isinstance(error, grpc.Call):
+    # A blocking call's error is a grpc.Call; an aio call's (AioRpcError) has the same methods.
+    if not isinstance(error, grpc.Call | grpc.aio.AioRpcError):
         return False
     code = error.code()
     if code == grpc.StatusCode.UNAVAILABLE:
