@@ -51,9 +51,9 @@ class InferenceApp:
     stopping: threading.Event = field(default_factory=threading.Event)
 
     # Settings a SIGHUP applies without a restart (besides the log levels): the cache's limits
-    # (the path SetCacheLimits takes), warm-up, the watchdog and the idle TTL, and auto_pull
-    # (read at each resolve). The others (ports, TLS, the store's address, device, job and live
-    # limits) are built into objects at start-up and are reported as needing a restart.
+    # (the path SetCacheLimits takes), warm-up, the watchdog, and auto_pull (read at each
+    # resolve). The others (ports, TLS, the store's address, device, job and live limits)
+    # are built into objects at start-up and are reported as needing a restart.
     reloadable_settings: ClassVar[frozenset[str]] = frozenset(
         {
             "max_models",
@@ -61,8 +61,8 @@ class InferenceApp:
             "warmup",
             "watchdog_threshold",
             "watchdog_interval_seconds",
-            "model_idle_ttl_seconds",
             "auto_pull",
+            "model_idle_ttl_seconds",  # the watchdog's thread unloads idle models
         }
     )
 

@@ -34,6 +34,9 @@ class InferenceConfig(ServiceSettings):
     cpu_threads: int = 0  # 0 = ctranslate2's default
     max_models: int = 3
     memory_budget: str = "80%"  # bytes, "2GiB" or a percent of device memory
+    # An idle, unpinned model nobody used for this long is unloaded (0 = never), freeing its
+    # memory for the models a proxy routes to this replica (deploy/haproxy).
+    model_idle_ttl_seconds: float = 0.0
     preload: tuple[str, ...] = ("silero-vad", "htdemucs")
     pin: tuple[str, ...] = ("silero-vad",)
     # After a Whisper model loads, one short decode of silence runs inside the load, so the
@@ -41,9 +44,6 @@ class InferenceConfig(ServiceSettings):
     warmup: bool = True
     watchdog_interval_seconds: float = 5.0
     watchdog_threshold: float = 0.95
-    # An idle, unpinned model nobody used for this long is unloaded (0 = never), freeing its
-    # memory for the models a proxy routes to this replica (deploy/haproxy).
-    model_idle_ttl_seconds: float = 0.0
     max_running_jobs: int = 1
     # faster-whisper's BatchedInferencePipeline (batch_size VAD chunks at once; ~30 s
     # segments without word-level timing unless asked): faster on long audio.
