@@ -12,6 +12,7 @@ threads. Loads and hits come from each replica's GetCacheStats; latency is the c
     .venv/bin/python -m bench.bench_routing               # 2 rounds x 150 calls per mode, ~12 min on 2 cores
     .venv/bin/python -m bench.bench_routing --quick       # 1 round x 40 calls, ~3 min
     .venv/bin/python -m bench.bench_routing --clients 2   # two calls in flight: the bounded load at work
+    .venv/bin/python -m bench.bench_routing --clients 2 --balance-factor 300   # ... and without it
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=150, help="calls per mode and round after the warm-up")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=1, help="calls in flight at once")
+    parser.add_argument(
+        "--balance-factor", type=int, help="hash-balance-factor instead of the deployed one (>= 300: no bound)"
+    )
     parser.add_argument("--quick", action="store_true", help="1 round of 40 calls")
     benchlib.add_run_options(parser, "bench_routing")
     args = parser.parse_args()
@@ -133,7 +137,7 @@ def main() -> None:
         replicas = start_replicas(tmp, 3, store.address, secrets, max_models=2, warmup=True)
         addresses = [r.address for r in replicas]
         proxies = {
-            mode: HAProxyProcess(tmp, haproxy_config(addresses, balance), secrets, name=mode)
+            mode: HAProxyProcess(tmp, haproxy_config(addresses, balance, args.balance_factor), secrets, name=mode)
             for mode, balance in MODES.items()
         }
         try:
@@ -202,6 +206,7 @@ def report(
         "calls": args.calls,
         "rounds": args.rounds,
         "clients": args.clients,
+        "hash_balance_factor": args.balance_factor or "as deployed (150)",
         "replicas": 3,
         "max_models": 2,
         "models": list(MODELS),

@@ -27,12 +27,15 @@ SERVER_TEMPLATE = re.compile(r"^(\s*)server-template (\S+) \S+ \S+ (.*)$")
 DNS_OPTIONS = re.compile(r"\s*\b(resolvers|resolve-prefer|init-addr) \S+")
 
 
-def haproxy_config(replicas: Sequence[str], balance: str | None = None, source: Path = HAPROXY_CFG) -> str:
+def haproxy_config(
+    replicas: Sequence[str], balance: str | None = None, balance_factor: int | None = None, source: Path = HAPROXY_CFG
+) -> str:
     """``source`` with each backend's ``server-template`` (replicas found through DNS) turned into
-    one ``server replicaN ADDRESS`` line per replica with the template's options, and, when
-    ``balance`` is given, the by-model backend balanced by it instead (e.g. ``roundrobin``)."""
+    one ``server replicaN ADDRESS`` line per replica with the template's options; when given, the
+    by-model backend balanced by ``balance`` instead (e.g. ``roundrobin``) and with another
+    ``hash-balance-factor``."""
     lines: list[str] = []
-    templates = balances = 0
+    templates = balances = factors = 0
     for line in source.read_text().splitlines():
         match = SERVER_TEMPLATE.match(line)
         if match:
@@ -47,9 +50,14 @@ def haproxy_config(replicas: Sequence[str], balance: str | None = None, source: 
             lines.append(line.replace(line.strip(), f"balance {balance}"))
             balances += 1
             continue
+        if balance_factor is not None and line.strip().startswith("hash-balance-factor "):
+            lines.append(line.replace(line.strip(), f"hash-balance-factor {balance_factor}"))
+            factors += 1
+            continue
         lines.append(line)
     assert templates == 2, f"{source} should have 2 server-template lines (by_model, by_load), found {templates}"
     assert balance is None or balances == 1, f"{source}: no 'balance hdr(...)' line to replace"
+    assert balance_factor is None or factors == 1, f"{source}: no 'hash-balance-factor' line to replace"
     return "\n".join(lines) + "\n"
 
 
