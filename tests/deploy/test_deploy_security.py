@@ -23,6 +23,7 @@ from tests.deploy.deploy_facts import (
     compose_env,
     container_of,
     flags_of,
+    healthcheck_argv,
     kubectl_path,
     kustomization,
     load_service_config,
@@ -90,7 +91,7 @@ def test_compose_services_serve_mutual_tls_with_tokens(
         assert (str(config.tls_cert), str(config.tls_key)) == ("/run/secrets/server.pem", "/run/secrets/server.key")
         assert str(config.tls_client_ca) == "/run/secrets/ca.pem", "mutual TLS"
         assert str(config.auth_tokens) == "/run/secrets/tokens.yaml"
-        flags = flags_of(service["healthcheck"]["test"])
+        flags = flags_of(healthcheck_argv(service))
         assert (flags["--tls-ca"], flags["--tls-cert"], flags["--tls-key"]) == (
             "/run/secrets/ca.pem",
             "/run/secrets/healthcheck.pem",
