@@ -71,6 +71,7 @@ class InferenceApp:
             "auto_pull",
             "batch_size",
             "batch_window_ms",
+            "model_idle_ttl_seconds",  # the watchdog's thread unloads idle models
         }
     )
 
@@ -86,11 +87,9 @@ class InferenceApp:
         max_models = new.max_models if new.max_models != old.max_models else None
         budget = new.memory_budget if new.memory_budget != old.memory_budget else None
         self.cache.check_limits(max_models, budget)
-        if (old.watchdog_threshold, old.watchdog_interval_seconds) != (
-            new.watchdog_threshold,
-            new.watchdog_interval_seconds,
-        ):
-            self.cache.set_watchdog(new.watchdog_threshold, new.watchdog_interval_seconds)
+        watchdog = ("watchdog_threshold", "watchdog_interval_seconds", "model_idle_ttl_seconds")
+        if any(getattr(old, name) != getattr(new, name) for name in watchdog):
+            self.cache.set_watchdog(*(getattr(new, name) for name in watchdog))
         if max_models is not None or budget is not None:
             change = self.cache.set_limits(max_models, budget)
             logger.info(
@@ -144,6 +143,7 @@ def build_cache(
         watchdog_threshold=config.watchdog_threshold,
         pinned=tuple(config.pin),
         warmup=config.warmup,
+        idle_ttl_seconds=config.model_idle_ttl_seconds,
     )
     # A load that fails on a damaged copy in cache_dir fetches the copy again and loads once more.
     load = reloading_loader(make_loader(device, config.cpu_threads, schedulers), source.copies, source.resolve)

@@ -38,6 +38,9 @@ class InferenceConfig(ServiceSettings):
     cpu_threads: int = 0  # 0 = ctranslate2's default
     max_models: int = 3
     memory_budget: str = "80%"  # bytes, "2GiB" or a percent of device memory
+    # An idle, unpinned model nobody used for this long is unloaded (0 = never), freeing its
+    # memory for the models a proxy routes to this replica (deploy/haproxy).
+    model_idle_ttl_seconds: float = 0.0
     preload: tuple[str, ...] = ("silero-vad", "htdemucs")
     pin: tuple[str, ...] = ("silero-vad",)
     # After a Whisper model loads, one short decode of silence runs inside the load, so the
@@ -103,6 +106,7 @@ class InferenceConfig(ServiceSettings):
             (self.job_history_events >= 10, "job_history_events", "must be >= 10"),
             (0 < self.watchdog_threshold <= 1, "watchdog_threshold", "must be in (0, 1]"),
             (self.watchdog_interval_seconds > 0, "watchdog_interval_seconds", "must be > 0"),
+            (self.model_idle_ttl_seconds >= 0, "model_idle_ttl_seconds", "must be >= 0 (0 = never)"),
             (self.cpu_threads >= 0, "cpu_threads", "must be >= 0"),
             (self.live_max_streams >= 0, "live_max_streams", "must be >= 0 (0 refuses live streams)"),
             (0.1 <= self.live_endpoint_silence_seconds <= 10, "live_endpoint_silence_seconds", "must be 0.1-10"),

@@ -38,7 +38,8 @@ class InferenceMetrics:
         )
         self.cache_evictions = Counter(
             "voxserve_cache_evictions",
-            "Models evicted, by reason (count_limit, memory_budget, watchdog, unload).",
+            "Models evicted (unloaded), by reason: count_limit and memory_budget (least recently used, to make "
+            "room), watchdog (memory pressure), idle (unused for model_idle_ttl_seconds), unload (UnloadModel).",
             ["model_id", "reason"],
             registry=r,
         )

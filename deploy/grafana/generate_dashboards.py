@@ -759,7 +759,7 @@ def inference() -> dict[str, Any]:
                         unit="ops",
                         width=8,
                         stacked=True,
-                        description="count_limit and memory_budget make room; watchdog and unload are explicit.",
+                        description="count_limit and memory_budget make room; watchdog: memory pressure; idle: unused for model_idle_ttl_seconds; unload: an admin's UnloadModel.",
                     ),
                     Panel(
                         "Model loads by result",

@@ -162,7 +162,7 @@ async def _transcribe(
         job_id=named_job,
         temperature=sampling,  # None leaves the optional field unset
     )
-    metadata = call_metadata(authorization(request))
+    metadata = call_metadata(authorization(request), model=options.model_id)
     timeout = gw.config.transcribe_timeout_seconds
     if len(audio) <= SINGLE_MESSAGE_AUDIO_BYTES:
         single = ipb.TranscribeRequest(options=options, audio=audio)
