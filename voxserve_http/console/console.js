@@ -9,7 +9,7 @@ let lastEventId = null;
 // ------------------------------------------------------------------ the catalog
 
 async function loadModels() {
-  const { models: list } = await api.json("/api/models");
+  const { models: list } = await api.json("api/models");
   for (const model of list) models.set(model.model_id, { ...models.get(model.model_id), ...model });
   renderModels();
 }
@@ -93,14 +93,14 @@ async function runAction(modelId, action, button) {
   try {
     if (action === "pull") {
       // The pull's own stream is read to its end; the bars follow /api/events.
-      await api.ndjson(`/api/models/${modelId}/pull`, (line) => {
+      await api.ndjson(`api/models/${encodeURIComponent(modelId)}/pull`, (line) => {
         if (line.error) notice(`${modelId}: ${line.error.message}`);
       }, { method: "POST" });
     } else if (action === "delete") {
       if (!confirm(`Delete the files of ${modelId}?`)) return;
-      await api.json(`/api/models/${modelId}`, { method: "DELETE" });
+      await api.json(`api/models/${encodeURIComponent(modelId)}`, { method: "DELETE" });
     } else {
-      await api.json(`/api/models/${modelId}/${action}`, { method: "POST" });
+      await api.json(`api/models/${encodeURIComponent(modelId)}/${action}`, { method: "POST" });
     }
   } catch (error) {
     notice(`${action} ${modelId}: ${error.message}`);
@@ -119,7 +119,7 @@ async function followEvents() {
     for (;;) {
       try {
         const headers = lastEventId ? { "Last-Event-ID": lastEventId } : {};
-        await api.sse("/api/events", onModelEvent, { headers });
+        await api.sse("api/events", onModelEvent, { headers });
       } catch (error) {
         if (error.status === 401 || error.status === 403) return; // until the token changes
       }
@@ -172,7 +172,7 @@ function fillModelSelects() {
 async function loadLoaded() {
   const body = document.getElementById("loaded");
   try {
-    const { models: loaded } = await api.json("/api/loaded");
+    const { models: loaded } = await api.json("api/loaded");
     body.replaceChildren();
     for (const m of loaded) {
       const row = el("tr");
@@ -209,7 +209,7 @@ async function transcribeFile(event) {
   transcription = new AbortController();
   setBusy(true);
   try {
-    await api.sse("/v1/audio/transcriptions", ({ data }) => {
+    await api.sse("v1/audio/transcriptions", ({ data }) => {
       if (data.type === "transcript.text.delta") list.append(el("li", data.delta.trim(), { className: "segment" }));
       if (data.type === "transcript.text.done") {
         status.textContent = `done: ${data.usage.seconds.toFixed(1)} s of audio`;
@@ -247,7 +247,7 @@ function askToken() {
 async function checkReady() {
   const box = document.getElementById("backends");
   try {
-    const response = await fetch("/readyz");
+    const response = await fetch("readyz");
     const body = await response.json();
     box.textContent = response.ok ? "services ready" : `not ready: ${JSON.stringify(body)}`;
     box.className = response.ok ? "ok" : "error";

@@ -5,9 +5,12 @@
 
 const live = { ws: null, context: null, stream: null, items: new Map() };
 
+// Relative to the page, like every URL of the console (it works behind a proxy's path prefix);
+// wss: when the page came over https.
 function realtimeUrl() {
-  const scheme = location.protocol === "https:" ? "wss" : "ws";
-  return `${scheme}://${location.host}/v1/realtime?intent=transcription`;
+  const url = new URL("v1/realtime?intent=transcription", document.baseURI);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  return url.href;
 }
 
 function liveStatus(text, className = "muted") {
@@ -74,7 +77,7 @@ async function startLive(event) {
     return;
   }
   live.context = new AudioContext();
-  await live.context.audioWorklet.addModule("/console/pcm-worklet.js");
+  await live.context.audioWorklet.addModule("console/pcm-worklet.js");
   const protocols = ["realtime", "openai-beta.realtime-v1"];
   if (api.token) protocols.push(`openai-insecure-api-key.${api.token}`);
   const ws = new WebSocket(realtimeUrl(), protocols);

@@ -5,7 +5,8 @@
 class Pcm16Capture extends AudioWorkletProcessor {
   constructor() {
     super();
-    this.chunk = new Int16Array(Math.round(sampleRate / 10));
+    this.size = Math.round(sampleRate / 10);
+    this.chunk = new Int16Array(this.size);
     this.filled = 0;
   }
 
@@ -15,9 +16,10 @@ class Pcm16Capture extends AudioWorkletProcessor {
       for (let i = 0; i < channel.length; i++) {
         const sample = Math.max(-1, Math.min(1, channel[i]));
         this.chunk[this.filled++] = sample < 0 ? sample * 0x8000 : sample * 0x7fff;
-        if (this.filled === this.chunk.length) {
+        if (this.filled === this.size) {
+          // Transferred, not copied: the buffer (and this.chunk.length) is gone afterwards.
           this.port.postMessage(this.chunk.buffer, [this.chunk.buffer]);
-          this.chunk = new Int16Array(this.chunk.length);
+          this.chunk = new Int16Array(this.size);
           this.filled = 0;
         }
       }
