@@ -1,9 +1,9 @@
 """The web console in a real browser: headless Chromium from the Debian packages driven by
 Selenium through the system chromedriver, with a fake microphone that plays a speech WAV.
 
-One test walks the console as a person would (pull a model and watch its bar reach 100 %,
-transcribe a file and read its words, transcribe the microphone live and read the final
-words); one runs it over HTTPS against services that want a token. Screenshots of the
+One test walks the console as a person would (pull a model, pause and resume it and watch its
+bar reach 100 %, transcribe a file and read its words, transcribe the microphone live and read
+the final words); one runs it over HTTPS against services that want a token. Screenshots of the
 whole page go to the test's tmp dir, or to $VOXSERVE_SCREENSHOTS/<test>/ when that is set
 (for CI to keep; docs/console.png is one of them). Without chromium and chromium-driver (scripts/setup.sh
 --test installs them) the tests skip, naming what is missing.
@@ -186,7 +186,7 @@ def live_finals(browser: Browser, shot: str) -> list[str]:
 def test_a_person_pulls_a_model_transcribes_a_file_and_the_microphone(
     browser: Browser, gateway: GatewayHandle, hub: HubServer
 ) -> None:
-    hub.throttle(10 << 20, path="model.bin")  # 75 MB take at least 7 s: the bar is seen on its way
+    hub.throttle(5 << 20, path="model.bin")  # 75 MB take at least 15 s: the bar is seen on its way
     browser.driver.get(gateway.base_url + "/")
     row = 'tr[data-model="test-tiny"]'
     browser.wait(lambda _: browser.attr(row, "data-state") == "NOT_DOWNLOADED", "the catalog")
@@ -198,10 +198,15 @@ def test_a_person_pulls_a_model_transcribes_a_file_and_the_microphone(
         now = browser.attr(f"{row} .bar", "aria-valuenow")
         text = browser.text(f"{row} .progress-text")
         moving = re.fullmatch(rf"{now} % · [\d.]+ \w+ of 74\.5 MiB · [\d.]+ \w+/s · .+ left", text) is not None
-        return browser.attr(row, "data-state") == "DOWNLOADING" and now is not None and 0 < int(now) < 100 and moving
+        return browser.attr(row, "data-state") == "DOWNLOADING" and now is not None and 0 < int(now) < 50 and moving
 
     browser.wait(part_way, "the bar part way, with bytes, speed and time left")
     browser.shot("1-pulling")
+    browser.click(f'{row} button[data-action="pause"]')
+    browser.wait(lambda _: browser.attr(row, "data-state") == "PAUSED", "the download paused")
+    paused_at = int(browser.attr(f"{row} .bar", "aria-valuenow") or 0)
+    assert 0 < paused_at < 100, "a paused download keeps its bytes and shows them"
+    browser.click(f'{row} button[data-action="resume"]')
     browser.wait(lambda _: browser.attr(row, "data-state") == "READY", "the pull ends READY")
     hub.throttle(None)
     assert browser.attr(f"{row} .bar", "aria-valuenow") == "100"

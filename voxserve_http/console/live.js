@@ -5,8 +5,8 @@
 
 const live = { ws: null, context: null, stream: null, items: new Map() };
 
-// Relative to the page, like every URL of the console (it works behind a proxy's path prefix);
-// wss: when the page came over https.
+// Relative to the page, like every URL of the console; wss: when the page came over https
+// (an https page may not open a ws: socket).
 function realtimeUrl() {
   const url = new URL("v1/realtime?intent=transcription", document.baseURI);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
