@@ -248,6 +248,8 @@ def stream_request_from_config(config: pb.StreamingConfig, default_model: str) -
         max_lag=config.max_lag_seconds,
         job_id=check_job_id(job_id) if job_id else uuid.uuid4().hex,
         beam_size_given=config.options.beam_size > 0,
+        speech_threshold=config.speech_threshold if config.HasField("speech_threshold") else None,
+        speech_pad=config.speech_pad_seconds if config.HasField("speech_pad_seconds") else None,
     )
 
 

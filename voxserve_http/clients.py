@@ -115,6 +115,14 @@ class Backends:
         finally:
             call.cancel()
 
+    def streaming_transcribe(
+        self, requests: AsyncIterator[ipb.StreamingTranscribeRequest], authorization: str | None
+    ) -> Any:
+        """Start a live stream (StreamingTranscribe) fed by ``requests``; read it with stream().
+        No deadline: it lasts as long as its client sends audio (the realtime session's idle
+        limit ends a silent one)."""
+        return self.inference.StreamingTranscribe(requests, metadata=call_metadata(authorization))
+
     async def serving(self) -> dict[str, str]:
         """Each backend's health status name (SERVING, NOT_SERVING, or why it is unknown)."""
         out: dict[str, str] = {}
