@@ -99,8 +99,14 @@ async function startLive(event) {
   ws.onmessage = (message) => onRealtimeEvent(JSON.parse(message.data));
   ws.onclose = (closed) => {
     if (!opened) {
-      liveStatus("the gateway refused the session: set a token that may transcribe, or check the services", "error");
-      document.dispatchEvent(new CustomEvent("token-needed"));
+      // A browser does not show why an upgrade was refused: ask for a token only when none was
+      // given; with one, say what to check (a token without `transcribe`, a session limit, a backend down).
+      if (api.token) {
+        liveStatus("the gateway refused the session: check that the token may transcribe (Set token), or the services", "error");
+      } else {
+        liveStatus("the gateway refused the session: set a token that may transcribe, or check the services", "error");
+        document.dispatchEvent(new CustomEvent("token-needed"));
+      }
     } else if (live.ws === ws && closed.code !== 1000) {
       liveStatus(`the session ended (${closed.code} ${closed.reason})`, "error");
     }
