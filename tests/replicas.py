@@ -95,6 +95,9 @@ class Replica:
             "VOXSERVE_PRELOAD": "",
             "VOXSERVE_PIN": "",
             "VOXSERVE_WARMUP": "true" if self.warmup else "false",
+            # The routing figures count the routed Whisper models: the fast first segment's VAD
+            # model would be one more load on every replica and take one of its max_models slots.
+            "VOXSERVE_FAST_FIRST_SEGMENT": "false",
             "VOXSERVE_CPU_THREADS": "1",
             "OMP_NUM_THREADS": "1",
             "VOXSERVE_DEFAULT_MODEL": MODELS[0],
