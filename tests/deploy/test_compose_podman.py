@@ -331,19 +331,22 @@ def test_compose_stack_with_tls_and_tokens_transcribes_and_stops_gracefully(stac
     # Prometheus scrapes the three /metrics endpoints over mutual TLS with its own certificate.
     targets_url = f"http://127.0.0.1:{stack.ports['prometheus']}/api/v1/targets"
 
-    def scraped() -> dict[str, str]:
+    seen: list[list[tuple[str, str, str, str]]] = [[]]
+
+    def every_target_up() -> bool:
+        """Every target of the wanted jobs up (both inference replicas), each job found; the last
+        answer is kept for the failure message (which target, and Prometheus's lastError)."""
         status, body = _get(targets_url)
-        if status != 200:
-            return {}
-        return {t["labels"]["job"]: t["health"] for t in body["data"]["activeTargets"]}
+        targets = body["data"]["activeTargets"] if status == 200 else []
+        seen[0] = [(t["labels"]["job"], t["labels"]["instance"], t["health"], t.get("lastError", "")) for t in targets]
+        mine = [target for target in seen[0] if target[0] in wanted]
+        return {target[0] for target in mine} == wanted and all(target[2] == "up" for target in mine)
 
     wanted = {"model_service", "inference_service", "http_gateway", "haproxy"}
-    wait_for(
-        lambda: all(scraped().get(job) == "up" for job in wanted),
-        timeout=180,
-        interval=2,
-        message=f"Prometheus targets up: {wanted}",
-    )
+    try:
+        wait_for(every_target_up, timeout=180, interval=2)
+    except AssertionError as timed_out:
+        raise AssertionError(f"Prometheus targets not all up after 180 s: {seen[0]}") from timed_out
 
     def inference_targets() -> list[str]:
         status, body = _get(targets_url)
