@@ -21,7 +21,7 @@ from inference_service.engines.schedulers import DecodeSchedulers
 from inference_service.job_retention import RetentionLimits
 from inference_service.jobs import JobLimits, JobManager
 from inference_service.live.service import LiveLimits, LiveService
-from inference_service.memory import MemoryProbe, parse_memory_budget
+from inference_service.memory import MemoryProbe, parse_memory_budget, release_freed_heap
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import CacheConfig, ModelCache
 from inference_service.model_copies import reloading_loader
@@ -224,7 +224,7 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
     limits = JobLimits(
         config.max_running_jobs, config.max_queued_jobs, config.job_history_events, job_retention(config)
     )
-    jobs = JobManager(limits, transcriber.run, metrics)
+    jobs = JobManager(limits, transcriber.run, metrics, on_idle=release_freed_heap)
     shutting_down = asyncio.Event()
     live = LiveService(cache, config.vad_model, live_limits(config), metrics)
     servicer = InferenceServicer(jobs, cache, config.default_model, config.max_audio_bytes, shutting_down, live)
