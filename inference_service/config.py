@@ -64,7 +64,13 @@ class InferenceConfig(ServiceSettings):
     batched: bool = False
     max_queued_jobs: int = 16
     max_audio_bytes: int = 200 * 1024 * 1024
-    job_retention_seconds: float = 600.0  # how long ended jobs stay watchable
+    # Ended jobs stay watchable (WatchJob replays their events; their audio is dropped at the
+    # end) for job_retention_seconds, the job_retention_max_jobs that ended last, and at most
+    # job_retention_max_bytes of their events: the first limit reached evicts the oldest.
+    # A short clip's job keeps ~10 KB, an hour of audio with word timestamps ~3 MB.
+    job_retention_seconds: float = 600.0
+    job_retention_max_jobs: int = 1000
+    job_retention_max_bytes: int = 64 * 1024 * 1024
     job_history_events: int = 20_000  # events kept per job for WatchJob
     # Live transcription (StreamingTranscribe). Endpoint: silence that ends an utterance
     # (the client may ask for another); lag: audio received - audio processed, above
@@ -102,7 +108,13 @@ class InferenceConfig(ServiceSettings):
             ),
             (self.max_queued_jobs >= 0, "max_queued_jobs", "must be >= 0"),
             (self.max_audio_bytes > 0, "max_audio_bytes", "must be > 0"),
-            (self.job_retention_seconds >= 0, "job_retention_seconds", "must be >= 0"),
+            (
+                math.isfinite(self.job_retention_seconds) and self.job_retention_seconds >= 0,
+                "job_retention_seconds",
+                "must be >= 0 (0: ended jobs are not kept)",
+            ),
+            (self.job_retention_max_jobs >= 0, "job_retention_max_jobs", "must be >= 0 (0: ended jobs are not kept)"),
+            (self.job_retention_max_bytes >= 0, "job_retention_max_bytes", "must be >= 0 (bytes; 0: none kept)"),
             (self.job_history_events >= 10, "job_history_events", "must be >= 10"),
             (0 < self.watchdog_threshold <= 1, "watchdog_threshold", "must be in (0, 1]"),
             (self.watchdog_interval_seconds > 0, "watchdog_interval_seconds", "must be > 0"),

@@ -109,8 +109,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         job.cancel()
                         async for event in self._follow(job, item.sequence, stop_at_shutdown=False):
                             yield event
-                    elif job.error is not None:
-                        raise job.error
+                    elif (error := job.error_for_caller()) is not None:
+                        raise error
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext[pb.WatchJobRequest, pb.TranscribeEvent]

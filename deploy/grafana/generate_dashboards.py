@@ -880,6 +880,27 @@ def inference() -> dict[str, Any]:
                         threshold_line=True,
                         description="From request to the first segment sent, model load included on a cache miss.",
                     ),
+                    Panel(
+                        "Ended jobs kept for WatchJob",
+                        [Query(f"sum by (instance) ({s.sel('voxserve_jobs_retained')})", "{{instance}}")],
+                        width=8,
+                        description="Within job_retention_seconds, job_retention_max_jobs and job_retention_max_bytes.",
+                    ),
+                    Panel(
+                        "Memory of the ended jobs kept",
+                        [Query(f"sum by (instance) ({s.sel('voxserve_jobs_retained_bytes')})", "{{instance}}")],
+                        unit="bytes",
+                        width=8,
+                        description="Their events (an ended job holds no audio); stays under job_retention_max_bytes.",
+                    ),
+                    Panel(
+                        "Ended jobs evicted by reason",
+                        [Query(f"sum by (reason) ({s.rate('voxserve_jobs_evicted_total')})", "{{reason}}")],
+                        unit="ops",
+                        width=8,
+                        stacked=True,
+                        description="expired: past job_retention_seconds; count_limit, bytes_limit: the other limits.",
+                    ),
                 ],
             ),
             Row(
