@@ -18,9 +18,10 @@ from inference_service.engines.batching import BatchSettings
 from inference_service.engines.device import choose_device
 from inference_service.engines.loaders import make_loader
 from inference_service.engines.schedulers import DecodeSchedulers
+from inference_service.job_retention import RetentionLimits
 from inference_service.jobs import JobLimits, JobManager
 from inference_service.live.service import LiveLimits, LiveService
-from inference_service.memory import MemoryProbe, parse_memory_budget
+from inference_service.memory import MemoryProbe, parse_memory_budget, release_freed_heap
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import CacheConfig, ModelCache
 from inference_service.model_copies import reloading_loader
@@ -58,9 +59,9 @@ class InferenceApp:
     # Settings a SIGHUP applies without a restart (besides the log levels): the cache's limits
     # (the path SetCacheLimits takes), warm-up, the watchdog, auto_pull (read at each resolve),
     # and the batch size and window (each decode scheduler reads them before its next batch;
-    # the batched pipeline at its next job). The others (ports, TLS, the store's address,
-    # device, job and live limits) are built into objects at start-up and are reported as
-    # needing a restart.
+    # the batched pipeline at its next job), and the retention of ended jobs (in force at once).
+    # The others (ports, TLS, the store's address, device, job admission and live limits) are
+    # built into objects at start-up and are reported as needing a restart.
     reloadable_settings: ClassVar[frozenset[str]] = frozenset(
         {
             "max_models",
@@ -71,6 +72,10 @@ class InferenceApp:
             "auto_pull",
             "batch_size",
             "batch_window_ms",
+            "model_idle_ttl_seconds",  # the watchdog's thread unloads idle models
+            "job_retention_seconds",
+            "job_retention_max_jobs",
+            "job_retention_max_bytes",
         }
     )
 
@@ -86,11 +91,9 @@ class InferenceApp:
         max_models = new.max_models if new.max_models != old.max_models else None
         budget = new.memory_budget if new.memory_budget != old.memory_budget else None
         self.cache.check_limits(max_models, budget)
-        if (old.watchdog_threshold, old.watchdog_interval_seconds) != (
-            new.watchdog_threshold,
-            new.watchdog_interval_seconds,
-        ):
-            self.cache.set_watchdog(new.watchdog_threshold, new.watchdog_interval_seconds)
+        watchdog = ("watchdog_threshold", "watchdog_interval_seconds", "model_idle_ttl_seconds")
+        if any(getattr(old, name) != getattr(new, name) for name in watchdog):
+            self.cache.set_watchdog(*(getattr(new, name) for name in watchdog))
         if max_models is not None or budget is not None:
             change = self.cache.set_limits(max_models, budget)
             logger.info(
@@ -106,6 +109,9 @@ class InferenceApp:
             logger.info(
                 "batch settings reloaded", extra={"batch_size": new.batch_size, "batch_window_ms": new.batch_window_ms}
             )
+        if job_retention(old) != job_retention(new):
+            self.jobs.set_retention(job_retention(new))
+            logger.info("job retention reloaded", extra={"job_retention": job_retention(new).describe()})
         self.config = dataclasses.replace(old, **{name: getattr(new, name) for name in self.reloadable_settings})
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -144,6 +150,7 @@ def build_cache(
         watchdog_threshold=config.watchdog_threshold,
         pinned=tuple(config.pin),
         warmup=config.warmup,
+        idle_ttl_seconds=config.model_idle_ttl_seconds,
     )
     # A load that fails on a damaged copy in cache_dir fetches the copy again and loads once more.
     load = reloading_loader(make_loader(device, config.cpu_threads, schedulers), source.copies, source.resolve)
@@ -181,6 +188,10 @@ def wait_for_store(source: StoreModelSource, stopping: threading.Event) -> bool:
     return False
 
 
+def job_retention(config: InferenceConfig) -> RetentionLimits:
+    return RetentionLimits(config.job_retention_seconds, config.job_retention_max_jobs, config.job_retention_max_bytes)
+
+
 def live_limits(config: InferenceConfig) -> LiveLimits:
     return LiveLimits(
         max_streams=config.live_max_streams,
@@ -212,9 +223,9 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
         config.diarization_model,
     )
     limits = JobLimits(
-        config.max_running_jobs, config.max_queued_jobs, config.job_retention_seconds, config.job_history_events
+        config.max_running_jobs, config.max_queued_jobs, config.job_history_events, job_retention(config)
     )
-    jobs = JobManager(limits, transcriber.run, metrics)
+    jobs = JobManager(limits, transcriber.run, metrics, on_idle=release_freed_heap)
     shutting_down = asyncio.Event()
     live = LiveService(cache, config.vad_model, live_limits(config), metrics)
     servicer = InferenceServicer(jobs, cache, config.default_model, config.max_audio_bytes, shutting_down, live)

@@ -41,6 +41,9 @@ class InferenceConfig(ServiceSettings):
     cpu_threads: int = 0  # 0 = ctranslate2's default
     max_models: int = 3
     memory_budget: str = "80%"  # bytes, "2GiB" or a percent of device memory
+    # An idle, unpinned model nobody used for this long is unloaded (0 = never), freeing its
+    # memory for the models a proxy routes to this replica (deploy/haproxy).
+    model_idle_ttl_seconds: float = 0.0
     preload: tuple[str, ...] = ("silero-vad", "htdemucs")
     pin: tuple[str, ...] = ("silero-vad",)
     # After a Whisper model loads, one short decode of silence runs inside the load, so the
@@ -64,7 +67,13 @@ class InferenceConfig(ServiceSettings):
     batched: bool = False
     max_queued_jobs: int = 16
     max_audio_bytes: int = 200 * 1024 * 1024
-    job_retention_seconds: float = 600.0  # how long ended jobs stay watchable
+    # Ended jobs stay watchable (WatchJob replays their events; their audio is dropped at the
+    # end) for job_retention_seconds, the job_retention_max_jobs that ended last, and at most
+    # job_retention_max_bytes of their events: the first limit reached evicts the oldest.
+    # A short clip's job keeps ~10 KB, an hour of audio with word timestamps ~3 MB.
+    job_retention_seconds: float = 600.0
+    job_retention_max_jobs: int = 1000
+    job_retention_max_bytes: int = 64 * 1024 * 1024
     job_history_events: int = 20_000  # events kept per job for WatchJob
     # Live transcription (StreamingTranscribe). Endpoint: silence that ends an utterance
     # (the client may ask for another); lag: audio received - audio processed, above
@@ -102,10 +111,17 @@ class InferenceConfig(ServiceSettings):
             ),
             (self.max_queued_jobs >= 0, "max_queued_jobs", "must be >= 0"),
             (self.max_audio_bytes > 0, "max_audio_bytes", "must be > 0"),
-            (self.job_retention_seconds >= 0, "job_retention_seconds", "must be >= 0"),
+            (
+                math.isfinite(self.job_retention_seconds) and self.job_retention_seconds >= 0,
+                "job_retention_seconds",
+                "must be >= 0 (0: ended jobs are not kept)",
+            ),
+            (self.job_retention_max_jobs >= 0, "job_retention_max_jobs", "must be >= 0 (0: ended jobs are not kept)"),
+            (self.job_retention_max_bytes >= 0, "job_retention_max_bytes", "must be >= 0 (bytes; 0: none kept)"),
             (self.job_history_events >= 10, "job_history_events", "must be >= 10"),
             (0 < self.watchdog_threshold <= 1, "watchdog_threshold", "must be in (0, 1]"),
             (self.watchdog_interval_seconds > 0, "watchdog_interval_seconds", "must be > 0"),
+            (self.model_idle_ttl_seconds >= 0, "model_idle_ttl_seconds", "must be >= 0 (0 = never)"),
             (self.cpu_threads >= 0, "cpu_threads", "must be >= 0"),
             (self.live_max_streams >= 0, "live_max_streams", "must be >= 0 (0 refuses live streams)"),
             (0.1 <= self.live_endpoint_silence_seconds <= 10, "live_endpoint_silence_seconds", "must be 0.1-10"),

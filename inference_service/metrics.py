@@ -39,7 +39,8 @@ class InferenceMetrics:
         )
         self.cache_evictions = Counter(
             "voxserve_cache_evictions",
-            "Models evicted, by reason (count_limit, memory_budget, watchdog, unload).",
+            "Models evicted (unloaded), by reason: count_limit and memory_budget (least recently used, to make "
+            "room), watchdog (memory pressure), idle (unused for model_idle_ttl_seconds), unload (UnloadModel).",
             ["model_id", "reason"],
             registry=r,
         )
@@ -74,6 +75,20 @@ class InferenceMetrics:
             registry=r,
         )
         self.job_queue_length = Gauge("voxserve_job_queue_length", "Jobs admitted and waiting to run.", registry=r)
+        self.jobs_retained = Gauge(
+            "voxserve_jobs_retained", "Ended jobs kept so that WatchJob can replay their events.", registry=r
+        )
+        self.jobs_retained_bytes = Gauge(
+            "voxserve_jobs_retained_bytes",
+            "Estimated memory of the ended jobs kept (their events; an ended job holds no audio).",
+            registry=r,
+        )
+        self.jobs_evicted = Counter(
+            "voxserve_jobs_evicted",
+            "Ended jobs dropped from retention, by reason (expired, count_limit, bytes_limit).",
+            ["reason"],
+            registry=r,
+        )
         self.audio_seconds = Counter(
             "voxserve_audio_seconds_processed", "Seconds of audio transcribed.", ["model_id"], registry=r
         )

@@ -120,6 +120,10 @@ class StoreModelSource:
         self.stub = store_grpc.ModelStoreStub(self.channel)
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # The last READY description of each model the store gave: while the store is down, a
+        # model whose files this node still has (its copy in cache_dir, or the shared directory)
+        # is served from them.
+        self._known: dict[str, store_pb.Model] = {}
 
     def close(self) -> None:
         self.channel.close()
@@ -171,10 +175,22 @@ class StoreModelSource:
     def resolve(self, model_id: str, on_progress: ProgressCallback | None = None) -> ModelSpec:
         """A READY model's local directory; pulls it first when allowed.
 
-        Raises NotFound (unknown id), FailedPrecondition (not READY and auto-pull off),
-        Unavailable (store down), DataLoss (fetched bytes do not match).
+        While the store cannot be reached, a model this node resolved before is served from
+        the files it still has (``_local_spec``). Raises NotFound (unknown id),
+        FailedPrecondition (not READY and auto-pull off), Unavailable (store down and no local
+        files), DataLoss (fetched bytes do not match).
         """
-        model = self.describe(model_id)
+        try:
+            model = self.describe(model_id)
+        except Unavailable:
+            spec = self._local_spec(model_id)
+            if spec is None:
+                raise
+            logger.warning(
+                "model store unreachable; loading the model from the files this node has",
+                extra={"model_id": model_id, "path": str(spec.path)},
+            )
+            return spec
         if model.state != store_pb.READY:
             if not self.config.auto_pull:
                 state = store_pb.ModelState.Name(model.state)
@@ -188,6 +204,25 @@ class StoreModelSource:
                 f"model {model_id!r} has kind {model.kind} in the model store; expected one of {', '.join(ModelKind)}"
             )
         path = self._fetch(model, on_progress) if self.config.store_access == "fetch" else self._shared_path(model)
+        self._known[model_id] = model
+        return ModelSpec(model_id, kind, path, model.size_bytes)
+
+    def _local_spec(self, model_id: str) -> ModelSpec | None:
+        """The spec of a model resolved before whose files are still here (a complete copy in
+        cache_dir, or the shared directory), without asking the store; None otherwise."""
+        model = self._known.get(model_id)
+        kind = KIND_NAMES.get(model.kind) if model is not None else None
+        if model is None or kind is None:
+            return None
+        if self.config.store_access == "fetch":
+            path = self.copies.target(model.model_id, model.revision)
+            if not self.copies.is_current(path, {f.path: (f.size, f.sha256) for f in model.files}):
+                return None
+        else:
+            try:
+                path = self._shared_path(model)
+            except FailedPrecondition:
+                return None
         return ModelSpec(model_id, kind, path, model.size_bytes)
 
     def _pull(self, model_id: str, on_progress: ProgressCallback | None) -> store_pb.Model:

@@ -67,6 +67,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         request = wire.job_request(options, audio, self.default_model, deadline)
+        wire.check_model_header(context.invocation_metadata(), request.model_id)
         check_audio_size(len(audio), self.max_audio_bytes)
         job, existing = self.jobs.submit(request)
         with log_context(job_id=job.job_id, model_id=request.model_id):
@@ -108,8 +109,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         job.cancel()
                         async for event in self._follow(job, item.sequence, stop_at_shutdown=False):
                             yield event
-                    elif job.error is not None:
-                        raise job.error
+                    elif (error := job.error_for_caller()) is not None:
+                        raise error
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext[pb.WatchJobRequest, pb.TranscribeEvent]
@@ -136,6 +137,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if self.live is None:
             raise Unavailable("live transcription is not enabled on this instance")
         stream = await wire.stream_request(request_iterator, self.default_model)
+        wire.check_model_header(context.invocation_metadata(), stream.model_id)
         events = self.live.run(stream, wire.stream_audio(request_iterator))
         async with contextlib.aclosing(events):
             async for event in events:
@@ -147,6 +149,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[pb.LoadModelRequest, pb.LoadedModel]
     ) -> pb.LoadedModel:
         model_id = wire.required(request.model_id, "model_id")
+        wire.check_model_header(context.invocation_metadata(), model_id)
         info = self.cache.touch_loaded(model_id, request.pin)
         if info is None:
             with log_context(model_id=model_id):
@@ -159,6 +162,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         context: grpc.aio.ServicerContext[pb.UnloadModelRequest, pb.UnloadModelResponse],
     ) -> pb.UnloadModelResponse:
         model_id = wire.required(request.model_id, "model_id")
+        wire.check_model_header(context.invocation_metadata(), model_id)
         with log_context(model_id=model_id):
             info = await asyncio.to_thread(self.cache.unload, model_id, request.force)
         return wire.unload_response(info)

@@ -46,6 +46,14 @@ class DiarizationRequest:
     bounds: SpeakerBounds = UNBOUNDED
     known_speakers: tuple[KnownSpeaker, ...] = ()
 
+    @property
+    def clip_bytes(self) -> int:
+        return sum(len(k.audio) for k in self.known_speakers)
+
+    def without_clips(self) -> DiarizationRequest:
+        """The request with its known speakers' names only: what an ended job keeps."""
+        return replace(self, known_speakers=tuple(KnownSpeaker(k.name, b"") for k in self.known_speakers))
+
     def digest(self) -> bytes:
         """What identifies the request, for a job's fingerprint (the clips by their sha256)."""
         clips = tuple((k.name, hashlib.sha256(k.audio).hexdigest()) for k in self.known_speakers)

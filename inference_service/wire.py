@@ -23,8 +23,9 @@ from inference_service.model_cache import CacheStats, LimitsChange, LoadedModelI
 from inference_service.payloads import Accepted, Completed
 from inference_service.speakers import DiarizationRequest, KnownSpeaker, diarization_request
 from voxserve.inference.v1 import inference_pb2 as pb
-from voxserve_common.client_strings import check_job_id
+from voxserve_common.client_strings import check_job_id, shown
 from voxserve_common.errors import InvalidArgument
+from voxserve_common.routing import MODEL_HEADER, header_values
 from voxserve_common.streams import to_timestamp
 
 TASKS = {pb.TASK_UNSPECIFIED: "transcribe", pb.TRANSCRIBE: "transcribe", pb.TRANSLATE: "translate"}
@@ -53,6 +54,18 @@ def required(value: str, field: str) -> str:
     if not value:
         raise InvalidArgument(f"{field} is required")
     return value
+
+
+def check_model_header(metadata: Iterable[tuple[str, str | bytes]] | None, model_id: str) -> None:
+    """InvalidArgument when the call's ``x-voxserve-model`` metadata names another model than
+    ``model_id``, the one the call uses (the request's, or the default): a proxy hashes on the
+    header, so it must never route on a value the service will not use. No header is fine."""
+    for value in header_values(metadata, MODEL_HEADER):
+        if value != model_id:
+            raise InvalidArgument(
+                f"the {MODEL_HEADER} header names model {shown(value)} but the request uses {shown(model_id)}; "
+                f"send the model the request names (or no {MODEL_HEADER} header)"
+            )
 
 
 # ------------------------------------------------------------------ transcription requests
@@ -255,6 +268,8 @@ def stream_request_from_config(config: pb.StreamingConfig, default_model: str) -
         max_lag=config.max_lag_seconds,
         job_id=check_job_id(job_id) if job_id else uuid.uuid4().hex,
         beam_size_given=config.options.beam_size > 0,
+        speech_threshold=config.speech_threshold if config.HasField("speech_threshold") else None,
+        speech_pad=config.speech_pad_seconds if config.HasField("speech_pad_seconds") else None,
     )
 
 

@@ -17,6 +17,8 @@
 # DIR/gateway.pem, .key      the HTTP gateway's client certificate
 # DIR/healthcheck.pem, .key  the containers' health probes (mutual TLS needs a client certificate)
 # DIR/prometheus.pem, .key   Prometheus scraping the services' /metrics over mutual TLS
+# DIR/haproxy.pem, .key      HAProxy routing by model (deploy/haproxy): its server certificate
+#                            for clients (SAN haproxy) and its client certificate to the replicas
 # DIR/tokens.yaml            the tokens file both services read: sha256 hashes and roles only
 # DIR/token-<name>           each token itself, for the client that uses it (ops, ci-bot,
 #                            inference, gateway)
@@ -65,6 +67,7 @@ issue voxctl "voxctl" clientAuth
 issue gateway "http-gateway" clientAuth
 issue healthcheck "healthcheck" clientAuth
 issue prometheus "prometheus" clientAuth
+issue haproxy "haproxy" serverAuth,clientAuth "DNS:haproxy,DNS:localhost,IP:127.0.0.1"
 
 declare -A roles=([ops]="admin" [ci-bot]="read, transcribe" [inference]="read, pull" [gateway]="read, pull, transcribe")
 if [[ ! -f "$dir/tokens.yaml" ]]; then
@@ -84,7 +87,7 @@ if [[ -n "$group" ]]; then
     # What a container reads: the service keys and the services' own tokens. ca.key (signs
     # certificates) and the people's tokens (ops, ci-bot) stay private.
     shared=("$dir/server.key" "$dir/inference.key" "$dir/gateway.key" "$dir/healthcheck.key"
-        "$dir/prometheus.key" "$dir/token-inference" "$dir/token-gateway")
+        "$dir/prometheus.key" "$dir/haproxy.key" "$dir/token-inference" "$dir/token-gateway")
     if ! chgrp "$group" "$dir" "${shared[@]}" 2>/dev/null; then
         echo "make_dev_secrets.sh: cannot give $dir to group $group (run it as root: sudo bash $0 --group $group $dir)" >&2
         exit 1

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv with the project installed from the lock (requirements/test.lock), then voxserve.
-# System packages: python3-venv if venv is missing; with --test also espeak-ng, sox and
-# prometheus (promtool checks the Prometheus config in the tests), kubectl and, as root,
-# podman, runc, podman-compose and debootstrap (the compose stack test).
+# System packages: python3-venv if venv is missing; with --test also espeak-ng, sox,
+# prometheus (promtool checks the Prometheus config in the tests), haproxy and nginx (the
+# routing tests run them in front of inference replicas), chromium and chromium-driver (the web
+# console in a real browser), kubectl and, as root, podman, runc,
+# podman-compose and debootstrap (the compose stack test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +36,11 @@ if ! "$PYTHON" -m venv --help >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepi
 fi
 if ((want_test)); then
     apt_install espeak-ng sox prometheus
+    # tests/routing/: the deployed configs of deploy/haproxy and deploy/nginx, run for real.
+    apt_install haproxy nginx
+    # tests/http_gateway/test_console_browser.py: headless Chromium driven by Selenium through
+    # the system chromedriver (Selenium's own driver download is not used).
+    apt_install chromium chromium-driver
     # kubectl builds the Kubernetes manifests (kustomize) in tests/deploy.
     command -v kubectl >/dev/null 2>&1 || apt_install kubernetes-client
     # tests/deploy/test_compose_podman.py brings the compose stack up with rootful podman

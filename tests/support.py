@@ -28,6 +28,7 @@ from tests.hubserver import HubServer
 from voxserve.inference.v1 import inference_pb2 as ipb
 from voxserve.modelstore.v1 import modelstore_pb2 as pb
 from voxserve.modelstore.v1 import modelstore_pb2_grpc
+from voxserve_common.routing import model_metadata
 
 T = TypeVar("T")
 
@@ -317,8 +318,11 @@ def get_model(handle: Any, model_id: str) -> pb.Model:
 def transcribe(
     handle: Any, audio: bytes, timeout: float = 180, metadata: Sequence[tuple[str, str]] | None = None, **options: Any
 ) -> list[ipb.TranscribeEvent]:
-    """Every event of one Transcribe stream; options are TranscribeOptions fields."""
+    """Every event of one Transcribe stream; options are TranscribeOptions fields. Without
+    ``metadata`` the call carries the routing key, as every client sends it."""
     request = ipb.TranscribeRequest(audio=audio, options=ipb.TranscribeOptions(**options))
+    if metadata is None:
+        metadata = model_metadata(str(options.get("model_id", "")))
     return list(handle.stub.Transcribe(request, timeout=timeout, metadata=metadata))
 
 

@@ -267,9 +267,12 @@ def _add_inference(
     watch.add_argument("job_id", metavar="JOB_ID")
     watch.add_argument("--after", type=_non_negative_int, default=0, metavar="N")
     watch.add_argument("--format", choices=sorted(WRITERS))
+    routed = "the job's model: behind a proxy that routes by model, the call reaches the job's replica"
+    watch.add_argument("--model", metavar="ID", help=routed)
     watch.set_defaults(handler=inference.cmd_jobs_watch)
     cancel = jobs_sub.add_parser("cancel", parents=[shared], help="cancel a queued or running job")
     cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel.add_argument("--model", metavar="ID", help=routed)
     cancel.set_defaults(handler=inference.cmd_jobs_cancel)
 
 

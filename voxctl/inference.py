@@ -16,6 +16,7 @@ from voxctl.output import message_to_dict, print_json, render_table
 from voxctl.progress import StatusLine, bar
 from voxctl.rpc import CliError, Session, error_code
 from voxserve.inference.v1 import inference_pb2 as pb
+from voxserve_common.routing import replica_lost
 
 # One Transcribe message up to this size; larger audio goes through TranscribeStream.
 SINGLE_REQUEST_MAX_BYTES = 3 << 20
@@ -103,32 +104,47 @@ def _open_input(path: str) -> BinaryIO:
 
 
 class JobFollower:
-    """Renders a job's event stream and survives a broken connection.
+    """Renders a job's event stream and survives a broken connection or a lost replica.
 
     Segments go to stdout as they arrive; progress, language info and the final summary
-    go to stderr. When a stream fails with UNAVAILABLE and the job id is known (from
-    ``--job-id`` or any event), the job is followed again with ``WatchJob(job_id,
-    after_sequence=last)``; events at or below the last sequence seen are skipped, so no
-    segment is lost or printed twice.
+    go to stderr. When a stream fails with UNAVAILABLE (or a proxy cut it: the replica went
+    away, ``replica_lost``) and the job id is known (from ``--job-id`` or any event), the job
+    is followed again with ``WatchJob(job_id, after_sequence=last)``; events at or below the
+    last sequence seen are skipped, so no segment is lost or printed twice. When the job is
+    gone with its replica (WatchJob: NOT_FOUND) and no segment was printed yet, the request
+    is sent again (``resubmit``): behind a proxy another replica transcribes it. ``model`` is
+    sent as ``x-voxserve-model`` so that a proxy routes WatchJob and CancelJob to the job's replica.
     """
 
     def __init__(
-        self, session: Session, writer: TranscriptWriter, job_id: str = "", cancel_on_interrupt: bool = True
+        self,
+        session: Session,
+        writer: TranscriptWriter,
+        job_id: str = "",
+        cancel_on_interrupt: bool = True,
+        model: str = "",
+        resubmit: Callable[[], Any] | None = None,
     ) -> None:
         self.session = session
         self.cancel_on_interrupt = cancel_on_interrupt
         self.writer = writer
+        self.named_job_id = job_id
         self.job_id = job_id
+        self.model = model
+        self.resubmit = resubmit
         self.last_sequence = 0
+        self.segments = 0
         self.completed: pb.Completed | None = None
         self.status = StatusLine(session.err)
         self.call: Any = None
+        # The failure that broke the first stream before any event arrived (if the job then
+        # proves unknown, it never reached a server: that error is the real cause), and the
+        # lost replica a resumed job may have gone with.
+        self._unreached: grpc.RpcError | None = None
+        self._lost: grpc.RpcError | None = None
 
     def run(self, start: Callable[[], Any]) -> int:
         tries = 0
-        # The UNAVAILABLE that broke the first stream before any event arrived: if the job
-        # then proves unknown (it never reached the server), that error is the real cause.
-        unreached: grpc.RpcError | None = None
         self.call = start()
         try:
             while True:
@@ -136,21 +152,10 @@ class JobFollower:
                     self._consume(self.call)
                     break
                 except grpc.RpcError as error:
-                    code = error_code(error)
-                    if code == grpc.StatusCode.NOT_FOUND and unreached is not None and self.last_sequence == 0:
-                        raise unreached from error
-                    if code != grpc.StatusCode.UNAVAILABLE or not self.job_id or tries >= RESUME_TRIES:
+                    if tries >= RESUME_TRIES:
                         raise
-                    if self.last_sequence == 0 and unreached is None:
-                        unreached = error
                     tries += 1
-                    delay = 0.5 * 2 ** (tries - 1)
-                    self.status.note(
-                        f"connection lost ({error.details()}); resuming job {self.job_id} after event "
-                        f"{self.last_sequence} in {delay:g} s (try {tries}/{RESUME_TRIES})"
-                    )
-                    time.sleep(delay)
-                    self.call = self.watch()
+                    self.call = self._recover(error, tries)
         except KeyboardInterrupt:
             self.call.cancel()
             self.status.done()
@@ -168,11 +173,47 @@ class JobFollower:
         self._summary(self.completed)
         return 0
 
+    def _recover(self, error: grpc.RpcError, tries: int) -> Any:
+        """The call that takes over from one that failed with ``error``, or ``error`` raised again."""
+        code = error_code(error)
+        if code == grpc.StatusCode.NOT_FOUND and self._lost is not None and self.segments == 0 and self.resubmit:
+            return self._again(self._lost, "the job was lost with its replica", tries)
+        if code == grpc.StatusCode.NOT_FOUND and self._unreached is not None and self.last_sequence == 0:
+            raise self._unreached from error
+        if not replica_lost(error):
+            raise error
+        if not self.job_id:
+            if self.resubmit is None:
+                raise error
+            return self._again(error, "the call failed before the job started", tries)
+        if self.last_sequence == 0 and self._unreached is None:
+            self._unreached = error
+        self._lost = error
+        delay = 0.5 * 2 ** (tries - 1)
+        self.status.note(
+            f"connection lost ({error.details()}); resuming job {self.job_id} after event "
+            f"{self.last_sequence} in {delay:g} s (try {tries}/{RESUME_TRIES})"
+        )
+        time.sleep(delay)
+        return self.watch()
+
+    def _again(self, error: grpc.RpcError, why: str, tries: int) -> Any:
+        """Send the request again (a new job: the old one is gone)."""
+        assert self.resubmit is not None
+        delay = 0.5 * 2 ** (tries - 1)
+        self.status.note(
+            f"{why} ({error.details()}); sending the request again in {delay:g} s (try {tries}/{RESUME_TRIES})"
+        )
+        time.sleep(delay)
+        self.job_id, self.last_sequence = self.named_job_id, 0
+        self._unreached = self._lost = None
+        return self.resubmit()
+
     def watch(self) -> Any:
         """WatchJob from the last sequence seen."""
         stub = self.session.inference()
         request = pb.WatchJobRequest(job_id=self.job_id, after_sequence=self.last_sequence)
-        return self.session.call(stub.WatchJob, request, default_timeout=None)
+        return self.session.call(stub.WatchJob, request, default_timeout=None, model=self.model)
 
     def _cancel_job(self) -> None:
         if not self.job_id:
@@ -180,7 +221,7 @@ class JobFollower:
             return
         try:
             response = self.session.call(
-                self.session.inference().CancelJob, pb.CancelJobRequest(job_id=self.job_id), 5.0
+                self.session.inference().CancelJob, pb.CancelJobRequest(job_id=self.job_id), 5.0, model=self.model
             )
             self.session.err.write(f"interrupted; job {self.job_id} {pb.JobState.Name(response.state)}\n")
         except grpc.RpcError as error:
@@ -214,6 +255,7 @@ class JobFollower:
                 f"language {info.language or '?'} (p={info.language_probability:.2f}), {info.duration:.2f} s of audio"
             )
         elif kind == "segment":
+            self.segments += 1
             self.status.clear()
             self.writer.segment(event.segment)
             self.status.restore()
@@ -247,14 +289,21 @@ def cmd_transcribe(session: Session, args: argparse.Namespace) -> int:
         head = _read_up_to(source, SINGLE_REQUEST_MAX_BYTES + 1)
         stub = session.inference()
 
+        model = options.model_id
+
         def start() -> Any:
             if len(head) <= SINGLE_REQUEST_MAX_BYTES:
                 request = pb.TranscribeRequest(options=options, audio=head)
-                return session.call(stub.Transcribe, request, default_timeout=None)
-            return session.call(stub.TranscribeStream, _chunks(options, head, source), default_timeout=None)
+                return session.call(stub.Transcribe, request, default_timeout=None, model=model)
+            return session.call(
+                stub.TranscribeStream, _chunks(options, head, source), default_timeout=None, model=model
+            )
 
         writer = WRITERS[args.format or ("json" if session.json else "text")](session.out)
-        return JobFollower(session, writer, job_id=args.job_id or "").run(start)
+        # Audio held whole in one request can be sent again; a stream read from the input cannot.
+        resubmit = start if len(head) <= SINGLE_REQUEST_MAX_BYTES else None
+        follower = JobFollower(session, writer, job_id=args.job_id or "", model=model, resubmit=resubmit)
+        return follower.run(start)
     finally:
         if source is not sys.stdin.buffer:
             source.close()
@@ -263,13 +312,14 @@ def cmd_transcribe(session: Session, args: argparse.Namespace) -> int:
 def cmd_jobs_watch(session: Session, args: argparse.Namespace) -> int:
     writer = WRITERS[args.format or ("json" if session.json else "text")](session.out)
     # Ctrl-C stops watching; it does not cancel a job this command did not start.
-    follower = JobFollower(session, writer, job_id=args.job_id, cancel_on_interrupt=False)
+    follower = JobFollower(session, writer, job_id=args.job_id, cancel_on_interrupt=False, model=args.model or "")
     follower.last_sequence = args.after
     return follower.run(follower.watch)
 
 
 def cmd_jobs_cancel(session: Session, args: argparse.Namespace) -> int:
-    response = session.call(session.inference().CancelJob, pb.CancelJobRequest(job_id=args.job_id))
+    request = pb.CancelJobRequest(job_id=args.job_id)
+    response = session.call(session.inference().CancelJob, request, model=args.model or "")
     if session.json:
         print_json(message_to_dict(response), session.out)
     else:
@@ -323,7 +373,7 @@ def cache_summary(stats: pb.CacheStats) -> str:
 def cmd_load(session: Session, args: argparse.Namespace) -> int:
     # Loading may first pull the model from the store: no default deadline.
     request = pb.LoadModelRequest(model_id=args.model_id, pin=args.pin)
-    model = session.call(session.inference().LoadModel, request, default_timeout=None)
+    model = session.call(session.inference().LoadModel, request, default_timeout=None, model=args.model_id)
     if session.json:
         print_json(message_to_dict(model), session.out)
         return 0
@@ -337,7 +387,7 @@ def cmd_load(session: Session, args: argparse.Namespace) -> int:
 
 def cmd_unload(session: Session, args: argparse.Namespace) -> int:
     request = pb.UnloadModelRequest(model_id=args.model_id, force=args.force)
-    response = session.call(session.inference().UnloadModel, request)
+    response = session.call(session.inference().UnloadModel, request, model=args.model_id)
     if session.json:
         print_json(message_to_dict(response), session.out)
     elif response.unloaded:

@@ -135,7 +135,8 @@ def cmd_live(session: Session, args: argparse.Namespace) -> int:
         speed = 1.0 if args.speed is None else args.speed
     json_out = args.format == "json" or (args.format is None and session.json)
     view = LiveView(session.out, json_out, tty=session.out.isatty())
-    call = session.call(session.inference().StreamingTranscribe, live_requests(config, source, speed), None)
+    requests = live_requests(config, source, speed)
+    call = session.call(session.inference().StreamingTranscribe, requests, None, model=config.options.model_id)
     try:
         for response in call:
             view.show(response)

@@ -15,6 +15,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from voxserve.inference.v1 import inference_pb2_grpc
 from voxserve.modelstore.v1 import modelstore_pb2_grpc
+from voxserve_common.routing import model_metadata
 from voxserve_common.tls import ClientTls, open_channel
 from voxserve_common.tracing import trace_metadata
 
@@ -73,12 +74,16 @@ class Session:
     def inference(self) -> inference_pb2_grpc.InferenceStub:
         return inference_pb2_grpc.InferenceStub(self.channel(self.inference_address))
 
-    def call(self, method: Any, request: Any, default_timeout: float | None = DEFAULT_UNARY_TIMEOUT) -> Any:
+    def call(
+        self, method: Any, request: Any, default_timeout: float | None = DEFAULT_UNARY_TIMEOUT, model: str = ""
+    ) -> Any:
         """Invoke ``method`` with the command's trace context and deadline: ``--timeout``
         when given, else ``default_timeout`` (pass None for streams that may run for long:
-        the call then iterates responses and has ``cancel()``)."""
+        the call then iterates responses and has ``cancel()``). ``model``: the model the call
+        is about, sent as ``x-voxserve-model`` so that a proxy routes it to the replica that
+        holds the model (voxserve_common/routing.py)."""
         timeout = self.timeout if self.timeout is not None else default_timeout
-        return method(request, timeout=timeout, metadata=trace_metadata())
+        return method(request, timeout=timeout, metadata=trace_metadata() + model_metadata(model))
 
     def close(self) -> None:
         for channel in self._channels.values():

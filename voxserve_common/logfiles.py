@@ -11,6 +11,7 @@ import logging
 import logging.handlers
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,11 +19,16 @@ from pathlib import Path
 
 ROTATE_INTERVALS = {"S": 1, "M": 60, "H": 3600, "D": 86400}
 ROTATE_WHEN = ("", "midnight", *ROTATE_INTERVALS)
+HOSTNAME = "{hostname}"
 
 
 @dataclass(frozen=True)
 class LogFileSettings:
-    """Where and how the JSON log files are kept; ``directory`` None means no files."""
+    """Where and how the JSON log files are kept; ``directory`` None means no files.
+
+    ``{hostname}`` in the directory becomes this host's name: replicas that share one log
+    volume (docker-compose.yml's inference replicas) each write and rotate their own files.
+    """
 
     directory: Path | None = None
     max_bytes: int = 50 << 20
@@ -31,6 +37,8 @@ class LogFileSettings:
     retention_days: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.directory is not None and HOSTNAME in str(self.directory):
+            object.__setattr__(self, "directory", Path(str(self.directory).replace(HOSTNAME, socket.gethostname())))
         if self.rotate_when not in ROTATE_WHEN:
             raise ValueError(f"log_rotate_when must be one of {', '.join(repr(w) for w in ROTATE_WHEN)}")
         if self.max_bytes < 0 or self.backup_count < 0 or self.retention_days < 0:

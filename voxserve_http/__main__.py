@@ -93,6 +93,9 @@ class GatewayServer:
                 lifespan="on",
                 # after this, requests still running are cancelled (0: at once)
                 timeout_graceful_shutdown=math.ceil(config.grace_seconds),
+                # Realtime events up to twice realtime_max_message_bytes get an `error` event
+                # from the session; larger ones close the connection (1009).
+                ws_max_size=2 * config.realtime_max_message_bytes,
                 **tls_options,  # type: ignore[arg-type]
             )
         )

@@ -20,7 +20,7 @@ from voxserve_http.config import GatewayConfig
 from voxserve_http.errors import ApiError, from_rpc
 from voxserve_http.limits import BodyLimitMiddleware, UploadRefused
 from voxserve_http.metrics import GatewayMetrics, ObservabilityMiddleware
-from voxserve_http.routes import health, models, openai
+from voxserve_http.routes import console, health, models, openai, realtime
 from voxserve_http.security import GatewaySecurity
 from voxserve_http.state import Gateway
 
@@ -121,9 +121,10 @@ def create_app(
         openapi_url="/openapi.json",
         static_url=DOCS_ASSETS_URL,
     )
-    routers = (openai.router, models.router, health.router)
+    routers = (openai.router, realtime.router, models.router, health.router, console.router)
     for router in routers:
         app.include_router(router)
+    console.mount_assets(app)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

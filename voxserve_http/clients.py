@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from voxserve.inference.v1 import inference_pb2 as ipb
 from voxserve.inference.v1 import inference_pb2_grpc
 from voxserve.modelstore.v1 import modelstore_pb2_grpc
+from voxserve_common.routing import model_metadata
 from voxserve_common.tls import RECONNECT_BACKOFF_OPTIONS, open_aio_channel
 from voxserve_common.tracing import trace_metadata
 from voxserve_http.config import GatewayConfig
@@ -36,13 +37,15 @@ SINGLE_MESSAGE_AUDIO_BYTES = 60 << 20  # with the options, under the services' 6
 AUDIO_CHUNK_BYTES = 1 << 20
 
 
-def call_metadata(authorization: str | None) -> list[tuple[str, str]]:
-    """Metadata of one outgoing call: the current trace, and the caller's credentials.
+def call_metadata(authorization: str | None, model: str = "") -> list[tuple[str, str]]:
+    """Metadata of one outgoing call: the current trace, the caller's credentials, and the
+    model the call is about (``x-voxserve-model``, so that a proxy in front of several
+    inference replicas routes it to the one that holds the model).
 
     The gateway checks no token itself: the services do (UNAUTHENTICATED -> 401,
     PERMISSION_DENIED -> 403). A header gRPC cannot carry is the caller's mistake.
     """
-    metadata = trace_metadata()
+    metadata = trace_metadata() + model_metadata(model)
     if authorization is not None:
         if not authorization.isascii() or not authorization.isprintable():
             raise ApiError(
@@ -111,6 +114,14 @@ class Backends:
             raise self._error(error, backend, not_found) from None
         finally:
             call.cancel()
+
+    def streaming_transcribe(
+        self, requests: AsyncIterator[ipb.StreamingTranscribeRequest], authorization: str | None
+    ) -> Any:
+        """Start a live stream (StreamingTranscribe) fed by ``requests``; read it with stream().
+        No deadline: it lasts as long as its client sends audio (the realtime session's idle
+        limit ends a silent one)."""
+        return self.inference.StreamingTranscribe(requests, metadata=call_metadata(authorization))
 
     async def serving(self) -> dict[str, str]:
         """Each backend's health status name (SERVING, NOT_SERVING, or why it is unknown)."""

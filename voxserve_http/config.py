@@ -52,6 +52,16 @@ class GatewayConfig(ServiceSettings):
     max_event_streams: int = 512
     # Seconds between SSE comment lines on a quiet stream, so proxies keep it open.
     sse_keepalive_seconds: float = 15.0
+    # The OpenAI Realtime WebSocket (/v1/realtime?intent=transcription). Sessions open at once
+    # (each holds one live stream of the inference service while audio flows, which has its
+    # own live_max_streams); beyond it a new session gets an `error` event and is closed.
+    realtime_max_sessions: int = 64
+    # A client event larger than this gets an `error` event and is dropped (the connection
+    # stays open); one over twice this closes the connection (1009). 1 MiB of JSON is about
+    # 16 s of 24 kHz pcm16 in base64; OpenAI's clients send 20-100 ms per event.
+    realtime_max_message_bytes: int = 1 << 20
+    # A session whose client sent no event for this long gets an `error` event and is closed.
+    realtime_idle_seconds: float = 60.0
 
     def validate(self) -> None:
         checks = [
@@ -66,6 +76,9 @@ class GatewayConfig(ServiceSettings):
             (self.retry_after_seconds >= 0, "retry_after_seconds", "must be >= 0"),
             (self.max_event_streams >= 1, "max_event_streams", "must be >= 1"),
             (self.sse_keepalive_seconds > 0, "sse_keepalive_seconds", "must be > 0"),
+            (self.realtime_max_sessions >= 1, "realtime_max_sessions", "must be >= 1"),
+            (self.realtime_max_message_bytes >= 4096, "realtime_max_message_bytes", "must be >= 4096"),
+            (self.realtime_idle_seconds > 0, "realtime_idle_seconds", "must be > 0"),
             (
                 self.auth_tokens is None,
                 "auth_tokens",

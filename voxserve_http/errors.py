@@ -14,6 +14,7 @@ import grpc
 
 from voxserve_common.grpc_errors import ERROR_CATEGORY_KEY
 from voxserve_common.grpc_errors import TOO_LARGE as TOO_LARGE_CATEGORY
+from voxserve_common.routing import replica_lost
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,10 @@ def from_rpc(
     ``not_found`` = (code, param) for a NOT_FOUND that means a thing the caller named."""
     code = error.code()
     details = error.details() or code.name
+    if replica_lost(error) and error_category(error) is None:
+        # A proxy cut the stream: the replica went away mid-call. Sent again, another replica
+        # answers, so it is 503 with Retry-After (OpenAI's SDKs retry it), not a 500.
+        code = grpc.StatusCode.UNAVAILABLE
     mapped = http_status_for(code, error_category(error))
     if code == grpc.StatusCode.UNAVAILABLE:
         message = f"the {backend} is unavailable ({details}); retry later"

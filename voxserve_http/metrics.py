@@ -51,6 +51,17 @@ class GatewayMetrics:
             "Open server-sent event streams (/api/events, /api/jobs/{id}/events).",
             registry=self.registry,
         )
+        self.realtime_sessions = Gauge(
+            "voxserve_http_realtime_sessions",
+            "Open OpenAI Realtime transcription sessions (/v1/realtime WebSockets).",
+            registry=self.registry,
+        )
+        self.realtime_sessions_ended = Counter(
+            "voxserve_http_realtime_sessions_ended",
+            "Realtime sessions that ended, by outcome (client_closed, idle, refused, client_not_reading).",
+            ["outcome"],
+            registry=self.registry,
+        )
 
 
 def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from voxserve_http.clients import Backends
 from voxserve_http.config import GatewayConfig
@@ -22,6 +22,7 @@ class Gateway:
     # server's graceful wait is spent on transcriptions, not on endless streams.
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     open_streams: int = 0
+    realtime_sessions: int = 0  # open /v1/realtime WebSockets
 
     def acquire_stream(self) -> None:
         """Count one event stream in; 429 past max_event_streams."""
@@ -42,16 +43,17 @@ class Gateway:
         self.metrics.event_streams.dec()
 
 
-def gateway(request: Request) -> Gateway:
+def gateway(request: HTTPConnection) -> Gateway:
     """FastAPI dependency: the gateway of the running app."""
     found: Gateway = request.app.state.gateway
     return found
 
 
-def authorization(request: Request) -> str | None:
-    """The caller's Authorization header, forwarded as gRPC metadata (checked by the
-    services); without one, the gateway's backend token (backend_token_file) if it has one."""
-    header = request.headers.get("authorization")
+def authorization(request: HTTPConnection, header: str | None = None) -> str | None:
+    """The caller's Authorization header (or ``header``: the same credentials sent another
+    way), forwarded as gRPC metadata (checked by the services); without one, the gateway's
+    backend token (backend_token_file) if it has one."""
+    header = request.headers.get("authorization") or header
     if header is not None:
         return header
     token = gateway(request).backends.backend_token

@@ -7,7 +7,8 @@
 #
 # voxserve-tls     ca.pem, server.pem/.key (both services and the gateway's HTTPS),
 #                  inference.pem/.key and gateway.pem/.key (client certificates to the
-#                  backends), healthcheck.pem/.key (the exec probes under mutual TLS)
+#                  backends), healthcheck.pem/.key (the exec probes under mutual TLS),
+#                  haproxy.pem/.key when present (components/model-routing)
 # voxserve-tokens  tokens.yaml (sha256 hashes and roles only), token-inference and
 #                  token-gateway (the services' own tokens). The people's tokens (ops,
 #                  ci-bot) never enter the cluster.
@@ -20,11 +21,14 @@ for f in ca.pem server.pem server.key inference.pem inference.key gateway.pem ga
     healthcheck.pem healthcheck.key tokens.yaml token-inference token-gateway; do
     [[ -f "$dir/$f" ]] || { echo "create-secrets.sh: $dir/$f is missing (run scripts/make_dev_secrets.sh)" >&2; exit 1; }
 done
+# HAProxy's certificate (components/model-routing), when the directory has it.
+router=()
+[[ -f "$dir/haproxy.pem" && -f "$dir/haproxy.key" ]] && router=(--from-file="$dir/haproxy.pem" --from-file="$dir/haproxy.key")
 kubectl create secret generic voxserve-tls --namespace "$namespace" --dry-run=client -o yaml \
     --from-file="$dir/ca.pem" --from-file="$dir/server.pem" --from-file="$dir/server.key" \
     --from-file="$dir/inference.pem" --from-file="$dir/inference.key" \
     --from-file="$dir/gateway.pem" --from-file="$dir/gateway.key" \
-    --from-file="$dir/healthcheck.pem" --from-file="$dir/healthcheck.key"
+    --from-file="$dir/healthcheck.pem" --from-file="$dir/healthcheck.key" "${router[@]}"
 echo "---"
 kubectl create secret generic voxserve-tokens --namespace "$namespace" --dry-run=client -o yaml \
     --from-file="$dir/tokens.yaml" --from-file="$dir/token-inference" --from-file="$dir/token-gateway"

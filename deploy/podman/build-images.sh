@@ -6,6 +6,7 @@
 #
 # localhost/debian-python:bookworm   debootstrap minbase + python3, python3-venv, tini (kept: built once)
 # localhost/voxserve-prometheus:2.42 debootstrap minbase + Debian's prometheus (kept: built once)
+# localhost/voxserve-haproxy:2.6     debootstrap minbase + Debian's haproxy (kept: built once)
 # localhost/voxserve:podman-test     deploy/Dockerfile on the first one (rebuilt each run; podman's
 #                                    layer cache keeps torch and the dependencies, so only
 #                                    `pip install .` and the final copy run again)
@@ -20,6 +21,7 @@ cd "$(dirname "$0")/../.."
 PODMAN=(podman --runtime runc)
 BASE=localhost/debian-python:bookworm
 PROM=localhost/voxserve-prometheus:2.42
+HAPROXY=localhost/voxserve-haproxy:2.6
 IMAGE=${VOXSERVE_TEST_IMAGE:-localhost/voxserve:podman-test}
 WORK=${VOXSERVE_PODMAN_WORK:-/var/tmp/voxserve-podman}
 
@@ -56,6 +58,7 @@ command -v debootstrap >/dev/null || { echo "debootstrap is missing: apt-get ins
 have_image "$BASE" || rootfs_image "$BASE" python3,python3-venv,ca-certificates,tini,passwd
 have_image "$PROM" || rootfs_image "$PROM" prometheus,ca-certificates \
     --change 'ENTRYPOINT ["/usr/bin/prometheus"]' --change 'USER nobody'
+have_image "$HAPROXY" || rootfs_image "$HAPROXY" haproxy,ca-certificates --change 'USER nobody'
 
 build=(--network host --ignorefile deploy/Dockerfile.dockerignore -f deploy/Dockerfile
     --build-arg "PYTHON_IMAGE=$BASE")
@@ -75,4 +78,4 @@ echo "==> building $IMAGE"
     || { tail -40 "$WORK.build.log" >&2; exit 1; }
 "${PODMAN[@]}" build "${build[@]}" -t "$IMAGE" . >>"$WORK.build.log" 2>&1 || { tail -40 "$WORK.build.log" >&2; exit 1; }
 "${PODMAN[@]}" image prune -f >/dev/null
-echo "==> images ready: $BASE $PROM $IMAGE"
+echo "==> images ready: $BASE $PROM $HAPROXY $IMAGE"

@@ -379,7 +379,16 @@ class WhisperEngine:
             return
         self.scheduler.close()
         self._batched = None
-        self._model = None
+        model, self._model = self._model, None
+        if self.choice.device == "cuda":
+            # CTranslate2 keeps freed device blocks in a caching allocator per thread (up to
+            # 200 MB each by default): unload_model() frees the weights and clears its workers'
+            # caches, so the memory goes back to the driver, not only out of torch's cache.
+            # (Not run on a GPU here: see docs/architecture.md, "Idle unload".)
+            unload = getattr(getattr(model, "model", None), "unload_model", None)
+            if unload is not None:
+                unload()
+        del model
         gc.collect()
         if self.choice.device == "cuda":
             import torch

@@ -19,11 +19,11 @@ from typing_extensions import TypeVar
 
 from inference_service.engines.batching import BatchedJob, Lane
 from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings
-from inference_service.engines.speech_detector import SpeechDetector, VadSessions
+from inference_service.engines.speech_detector import SpeechDetector, VadSessions, VadThresholds
 from inference_service.engines.whisper import TranscribeOptions, WhisperEngine
 from inference_service.live.memory import stream_bytes
 from inference_service.live.pcm import Encoding, PcmDecoder
-from inference_service.live.session import LiveResult, LiveSession, LiveSettings
+from inference_service.live.session import SPEECH_PAD, LiveResult, LiveSession, LiveSettings
 from inference_service.live.stream import LiveStream, StreamEvent
 from inference_service.live.worker import DecodeWorker
 from inference_service.metrics import InferenceMetrics
@@ -62,6 +62,8 @@ class StreamRequest:
     max_lag: float = 0.0
     job_id: str = ""
     beam_size_given: bool = False
+    speech_threshold: float | None = None  # None: Silero's default (VadThresholds)
+    speech_pad: float | None = None  # None: the session's default (SPEECH_PAD)
 
 
 class _Observer:
@@ -130,8 +132,15 @@ class LiveService:
             raise InvalidArgument(
                 f"max_lag_seconds must be 0-{self.limits.abandon_lag:g} (0 = default), got {request.max_lag}"
             )
+        threshold, pad = request.speech_threshold, request.speech_pad
+        if threshold is not None and not 0.05 <= threshold <= 0.95:
+            raise InvalidArgument(f"speech_threshold must be 0.05-0.95 (unset = 0.5), got {threshold:g}")
+        if pad is not None and not 0 <= pad <= 2:
+            raise InvalidArgument(f"speech_pad_seconds must be 0-2 (unset = {SPEECH_PAD:g}), got {pad:g}")
         return LiveSettings(
             interim_results=request.interim_results,
+            speech_threshold=VadThresholds().speech if threshold is None else threshold,
+            speech_pad=SPEECH_PAD if pad is None else pad,
             endpoint_silence=request.endpoint_silence or self.limits.endpoint_silence,
             max_lag=request.max_lag or self.limits.max_lag,
             decode_interval=self.limits.decode_interval,

@@ -62,6 +62,8 @@ class LiveSettings:
     min_cut_buffer: float = 4.0  # shortest audio finalised inside an utterance (before that, wait for the endpoint)
     initial_prompt: str = ""
     report_words: bool = True  # words in results (always aligned inside: the loop and guess checks need them)
+    speech_threshold: float = 0.5  # VAD probability that starts speech; it ends below this minus 0.15
+    speech_pad: float = SPEECH_PAD  # audio kept before a speech start
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class LiveSession:
 
     def __init__(self, settings: LiveSettings, thresholds: VadThresholds | None = None) -> None:
         self.settings = settings
-        self.thresholds = thresholds or VadThresholds()
+        self.thresholds = thresholds or vad_thresholds(settings.speech_threshold)
         self.received = 0.0  # stream seconds received
         self.processed = 0.0  # decoded, or skipped as silence
         self._buffer = np.zeros(0, np.float32)
@@ -161,7 +163,7 @@ class LiveSession:
                     self._queued_runs.append([time, None])
                 if self._utterance_start is None and self._endpoint is None:
                     self._utterance_start = time
-                    self._trim_to(max(self._buffer_start, time - SPEECH_PAD))
+                    self._trim_to(max(self._buffer_start, time - self.settings.speech_pad))
                     return [SpeechEvent("SPEECH_STARTED", time)]
             return []
         if probability < self.thresholds.silence and self._in_speech:
@@ -178,8 +180,8 @@ class LiveSession:
 
     def _skip_silence(self) -> None:
         """No speech pending: keep only the pad before a possible speech start."""
-        self._trim_to(max(self._buffer_start, self.received - SPEECH_PAD))
-        self.processed = max(self.processed, self.received - SPEECH_PAD)
+        self._trim_to(max(self._buffer_start, self.received - self.settings.speech_pad))
+        self.processed = max(self.processed, self.received - self.settings.speech_pad)
 
     def _trim_to(self, time: float) -> None:
         drop = round((time - self._buffer_start) * WHISPER_SAMPLE_RATE)
@@ -334,7 +336,7 @@ class LiveSession:
             onset, run_end = self._queued_runs.pop(0)
             assert onset is not None
             self._utterance_start = max(end, onset)
-            self._trim_to(max(self._buffer_start, self._utterance_start - SPEECH_PAD))
+            self._trim_to(max(self._buffer_start, self._utterance_start - self.settings.speech_pad))
             events.append(SpeechEvent("SPEECH_STARTED", self._utterance_start))
             if run_end is not None:
                 self._endpoint = run_end
@@ -371,6 +373,11 @@ class LiveSession:
         stability = len(self._committed) / len(words)
         aligned = self._aligned(words)
         return [LiveResult(self._result_id, False, stability, start, max(start, words[-1].end), text, aligned)]
+
+
+def vad_thresholds(speech: float) -> VadThresholds:
+    """Thresholds for a speech threshold, with Silero's own hysteresis (silence 0.15 below it)."""
+    return VadThresholds(speech=speech, silence=max(0.01, speech - 0.15))
 
 
 def _ends_sentence(piece: Piece) -> bool:

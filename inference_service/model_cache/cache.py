@@ -409,10 +409,21 @@ class ModelCache:
         """
         return self._watchdog.check_once()
 
-    def set_watchdog(self, threshold: float | None = None, interval_seconds: float | None = None) -> None:
-        """Change the watchdog's threshold and/or interval at run time (None = unchanged);
-        InvalidArgument naming the setting for a value out of range (nothing changes then)."""
-        self._watchdog.set(threshold, interval_seconds)
+    def set_watchdog(
+        self,
+        threshold: float | None = None,
+        interval_seconds: float | None = None,
+        idle_ttl_seconds: float | None = None,
+    ) -> None:
+        """Change the watchdog's threshold, interval and/or idle TTL at run time (None =
+        unchanged); InvalidArgument naming the setting for a value out of range (nothing
+        changes then)."""
+        self._watchdog.set(threshold, interval_seconds, idle_ttl_seconds)
+
+    def expire_idle_once(self) -> list[str]:
+        """Unload the idle, unpinned models nobody used for idle_ttl_seconds (the watchdog's
+        thread does it on its own); returns their ids."""
+        return self._watchdog.expire_idle_once()
 
     def start_watchdog(self) -> None:
         """Check memory every watchdog_interval_seconds in a daemon thread until stop()."""

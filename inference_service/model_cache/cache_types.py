@@ -85,6 +85,7 @@ class CacheConfig:
     when the whole device is fuller than watchdog_threshold of its memory.
     Models named in pinned are pinned whenever they are loaded. warmup runs one short decode
     of silence through each Whisper model as part of its load (inference_service/warmup.py).
+    idle_ttl_seconds > 0 unloads an idle, unpinned model nobody used for that long (0: never).
     """
 
     max_models: int = 3
@@ -94,6 +95,7 @@ class CacheConfig:
     watchdog_threshold: float = 0.9
     pinned: tuple[str, ...] = ()
     warmup: bool = True
+    idle_ttl_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_models < 1:
@@ -106,6 +108,8 @@ class CacheConfig:
             raise InvalidArgument(f"watchdog interval must be positive, not {self.watchdog_interval_seconds}")
         if not 0 < self.watchdog_threshold <= 1:
             raise InvalidArgument(f"watchdog threshold must be in (0, 1], not {self.watchdog_threshold}")
+        if self.idle_ttl_seconds < 0:
+            raise InvalidArgument(f"idle TTL must be >= 0 seconds (0 = never), not {self.idle_ttl_seconds}")
         self.pinned = tuple(self.pinned)
 
 

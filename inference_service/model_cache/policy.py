@@ -17,7 +17,10 @@ from inference_service.model_cache.cache_types import CacheEntry, ModelSpec
 from voxserve_common.errors import InvalidArgument
 from voxserve_common.kinds import ModelKind
 
-EVICTION_REASONS = ("count_limit", "memory_budget", "watchdog", "unload")
+# The label of voxserve_cache_evictions_total: count_limit (LRU eviction for max_models),
+# memory_budget (LRU eviction for the budget), watchdog (memory pressure), idle (unused for
+# model_idle_ttl_seconds), unload (UnloadModel, an admin's call, and shutdown).
+EVICTION_REASONS = ("count_limit", "memory_budget", "watchdog", "idle", "unload")
 
 # -- eviction -------------------------------------------------------------------------
 
@@ -161,6 +164,14 @@ def over_limits(entries: Sequence[CacheEntry], max_models: int, budget: int) -> 
         count -= 1
         used -= entry.memory_bytes
     return plan
+
+
+def idle_expired(entries: Sequence[CacheEntry], now: float, ttl_seconds: float) -> list[CacheEntry]:
+    """The idle, unpinned entries nobody used for ``ttl_seconds`` or more at ``now`` (wall-clock
+    seconds, as ``last_used``); none when ttl_seconds is 0 (idle unload off)."""
+    if ttl_seconds <= 0:
+        return []
+    return [e for e in entries if evictable(e) and now - e.last_used >= ttl_seconds]
 
 
 def held_over(entries: Sequence[CacheEntry], max_models: int, budget: int) -> list[CacheEntry]:

@@ -31,6 +31,7 @@ from inference_service.model_cache.policy import (
     evictable,
     held_over,
     held_reason,
+    idle_expired,
     over_limits,
     plan_room,
     remember,
@@ -301,6 +302,16 @@ class CacheState:
             closing = self._detach_models([victim])
         self._free(closing)
         return victim.model_id
+
+    def expire_idle(self, ttl_seconds: float) -> list[str]:
+        """Evict the idle, unpinned models unused for ``ttl_seconds`` (reason "idle"; 0: none); their ids."""
+        with self._lock:
+            expired = idle_expired(list(self._entries.values()), time.time(), ttl_seconds)
+            for entry in expired:
+                self._evict_locked(entry, "idle", "idle_ttl")
+            closing = self._detach_models(expired)
+        self._free(closing)
+        return [entry.model_id for entry in expired]
 
     def set_limits(self, max_models: int | None, budget: int | None) -> tuple[LimitsChange, tuple[int, int], list[str]]:
         """Put new limits in force (None = unchanged) and evict idle models until they hold.

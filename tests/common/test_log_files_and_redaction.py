@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -42,6 +43,17 @@ def test_files_get_json_lines_and_errors_get_their_own_file(tmp_path: Path, rest
     assert [line["message"] for line in everything] == ["pull started", "pull failed"]
     assert [line["message"] for line in errors] == ["pull failed"]
     assert everything[0]["service"] == "unit" and everything[0]["model_id"] == "m1"
+
+
+def test_hostname_in_the_directory_gives_each_replica_its_own_files(tmp_path: Path, restore_root: None) -> None:
+    """Replicas sharing one log volume: {hostname} in log_dir is each container's own name."""
+    settings = LogFileSettings(directory=tmp_path / "{hostname}")
+    assert settings.directory == tmp_path / socket.gethostname()
+    configure_logging("unit", stream=io.StringIO(), files=settings)
+    logging.getLogger("voxserve.test").info("replica started")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    assert [line["message"] for line in read_lines(tmp_path / socket.gethostname() / "unit.log")] == ["replica started"]
 
 
 def test_size_rotation_compresses_and_keeps_backup_count(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ HEALTH_SERVICE = {
 CONSOLE_SCRIPT = {"model_service": "voxserve-models", "inference_service": "voxserve-inference"}
 MAIN_MODULE = {"model_service": "model_service", "inference_service": "inference_service"}
 COMPOSE_SERVICE = {"model_service": "model-store", "inference_service": "inference"}
+# What clients of the inference service call: HAProxy, routing by model to the replicas.
+ROUTER_COMPOSE_SERVICE = "haproxy"
 K8S_WORKLOAD = {"model_service": ("StatefulSet", "model-store"), "inference_service": ("Deployment", "inference")}
 DASHBOARD_JOB = {"model-store.json": "model_service", "inference.json": "inference_service"}
 DEFAULT_GRACE_SECONDS = 20
@@ -138,6 +141,17 @@ def load_service_config(job: str, argv: list[str], env: dict[str, str], monkeypa
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return module.parse_config([expand_defaults(arg) for arg in argv[1:]])
+
+
+def healthcheck_argv(service: dict[str, Any]) -> list[str]:
+    """A compose healthcheck's command: the items after CMD, or a CMD-SHELL string (also a plain
+    string, which the inference replicas use) split as the shell would."""
+    test = service["healthcheck"]["test"]
+    if isinstance(test, str):
+        return shlex.split(test)
+    if test[0] == "CMD-SHELL":
+        return shlex.split(test[1])
+    return [str(item) for item in test[1:]]
 
 
 def compose_env(service: dict[str, Any]) -> dict[str, str]:

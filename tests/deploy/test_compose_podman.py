@@ -1,5 +1,5 @@
 """docker-compose.yml brought up for real with podman (runc) and podman-compose: the model
-store, inference, the HTTP gateway and Prometheus from images built here
+store, the inference replicas behind HAProxy, the HTTP gateway and Prometheus from images built here
 (deploy/podman/build-images.sh: Debian packages, no registry), with the dev secrets of
 scripts/make_dev_secrets.sh (mutual TLS, tokens). From the host: health checks over mTLS,
 a real transcription of tests/data/speech_short.wav with voxctl (dev client certificate,
@@ -44,7 +44,8 @@ from tests.support import wait_for
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/voxserve:podman-test"
 PROMETHEUS_IMAGE = "localhost/voxserve-prometheus:2.42"
-STARTED = ("model-store", "inference", "http-gateway", "prometheus")
+HAPROXY_IMAGE = "localhost/voxserve-haproxy:2.6"
+STARTED = ("model-store", "inference", "haproxy", "http-gateway", "prometheus")
 NOT_STARTED = ("otel-collector", "tempo", "loki", "promtail", "grafana")
 PODMAN = ["podman", "--runtime", "runc"]
 SPEECH = ROOT / "tests" / "data" / "speech_short.wav"
@@ -82,6 +83,7 @@ class Stack:
             **os.environ,
             "VOXSERVE_IMAGE": IMAGE,
             "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
+            "HAPROXY_IMAGE": HAPROXY_IMAGE,
             # No collector is started: no exporter, no retry noise.
             "OTEL_TRACES_EXPORTER": "none",
             "VOXSERVE_STORE_HOST_PORT": str(self.ports["store"]),
@@ -283,8 +285,10 @@ def _get(url: str, context: ssl.SSLContext | None = None, token: str | None = No
 
 def test_compose_stack_with_tls_and_tokens_transcribes_and_stops_gracefully(stack: Stack) -> None:
     begun = time.monotonic()
-    for service in ("model-store", "inference", "http-gateway"):
+    for service in ("model-store", "inference", "haproxy", "http-gateway"):
         wait_for(functools.partial(_healthy, stack, service), timeout=300, interval=2, message=f"{service} healthy")
+    replicas = stack.podman("ps", "--filter", f"name={stack.project}_inference_", "--format", "{{.Names}}")
+    assert len(replicas.stdout.split()) == 2, f"two inference replicas: {replicas.stdout}"
     stack.timings["up and healthy"] = time.monotonic() - begun
 
     # Mutual TLS really is required: the same probe without a client certificate fails.
@@ -300,8 +304,9 @@ def test_compose_stack_with_tls_and_tokens_transcribes_and_stops_gracefully(stac
     assert bare.returncode != 0, "the store accepted a client without a certificate"
 
     # A real transcription from the host: voxctl with the dev client certificate and the
-    # ci-bot token (read + transcribe); the inference service pulls tiny.en from the store
-    # with its own certificate and token.
+    # ci-bot token (read + transcribe), through HAProxy (mutual TLS both sides) to the replica
+    # that routing picks; the inference service pulls tiny.en from the store with its own
+    # certificate and token.
     begun = time.monotonic()
     done = stack.voxctl("transcribe", str(SPEECH))
     stack.timings["first transcription"] = time.monotonic() - begun
@@ -326,24 +331,35 @@ def test_compose_stack_with_tls_and_tokens_transcribes_and_stops_gracefully(stac
     # Prometheus scrapes the three /metrics endpoints over mutual TLS with its own certificate.
     targets_url = f"http://127.0.0.1:{stack.ports['prometheus']}/api/v1/targets"
 
-    def scraped() -> dict[str, str]:
-        status, body = _get(targets_url)
-        if status != 200:
-            return {}
-        return {t["labels"]["job"]: t["health"] for t in body["data"]["activeTargets"]}
+    seen: list[list[tuple[str, str, str, str]]] = [[]]
 
-    wanted = {"model_service", "inference_service", "http_gateway"}
-    wait_for(
-        lambda: all(scraped().get(job) == "up" for job in wanted),
-        timeout=180,
-        interval=2,
-        message=f"Prometheus targets up: {wanted}",
-    )
+    def every_target_up() -> bool:
+        """Every target of the wanted jobs up (both inference replicas), each job found; the last
+        answer is kept for the failure message (which target, and Prometheus's lastError)."""
+        status, body = _get(targets_url)
+        targets = body["data"]["activeTargets"] if status == 200 else []
+        seen[0] = [(t["labels"]["job"], t["labels"]["instance"], t["health"], t.get("lastError", "")) for t in targets]
+        mine = [target for target in seen[0] if target[0] in wanted]
+        return {target[0] for target in mine} == wanted and all(target[2] == "up" for target in mine)
+
+    wanted = {"model_service", "inference_service", "http_gateway", "haproxy"}
+    try:
+        wait_for(every_target_up, timeout=180, interval=2)
+    except AssertionError as timed_out:
+        raise AssertionError(f"Prometheus targets not all up after 180 s: {seen[0]}") from timed_out
+
+    def inference_targets() -> list[str]:
+        status, body = _get(targets_url)
+        targets = body["data"]["activeTargets"] if status == 200 else []
+        return [t["health"] for t in targets if t["labels"]["job"] == "inference_service"]
+
+    # Every replica found through DNS and scraped.
+    wait_for(lambda: inference_targets() == ["up", "up"], timeout=120, interval=2, message="2 inference targets up")
 
     # Graceful stop: SIGTERM, drain, exit 0, and the shutdown lines in stdout and in the
     # log files promtail would ship.
     begun = time.monotonic()
-    for service in ("http-gateway", "inference", "model-store"):
+    for service in ("http-gateway", "haproxy", "inference", "model-store"):
         took, note = _stop(stack, service)
         stack.timings[f"stop {service}"] = took
         state = stack.podman(
@@ -372,7 +388,8 @@ def test_compose_stack_with_tls_and_tokens_transcribes_and_stops_gracefully(stac
         IMAGE,
         "sh",
         "-c",
-        "cat /logs/model_service.log /logs/inference_service.log",
+        # The replicas write to /logs/<container>/ (--log-dir=/var/log/voxserve/{hostname}).
+        "cat /logs/model_service.log /logs/*/inference_service.log",
     )
     assert files.returncode == 0, files.stderr
     assert files.stdout.count('"message": "service closed"') >= 2, "the log files end with the shutdown"

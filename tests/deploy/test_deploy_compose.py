@@ -22,10 +22,12 @@ from tests.deploy.deploy_facts import (
     METRICS_PORT,
     NO_PROBE_IMAGES,
     PROMETHEUS_DIR,
+    ROUTER_COMPOSE_SERVICE,
     assert_budget_fits,
     compose_env,
     docker_bytes,
     flags_of,
+    healthcheck_argv,
     load_service_config,
 )
 
@@ -45,7 +47,8 @@ def test_compose_services_and_volumes(compose: dict[str, Any]) -> None:
             assert name in NO_PROBE_IMAGES, f"{name} disables its healthcheck"
         else:
             test = service["healthcheck"]["test"]
-            assert test[0] in ("CMD", "CMD-SHELL"), name
+            # A plain string is CMD-SHELL (the inference replicas': see docker-compose.yml).
+            assert isinstance(test, str) or test[0] in ("CMD", "CMD-SHELL"), name
             if test[0] == "CMD":
                 # podman-compose 1.0.3 joins CMD items unquoted: none may need shell quoting.
                 assert all(shlex.quote(str(item)) == str(item) for item in test[1:]), name
@@ -65,11 +68,14 @@ def test_compose_voxserve_service(job: str, compose: dict[str, Any], pyproject: 
     assert flags["--port"] == str(GRPC_PORT[job])
     assert flags["--metrics-port"] == str(METRICS_PORT[job])
     assert flags["--host"] == "0.0.0.0"
-    published = [str(p).rsplit(":", 1)[-1] for p in service.get("ports", [])]
+    # The inference replicas publish nothing: clients reach them through haproxy, on the same port
+    # (test_deploy_routing.py).
+    publisher = compose["services"][ROUTER_COMPOSE_SERVICE] if job == "inference_service" else service
+    published = [str(p).rsplit(":", 1)[-1] for p in publisher.get("ports", [])]
     assert str(GRPC_PORT[job]) in published
-    health = service["healthcheck"]["test"]
-    assert health[0] == "CMD"
-    assert "voxserve_common.healthcheck" in health
+    assert job == "model_service" or not service.get("ports")
+    health = healthcheck_argv(service)
+    assert health[:3] == ["python", "-m", "voxserve_common.healthcheck"]
     assert health[-1] == f"127.0.0.1:{GRPC_PORT[job]}"
     grace = re.fullmatch(r"(\d+)s", str(service["stop_grace_period"]))
     assert grace and int(grace.group(1)) > DEFAULT_GRACE_SECONDS
@@ -129,6 +135,6 @@ def test_compose_services_load_their_config(compose: dict[str, Any], monkeypatch
     assert inference.model_store == f"model-store:{store.port}"
     assert inference.store_access == "shared"
     assert inference.shared_store_dir == store.data_dir
-    assert f"{store.data_dir}:ro" in [m.split(":", 1)[1] for m in service["volumes"]]
-    assert str(inference.cache_dir) in [m.split(":")[1] for m in service["volumes"]]
+    assert f"{store.data_dir}:ro" in [m.split(":", 1)[1] for m in service["volumes"] if ":" in m]
+    assert str(inference.cache_dir) in service["volumes"], "each replica its own cache dir (an anonymous volume)"
     assert_budget_fits(inference.memory_budget, docker_bytes(service["mem_limit"]))

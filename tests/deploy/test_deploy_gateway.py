@@ -19,6 +19,7 @@ from tests.deploy.deploy_facts import (
     GRPC_PORT,
     K8S_WORKLOAD,
     PROMETHEUS_DIR,
+    ROUTER_COMPOSE_SERVICE,
     compose_env,
     container_of,
     k8s_env,
@@ -39,12 +40,13 @@ def test_compose_runs_the_gateway_against_both_services(
     assert service["build"]["dockerfile"] == "deploy/Dockerfile"
     config = load_service_config(GATEWAY_JOB, command, compose_env(service), monkeypatch)
     assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", GATEWAY_HTTP_PORT, GATEWAY_METRICS_PORT)
-    assert config.inference == f"{COMPOSE_SERVICE['inference_service']}:{GRPC_PORT['inference_service']}"
+    # Through HAProxy, which routes each call to the replica that holds its model.
+    assert config.inference == f"{ROUTER_COMPOSE_SERVICE}:{GRPC_PORT['inference_service']}"
     assert config.model_store == f"{COMPOSE_SERVICE['model_service']}:{GRPC_PORT['model_service']}"
     published = [str(p).rsplit(":", 1)[-1] for p in service.get("ports", [])]
     assert str(GATEWAY_HTTP_PORT) in published
-    for backend in ("model_service", "inference_service"):
-        assert service["depends_on"][COMPOSE_SERVICE[backend]]["condition"] == "service_healthy"
+    for backend in (COMPOSE_SERVICE["model_service"], ROUTER_COMPOSE_SERVICE):
+        assert service["depends_on"][backend]["condition"] == "service_healthy"
     health = " ".join(service["healthcheck"]["test"])
     # HTTPS (the gateway serves --tls-cert), trusting the dev CA.
     assert config.tls_cert is not None and config.tls_key is not None

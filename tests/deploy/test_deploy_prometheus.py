@@ -30,7 +30,12 @@ from tests.deploy.promql import MATCHER, Series, check_expr, query_targets, sele
 def test_prometheus_scrapes_both_services(prometheus_config: dict[str, Any], compose: dict[str, Any]) -> None:
     jobs = scrape_jobs(prometheus_config)
     for job in JOBS:
-        targets = [t for sc in jobs[job]["static_configs"] for t in sc["targets"]]
+        if "dns_sd_configs" in jobs[job]:  # the inference replicas: every address of the name
+            (sd,) = jobs[job]["dns_sd_configs"]
+            targets = [f"{name}:{sd['port']}" for name in sd["names"]]
+            assert sd["type"] == "A"
+        else:
+            targets = [t for sc in jobs[job]["static_configs"] for t in sc["targets"]]
         assert targets == [f"{COMPOSE_SERVICE[job]}:{METRICS_PORT[job]}"]
         assert COMPOSE_SERVICE[job] in compose["services"]
         assert jobs[job].get("metrics_path", "/metrics") == "/metrics"

@@ -23,6 +23,7 @@ from tests.deploy.deploy_facts import (
     compose_env,
     container_of,
     flags_of,
+    healthcheck_argv,
     kubectl_path,
     kustomization,
     load_service_config,
@@ -57,12 +58,17 @@ def test_no_voxserve_service_runs_insecure(compose: dict[str, Any], k8s_objects:
             assert "--insecure" not in container_of(obj)["args"], obj["metadata"]["name"]
 
 
+SECRET_FILE_NAMES = {"haproxy.pem.key": "haproxy.key"}
+
+
 def test_compose_secrets_are_the_dev_secrets(compose: dict[str, Any], dev_secrets: Path) -> None:
     declared = compose["secrets"]
     for name, secret in declared.items():
-        # /run/secrets/<name> is the file of the same name that make_dev_secrets.sh writes.
-        assert secret["file"] == f"./deploy/secrets/{name}", name
-        assert (dev_secrets / name).is_file(), f"make_dev_secrets.sh does not make {name}"
+        # /run/secrets/<name> is the file of the same name that make_dev_secrets.sh writes;
+        # HAProxy alone reads a key as <certificate>.key, the key file under another name.
+        file = SECRET_FILE_NAMES.get(name, name)
+        assert secret["file"] == f"./deploy/secrets/{file}", name
+        assert (dev_secrets / file).is_file(), f"make_dev_secrets.sh does not make {file}"
     assert not {"ca.key", "token-ops", "token-ci-bot"} & set(declared), "never give a container these"
     for name, service in compose["services"].items():
         used = _secret_paths({k: v for k, v in service.items() if k != "secrets"})
@@ -85,7 +91,7 @@ def test_compose_services_serve_mutual_tls_with_tokens(
         assert (str(config.tls_cert), str(config.tls_key)) == ("/run/secrets/server.pem", "/run/secrets/server.key")
         assert str(config.tls_client_ca) == "/run/secrets/ca.pem", "mutual TLS"
         assert str(config.auth_tokens) == "/run/secrets/tokens.yaml"
-        flags = flags_of(service["healthcheck"]["test"])
+        flags = flags_of(healthcheck_argv(service))
         assert (flags["--tls-ca"], flags["--tls-cert"], flags["--tls-key"]) == (
             "/run/secrets/ca.pem",
             "/run/secrets/healthcheck.pem",

@@ -160,7 +160,9 @@ def test_promtail_reads_the_services_log_files(compose: dict[str, Any]) -> None:
     (static,) = scrape["static_configs"]
     pattern = Path(static["labels"]["__path__"])
     exclude = Path(static["labels"]["__path_exclude__"])
-    log_dir = str(pattern.parent)
+    # /var/log/voxserve/**/*.log: the volume's files and those of each inference replica's directory.
+    assert pattern.parent.name == "**"
+    log_dir = str(pattern.parent.parent)
     assert pattern.name == "*.log" and exclude == pattern.parent / "*.error.log"
     mounts = {m.split(":")[1]: m.split(":") for m in service["volumes"]}
     volume, _, mode = mounts[log_dir]
@@ -168,7 +170,7 @@ def test_promtail_reads_the_services_log_files(compose: dict[str, Any]) -> None:
     for name in VOXSERVE_SERVICES:
         other = compose["services"][name]
         flags = [a for a in other["command"] if str(a).startswith("--log-dir=")]
-        assert flags == [f"--log-dir={log_dir}"], name
+        assert flags in ([f"--log-dir={log_dir}"], [f"--log-dir={log_dir}/{{hostname}}"]), name
         assert f"{volume}:{log_dir}" in other["volumes"], f"{name} writes its logs elsewhere"
     positions = Path(promtail["positions"]["filename"]).parent
     assert str(positions) in _mounts(service), "positions survive a restart (no re-shipping)"

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
+
+from starlette.routing import WebSocketRoute
 
 from voxserve.admin.v1 import admin_pb2
 from voxserve.inference.v1 import inference_pb2
@@ -41,10 +44,22 @@ def _table() -> dict[str, str]:
     return rows
 
 
+def _all_routes(routes: list[Any]) -> list[Any]:
+    """Routes, with those of included routers (FastAPI keeps them behind the router)."""
+    found: list[Any] = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        found += _all_routes(inner.routes) if inner is not None else [route]
+    return found
+
+
 def _gateway_routes() -> set[tuple[str, str]]:
-    """(METHOD, path template) of every route in the gateway's OpenAPI document."""
-    paths = create_app(GatewayConfig()).openapi()["paths"]
-    return {(method.upper(), path) for path, operations in paths.items() for method in operations}
+    """(METHOD, path template) of every route in the gateway's OpenAPI document, and its
+    WebSocket routes (which OpenAPI does not describe) as GET, the upgrade's method."""
+    app = create_app(GatewayConfig())
+    paths = app.openapi()["paths"]
+    websockets = {("GET", route.path) for route in _all_routes(app.routes) if isinstance(route, WebSocketRoute)}
+    return websockets | {(method.upper(), path) for path, operations in paths.items() for method in operations}
 
 
 def test_every_rpc_has_a_row_and_every_row_an_rpc() -> None:
@@ -67,5 +82,5 @@ def test_each_row_names_real_routes_or_says_why_not() -> None:
 def test_every_api_route_of_the_gateway_is_in_the_table() -> None:
     named = {route for cell in _table().values() if not cell.startswith("gRPC only") for route in ROUTE.findall(cell)}
     api = {(method, path) for method, path in _gateway_routes() if path.startswith(("/v1/", "/api/"))}
-    assert ("POST", "/api/jobs/{id}/cancel") in api
+    assert ("POST", "/api/jobs/{id}/cancel") in api and ("GET", "/v1/realtime") in api
     assert api - named == set()

@@ -156,7 +156,7 @@ def test_deadline_is_honoured(inference: InferenceHandle) -> None:
     with pytest.raises(grpc.RpcError) as info:
         list(inference.stub.Transcribe(pb.TranscribeRequest(audio=LONG), timeout=1.5))
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    jobs = list(inference.app.jobs._jobs.values())
+    jobs = inference.app.jobs.jobs()
     assert jobs and all(job.done_event.wait(10) for job in jobs)  # the work stopped, not just the call
     assert all(job.state.value in ("FAILED", "CANCELLED") for job in jobs)
 

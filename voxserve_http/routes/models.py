@@ -76,6 +76,26 @@ async def cancel_download(id: str, request: Request, gw: GatewayDep) -> dict[str
 
 
 @router.post(
+    "/api/models/{id}/pause",
+    summary="Pause a running or waiting download, keeping its bytes (PauseDownload; the store asks for admin)",
+)
+async def pause_download(id: str, request: Request, gw: GatewayDep) -> dict[str, Any]:
+    return await _model_rpc(
+        gw, request, gw.backends.store.PauseDownload, mpb.PauseDownloadRequest(model_id=validation.model_id(id))
+    )
+
+
+@router.post(
+    "/api/models/{id}/resume",
+    summary="Queue a paused download again; it continues from its bytes (ResumeDownload; admin)",
+)
+async def resume_download(id: str, request: Request, gw: GatewayDep) -> dict[str, Any]:
+    return await _model_rpc(
+        gw, request, gw.backends.store.ResumeDownload, mpb.ResumeDownloadRequest(model_id=validation.model_id(id))
+    )
+
+
+@router.post(
     "/api/models/{id}/pull",
     summary="Download a model; NDJSON progress lines (PullModel's events) until READY or an error line",
     responses={200: {"content": {NDJSON_MEDIA_TYPE: {}}}},

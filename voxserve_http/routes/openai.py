@@ -210,7 +210,7 @@ async def _transcribe(
         diarize=speakers.diarize or fmt == "diarized_json",
         known_speakers=[ipb.KnownSpeaker(name=name, audio=clip) for name, clip in speakers.known],
     )
-    metadata = call_metadata(authorization(request))
+    metadata = call_metadata(authorization(request), model=options.model_id)
     timeout = gw.config.transcribe_timeout_seconds
     if len(audio) <= SINGLE_MESSAGE_AUDIO_BYTES:
         single = ipb.TranscribeRequest(options=options, audio=audio)

@@ -407,7 +407,7 @@ class SetCacheLimitsResponse(_message.Message):
     def __init__(self, stats: _Optional[_Union[CacheStats, _Mapping]] = ..., evicted_model_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StreamingConfig(_message.Message):
-    __slots__ = ("options", "encoding", "sample_rate_hertz", "channels", "interim_results", "endpoint_silence_seconds", "max_lag_seconds")
+    __slots__ = ("options", "encoding", "sample_rate_hertz", "channels", "interim_results", "endpoint_silence_seconds", "max_lag_seconds", "speech_threshold", "speech_pad_seconds")
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_HERTZ_FIELD_NUMBER: _ClassVar[int]
@@ -415,6 +415,8 @@ class StreamingConfig(_message.Message):
     INTERIM_RESULTS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_SILENCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_PAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     options: TranscribeOptions
     encoding: AudioEncoding
     sample_rate_hertz: int
@@ -422,7 +424,9 @@ class StreamingConfig(_message.Message):
     interim_results: bool
     endpoint_silence_seconds: float
     max_lag_seconds: float
-    def __init__(self, options: _Optional[_Union[TranscribeOptions, _Mapping]] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., channels: _Optional[int] = ..., interim_results: _Optional[bool] = ..., endpoint_silence_seconds: _Optional[float] = ..., max_lag_seconds: _Optional[float] = ...) -> None: ...
+    speech_threshold: float
+    speech_pad_seconds: float
+    def __init__(self, options: _Optional[_Union[TranscribeOptions, _Mapping]] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hertz: _Optional[int] = ..., channels: _Optional[int] = ..., interim_results: _Optional[bool] = ..., endpoint_silence_seconds: _Optional[float] = ..., max_lag_seconds: _Optional[float] = ..., speech_threshold: _Optional[float] = ..., speech_pad_seconds: _Optional[float] = ...) -> None: ...
 
 class StreamingTranscribeRequest(_message.Message):
     __slots__ = ("config", "audio")

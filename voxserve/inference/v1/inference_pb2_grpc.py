@@ -26,7 +26,17 @@ if _version_not_supported:
 
 
 class InferenceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Routing key: a client sends the model a call is about as the gRPC metadata (HTTP/2 header)
+    `x-voxserve-model: <model_id>` on Transcribe, TranscribeStream and StreamingTranscribe (set when
+    the call starts), LoadModel and UnloadModel, and on WatchJob and CancelJob when it knows the
+    job's model. A proxy in front of several replicas (deploy/haproxy, deploy/nginx, an Istio
+    DestinationRule) hashes on it, so the calls for one model reach the replica that holds it: a
+    proxy sees headers, never the protobuf body. The service refuses a header that names another
+    model than the one the call uses (the request's model_id, or the default model when that is
+    empty) with INVALID_ARGUMENT, so a proxy never routes on a value the service will not use; a
+    missing header is fine (the proxy balances such calls by load). WatchJob and CancelJob are not
+    checked: a job has no model in its request.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -87,7 +97,17 @@ class InferenceStub:
 
 
 class InferenceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Routing key: a client sends the model a call is about as the gRPC metadata (HTTP/2 header)
+    `x-voxserve-model: <model_id>` on Transcribe, TranscribeStream and StreamingTranscribe (set when
+    the call starts), LoadModel and UnloadModel, and on WatchJob and CancelJob when it knows the
+    job's model. A proxy in front of several replicas (deploy/haproxy, deploy/nginx, an Istio
+    DestinationRule) hashes on it, so the calls for one model reach the replica that holds it: a
+    proxy sees headers, never the protobuf body. The service refuses a header that names another
+    model than the one the call uses (the request's model_id, or the default model when that is
+    empty) with INVALID_ARGUMENT, so a proxy never routes on a value the service will not use; a
+    missing header is fine (the proxy balances such calls by load). WatchJob and CancelJob are not
+    checked: a job has no model in its request.
+    """
 
     def Transcribe(self, request, context):
         """Transcribes one audio message; streams events until `completed` (OK) or an error.
@@ -224,7 +244,17 @@ def add_InferenceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Inference:
-    """Missing associated documentation comment in .proto file."""
+    """Routing key: a client sends the model a call is about as the gRPC metadata (HTTP/2 header)
+    `x-voxserve-model: <model_id>` on Transcribe, TranscribeStream and StreamingTranscribe (set when
+    the call starts), LoadModel and UnloadModel, and on WatchJob and CancelJob when it knows the
+    job's model. A proxy in front of several replicas (deploy/haproxy, deploy/nginx, an Istio
+    DestinationRule) hashes on it, so the calls for one model reach the replica that holds it: a
+    proxy sees headers, never the protobuf body. The service refuses a header that names another
+    model than the one the call uses (the request's model_id, or the default model when that is
+    empty) with INVALID_ARGUMENT, so a proxy never routes on a value the service will not use; a
+    missing header is fine (the proxy balances such calls by load). WatchJob and CancelJob are not
+    checked: a job has no model in its request.
+    """
 
     @staticmethod
     def Transcribe(request,
