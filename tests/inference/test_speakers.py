@@ -120,3 +120,17 @@ def test_diarization_request_checks() -> None:
     ]:
         with pytest.raises(InvalidOptions, match=fragment):
             diarization_request(*args)  # type: ignore[arg-type]
+
+
+def test_an_ended_job_lets_go_of_the_known_speakers_clips() -> None:
+    from inference_service.engines.whisper import TranscribeOptions
+    from inference_service.jobs import Job, JobRequest, JobState
+
+    request = diarization_request(True, 0, 0, "", [KnownSpeaker("Ana", b"x" * 50_000), KnownSpeaker("Bo", b"y" * 30)])
+    job = Job("j1", JobRequest("m", b"a" * 1000, TranscribeOptions(), diarization=request), 100, False)
+    fingerprint = job.fingerprint
+    assert job.held_bytes() >= 51_030
+    job.finish(JobState.COMPLETED)
+    assert job.request.diarization is not None
+    assert [(k.name, k.audio) for k in job.request.diarization.known_speakers] == [("Ana", b""), ("Bo", b"")]
+    assert job.held_bytes() < 50_000 and job.fingerprint == fingerprint
