@@ -434,6 +434,27 @@ def latency_summary(values: Sequence[float]) -> dict[str, Any]:
 # =========================================================================== services
 
 
+class LoadProbe:
+    """How many cores other work kept busy while a part of the run went on: the machine's busy
+    CPU less this process's and less every service process of this bench (``CpuAudit`` only
+    counts children once they have exited, and the services run all along)."""
+
+    def __init__(self, processes: Sequence[benchlib.ServiceProcess]) -> None:
+        self.processes = list(processes)
+        self.started = time.monotonic()
+        self.busy = benchlib.system_busy_seconds()
+        self.own = self._own()
+
+    def _own(self) -> float:
+        return benchlib.own_cpu_seconds() + sum(p.cpu_seconds() for p in self.processes)
+
+    def result(self) -> dict[str, float]:
+        wall = time.monotonic() - self.started
+        busy = benchlib.system_busy_seconds() - self.busy
+        own = self._own() - self.own
+        return {"wall_seconds": wall, "bench_cores": own / wall, "foreign_cores": max(0.0, busy - own) / wall}
+
+
 @dataclass
 class Service:
     name: str
@@ -637,7 +658,9 @@ def section_alone(services: list[Service], files: dict[str, AudioFile], reps: in
 # =========================================================================== throughput
 
 
-def run_level(service: Service, files: dict[str, AudioFile], clients: int, scale: float) -> dict[str, Any]:
+def run_level(
+    service: Service, files: dict[str, AudioFile], clients: int, scale: float, probe: list[benchlib.ServiceProcess]
+) -> dict[str, Any]:
     """``clients`` clients, each sending its list back to back on its own connection."""
     lists = client_lists(clients, scale)
     channels = [grpc.insecure_channel(service.address, options=CHANNEL_OPTIONS) for _ in range(clients)]
@@ -660,12 +683,14 @@ def run_level(service: Service, files: dict[str, AudioFile], clients: int, scale
         thread.start()
     cpu = service.cpu_seconds()
     batches = service.batch_counts()
+    load = LoadProbe(probe)
     barrier.wait()
     started = time.perf_counter()
     for thread in threads:
         thread.join()
     wall = max(r.ended for r in requests) - started
     cpu = service.cpu_seconds() - cpu
+    machine = load.result()
     batch = batch_delta(batches, service.batch_counts())
     for channel in channels:
         channel.close()
@@ -679,6 +704,7 @@ def run_level(service: Service, files: dict[str, AudioFile], clients: int, scale
         "audio_seconds": audio,
         "audio_seconds_per_second": audio / wall,
         "service_cpu_seconds_per_audio_second": cpu / audio if audio else float("nan"),
+        "machine": machine,
         "batches": batch,
         "lists": {ROLE_ORDER[i % len(ROLE_ORDER)]: len(lists[i]) for i in range(min(clients, len(ROLE_ORDER)))},
     }
@@ -756,6 +782,7 @@ def section_throughput(
     scales: dict[int, float],
     direct_scale: float,
     alone_texts: dict[str, dict[str, str]],
+    probe: list[benchlib.ServiceProcess],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"levels": list(levels), "scales": {str(k): v for k, v in scales.items()}, "systems": {}}
     every: dict[str, list[Request]] = {}
@@ -767,8 +794,10 @@ def section_throughput(
             return
         for system in direct_runs if when == "before" else reversed(list(direct_runs)):
             print(f"throughput: {system} {when}, {len(names)} files", flush=True)
+            load = LoadProbe(probe)
             run = direct.run(system, files, names)
             run["when"] = when
+            run["machine"] = load.result()
             direct_runs[system].append(run)
             print(
                 f"  {system}: {run['audio_seconds_per_second']:.2f} audio-s/s ({run['wall_seconds']:.0f} s)", flush=True
@@ -779,7 +808,7 @@ def section_throughput(
         order = services[position % len(services) :] + services[: position % len(services)]
         for service in order:
             print(f"throughput: {service.name}, {clients} clients", flush=True)
-            level = run_level(service, files, clients, scales.get(clients, 1.0))
+            level = run_level(service, files, clients, scales.get(clients, 1.0), probe)
             requests = level.pop("requests")
             every.setdefault(service.name, []).extend(requests)
             short = [r.seconds for r in requests if r.file == "11s" and not r.error]
@@ -805,7 +834,8 @@ def section_throughput(
             print(
                 f"  {level['audio_seconds_per_second']:.2f} audio-s/s ({level['wall_seconds']:.0f} s); 11 s p50/p95 "
                 f"{level['short_latency'].get('p50', float('nan')):.2f}/{level['short_latency'].get('p95', float('nan')):.2f} s; "
-                f"WER {100 * level['wer']:.1f} %; differing {diff}/{compared}; mean batch {mean or '-'}",
+                f"WER {100 * level['wer']:.1f} %; differing {diff}/{compared}; mean batch {mean or '-'}; "
+                f"other work {level['machine']['foreign_cores']:.2f} cores",
                 flush=True,
             )
     run_direct("after")
@@ -1046,9 +1076,20 @@ def main() -> None:
         model = WhisperModel(
             str(TINY_EN_DIR), device=args.device, compute_type=compute_type, cpu_threads=args.cpu_threads
         )
+    loads: dict[str, Any] = {}
+    payload["machine_by_section"] = loads
+
+    def checkpoint() -> None:
+        """The figures so far, written after each section: a late failure keeps the earlier ones."""
+        payload["goals"] = goals(payload)
+        benchlib.write_result(args.name, benchlib.rounded(payload), audit, quiet)
+
     if "limit" in args.sections:
         assert model is not None
+        probe = LoadProbe([])
         payload["limit"] = section_limit(model, args)
+        loads["limit"] = probe.result()
+        checkpoint()
     service_sections = [s for s in args.sections if s != "limit"]
     if service_sections:
         files = build_files()
@@ -1057,11 +1098,15 @@ def main() -> None:
         with benchlib.temp_dir("batching") as work:
             store, services = start_services(work, wanted, extra)
             payload["services"] = {s.name: effective_settings(s.settings) for s in services}
+            processes = [store, *(s.process for s in services)]
             try:
                 alone: dict[str, Any] = {}
                 if "alone" in service_sections:
+                    probe = LoadProbe(processes)
                     alone = section_alone(services, files, args.alone_reps)
                     payload["alone"] = alone
+                    loads["alone"] = probe.result()
+                    checkpoint()
                 alone_texts = {name: {f: v["text"] for f, v in entry["files"].items()} for name, entry in alone.items()}
                 if "throughput" in service_sections:
                     direct = None
@@ -1069,18 +1114,22 @@ def main() -> None:
                         direct = Direct(model, BatchedInferencePipeline(model), 8)
                         direct.transcribe("fw_sequential", files["11s"])  # warm-up
                         direct.transcribe("fw_batched", files["66s"])
+                    probe = LoadProbe(processes)
                     payload["throughput"] = section_throughput(
-                        services, direct, files, args.levels, scales, args.direct_scale, alone_texts
+                        services, direct, files, args.levels, scales, args.direct_scale, alone_texts, processes
                     )
+                    loads["throughput"] = probe.result()
+                    checkpoint()
                 if "lane" in service_sections:
+                    probe = LoadProbe(processes)
                     payload["lane"] = section_lane(services, files, args.lane_requests, args.lane_alone_reps)
+                    loads["lane"] = probe.result()
             finally:
                 for service in services:
                     service.stop()
                 store.stop()
-    summary = goals(payload)
-    payload["goals"] = summary
-    print(json.dumps({"goals": summary, "machine_load": benchlib.rounded(audit.result(), 3)}, indent=1))
+    payload["goals"] = goals(payload)
+    print(json.dumps({"goals": payload["goals"], "machine_by_section": loads}, indent=1, default=str))
     benchlib.write_result(args.name, benchlib.rounded(payload), audit, quiet)
 
 
