@@ -64,7 +64,7 @@ import threading
 import time
 import urllib.request
 import wave
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -783,6 +783,7 @@ def section_throughput(
     direct_scale: float,
     alone_texts: dict[str, dict[str, str]],
     probe: list[benchlib.ServiceProcess],
+    on_level: Callable[[dict[str, Any]], None] = lambda partial: None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"levels": list(levels), "scales": {str(k): v for k, v in scales.items()}, "systems": {}}
     every: dict[str, list[Request]] = {}
@@ -829,6 +830,7 @@ def section_throughput(
             )
             out["systems"].setdefault(service.name, {"settings": effective_settings(service.settings), "levels": {}})
             out["systems"][service.name]["levels"][clients] = level
+            on_level(out)
             batches = level["batches"]
             mean = " ".join(f"{op} {v['mean_batch']:.2f}" for op, v in sorted(batches.items()) if v["calls"])
             print(
@@ -1043,6 +1045,19 @@ def main() -> None:
         nargs="+",
         help="which services run (default: batching today_jobs1 today_jobs2 and every --service)",
     )
+    parser.add_argument(
+        "--long-role",
+        nargs="+",
+        choices=("11s", "66s", "5min"),
+        help="throughput: what the 'long' clients send instead of the 5 min file (a shorter run on a busy "
+        "machine; the lane section keeps the 5 min file)",
+    )
+    parser.add_argument(
+        "--alone-from",
+        type=Path,
+        help="a result file of an earlier run whose alone section gives the words to compare with "
+        "(when this run leaves the alone section out)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: limit 1 round, levels 1 2, short lists")
     benchlib.add_run_options(parser, "bench_batching")
     args = parser.parse_args()
@@ -1054,6 +1069,8 @@ def main() -> None:
         args.rounds, args.sizes, args.levels, args.alone_reps, args.lane_requests = 1, [2, 8], [1, 2], 1, 2
         scales = {1: 0.15, 2: 0.15}
         args.direct_scale = 0.15
+    if args.long_role:
+        ROLES["long"] = list(args.long_role)
     extra = dict(args.service)
     wanted = args.services or [*SERVICES, *extra]
     unknown = [name for name in wanted if name not in SERVICES and name not in extra]
@@ -1107,6 +1124,9 @@ def main() -> None:
                     payload["alone"] = alone
                     loads["alone"] = probe.result()
                     checkpoint()
+                if not alone and args.alone_from is not None:
+                    alone = json.loads(args.alone_from.read_text())["alone"]
+                    payload["alone_from"] = {"file": str(args.alone_from), "alone": alone}
                 alone_texts = {name: {f: v["text"] for f, v in entry["files"].items()} for name, entry in alone.items()}
                 if "throughput" in service_sections:
                     direct = None
@@ -1115,9 +1135,15 @@ def main() -> None:
                         direct.transcribe("fw_sequential", files["11s"])  # warm-up
                         direct.transcribe("fw_batched", files["66s"])
                     probe = LoadProbe(processes)
+
+                    def partial(out: dict[str, Any]) -> None:
+                        payload["throughput_so_far"] = out
+                        checkpoint()
+
                     payload["throughput"] = section_throughput(
-                        services, direct, files, args.levels, scales, args.direct_scale, alone_texts, processes
+                        services, direct, files, args.levels, scales, args.direct_scale, alone_texts, processes, partial
                     )
+                    payload.pop("throughput_so_far", None)
                     loads["throughput"] = probe.result()
                     checkpoint()
                 if "lane" in service_sections:
