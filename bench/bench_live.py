@@ -267,12 +267,16 @@ def start_store(work: Path) -> benchlib.ServiceProcess:
     return store
 
 
-def start_service(work: Path, store: str, fast_first_segment: bool = False) -> benchlib.ServiceProcess:
+def start_service(
+    work: Path, store: str, fast_first_segment: bool = False, settings: dict[str, str] | None = None
+) -> benchlib.ServiceProcess:
+    """An inference service; ``settings`` (InferenceConfig keys) override the bench's own."""
     env = {
         "VOXSERVE_PRELOAD": "whisper-tiny.en,silero-vad",
         "VOXSERVE_PIN": "",
         "VOXSERVE_LIVE_MAX_STREAMS": "16",
         "VOXSERVE_FAST_FIRST_SEGMENT": "true" if fast_first_segment else "false",
+        **{f"VOXSERVE_{key.upper()}": value for key, value in (settings or {}).items()},
     }
     args = ["--model-store", store, "--cache-dir", str(work / "inference-cache")]
     log = work / "logs" / f"inference-fast{int(fast_first_segment)}.log"
@@ -599,6 +603,17 @@ def main() -> None:
         action="store_true",
         help="the issue's audio: --audio .data/bench/jfk.wav (bash bench/fetch_jfk.sh) --repeat 6 --gap 1.0, 71 s",
     )
+    parser.add_argument(
+        "--service-setting",
+        action="append",
+        default=[],
+        type=lambda text: tuple(text.split("=", 1)),
+        metavar="KEY=VALUE",
+        help="an InferenceConfig setting of the live service (e.g. live_window_bucket_seconds=0); repeatable",
+    )
+    parser.add_argument(
+        "--no-first-segment", action="store_true", help="leave out the plain vs fast_first_segment Transcribe"
+    )
     parser.add_argument("--la2-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--streams", type=int, default=1, help=argparse.SUPPRESS)
     benchlib.add_run_options(parser, "bench_live")
@@ -694,8 +709,10 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if "service" in args.systems:
             store = start_store(work)
             stops.append(store.stop)
-            results["first_segment"] = first_segments(work, store.address, full_path.read_bytes())
-            service = start_service(work, store.address)
+            if not args.no_first_segment:
+                results["first_segment"] = first_segments(work, store.address, full_path.read_bytes())
+            service = start_service(work, store.address, settings=dict(args.service_setting))
+            results["service_settings"] = dict(args.service_setting)
             stops.append(service.stop)
             warm = Record()
             service_stream(service.address, pcm_of(short_path)[: RATE * 2 * 4], warm)

@@ -58,7 +58,9 @@ class InferenceConfig(ServiceSettings):
     # One decode scheduler per loaded Whisper model runs the encoder and decoder calls of every
     # job, first-utterance decode and live stream in shared CTranslate2 batches: at most
     # batch_size calls per batch; with fewer ready, it waits up to batch_window_ms for more
-    # (0 = never wait). Provisional defaults, until bench/bench_batching.py's comparison.
+    # (0 = never wait). Kept after bench/bench_batching.py (docs/performance.md, "Batch decoding
+    # across requests"): on 2 CPU cores batches averaged 2.5-2.8 items at 8 clients, so the
+    # cap did not bind; batch 8 is where a GPU gains.
     batch_size: int = 8
     batch_window_ms: float = 10.0
     # faster-whisper's BatchedInferencePipeline, for one very long file: its VAD chunks decoded
