@@ -254,8 +254,18 @@ def stream_request_from_config(config: pb.StreamingConfig, default_model: str) -
         raise InvalidArgument(f"channels must be >= 0 (0 = mono), got {config.channels}")
     if config.options.separate_model_id:
         raise InvalidArgument("separate_model_id is not available for live streams; leave it empty")
-    if config.options.diarize:
-        raise InvalidArgument("diarize is not available for live streams yet; transcribe the recording instead")
+    diarization = config.options
+    if (
+        diarization.diarize
+        or diarization.min_speakers
+        or diarization.max_speakers
+        or diarization.diarization_model_id
+        or diarization.known_speakers
+    ):
+        raise InvalidArgument(
+            "diarize (and min_speakers, max_speakers, diarization_model_id, known_speakers) is not available "
+            "for live streams yet; leave them unset, or transcribe the recording instead"
+        )
     model_id, options, _, job_id = options_from_pb(config.options, default_model)
     return StreamRequest(
         model_id=model_id,

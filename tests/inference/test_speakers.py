@@ -16,6 +16,8 @@ from inference_service.engines.speaker_clustering import SpeakerBounds, cluster_
 from inference_service.engines.whisper import Segment, Word
 from inference_service.errors import InvalidOptions
 from inference_service.speakers import KnownSpeaker, SpeakerLabeller, diarization_request, speaker_labels
+from voxserve.inference.v1 import inference_pb2 as pb
+from voxserve_common.errors import InvalidArgument
 
 
 def voices(counts: list[int], seed: int = 0, spread: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
@@ -134,3 +136,23 @@ def test_an_ended_job_lets_go_of_the_known_speakers_clips() -> None:
     assert job.request.diarization is not None
     assert [(k.name, k.audio) for k in job.request.diarization.known_speakers] == [("Ana", b""), ("Bo", b"")]
     assert job.held_bytes() < 50_000 and job.fingerprint == fingerprint
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"diarize": True},
+        {"min_speakers": 2},
+        {"max_speakers": 3},
+        {"diarization_model_id": "../../etc/passwd"},
+        {"known_speakers": [pb.KnownSpeaker(name="Ann", audio=b"RIFF")]},
+    ],
+)
+def test_live_streams_refuse_every_diarization_option(options: dict[str, object]) -> None:
+    from inference_service.wire import stream_request_from_config
+
+    config = pb.StreamingConfig(encoding=pb.LINEAR16, sample_rate_hertz=16000, options=pb.TranscribeOptions(**options))  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="not available for live streams"):
+        stream_request_from_config(config, "whisper-tiny.en")
+    plain = pb.StreamingConfig(encoding=pb.LINEAR16, sample_rate_hertz=16000)
+    assert stream_request_from_config(plain, "whisper-tiny.en").model_id == "whisper-tiny.en"

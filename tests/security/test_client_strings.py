@@ -138,7 +138,7 @@ def every_string_field() -> list[StringField]:
 
 def set_field(message: Message, path: tuple[pbd.FieldDescriptor, ...], value: str) -> None:
     for step in path[:-1]:
-        message = getattr(message, step.name)
+        message = getattr(message, step.name).add() if step.is_repeated else getattr(message, step.name)
     last = path[-1]
     if last.is_repeated:
         getattr(message, last.name).append(value)
