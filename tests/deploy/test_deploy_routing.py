@@ -14,7 +14,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.deploy.deploy_facts import (
@@ -31,6 +30,7 @@ from tests.deploy.deploy_facts import (
     load_all,
 )
 from tests.proxies import haproxy_secrets, nginx_config
+from tests.support import require_tool
 from voxserve_common.routing import MODEL_HEADER
 
 HAPROXY_CFG = DEPLOY / "haproxy" / "haproxy.cfg"
@@ -87,9 +87,7 @@ def test_the_kubernetes_component_runs_the_same_haproxy_config() -> None:
 
 
 def test_haproxy_accepts_the_config(dev_secrets: Path, tmp_path: Path) -> None:
-    haproxy = shutil.which("haproxy")
-    if haproxy is None:
-        pytest.skip("haproxy is not installed (scripts/setup.sh --test)")
+    haproxy = require_tool("haproxy")
     secrets = tmp_path / "secrets"
     shutil.copytree(dev_secrets, secrets)
     env = {
@@ -103,9 +101,7 @@ def test_haproxy_accepts_the_config(dev_secrets: Path, tmp_path: Path) -> None:
 
 
 def test_nginx_accepts_its_config(dev_secrets: Path, tmp_path: Path) -> None:
-    nginx = shutil.which("nginx")
-    if nginx is None:
-        pytest.skip("nginx is not installed (scripts/setup.sh --test)")
+    nginx = require_tool("nginx")
     text = NGINX_CONF.read_text()
     assert f"hash $http_{MODEL_HEADER.replace('-', '_')} consistent;" in text
     assert "least_conn;" in text and "grpc_pass grpcs://$inference_pool;" in text

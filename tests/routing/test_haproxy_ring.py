@@ -7,7 +7,6 @@ The real replicas behind the same file are in test_model_routing.py; these run i
 from __future__ import annotations
 
 import random
-import shutil
 import string
 from collections import Counter
 from collections.abc import Iterator
@@ -20,13 +19,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.proxies import HAProxyProcess, haproxy_config
 from tests.replicas import SERVICE, client_tls, make_secrets
-from tests.support import free_port
+from tests.support import free_port, require_tool
 from voxserve_common.routing import REPLICA_HEADER, model_metadata
 from voxserve_common.tls import open_channel
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("haproxy") is None, reason="haproxy is not installed (scripts/setup.sh --test)"
-)
+
+@pytest.fixture(autouse=True, scope="module")
+def _haproxy_installed() -> None:
+    require_tool("haproxy")
+
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -7,7 +7,6 @@ only its own models move back; a live stream stays on one replica. Counts, never
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import threading
@@ -35,17 +34,20 @@ from tests.replicas import (
     transcribe_routed,
     zipf_models,
 )
-from tests.support import DATA_DIR, REPO_ROOT, TRANSCRIPTS, LoopThread, StoreHandle, free_port
+from tests.support import DATA_DIR, REPO_ROOT, TRANSCRIPTS, LoopThread, StoreHandle, free_port, require_tool
 from voxctl.live import file_pcm, live_requests
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc as pb_grpc
 from voxserve_common.routing import REPLICA_HEADER, model_metadata
 from voxserve_common.tls import open_channel
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (scripts/setup.sh --test)"),
-    pytest.mark.timeout(600),
-]
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _haproxy_installed() -> None:
+    require_tool("haproxy")
+
 
 AUDIO = (DATA_DIR / "speech_short.wav").read_bytes()
 EXPECTED = TRANSCRIPTS["speech_short.wav"]
@@ -238,8 +240,7 @@ def test_a_replica_killed_mid_run_costs_no_call_and_a_third_of_the_models_move_b
 
 
 def test_nginx_routes_by_model_too(cluster: Cluster) -> None:
-    if shutil.which("nginx") is None:
-        pytest.skip("nginx is not installed (scripts/setup.sh --test)")
+    require_tool("nginx")
     nginx = NginxProcess(cluster.tmp, [r.address for r in cluster.replicas], cluster.secrets)
     channel = open_channel(nginx.address, client_tls(cluster.secrets))
     try:
