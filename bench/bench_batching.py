@@ -34,7 +34,7 @@ Sections (``--sections``, all by default, in this order):
 
 Services are real processes (``benchlib.start_service_process``: a model store and one inference
 service per configuration, all started at once and idle when not measured): ``batching`` with the
-service's defaults, ``today_jobs1`` / ``today_jobs2`` with max_running_jobs 1 / 2 and batch_size 1
+service's defaults, ``today_jobs1`` / ``today_jobs2`` with max_running_jobs 1 / 2, batch_size 1 and decode_replicas 1
 (no cross-request batching), and any ``--service NAME:key=value,...`` (a settings candidate).
 Requests use the service's default options (beam 5, fast_first_segment on); the direct legs beam 5.
 The batching services' batch-size histograms (``/metrics``) are read around each level.
@@ -111,7 +111,7 @@ ROLES: dict[str, list[str]] = {
 }
 ROLE_ORDER = ("mixed", "long", "short")
 # The services compared: environment of each inference process (everything else at its default).
-TODAY = {"batch_size": "1"}
+TODAY = {"batch_size": "1", "decode_replicas": "1"}  # the service before issue 18: one call at a time
 SERVICES: dict[str, dict[str, str]] = {
     "batching": {},
     "today_jobs1": {"max_running_jobs": "1", **TODAY},

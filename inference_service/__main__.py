@@ -153,7 +153,9 @@ def build_cache(
         idle_ttl_seconds=config.model_idle_ttl_seconds,
     )
     # A load that fails on a damaged copy in cache_dir fetches the copy again and loads once more.
-    load = reloading_loader(make_loader(device, config.cpu_threads, schedulers), source.copies, source.resolve)
+    load = reloading_loader(
+        make_loader(device, config.cpu_threads, schedulers, config.decode_replicas), source.copies, source.resolve
+    )
     return ModelCache(cache_config, source.resolve, load, metrics, probe)
 
 

@@ -63,6 +63,13 @@ class InferenceConfig(ServiceSettings):
     # cap did not bind; batch 8 is where a GPU gains.
     batch_size: int = 8
     batch_window_ms: float = 10.0
+    # CTranslate2 replicas of each Whisper model (they share its weights): with 2, latency-bound
+    # calls (live decodes, first utterances, requests that fit one 30 s window) run at once
+    # beside the file window already decoding instead of waiting for it (11 s requests while a
+    # 5 min file ran: p95 1.34x alone instead of 3.2x). 1 by default: on a 2-core CPU the two
+    # replicas' OpenMP thread teams made a request alone 1.5x slower (docs/performance.md,
+    # "Two replicas"); try 2 on a GPU or where cores are plenty (2 x cpu_threads <= cores).
+    decode_replicas: int = 1
     # faster-whisper's BatchedInferencePipeline, for one very long file: its VAD chunks decoded
     # batch_size at once, without the previous text as prompt nor the temperature fallback
     # (~30 s segments without word-level timing unless asked).
@@ -111,6 +118,7 @@ class InferenceConfig(ServiceSettings):
                 "batch_window_ms",
                 f"must be 0-{MAX_BATCH_WINDOW_MS:g} (milliseconds; 0 = never wait for more work)",
             ),
+            (1 <= self.decode_replicas <= 8, "decode_replicas", "must be 1-8"),
             (self.max_queued_jobs >= 0, "max_queued_jobs", "must be >= 0"),
             (self.max_audio_bytes > 0, "max_audio_bytes", "must be > 0"),
             (

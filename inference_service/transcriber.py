@@ -37,6 +37,8 @@ from inference_service.speakers import (
 from voxserve_common.client_strings import shown
 from voxserve_common.errors import Cancelled, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
+WHISPER_WINDOW_SECONDS = 30.0
+
 logger = logging.getLogger(__name__)
 # Spans of the stages, children of the RPC span: the job's thread runs in a copy of the
 # submitting call's contextvars (JobManager.submit), so the current span is the RPC's.
@@ -196,7 +198,7 @@ class Transcriber:
             )
             texts = self._emit_segments(job, info, segments, first, duration, labeller)
         else:
-            with _batch_job(job, engine, Lane.FILE) as batch:
+            with _batch_job(job, engine, file_lane(duration)) as batch:
                 info, segments = engine.transcribe(audio, options, job.should_stop, batch)
                 texts = self._emit_segments(job, info, segments, first, duration, labeller)
         _phase_done("audio transcribed", "transcribing", started, segments=len(texts), language=info.language)
@@ -452,6 +454,12 @@ def _reference_clip(index: int, data: bytes) -> np.ndarray:
             f"{MIN_CLIP_SECONDS:g}-{MAX_CLIP_SECONDS:g} s of that speaker alone"
         )
     return clip
+
+
+def file_lane(duration: float) -> Lane:
+    """A request that fits one Whisper window (30 s) is latency-bound, like a live decode: its
+    calls go before the windows of longer files (one window each, so it cannot starve them)."""
+    return Lane.LATENCY if duration <= WHISPER_WINDOW_SECONDS else Lane.FILE
 
 
 def _batch_job(job: Job, engine: WhisperEngine, lane: Lane) -> BatchedJob:

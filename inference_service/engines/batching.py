@@ -8,6 +8,14 @@ fallback, timestamps, word alignment): it drives a shallow copy of the ``Whisper
 ran; ``align`` and ``detect_language`` go to the model directly. A window whose decode fails
 faster-whisper's thresholds comes back as a new item at the next temperature while the rest of
 its batch has its results already.
+
+With a model of two or more CTranslate2 replicas (``num_workers``, weights shared), latency
+batches run on a thread of their own, beside a file batch already running: a live decode or a
+short request does not wait for a long file's window to finish (a 30 s window's beam-5 decode
+takes 1-1.2 s on 2 cores, the 11 s request alone 0.6 s). A file batch starts only when no
+latency work waits or runs, nor is about to (a latency job that just got its result has
+``FOLLOW_UP_SECONDS`` to send its next call), so a latency call shares the machine with at
+most the one file call it found running.
 """
 
 from __future__ import annotations
@@ -42,6 +50,13 @@ from voxserve_common.config import check_settings
 from voxserve_common.errors import Cancelled, FailedPrecondition
 
 logger = logging.getLogger(__name__)
+
+# How long file batches hold off after a latency batch, for its jobs' next calls (an encode's
+# result becomes a generate call within a few milliseconds of Python).
+FOLLOW_UP_SECONDS = 0.02
+# A file item that waited this long runs beside latency work (two replicas), so a steady stream
+# of live decodes or short requests slows the long files down but never stops them.
+FILE_PATIENCE_SECONDS = 2.0
 
 
 class Lane(enum.IntEnum):
@@ -188,14 +203,15 @@ class ScheduledWhisper:
 
 
 class DecodeScheduler:
-    """Runs the encoder/decoder calls of every job of one Whisper model in batches, on one thread.
+    """Runs the encoder/decoder calls of every job of one Whisper model in batches, on one thread
+    (two when the model has two replicas: one for latency batches, one for file batches).
 
     A batch is the oldest latency item's group if any latency item waits (an urgent one's, a
     live final, before the others), else the oldest file item's; a group is the items with
     equal keys (``batch_ops``: op, input shape, prompt layout, decoding options). Latency items fill the batch first, then file items in arrival order, at
     most one per file job, up to ``batch_size``. With fewer ready, the scheduler waits up to
-    ``batch_window_ms`` after the oldest one arrived, unless every open job has an item waiting
-    already (no one else could add to it).
+    ``batch_window_ms`` after the oldest one arrived, unless every open job that could add to
+    it has an item waiting already. With two threads, a batch holds one lane's items only.
     """
 
     def __init__(
@@ -204,8 +220,12 @@ class DecodeScheduler:
         whisper_model: WhisperModel,
         settings: BatchSettings,
         observer: BatchObserver | None = None,
+        follow_up_seconds: float = FOLLOW_UP_SECONDS,
+        file_patience_seconds: float = FILE_PATIENCE_SECONDS,
     ) -> None:
         self.model_id = model_id
+        self.follow_up_seconds = follow_up_seconds
+        self.file_patience_seconds = file_patience_seconds
         self.whisper_model = whisper_model
         self.settings = settings
         self.observer: BatchObserver = observer or NullObserver()
@@ -218,8 +238,22 @@ class DecodeScheduler:
         self._waiting: list[_Item] = []
         self._jobs: set[BatchedJob] = set()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=f"decode-scheduler-{model_id}", daemon=True)
-        self._thread.start()
+        self._latency_running = 0
+        self._follow_up: set[BatchedJob] = set()  # latency jobs whose next call file batches wait for
+        self._follow_up_until = 0.0
+        self.lanes_apart = int(getattr(whisper_model.model, "num_workers", 1)) >= 2
+        executors: tuple[Lane | None, ...] = (Lane.LATENCY, Lane.FILE) if self.lanes_apart else (None,)
+        self._threads = [
+            threading.Thread(
+                target=self._loop,
+                args=(lane,),
+                name=f"decode-scheduler-{model_id}" + ("" if lane is None else f"-{lane.name.lower()}"),
+                daemon=True,
+            )
+            for lane in executors
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def open_job(self, key: str, lane: Lane, link: object | None = None) -> BatchedJob:
         """A handle for one job (``key``: its job id, which ``cancel`` names; ``link``: its span
@@ -238,7 +272,7 @@ class DecodeScheduler:
         with self._cond:
             job.closed = True
             self._jobs.discard(job)
-            self._cond.notify()  # one job fewer to wait for
+            self._cond.notify_all()  # one job fewer to wait for
 
     def cancel(self, key: str) -> int:
         """Cancel every open job with this key: its waiting items leave the queue at once and fail
@@ -254,7 +288,7 @@ class DecodeScheduler:
             removed = [item for item in self._waiting if item.job.cancelled]
             self._waiting = [item for item in self._waiting if not item.job.cancelled]
             waiting = len(self._waiting)
-            self._cond.notify()
+            self._cond.notify_all()
         for item in removed:
             item.future.set_exception(Cancelled(f"job {item.job.key} was cancelled"))
         if removed:
@@ -265,7 +299,7 @@ class DecodeScheduler:
         """New batch size and window, in force from the next batch (a SIGHUP reload)."""
         with self._cond:
             self.settings = settings
-            self._cond.notify()
+            self._cond.notify_all()
 
     @property
     def waiting(self) -> int:
@@ -280,8 +314,9 @@ class DecodeScheduler:
             self._cond.notify_all()
         for item in removed:
             item.future.set_exception(self._closed_error())
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
 
     def submit(self, job: BatchedJob, op: Op, call: EncodeCall | GenerateCall) -> Any:
         """Queue one call for ``job`` and wait for its result.
@@ -300,7 +335,7 @@ class DecodeScheduler:
                 raise FailedPrecondition(f"job {job.key} is closed; open another one")
             self._waiting.append(item)
             waiting = len(self._waiting)
-            self._cond.notify()
+            self._cond.notify_all()
         self._waiting_changed(waiting)
         result = item.future.result()
         if job.cancelled:
@@ -322,8 +357,10 @@ class DecodeScheduler:
 
     # ----------------------------------------------------------------------- the thread
 
-    def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
+    def _loop(self, lane: Lane | None) -> None:
+        """One executor: every batch (``lane`` None), or only the batches headed by ``lane``'s items."""
+        while (batch := self._next_batch(lane)) is not None:
+            latency = batch[0].job.lane is Lane.LATENCY
             try:
                 self._run(batch)
             except Exception as exc:  # never leave a job waiting on a future nobody sets
@@ -331,48 +368,88 @@ class DecodeScheduler:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
+            finally:
+                if latency:
+                    self._latency_done(batch)
 
-    def _next_batch(self) -> list[_Item] | None:
+    def _latency_done(self, batch: list[_Item]) -> None:
+        with self._cond:
+            self._latency_running -= 1
+            self._follow_up = {item.job for item in batch if not item.job.closed and not item.job.cancelled}
+            self._follow_up_until = time.monotonic() + self.follow_up_seconds
+            self._cond.notify_all()
+
+    def _next_batch(self, lane: Lane | None) -> list[_Item] | None:
         """The next batch to run, taken off the queue; None once the scheduler is closed."""
         with self._cond:
-            batch = self._ready_batch()
+            batch = self._ready_batch(lane)
             while batch is None and not self._closed:
-                self._cond.wait(self._wait_seconds())
-                batch = self._ready_batch()
+                self._cond.wait(self._wait_seconds(lane))
+                batch = self._ready_batch(lane)
             if batch is None:
                 return None
             taken = set(map(id, batch))
             self._waiting = [item for item in self._waiting if id(item) not in taken]
             waiting = len(self._waiting)
+            if batch[0].job.lane is Lane.LATENCY:
+                self._latency_running += 1
         self._waiting_changed(waiting)
         return batch
 
-    def _ready_batch(self) -> list[_Item] | None:
+    def _ready_batch(self, lane: Lane | None) -> list[_Item] | None:
         """The head's group if it should run now (full, waited long enough, or no one else could add to it)."""
-        head = self._head()
+        head = self._head(lane)
         if head is None or self._closed:
             return None
         batch = self._gather(head)
-        if len(batch) >= self.settings.batch_size or self._everyone_waits():
+        if len(batch) >= self.settings.batch_size or self._everyone_waits(head.job.lane):
             return batch
         return batch if self._window_left(head) <= 0 else None
 
-    def _wait_seconds(self) -> float | None:
-        head = self._head()
-        return None if head is None else max(0.0, self._window_left(head))
+    def _wait_seconds(self, lane: Lane | None) -> float | None:
+        head = self._head(lane)
+        if head is not None:
+            return max(0.0, self._window_left(head))
+        if lane is Lane.FILE:
+            oldest = next((item for item in self._waiting if item.job.lane is Lane.FILE), None)
+            if oldest is not None:  # held back by latency work: until its patience runs out
+                wait = oldest.submitted + self.file_patience_seconds - time.monotonic()
+                if self._awaiting_follow_up():
+                    wait = min(wait, self._follow_up_until - time.monotonic())
+                return max(0.0, wait)
+        return None
 
-    def _head(self) -> _Item | None:
-        """The oldest urgent latency item, else the oldest latency item, else the oldest item."""
+    def _head(self, lane: Lane | None = None) -> _Item | None:
+        """The oldest urgent latency item, else the oldest latency item, else the oldest item;
+        for the file executor, the oldest file item once no latency work waits, runs or is about to."""
         latency = [item for item in self._waiting if item.job.lane is Lane.LATENCY]
+        if lane is Lane.FILE:
+            oldest = next((item for item in self._waiting if item.job.lane is Lane.FILE), None)
+            if oldest is None:
+                return None
+            patient = time.monotonic() - oldest.submitted < self.file_patience_seconds
+            if patient and (latency or self._latency_running or self._awaiting_follow_up()):
+                return None
+            return oldest
         if latency:
             return min(latency, key=lambda item: not item.urgent)  # min keeps the first of equals
+        if lane is Lane.LATENCY:
+            return None
         return self._waiting[0] if self._waiting else None
 
+    def _awaiting_follow_up(self) -> bool:
+        """A latency job served a moment ago is still open and has not sent its next call yet."""
+        if time.monotonic() >= self._follow_up_until:
+            return False
+        return any(not job.closed and not job.cancelled for job in self._follow_up)
+
     def _gather(self, head: _Item) -> list[_Item]:
-        """The head's group: latency items first, then at most one item per file job, in arrival order."""
+        """The head's group: latency items first, then at most one item per file job, in arrival
+        order (with two executors, only the head's lane)."""
         batch = [head]
         file_jobs = {head.job} if head.job.lane is Lane.FILE else set()
-        for lane in (Lane.LATENCY, Lane.FILE):
+        lanes = (head.job.lane,) if self.lanes_apart else (Lane.LATENCY, Lane.FILE)
+        for lane in lanes:
             for item in self._waiting:
                 if len(batch) >= self.settings.batch_size:
                     return batch
@@ -385,9 +462,12 @@ class DecodeScheduler:
                 batch.append(item)
         return batch
 
-    def _everyone_waits(self) -> bool:
+    def _everyone_waits(self, lane: Lane) -> bool:
+        """Every open job that could join this lane's batch has an item waiting already."""
         busy = {item.job for item in self._waiting}
-        return all(job in busy for job in self._jobs if not job.cancelled)
+        return all(
+            job in busy for job in self._jobs if not job.cancelled and (not self.lanes_apart or job.lane is lane)
+        )
 
     def _window_left(self, head: _Item) -> float:
         return head.submitted + self.settings.batch_window_ms / 1000 - time.monotonic()

@@ -7,21 +7,24 @@ from pathlib import Path
 
 from inference_service.engines.device import DeviceChoice
 from inference_service.engines.schedulers import DecodeSchedulers
-from inference_service.engines.whisper import WhisperEngine
+from inference_service.engines.whisper import DECODE_REPLICAS, WhisperEngine
 from inference_service.model_cache.cache_types import LoadedModel, ModelSpec
 from voxserve_common.errors import InvalidArgument
 from voxserve_common.kinds import ModelKind
 
 
 def make_loader(
-    device: DeviceChoice, cpu_threads: int = 0, schedulers: DecodeSchedulers | None = None
+    device: DeviceChoice,
+    cpu_threads: int = 0,
+    schedulers: DecodeSchedulers | None = None,
+    decode_replicas: int = DECODE_REPLICAS,
 ) -> Callable[[ModelSpec], LoadedModel]:
     """The cache's load function: builds the right engine for the model's kind (a Whisper model
-    with its decode scheduler from ``schedulers``)."""
+    with ``decode_replicas`` CTranslate2 replicas and its decode scheduler from ``schedulers``)."""
 
     def load(spec: ModelSpec) -> LoadedModel:
         if spec.kind == ModelKind.WHISPER:
-            return WhisperEngine.load(spec.model_id, spec.path, device, cpu_threads, schedulers)
+            return WhisperEngine.load(spec.model_id, spec.path, device, cpu_threads, schedulers, decode_replicas)
         if spec.kind == ModelKind.VAD:
             from inference_service.engines.vad import SileroVadEngine
 

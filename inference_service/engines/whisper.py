@@ -27,6 +27,10 @@ TASKS = ("transcribe", "translate")
 MAX_BEAM_SIZE = 20
 REQUIRED_FILES = ("model.bin", "config.json", "tokenizer.json")
 SAMPLE_RATE = 16000
+# CTranslate2 replicas of a loaded model (they share its weights); with two, one runs a file
+# window while the other serves latency-bound calls at once (batching.py; the setting
+# decode_replicas says why one is the default).
+DECODE_REPLICAS = 1
 LANGUAGE_CODES: frozenset[str] = frozenset(_LANGUAGE_CODES)
 # faster-whisper's default: greedy/beam at 0, retried hotter when a decode fails its checks.
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -136,11 +140,14 @@ class WhisperEngine:
         device: DeviceChoice,
         cpu_threads: int = 0,
         schedulers: DecodeSchedulers | None = None,
+        replicas: int = DECODE_REPLICAS,
     ) -> WhisperEngine:
         """Load a CTranslate2 Whisper model from a local directory (never from the network), with
         its scheduler from ``schedulers`` (the service's batch settings; none: every call alone).
 
-        ``cpu_threads=0`` lets CTranslate2 pick (OMP_NUM_THREADS or 4).
+        ``cpu_threads=0`` lets CTranslate2 pick (OMP_NUM_THREADS or 4), per replica; ``replicas``
+        CTranslate2 replicas share the weights (two let the scheduler run latency calls beside a
+        file window).
 
         Raises:
             ModelFilesMissing: the directory lacks model.bin, config.json or tokenizer.json
@@ -159,6 +166,7 @@ class WhisperEngine:
                 device=device.device,
                 compute_type=device.compute_type,
                 cpu_threads=cpu_threads,
+                num_workers=replicas,
                 local_files_only=True,
             )
         except Exception as exc:

@@ -4,6 +4,7 @@ holds the scheduler until the test closes it, never with sleeps."""
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from inference_service.audio import decode_audio
 from inference_service.engines.batch_ops import GenerateCall, generate_key, split_batch, stack_batch
 from inference_service.engines.batching import BatchedJob, BatchReport, BatchSettings, DecodeScheduler, Lane
 from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings
+from inference_service.transcriber import file_lane
 from tests.support import DATA_DIR, TINY_EN_DIR, wait_for
 from voxserve_common.config import ConfigError
 from voxserve_common.errors import Cancelled, FailedPrecondition
@@ -346,6 +348,121 @@ def test_a_batch_never_exceeds_batch_size(model: WhisperModel, recorder: Recorde
     scheduler.close()
     assert sorted(r.size for r in recorder.reports) == [1, 2]
     assert all(not isinstance(value, Exception) for value in results.values())
+
+
+# --------------------------------------------------------------------------- two replicas: lanes apart
+
+
+class GatedWhisper:
+    """The real CTranslate2 model (two replicas); an ``encode`` of ``gated_frames`` frames first
+    says it started and then waits for ``release``: the test knows that batch is running."""
+
+    def __init__(self, model: Any, gated_frames: int) -> None:
+        self._model = model
+        self.gated_frames = gated_frames
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def encode(self, features: Any, to_cpu: bool = False) -> Any:
+        if features.shape[2] == self.gated_frames:
+            self.started.set()
+            assert self.release.wait(120), "the test never released the gated batch"
+        return self._model.encode(features, to_cpu=to_cpu)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+@pytest.fixture(scope="module")
+def two_replicas() -> WhisperModel:
+    return WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8", cpu_threads=1, num_workers=2)
+
+
+def gated(model: WhisperModel, seconds: float) -> tuple[WhisperModel, GatedWhisper]:
+    copied = copy.copy(model)
+    copied.model = GatedWhisper(model.model, int(seconds * 100))
+    return copied, copied.model
+
+
+def test_with_two_replicas_a_latency_call_runs_while_a_file_window_decodes(
+    two_replicas: WhisperModel, recorder: Recorder
+) -> None:
+    model, gate = gated(two_replicas, 20.0)
+    scheduler = DecodeScheduler("tiny.en", model, BatchSettings(batch_size=8, batch_window_ms=0), recorder)
+    assert scheduler.lanes_apart
+    window, live_window = window_features(two_replicas, 20.0), window_features(two_replicas, 4.0)
+    results: dict[str, Any] = {}
+    file_thread = start(encode_through(scheduler.open_job("file", Lane.FILE), window), results, "file")
+    assert gate.started.wait(60), "the file window never started"
+
+    live = run_jobs({"live": encode_through(scheduler.open_job("live", Lane.LATENCY), live_window)})
+    assert "file" not in results  # the live call ended while the file window was still running
+    gate.release.set()
+    file_thread.join(timeout=120)
+    scheduler.close()
+    assert np.array_equal(live["live"], np.asarray(two_replicas.model.encode(live_window, to_cpu=False)))
+    assert np.array_equal(results["file"], np.asarray(two_replicas.model.encode(window, to_cpu=False)))
+    live_report, file_report = recorder.reports
+    assert (live_report.jobs, file_report.jobs) == (("live",), ("file",))
+    assert file_report.started_ns < live_report.started_ns and live_report.ended_ns < file_report.ended_ns
+
+
+def test_with_two_replicas_a_file_window_waits_for_latency_work_and_its_next_call(
+    two_replicas: WhisperModel, recorder: Recorder
+) -> None:
+    model, gate = gated(two_replicas, 4.0)
+    scheduler = DecodeScheduler(
+        "tiny.en",
+        model,
+        BatchSettings(batch_size=8, batch_window_ms=0),
+        recorder,
+        follow_up_seconds=600.0,  # file work waits for the live job's next call however slow the machine
+        file_patience_seconds=600.0,
+    )
+    window, live_window = window_features(two_replicas, 20.0), window_features(two_replicas, 4.0)
+    live = scheduler.open_job("live", Lane.LATENCY)
+
+    def two_calls_then_close() -> list[Any]:
+        with live:
+            return [np.asarray(live.model.model.encode(live_window, to_cpu=False)) for _ in range(2)]
+
+    results: dict[str, Any] = {}
+    threads = [start(two_calls_then_close, results, "live")]
+    assert gate.started.wait(60), "the live call never started"
+    threads.append(start(encode_through(scheduler.open_job("file", Lane.FILE), window), results, "file"))
+    wait_for(lambda: scheduler.waiting == 1, message="the file window waiting beside the running live call")
+    gate.release.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    scheduler.close()
+    assert [r.jobs for r in recorder.reports] == [("live",), ("live",), ("file",)]
+    assert recorder.reports[2].started_ns >= recorder.reports[1].ended_ns
+    assert np.array_equal(results["file"], np.asarray(two_replicas.model.encode(window, to_cpu=False)))
+
+
+def test_with_two_replicas_a_file_window_past_its_patience_runs_beside_latency_work(
+    two_replicas: WhisperModel, recorder: Recorder
+) -> None:
+    model, gate = gated(two_replicas, 4.0)
+    scheduler = DecodeScheduler(
+        "tiny.en", model, BatchSettings(batch_size=8, batch_window_ms=0), recorder, file_patience_seconds=0.2
+    )
+    window, live_window = window_features(two_replicas, 20.0), window_features(two_replicas, 4.0)
+    results: dict[str, Any] = {}
+    live_thread = start(encode_through(scheduler.open_job("live", Lane.LATENCY), live_window), results, "live")
+    assert gate.started.wait(60), "the live call never started"
+    file = run_jobs({"file": encode_through(scheduler.open_job("file", Lane.FILE), window)})
+    assert "live" not in results  # the file window ran and ended while the live call still ran
+    gate.release.set()
+    live_thread.join(timeout=120)
+    scheduler.close()
+    assert np.array_equal(file["file"], np.asarray(two_replicas.model.encode(window, to_cpu=False)))
+    assert [r.jobs for r in recorder.reports] == [("file",), ("live",)]
+
+
+def test_a_request_that_fits_one_window_is_latency_bound() -> None:
+    assert file_lane(11.0) is Lane.LATENCY and file_lane(30.0) is Lane.LATENCY
+    assert file_lane(30.5) is Lane.FILE and file_lane(7200.0) is Lane.FILE
 
 
 # --------------------------------------------------------------------------- keys and arrays

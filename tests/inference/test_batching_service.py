@@ -97,6 +97,11 @@ def sample(handle: InferenceHandle, name: str, **labels: str) -> float:
     return handle.app.metrics.registry.get_sample_value(name, {"model_id": MODEL, **labels}) or 0.0
 
 
+def decoded(handle: InferenceHandle, op: str) -> float:
+    """Items of this op decoded so far, both lanes."""
+    return sum(sample(handle, "voxserve_decode_items_total", op=op, lane=lane) for lane in ("file", "latency"))
+
+
 def batches_over_one(handle: InferenceHandle, op: str) -> float:
     """Batches of this op with more than one item, from the batch-size histogram."""
     count = sample(handle, "voxserve_decode_batch_size_count", op=op)
@@ -120,7 +125,7 @@ def test_concurrent_requests_get_the_segments_they_get_alone_in_shared_batches(s
 
     alone = {name: call(name)() for name in REQUESTS}
     assert batches_over_one(handle, "encode") == 0  # one at a time: every batch had one item
-    windows = sample(handle, "voxserve_decode_items_total", op="encode", lane="file")  # one encode per window
+    windows = decoded(handle, "encode")  # one encode per window (and per first utterance)
 
     together = run_in_threads({name: call(name) for name in REQUESTS})
     for name in REQUESTS:
@@ -128,7 +133,7 @@ def test_concurrent_requests_get_the_segments_they_get_alone_in_shared_batches(s
         assert together[name][-1].WhichOneof("event") == "completed"
         assert_same_segments(segments(together[name]), segments(alone[name]))
     assert batches_over_one(handle, "encode") + batches_over_one(handle, "generate") > 0
-    assert sample(handle, "voxserve_decode_items_total", op="encode", lane="file") == 2 * windows  # the same windows
+    assert decoded(handle, "encode") == 2 * windows  # the same windows
     assert sample(handle, "voxserve_decode_items_waiting") == 0
     wait_for(lambda: in_use(handle) == 0, timeout=30, message="every lease released")
 
@@ -180,7 +185,8 @@ def test_a_cancel_takes_waiting_decodes_off_the_queue_frees_the_lease_and_the_ot
     handle.app.schedulers.set_settings(BatchSettings(batch_size=8, batch_window_ms=600_000.0))
     with handle.cache.acquire_as(MODEL, WhisperEngine) as lease:
         scheduler = lease.model.scheduler
-        holder = lease.model.open_job("holder", Lane.FILE)
+        # The requests fit one window (25 s): latency-bound, so a latency handle holds them.
+        holder = lease.model.open_job("holder", Lane.LATENCY)
         outcome: dict[str, Any] = {}
 
         def run(job_id: str, audio: bytes) -> Callable[[], None]:
@@ -203,7 +209,7 @@ def test_a_cancel_takes_waiting_decodes_off_the_queue_frees_the_lease_and_the_ot
         threads[0].join(60)
         assert outcome["doomed"].code() == grpc.StatusCode.CANCELLED
         assert scheduler.waiting == 1  # it left the queue without any batch running
-        assert sample(handle, "voxserve_decode_items_total", op="encode", lane="file") == 0
+        assert decoded(handle, "encode") == 0
         wait_for(lambda: in_use(handle) == 2, timeout=30, message="the cancelled job's lease freed")
 
         holder.close()
@@ -220,14 +226,14 @@ def test_a_passed_deadline_takes_waiting_decodes_off_the_queue(start_inference: 
     handle.app.schedulers.set_settings(BatchSettings(batch_size=8, batch_window_ms=600_000.0))
     with handle.cache.acquire_as(MODEL, WhisperEngine) as lease:
         scheduler = lease.model.scheduler
-        holder = lease.model.open_job("holder", Lane.FILE)  # the job's windows wait while it is open
+        holder = lease.model.open_job("holder", Lane.LATENCY)  # the job's (one) window waits while it is open
         with pytest.raises(grpc.RpcError) as caught:
             list(handle.stub.Transcribe(request(MULTI, "late"), timeout=5))
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         job = handle.app.jobs.get("late")
         assert job.done_event.wait(60), "the job still runs after its deadline"
         assert job.state.value == "FAILED" and scheduler.waiting == 0  # it left while the holder held the queue
-        assert sample(handle, "voxserve_decode_items_total", op="encode", lane="file") == 0
+        assert decoded(handle, "encode") == 0
         holder.close()
     wait_for(lambda: in_use(handle) == 0, timeout=30, message="every lease released")
 
@@ -284,6 +290,47 @@ def test_live_finals_and_drafts_keep_coming_while_file_jobs_run(start_inference:
 # --------------------------------------------------------------------------- settings
 
 
+def test_two_decode_replicas_run_latency_work_beside_file_windows_with_the_same_results(
+    start_inference: Any,
+) -> None:
+    """decode_replicas 2: the model loads with two CTranslate2 replicas and its scheduler runs a
+    latency executor beside the file one; a short request (latency-bound: one window) and two
+    longer ones at once still get what they get alone."""
+    handle: InferenceHandle = start_inference(decode_replicas=2, batch_window_ms=LONGEST_WINDOW_MS)
+    with handle.cache.acquire_as(MODEL, WhisperEngine) as lease:
+        assert lease.model.whisper_model.model.num_workers == 2
+        assert lease.model.scheduler.lanes_apart
+    calls = {
+        "long": (repeated_wav(MULTI, 3), {"beam_size": 5}),
+        "long-greedy": (repeated_wav(MULTI, 2), {"beam_size": 1}),
+        "short": (SHORT, {"word_timestamps": True}),
+    }
+
+    def call(name: str) -> Callable[[], list[pb.TranscribeEvent]]:
+        audio, options = calls[name]
+        return lambda: list(handle.stub.Transcribe(request(audio, **options), timeout=600))
+
+    def encodes() -> tuple[float, float]:
+        """Encoder calls so far: (latency lane, file lane)."""
+        latency = sample(handle, "voxserve_decode_items_total", op="encode", lane="latency")
+        return latency, sample(handle, "voxserve_decode_items_total", op="encode", lane="file")
+
+    alone = {}
+    for name in calls:
+        before = encodes()
+        alone[name] = call(name)()
+        latency, file = (after - then for after, then in zip(encodes(), before, strict=True))
+        if name == "short":  # one window: latency-bound, none of its calls in the file lane
+            assert latency >= 1 and file == 0
+        else:  # its first utterance in the latency lane, its windows in the file lane
+            assert latency >= 1 and file >= 2
+    together = run_in_threads({name: call(name) for name in calls})
+    for name in calls:
+        assert not isinstance(together[name], Exception), together[name]
+        assert_same_segments(segments(together[name]), segments(alone[name]))
+    wait_for(lambda: in_use(handle) == 0, timeout=30, message="every lease released")
+
+
 def test_a_reload_gives_every_scheduler_the_new_batch_settings(start_inference: Any) -> None:
     handle: InferenceHandle = start_inference(batch_size=8, batch_window_ms=10.0)
     with handle.cache.acquire_as(MODEL, WhisperEngine) as lease:
@@ -301,6 +348,7 @@ def test_a_reload_gives_every_scheduler_the_new_batch_settings(start_inference: 
         ("VOXSERVE_BATCH_SIZE", "0", "batch_size"),
         ("VOXSERVE_BATCH_WINDOW_MS", "-5", "batch_window_ms"),
         ("VOXSERVE_BATCH_WINDOW_MS", "nan", "batch_window_ms"),
+        ("VOXSERVE_DECODE_REPLICAS", "0", "decode_replicas"),
     ],
 )
 def test_bad_batch_settings_stop_the_service_with_exit_2_naming_the_key(
