@@ -411,7 +411,7 @@ class DecodeScheduler:
         if head is not None:
             return max(0.0, self._window_left(head))
         if lane is Lane.FILE:
-            oldest = next((item for item in self._waiting if item.job.lane is Lane.FILE), None)
+            oldest = self._oldest_file_item()
             if oldest is not None:  # held back by latency work: until its patience runs out
                 wait = oldest.submitted + self.file_patience_seconds - time.monotonic()
                 if self._awaiting_follow_up():
@@ -424,7 +424,7 @@ class DecodeScheduler:
         for the file executor, the oldest file item once no latency work waits, runs or is about to."""
         latency = [item for item in self._waiting if item.job.lane is Lane.LATENCY]
         if lane is Lane.FILE:
-            oldest = next((item for item in self._waiting if item.job.lane is Lane.FILE), None)
+            oldest = self._oldest_file_item()
             if oldest is None:
                 return None
             patient = time.monotonic() - oldest.submitted < self.file_patience_seconds
@@ -436,6 +436,9 @@ class DecodeScheduler:
         if lane is Lane.LATENCY:
             return None
         return self._waiting[0] if self._waiting else None
+
+    def _oldest_file_item(self) -> _Item | None:
+        return next((item for item in self._waiting if item.job.lane is Lane.FILE), None)
 
     def _awaiting_follow_up(self) -> bool:
         """A latency job served a moment ago is still open and has not sent its next call yet."""
