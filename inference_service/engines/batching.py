@@ -16,6 +16,12 @@ takes 1-1.2 s on 2 cores, the 11 s request alone 0.6 s). A file batch starts onl
 latency work waits or runs, nor is about to (a latency job that just got its result has
 ``FOLLOW_UP_SECONDS`` to send its next call), so a latency call shares the machine with at
 most the one file call it found running.
+
+The same follow-up holds on one thread: after a batch served latency jobs, work of a lower rank
+(file windows; drafts after a live final) waits up to ``FOLLOW_UP_SECONDS`` for those jobs' next
+calls. A job's calls come one after the other (encode, then generate, then its word alignment,
+which goes to the model directly), so without it a 30 s file window would start in the gap and
+the short job would wait for it a second time.
 """
 
 from __future__ import annotations
@@ -144,6 +150,13 @@ class _Item:
     future: Future[Any] = field(default_factory=Future)
 
 
+def _rank(item: _Item) -> int:
+    """Who goes first: a live final's calls (0), other latency calls (1), file windows (2)."""
+    if item.job.lane is Lane.FILE:
+        return 2
+    return 0 if item.urgent else 1
+
+
 class BatchedJob:
     """One job's handle on a scheduler. ``model`` is a faster-whisper model to drive as usual
     (``transcribe``, or the live decoder's own calls); its encoder and decoder calls go through
@@ -239,7 +252,8 @@ class DecodeScheduler:
         self._jobs: set[BatchedJob] = set()
         self._closed = False
         self._latency_running = 0
-        self._follow_up: set[BatchedJob] = set()  # latency jobs whose next call file batches wait for
+        # Latency jobs a batch just served, with their rank: work of a lower rank waits for their next call.
+        self._follow_up: dict[BatchedJob, int] = {}
         self._follow_up_until = 0.0
         self.lanes_apart = int(getattr(whisper_model.model, "num_workers", 1)) >= 2
         executors: tuple[Lane | None, ...] = (Lane.LATENCY, Lane.FILE) if self.lanes_apart else (None,)
@@ -360,7 +374,6 @@ class DecodeScheduler:
     def _loop(self, lane: Lane | None) -> None:
         """One executor: every batch (``lane`` None), or only the batches headed by ``lane``'s items."""
         while (batch := self._next_batch(lane)) is not None:
-            latency = batch[0].job.lane is Lane.LATENCY
             try:
                 self._run(batch)
             except Exception as exc:  # never leave a job waiting on a future nobody sets
@@ -369,14 +382,17 @@ class DecodeScheduler:
                     if not item.future.done():
                         item.future.set_exception(exc)
             finally:
-                if latency:
-                    self._latency_done(batch)
+                self._batch_done(batch)
 
-    def _latency_done(self, batch: list[_Item]) -> None:
+    def _batch_done(self, batch: list[_Item]) -> None:
+        """Count a latency batch off and hold lower-ranked work for the next calls of the latency jobs it served."""
+        served = {item.job: _rank(item) for item in batch if item.job.lane is Lane.LATENCY}
         with self._cond:
-            self._latency_running -= 1
-            self._follow_up = {item.job for item in batch if not item.job.closed and not item.job.cancelled}
-            self._follow_up_until = time.monotonic() + self.follow_up_seconds
+            if batch[0].job.lane is Lane.LATENCY:
+                self._latency_running -= 1
+            if served:
+                self._follow_up = served
+                self._follow_up_until = time.monotonic() + self.follow_up_seconds
             self._cond.notify_all()
 
     def _next_batch(self, lane: Lane | None) -> list[_Item] | None:
@@ -390,6 +406,8 @@ class DecodeScheduler:
                 return None
             taken = set(map(id, batch))
             self._waiting = [item for item in self._waiting if id(item) not in taken]
+            for item in batch:  # their next call came
+                self._follow_up.pop(item.job, None)
             waiting = len(self._waiting)
             if batch[0].job.lane is Lane.LATENCY:
                 self._latency_running += 1
@@ -410,41 +428,49 @@ class DecodeScheduler:
         head = self._head(lane)
         if head is not None:
             return max(0.0, self._window_left(head))
+        now = time.monotonic()
+        waits = [self._follow_up_until - now] if self._held_rank() is not None else []
         if lane is Lane.FILE:
             oldest = self._oldest_file_item()
             if oldest is not None:  # held back by latency work: until its patience runs out
-                wait = oldest.submitted + self.file_patience_seconds - time.monotonic()
-                if self._awaiting_follow_up():
-                    wait = min(wait, self._follow_up_until - time.monotonic())
-                return max(0.0, wait)
-        return None
+                waits.append(oldest.submitted + self.file_patience_seconds - now)
+        return max(0.0, min(waits)) if waits else None
 
     def _head(self, lane: Lane | None = None) -> _Item | None:
-        """The oldest urgent latency item, else the oldest latency item, else the oldest item;
-        for the file executor, the oldest file item once no latency work waits, runs or is about to."""
+        """The oldest urgent latency item, else the oldest latency item, else the oldest item, unless
+        a job just served at a higher rank has yet to send its next call; for the file executor, the
+        oldest file item once no latency work waits, runs or is about to (or it ran out of patience)."""
         latency = [item for item in self._waiting if item.job.lane is Lane.LATENCY]
         if lane is Lane.FILE:
             oldest = self._oldest_file_item()
             if oldest is None:
                 return None
             patient = time.monotonic() - oldest.submitted < self.file_patience_seconds
-            if patient and (latency or self._latency_running or self._awaiting_follow_up()):
+            if patient and (latency or self._latency_running or self._held_rank() is not None):
                 return None
             return oldest
         if latency:
-            return min(latency, key=lambda item: not item.urgent)  # min keeps the first of equals
-        if lane is Lane.LATENCY:
+            head: _Item | None = min(latency, key=lambda item: not item.urgent)  # min keeps the first of equals
+        else:
+            head = None if lane is Lane.LATENCY or not self._waiting else self._waiting[0]
+        held = self._held_rank()
+        if head is None or (held is not None and _rank(head) > held):
             return None
-        return self._waiting[0] if self._waiting else None
+        return head
 
     def _oldest_file_item(self) -> _Item | None:
         return next((item for item in self._waiting if item.job.lane is Lane.FILE), None)
 
-    def _awaiting_follow_up(self) -> bool:
-        """A latency job served a moment ago is still open and has not sent its next call yet."""
+    def _held_rank(self) -> int | None:
+        """The best rank among latency jobs served a moment ago that are still open and have not
+        sent their next call yet; None when there is none (or their time is up)."""
         if time.monotonic() >= self._follow_up_until:
-            return False
-        return any(not job.closed and not job.cancelled for job in self._follow_up)
+            return None
+        waiting = {item.job for item in self._waiting}
+        ranks = [
+            rank for job, rank in self._follow_up.items() if not job.closed and not job.cancelled and job not in waiting
+        ]
+        return min(ranks, default=None)
 
     def _gather(self, head: _Item) -> list[_Item]:
         """The head's group: latency items first, then at most one item per file job, in arrival

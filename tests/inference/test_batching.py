@@ -350,12 +350,12 @@ def test_a_batch_never_exceeds_batch_size(model: WhisperModel, recorder: Recorde
     assert all(not isinstance(value, Exception) for value in results.values())
 
 
-# --------------------------------------------------------------------------- two replicas: lanes apart
+# --------------------------------------------------------------------------- one thread: follow-up calls
 
 
 class GatedWhisper:
-    """The real CTranslate2 model (two replicas); an ``encode`` of ``gated_frames`` frames first
-    says it started and then waits for ``release``: the test knows that batch is running."""
+    """The real CTranslate2 model; an ``encode`` of ``gated_frames`` frames first says it started
+    and then waits for ``release``: the test knows that batch is running."""
 
     def __init__(self, model: Any, gated_frames: int) -> None:
         self._model = model
@@ -373,15 +373,98 @@ class GatedWhisper:
         return getattr(self._model, name)
 
 
-@pytest.fixture(scope="module")
-def two_replicas() -> WhisperModel:
-    return WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8", cpu_threads=1, num_workers=2)
-
-
 def gated(model: WhisperModel, seconds: float) -> tuple[WhisperModel, GatedWhisper]:
     copied = copy.copy(model)
     copied.model = GatedWhisper(model.model, int(seconds * 100))
     return copied, copied.model
+
+
+def two_calls_then_close(job: BatchedJob, features: Any) -> Callable[[], list[Any]]:
+    """A job that sends its next call as soon as its first one returns (an encode then a generate)."""
+
+    def work() -> list[Any]:
+        with job:
+            return [np.asarray(job.model.model.encode(features, to_cpu=False)) for _ in range(2)]
+
+    return work
+
+
+def test_a_file_window_waits_for_a_latency_jobs_next_call_on_one_thread(
+    model: WhisperModel, recorder: Recorder
+) -> None:
+    gated_model, gate = gated(model, 4.0)
+    scheduler = DecodeScheduler(
+        "tiny.en",
+        gated_model,
+        BatchSettings(batch_size=8, batch_window_ms=0),
+        recorder,
+        follow_up_seconds=600.0,  # however slow the machine, the file window waits for the live call
+    )
+    assert not scheduler.lanes_apart
+    window, live_window = window_features(model, 20.0), window_features(model, 4.0)
+    results: dict[str, Any] = {}
+    threads = [start(two_calls_then_close(scheduler.open_job("live", Lane.LATENCY), live_window), results, "live")]
+    assert gate.started.wait(60), "the live call never started"
+    threads.append(start(encode_through(scheduler.open_job("file", Lane.FILE), window), results, "file"))
+    wait_for(lambda: scheduler.waiting == 1, message="the file window waiting while the live call runs")
+    gate.release.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    scheduler.close()
+    # Without the hold the file window would start in the gap between the live job's two calls.
+    assert [r.jobs for r in recorder.reports] == [("live",), ("live",), ("file",)]
+    assert np.array_equal(results["file"], np.asarray(model.model.encode(window, to_cpu=False)))
+    assert all(np.array_equal(got, np.asarray(model.model.encode(live_window))) for got in results["live"])
+
+
+def test_drafts_wait_for_a_live_finals_next_call_and_the_hold_ends_when_it_closes(
+    model: WhisperModel, recorder: Recorder
+) -> None:
+    gated_model, gate = gated(model, 4.0)
+    scheduler = DecodeScheduler(
+        "tiny.en", gated_model, BatchSettings(batch_size=8, batch_window_ms=0), recorder, follow_up_seconds=600.0
+    )
+    final, draft = scheduler.open_job("final", Lane.LATENCY), scheduler.open_job("draft", Lane.LATENCY)
+    final.urgent = True
+    results: dict[str, Any] = {}
+    threads = [start(two_calls_then_close(final, window_features(model, 4.0)), results, "final")]
+    assert gate.started.wait(60), "the final's call never started"
+    threads.append(start(encode_through(draft, window_features(model, 3.0)), results, "draft"))
+    wait_for(lambda: scheduler.waiting == 1, message="the draft waiting while the final's call runs")
+    gate.release.set()
+    for thread in threads:
+        thread.join(timeout=120)  # the final's job closed after its second call: the draft ran
+    scheduler.close()
+    assert [r.jobs for r in recorder.reports] == [("final",), ("final",), ("draft",)]
+    assert isinstance(results["draft"], np.ndarray)
+
+
+def test_a_follow_up_hold_lasts_at_most_follow_up_seconds(model: WhisperModel, recorder: Recorder) -> None:
+    gated_model, gate = gated(model, 4.0)
+    scheduler = DecodeScheduler(
+        "tiny.en", gated_model, BatchSettings(batch_size=8, batch_window_ms=0), recorder, follow_up_seconds=0.05
+    )
+    silent = scheduler.open_job("silent", Lane.LATENCY)  # served once, then stays open without a next call
+    results: dict[str, Any] = {}
+    first = start(encode_through(silent, window_features(model, 4.0), close=False), results, "silent")
+    assert gate.started.wait(60), "the latency call never started"
+    file = start(encode_through(scheduler.open_job("file", Lane.FILE), window_features(model, 2.0)), results, "file")
+    wait_for(lambda: scheduler.waiting == 1, message="the file window waiting")
+    gate.release.set()
+    first.join(timeout=120)
+    file.join(timeout=120)  # would hang if the hold waited for the open job's next call forever
+    silent.close()
+    scheduler.close()
+    assert [r.jobs for r in recorder.reports] == [("silent",), ("file",)]
+    assert isinstance(results["file"], np.ndarray)
+
+
+# --------------------------------------------------------------------------- two replicas: lanes apart
+
+
+@pytest.fixture(scope="module")
+def two_replicas() -> WhisperModel:
+    return WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8", cpu_threads=1, num_workers=2)
 
 
 def test_with_two_replicas_a_latency_call_runs_while_a_file_window_decodes(
@@ -420,14 +503,8 @@ def test_with_two_replicas_a_file_window_waits_for_latency_work_and_its_next_cal
         file_patience_seconds=600.0,
     )
     window, live_window = window_features(two_replicas, 20.0), window_features(two_replicas, 4.0)
-    live = scheduler.open_job("live", Lane.LATENCY)
-
-    def two_calls_then_close() -> list[Any]:
-        with live:
-            return [np.asarray(live.model.model.encode(live_window, to_cpu=False)) for _ in range(2)]
-
     results: dict[str, Any] = {}
-    threads = [start(two_calls_then_close, results, "live")]
+    threads = [start(two_calls_then_close(scheduler.open_job("live", Lane.LATENCY), live_window), results, "live")]
     assert gate.started.wait(60), "the live call never started"
     threads.append(start(encode_through(scheduler.open_job("file", Lane.FILE), window), results, "file"))
     wait_for(lambda: scheduler.waiting == 1, message="the file window waiting beside the running live call")
