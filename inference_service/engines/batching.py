@@ -26,6 +26,8 @@ the short job would wait for it a second time.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import enum
 import itertools
@@ -33,7 +35,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -145,16 +147,44 @@ class _Item:
     key: Hashable
     job: BatchedJob
     call: EncodeCall | GenerateCall
-    urgent: bool = False
+    tag: CallTag | None = None
     submitted: float = field(default_factory=time.monotonic)
     future: Future[Any] = field(default_factory=Future)
+
+
+@dataclass(eq=False)
+class CallTag:
+    """What one decode of a job says about the calls it makes (``tagged_calls``): ``urgent`` ones
+    (a live final's) go before the rest of their lane in batches of their own; once ``withdrawn``
+    (``DecodeScheduler.withdraw``: a live draft overtaken by a final) its waiting calls leave and
+    its later ones fail with Cancelled, while the job's other decodes go on."""
+
+    urgent: bool = False
+    withdrawn: bool = False
+
+
+_call_tag: contextvars.ContextVar[CallTag | None] = contextvars.ContextVar("voxserve_decode_call_tag", default=None)
+
+
+@contextlib.contextmanager
+def tagged_calls(tag: CallTag) -> Iterator[CallTag]:
+    """The model calls made inside (on this thread or context) carry ``tag``."""
+    token = _call_tag.set(tag)
+    try:
+        yield tag
+    finally:
+        _call_tag.reset(token)
+
+
+def _urgent(item: _Item) -> bool:
+    return item.tag is not None and item.tag.urgent
 
 
 def _rank(item: _Item) -> int:
     """Who goes first: a live final's calls (0), other latency calls (1), file windows (2)."""
     if item.job.lane is Lane.FILE:
         return 2
-    return 0 if item.urgent else 1
+    return 0 if _urgent(item) else 1
 
 
 class BatchedJob:
@@ -169,7 +199,6 @@ class BatchedJob:
         self.link = link
         self.cancelled = False
         self.closed = False
-        self.urgent = False  # a latency job's calls that go before its lane's other items (a live final)
         self.model: WhisperModel = copy.copy(scheduler.whisper_model)
         self.model.model = ScheduledWhisper(scheduler.whisper_model.model, self)
 
@@ -219,8 +248,8 @@ class DecodeScheduler:
     """Runs the encoder/decoder calls of every job of one Whisper model in batches, on one thread
     (two when the model has two replicas: one for latency batches, one for file batches).
 
-    A batch is the oldest latency item's group if any latency item waits (an urgent one's, a
-    live final, before the others), else the oldest file item's; a group is the items with
+    A batch is the oldest latency item's group if any latency item waits (urgent calls, a live
+    final's, first and in batches of their own: ``CallTag``), else the oldest file item's; a group is the items with
     equal keys (``batch_ops``: op, input shape, prompt layout, decoding options). Latency items fill the batch first, then file items in arrival order, at
     most one per file job, up to ``batch_size``. With fewer ready, the scheduler waits up to
     ``batch_window_ms`` after the oldest one arrived, unless every open job that could add to
@@ -299,8 +328,22 @@ class DecodeScheduler:
         with self._cond:
             for job in jobs:
                 job.cancelled = True
-            removed = [item for item in self._waiting if item.job.cancelled]
-            self._waiting = [item for item in self._waiting if not item.job.cancelled]
+        return self._drop_cancelled()
+
+    def withdraw(self, tag: CallTag) -> int:
+        """The calls tagged ``tag`` leave: waiting ones fail with Cancelled at once, later ones
+        too (a batch already running still finishes). Returns how many items left."""
+        with self._cond:
+            tag.withdrawn = True
+        return self._drop_cancelled()
+
+    def _drop_cancelled(self) -> int:
+        def gone(item: _Item) -> bool:
+            return item.job.cancelled or (item.tag is not None and item.tag.withdrawn)
+
+        with self._cond:
+            removed = [item for item in self._waiting if gone(item)]
+            self._waiting = [item for item in self._waiting if not gone(item)]
             waiting = len(self._waiting)
             self._cond.notify_all()
         for item in removed:
@@ -340,10 +383,10 @@ class DecodeScheduler:
             FailedPrecondition: the job or the scheduler was closed.
             Exception: what CTranslate2 raised for this call (run alone after a failed batch).
         """
-        item = _Item(op, self._key(op, call), job, call, job.urgent)
+        item = _Item(op, self._key(op, call), job, call, _call_tag.get())
         with self._cond:
             self._check_open()
-            if job.cancelled:
+            if job.cancelled or (item.tag is not None and item.tag.withdrawn):
                 raise Cancelled(f"job {job.key} was cancelled")
             if job.closed:
                 raise FailedPrecondition(f"job {job.key} is closed; open another one")
@@ -352,7 +395,7 @@ class DecodeScheduler:
             self._cond.notify_all()
         self._waiting_changed(waiting)
         result = item.future.result()
-        if job.cancelled:
+        if job.cancelled or (item.tag is not None and item.tag.withdrawn):
             raise Cancelled(f"job {job.key} was cancelled")
         return result
 
@@ -450,7 +493,7 @@ class DecodeScheduler:
                 return None
             return oldest
         if latency:
-            head: _Item | None = min(latency, key=lambda item: not item.urgent)  # min keeps the first of equals
+            head: _Item | None = min(latency, key=_rank)  # min keeps the first of equals
         else:
             head = None if lane is Lane.LATENCY or not self._waiting else self._waiting[0]
         held = self._held_rank()
@@ -484,6 +527,8 @@ class DecodeScheduler:
                     return batch
                 if item is head or item.key != head.key or item.job.lane is not lane:
                     continue
+                if _urgent(head) and not _urgent(item):
+                    continue  # a final is not slowed down by drafts joining its batch
                 if lane is Lane.FILE:
                     if item.job in file_jobs:
                         continue

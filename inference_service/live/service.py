@@ -327,6 +327,7 @@ def _log_stats(stream: LiveStream, job_id: str, model_id: str) -> None:
             "decode_seconds": round(stats.decode_seconds, 3),
             "finals": stats.finals,
             "drafts": stats.drafts,
+            "drafts_dropped": stats.drafts_dropped,
             "rewrites": stats.rewrites,
         },
     )

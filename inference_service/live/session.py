@@ -90,6 +90,9 @@ class DecodeJob:
     audio_end: float
     prompt: str
     final: bool  # every word becomes final (an endpoint or the end of the stream): decoded with the final beam
+    # Its result is likely to become final (the decode run when the speech ends, which the
+    # endpoint settles from): its model calls go before drafts, like a final's.
+    urgent: bool = False
 
 
 LiveEvent = SpeechEvent | LiveResult
@@ -192,24 +195,43 @@ class LiveSession:
     # ------------------------------------------------------------ decisions
 
     def next_job(self) -> DecodeJob | None:
-        """The decode to run now, if any (the driver runs one at a time per stream)."""
-        if self._utterance_start is None or self._all_final:
-            return None
-        if self._endpoint is not None:
+        """The decode to run now, if any (the driver runs one at a time per stream, except that a
+        final's decode overtakes a draft's: ``urgent_job_due``)."""
+        if self._endpoint is not None and self._open():
             return self._job(min(self.received, self._endpoint + self._tail_pad), final=True)
+        if self._speech_end_due():
+            return self._job(self.received, final=False, urgent=True)
+        start = self._utterance_start
+        if start is None or self._all_final:
+            return None
         received = self.received
-        speech = received - self._utterance_start
-        if self._last_decode_end <= self._utterance_start:
-            return self._job(received, final=False) if speech >= self.settings.first_decode_speech else None
-        if (
-            self._silence_since is not None
-            and received - self._silence_since >= self.settings.speech_end_silence
-            and self._last_decode_end < self._silence_since + self.settings.speech_end_silence
-        ):
-            return self._job(received, final=False)
+        if self._last_decode_end <= start:
+            return self._job(received, final=False) if received - start >= self.settings.first_decode_speech else None
+        if self._silence_since is not None:
+            return None  # a pause began: the decode at speech_end_silence comes next, not a draft before it
         if received - self._last_decode_end >= self._interval():
             return self._job(received, final=False)
         return None
+
+    def urgent_job_due(self) -> bool:
+        """A decode whose result becomes final is due (an endpoint, or the speech just ended):
+        the driver drops a draft still decoding for it, as if that draft never ran."""
+        return (self._endpoint is not None and self._open()) or self._speech_end_due()
+
+    def _open(self) -> bool:
+        return self._utterance_start is not None and not self._all_final
+
+    def _speech_end_due(self) -> bool:
+        """The speech paused speech_end_silence ago and no decode heard that far: decode now, so
+        that the endpoint finds its final ready."""
+        return (
+            self._utterance_start is not None
+            and not self._all_final
+            and self._last_decode_end > self._utterance_start
+            and self._silence_since is not None
+            and self.received - self._silence_since >= self.settings.speech_end_silence
+            and self._last_decode_end < self._silence_since + self.settings.speech_end_silence
+        )
 
     def _interval(self) -> float:
         """New audio to wait for before the next draft decode. A stream more than max_lag
@@ -226,10 +248,10 @@ class LiveSession:
             return None
         return self._job(self.received, final=True)
 
-    def _job(self, end: float, final: bool) -> DecodeJob:
+    def _job(self, end: float, final: bool, urgent: bool = False) -> DecodeJob:
         samples = round((end - self._buffer_start) * WHISPER_SAMPLE_RATE)
         prompt = " ".join(p for p in (self.settings.initial_prompt, self._utterance_text[-PROMPT_CHARS:]) if p)
-        return DecodeJob(self._buffer[:samples].copy(), self._buffer_start, end, prompt, final)
+        return DecodeJob(self._buffer[:samples].copy(), self._buffer_start, end, prompt, final, final or urgent)
 
     # ------------------------------------------------------------ results
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from inference_service.audio import FloatArray
-from inference_service.engines.batching import BatchedJob
+from inference_service.engines.batching import BatchedJob, CallTag, tagged_calls
 from inference_service.engines.buffer_decoder import BufferDecoder, Hypothesis
 from inference_service.engines.speech_detector import SpeechDetector
 from inference_service.live.pcm import PcmDecoder
@@ -51,6 +51,7 @@ class StreamStats:
     decode_seconds: float = 0.0
     finals: int = 0
     drafts: int = 0
+    drafts_dropped: int = 0  # draft decodes overtaken by a final's (their results never applied)
     rewrites: int = 0
     first_result_latency: float | None = None
 
@@ -132,6 +133,7 @@ class LiveStream:
         self._last_draft: dict[str, str] = {}
         self.in_flight: Future[Hypothesis] | None = None
         self._in_flight_job: DecodeJob | None = None
+        self._in_flight_tag: CallTag | None = None
         self._behind = False  # more than max_lag behind: decoding less often (logged when it changes)
 
     def event(self, payload: Payload) -> StreamEvent:
@@ -154,6 +156,7 @@ class LiveStream:
                     raise reader.exception()  # type: ignore[misc]
                 for payload in self._drain():
                     yield self.event(payload)
+                self._drop_draft_for_final()
                 if self.in_flight is None:
                     for payload in self._track(self.session.settle()):
                         yield self.event(payload)
@@ -175,7 +178,7 @@ class LiveStream:
         events, self._outbox = self._outbox, []
         future, job = self.in_flight, self._in_flight_job
         if future is not None and job is not None and future.done():
-            self.in_flight = self._in_flight_job = None
+            self.in_flight, self._in_flight_job, self._in_flight_tag = None, None, None
             hypothesis = future.result()
             self.stats.decodes += 1
             self.stats.decode_seconds += hypothesis.compute_seconds
@@ -193,18 +196,33 @@ class LiveStream:
             message = "live stream behind; decoding less often" if behind else "live stream caught up"
             logger.debug(message, extra={"lag_seconds": round(self.session.lag, 3)})
 
+    def _drop_draft_for_final(self) -> None:
+        """A final's decode is due while a draft decodes: drop the draft (its waiting model calls
+        leave the scheduler, its result is never applied) so that the final does not wait for
+        it; the session carries on as if that draft never ran."""
+        job, future, tag = self._in_flight_job, self.in_flight, self._in_flight_tag
+        if job is None or future is None or tag is None or job.urgent or future.done():
+            return
+        if not (self._ended or self.session.urgent_job_due()):
+            return
+        self.in_flight, self._in_flight_job, self._in_flight_tag = None, None, None
+        future.cancel()  # not started yet: it never runs
+        if self.batch is not None:
+            self.batch.scheduler.withdraw(tag)
+        self.stats.drafts_dropped += 1
+
     def _start_decode(self, loop: asyncio.AbstractEventLoop) -> bool:
         job = self.session.finish_job() if self._ended else self.session.next_job()
         if job is None:
             return False
+        tag = CallTag(urgent=job.urgent)
 
         def decode() -> Hypothesis:
-            if self.batch is not None:
-                self.batch.urgent = job.final
-            return self.decoder.decode(job.audio, job.prompt, final=job.final)
+            with tagged_calls(tag):
+                return self.decoder.decode(job.audio, job.prompt, final=job.final)
 
-        future = self.worker.submit(decode, FINAL if job.final else DRAFT)
-        self.in_flight, self._in_flight_job = future, job
+        future = self.worker.submit(decode, FINAL if job.urgent else DRAFT)
+        self.in_flight, self._in_flight_job, self._in_flight_tag = future, job, tag
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._wake.set))
         return True
 

@@ -17,7 +17,15 @@ from faster_whisper import WhisperModel
 
 from inference_service.audio import decode_audio
 from inference_service.engines.batch_ops import GenerateCall, generate_key, split_batch, stack_batch
-from inference_service.engines.batching import BatchedJob, BatchReport, BatchSettings, DecodeScheduler, Lane
+from inference_service.engines.batching import (
+    BatchedJob,
+    BatchReport,
+    BatchSettings,
+    CallTag,
+    DecodeScheduler,
+    Lane,
+    tagged_calls,
+)
 from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings
 from inference_service.transcriber import file_lane
 from tests.support import DATA_DIR, TINY_EN_DIR, wait_for
@@ -379,14 +387,22 @@ def gated(model: WhisperModel, seconds: float) -> tuple[WhisperModel, GatedWhisp
     return copied, copied.model
 
 
-def two_calls_then_close(job: BatchedJob, features: Any) -> Callable[[], list[Any]]:
+def two_calls_then_close(job: BatchedJob, features: Any, tag: CallTag | None = None) -> Callable[[], list[Any]]:
     """A job that sends its next call as soon as its first one returns (an encode then a generate)."""
 
     def work() -> list[Any]:
-        with job:
+        with job, tagged_calls(tag or CallTag()):
             return [np.asarray(job.model.model.encode(features, to_cpu=False)) for _ in range(2)]
 
     return work
+
+
+def tagged(work: Callable[[], Any], tag: CallTag) -> Callable[[], Any]:
+    def run() -> Any:
+        with tagged_calls(tag):
+            return work()
+
+    return run
 
 
 def test_a_file_window_waits_for_a_latency_jobs_next_call_on_one_thread(
@@ -425,9 +441,8 @@ def test_drafts_wait_for_a_live_finals_next_call_and_the_hold_ends_when_it_close
         "tiny.en", gated_model, BatchSettings(batch_size=8, batch_window_ms=0), recorder, follow_up_seconds=600.0
     )
     final, draft = scheduler.open_job("final", Lane.LATENCY), scheduler.open_job("draft", Lane.LATENCY)
-    final.urgent = True
     results: dict[str, Any] = {}
-    threads = [start(two_calls_then_close(final, window_features(model, 4.0)), results, "final")]
+    threads = [start(two_calls_then_close(final, window_features(model, 4.0), CallTag(urgent=True)), results, "final")]
     assert gate.started.wait(60), "the final's call never started"
     threads.append(start(encode_through(draft, window_features(model, 3.0)), results, "draft"))
     wait_for(lambda: scheduler.waiting == 1, message="the draft waiting while the final's call runs")
@@ -437,6 +452,53 @@ def test_drafts_wait_for_a_live_finals_next_call_and_the_hold_ends_when_it_close
     scheduler.close()
     assert [r.jobs for r in recorder.reports] == [("final",), ("final",), ("draft",)]
     assert isinstance(results["draft"], np.ndarray)
+
+
+def test_an_urgent_call_goes_first_in_a_batch_of_its_own(
+    scheduler: DecodeScheduler, model: WhisperModel, recorder: Recorder
+) -> None:
+    holder = scheduler.open_job("holder", Lane.FILE)
+    features = window_features(model, 4.0)
+    names = ["draft-1", "draft-2", "final"]
+    jobs = {name: scheduler.open_job(name, Lane.LATENCY) for name in names}
+    results: dict[str, Any] = {}
+    threads = []
+    for count, name in enumerate(names, 1):
+        work = encode_through(jobs[name], features)
+        threads.append(start(tagged(work, CallTag(urgent=name == "final")), results, name))
+        wait_for(lambda: scheduler.waiting == count, message=f"{name} waiting")  # noqa: B023 - called at once
+    holder.close()
+    for thread in threads:
+        thread.join(timeout=120)
+    # Same shape, same key: without the rule the drafts would ride in the final's batch.
+    assert [r.jobs for r in recorder.reports] == [("final",), ("draft-1", "draft-2")]
+    expected = np.asarray(model.model.encode(features, to_cpu=False))
+    assert all(np.array_equal(results[name], expected) for name in names)
+
+
+def test_withdrawn_calls_leave_and_the_jobs_other_decodes_go_on(
+    scheduler: DecodeScheduler, model: WhisperModel, recorder: Recorder
+) -> None:
+    holder = scheduler.open_job("holder", Lane.FILE)
+    stream = scheduler.open_job("stream", Lane.LATENCY)  # one live stream: a draft, then its final
+    draft_tag, final_tag = CallTag(), CallTag(urgent=True)
+    features = window_features(model, 4.0)
+    results: dict[str, Any] = {}
+    draft = start(tagged(encode_through(stream, features, close=False), draft_tag), results, "draft")
+    wait_for(lambda: scheduler.waiting == 1, message="the draft waiting")
+
+    assert scheduler.withdraw(draft_tag) == 1
+    draft.join(timeout=30)
+    assert isinstance(results["draft"], Cancelled) and scheduler.waiting == 0
+    with pytest.raises(Cancelled), tagged_calls(draft_tag):
+        stream.model.model.encode(features)  # the withdrawn decode's later calls fail at once
+
+    final = start(tagged(encode_through(stream, features), final_tag), results, "final")
+    wait_for(lambda: scheduler.waiting == 1, message="the final waiting")
+    holder.close()
+    final.join(timeout=120)
+    assert np.array_equal(results["final"], np.asarray(model.model.encode(features, to_cpu=False)))
+    assert [r.jobs for r in recorder.reports] == [("stream",)]
 
 
 def test_a_follow_up_hold_lasts_at_most_follow_up_seconds(model: WhisperModel, recorder: Recorder) -> None:

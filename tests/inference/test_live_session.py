@@ -344,3 +344,30 @@ def test_speech_that_ended_while_an_endpoint_final_was_pending_gets_its_own_endp
     assert final_job is not None and final_job.final and final_job.audio_end > 1.6 + 1.5
     events = session.apply(final_job, hypothesis((0.0, 1.5, "First, the server is online.", True)))
     assert [(r.text, r.is_final) for r in results(events)] == [("First, the server is online.", True)]
+
+
+def test_no_draft_starts_in_a_pause_and_the_decode_when_speech_ends_is_urgent() -> None:
+    session = LiveSession(LiveSettings(decode_interval=0.3, speech_end_silence=0.15, endpoint_silence=0.5))
+    feed(session, 1.0, 0.9)
+    run(session, (0.0, 1.0, "one two", False))
+    feed(session, 0.4, 0.9)  # a draft is due (0.4 s of new audio)...
+    feed(session, 0.1, 0.0)  # ...but the speech paused: the decode at speech_end_silence comes next
+    assert session.next_job() is None and not session.urgent_job_due()
+    feed(session, 0.1, 0.0)
+    assert session.urgent_job_due()
+    job = session.next_job()
+    assert job is not None and job.urgent and not job.final
+    session.apply(job, hypothesis((0.0, 1.4, "one two three", False)))
+    assert not session.urgent_job_due()  # that decode heard the pause out
+    feed(session, 0.4, 0.0)  # the endpoint
+    assert session.urgent_job_due()
+
+
+def test_an_endpoint_job_is_final_and_urgent() -> None:
+    session = LiveSession(LiveSettings(endpoint_silence=0.5))
+    feed(session, 0.5, 0.9)
+    assert not session.urgent_job_due()
+    feed(session, 0.6, 0.0)  # no decode ran yet: the endpoint's
+    assert session.urgent_job_due()
+    job = session.next_job()
+    assert job is not None and job.final and job.urgent
