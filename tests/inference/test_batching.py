@@ -387,6 +387,16 @@ def gated(model: WhisperModel, seconds: float) -> tuple[WhisperModel, GatedWhisp
     return copied, copied.model
 
 
+def gated_scheduler(
+    model: WhisperModel, recorder: Recorder, gated_seconds: float = 4.0, **timing: float
+) -> tuple[DecodeScheduler, GatedWhisper]:
+    """A scheduler with a zero window over ``model``, whose encodes of ``gated_seconds`` wait for the test."""
+    gated_model, gate = gated(model, gated_seconds)
+    return DecodeScheduler(
+        "tiny.en", gated_model, BatchSettings(batch_size=8, batch_window_ms=0), recorder, **timing
+    ), gate
+
+
 def two_calls_then_close(job: BatchedJob, features: Any, tag: CallTag | None = None) -> Callable[[], list[Any]]:
     """A job that sends its next call as soon as its first one returns (an encode then a generate)."""
 
@@ -405,18 +415,15 @@ def tagged(work: Callable[[], Any], tag: CallTag) -> Callable[[], Any]:
     return run
 
 
-def test_a_file_window_waits_for_a_latency_jobs_next_call_on_one_thread(
-    model: WhisperModel, recorder: Recorder
+@pytest.mark.parametrize("replicas", ["model", "two_replicas"])
+def test_a_file_window_waits_for_a_latency_jobs_next_call(
+    replicas: str, request: pytest.FixtureRequest, recorder: Recorder
 ) -> None:
-    gated_model, gate = gated(model, 4.0)
-    scheduler = DecodeScheduler(
-        "tiny.en",
-        gated_model,
-        BatchSettings(batch_size=8, batch_window_ms=0),
-        recorder,
-        follow_up_seconds=600.0,  # however slow the machine, the file window waits for the live call
-    )
-    assert not scheduler.lanes_apart
+    """On one thread, and with two (where file batches also wait while latency work runs)."""
+    model: WhisperModel = request.getfixturevalue(replicas)
+    # However slow the machine, the file window waits for the live call.
+    scheduler, gate = gated_scheduler(model, recorder, follow_up_seconds=600.0, file_patience_seconds=600.0)
+    assert scheduler.lanes_apart is (replicas == "two_replicas")
     window, live_window = window_features(model, 20.0), window_features(model, 4.0)
     results: dict[str, Any] = {}
     threads = [start(two_calls_then_close(scheduler.open_job("live", Lane.LATENCY), live_window), results, "live")]
@@ -429,6 +436,7 @@ def test_a_file_window_waits_for_a_latency_jobs_next_call_on_one_thread(
     scheduler.close()
     # Without the hold the file window would start in the gap between the live job's two calls.
     assert [r.jobs for r in recorder.reports] == [("live",), ("live",), ("file",)]
+    assert recorder.reports[2].started_ns >= recorder.reports[1].ended_ns
     assert np.array_equal(results["file"], np.asarray(model.model.encode(window, to_cpu=False)))
     assert all(np.array_equal(got, np.asarray(model.model.encode(live_window))) for got in results["live"])
 
@@ -436,10 +444,7 @@ def test_a_file_window_waits_for_a_latency_jobs_next_call_on_one_thread(
 def test_drafts_wait_for_a_live_finals_next_call_and_the_hold_ends_when_it_closes(
     model: WhisperModel, recorder: Recorder
 ) -> None:
-    gated_model, gate = gated(model, 4.0)
-    scheduler = DecodeScheduler(
-        "tiny.en", gated_model, BatchSettings(batch_size=8, batch_window_ms=0), recorder, follow_up_seconds=600.0
-    )
+    scheduler, gate = gated_scheduler(model, recorder, follow_up_seconds=600.0)
     final, draft = scheduler.open_job("final", Lane.LATENCY), scheduler.open_job("draft", Lane.LATENCY)
     results: dict[str, Any] = {}
     threads = [start(two_calls_then_close(final, window_features(model, 4.0), CallTag(urgent=True)), results, "final")]
@@ -502,10 +507,7 @@ def test_withdrawn_calls_leave_and_the_jobs_other_decodes_go_on(
 
 
 def test_a_follow_up_hold_lasts_at_most_follow_up_seconds(model: WhisperModel, recorder: Recorder) -> None:
-    gated_model, gate = gated(model, 4.0)
-    scheduler = DecodeScheduler(
-        "tiny.en", gated_model, BatchSettings(batch_size=8, batch_window_ms=0), recorder, follow_up_seconds=0.05
-    )
+    scheduler, gate = gated_scheduler(model, recorder, follow_up_seconds=0.05)
     silent = scheduler.open_job("silent", Lane.LATENCY)  # served once, then stays open without a next call
     results: dict[str, Any] = {}
     first = start(encode_through(silent, window_features(model, 4.0), close=False), results, "silent")
@@ -532,8 +534,7 @@ def two_replicas() -> WhisperModel:
 def test_with_two_replicas_a_latency_call_runs_while_a_file_window_decodes(
     two_replicas: WhisperModel, recorder: Recorder
 ) -> None:
-    model, gate = gated(two_replicas, 20.0)
-    scheduler = DecodeScheduler("tiny.en", model, BatchSettings(batch_size=8, batch_window_ms=0), recorder)
+    scheduler, gate = gated_scheduler(two_replicas, recorder, gated_seconds=20.0)
     assert scheduler.lanes_apart
     window, live_window = window_features(two_replicas, 20.0), window_features(two_replicas, 4.0)
     results: dict[str, Any] = {}
@@ -552,40 +553,10 @@ def test_with_two_replicas_a_latency_call_runs_while_a_file_window_decodes(
     assert file_report.started_ns < live_report.started_ns and live_report.ended_ns < file_report.ended_ns
 
 
-def test_with_two_replicas_a_file_window_waits_for_latency_work_and_its_next_call(
-    two_replicas: WhisperModel, recorder: Recorder
-) -> None:
-    model, gate = gated(two_replicas, 4.0)
-    scheduler = DecodeScheduler(
-        "tiny.en",
-        model,
-        BatchSettings(batch_size=8, batch_window_ms=0),
-        recorder,
-        follow_up_seconds=600.0,  # file work waits for the live job's next call however slow the machine
-        file_patience_seconds=600.0,
-    )
-    window, live_window = window_features(two_replicas, 20.0), window_features(two_replicas, 4.0)
-    results: dict[str, Any] = {}
-    threads = [start(two_calls_then_close(scheduler.open_job("live", Lane.LATENCY), live_window), results, "live")]
-    assert gate.started.wait(60), "the live call never started"
-    threads.append(start(encode_through(scheduler.open_job("file", Lane.FILE), window), results, "file"))
-    wait_for(lambda: scheduler.waiting == 1, message="the file window waiting beside the running live call")
-    gate.release.set()
-    for thread in threads:
-        thread.join(timeout=120)
-    scheduler.close()
-    assert [r.jobs for r in recorder.reports] == [("live",), ("live",), ("file",)]
-    assert recorder.reports[2].started_ns >= recorder.reports[1].ended_ns
-    assert np.array_equal(results["file"], np.asarray(two_replicas.model.encode(window, to_cpu=False)))
-
-
 def test_with_two_replicas_a_file_window_past_its_patience_runs_beside_latency_work(
     two_replicas: WhisperModel, recorder: Recorder
 ) -> None:
-    model, gate = gated(two_replicas, 4.0)
-    scheduler = DecodeScheduler(
-        "tiny.en", model, BatchSettings(batch_size=8, batch_window_ms=0), recorder, file_patience_seconds=0.2
-    )
+    scheduler, gate = gated_scheduler(two_replicas, recorder, file_patience_seconds=0.2)
     window, live_window = window_features(two_replicas, 20.0), window_features(two_replicas, 4.0)
     results: dict[str, Any] = {}
     live_thread = start(encode_through(scheduler.open_job("live", Lane.LATENCY), live_window), results, "live")
