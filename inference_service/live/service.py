@@ -302,16 +302,28 @@ class LiveService:
 
     @staticmethod
     def _release(stream: LiveStream | None, leases: list[_Held], batch: BatchedJob | None) -> None:
-        """Give the models back, after the decode still running on them if there is one (its calls
+        """Give the models back, after the decodes still running on them if there are any (the
+        one in flight, drafts dropped for a final that have not returned yet; their calls
         waiting for a batch leave the queue at once)."""
-        future = stream.in_flight if stream is not None else None
-        if future is not None and not future.cancel() and not future.done():
-            if batch is not None:
-                batch.cancel()
-            future.add_done_callback(lambda _: _release_all(leases))
+        futures = stream.unfinished_decodes() if stream is not None else []
+        running = [future for future in futures if not future.cancel() and not future.done()]
+        if not running:
+            _release_all(leases)
             return
-        for lease in leases:
-            lease.release()
+        if batch is not None:
+            batch.cancel()
+        left = [len(running)]
+        lock = threading.Lock()
+
+        def one_done(_: object) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                _release_all(leases)
+
+        for future in running:
+            future.add_done_callback(one_done)
 
 
 def _log_stats(stream: LiveStream, job_id: str, model_id: str) -> None:

@@ -134,6 +134,7 @@ class LiveStream:
         self.in_flight: Future[Hypothesis] | None = None
         self._in_flight_job: DecodeJob | None = None
         self._in_flight_tag: CallTag | None = None
+        self._dropped: list[Future[Hypothesis]] = []  # drafts dropped for a final, maybe still running
         self._behind = False  # more than max_lag behind: decoding less often (logged when it changes)
 
     def event(self, payload: Payload) -> StreamEvent:
@@ -206,10 +207,16 @@ class LiveStream:
         if not (self._ended or self.session.urgent_job_due()):
             return
         self.in_flight, self._in_flight_job, self._in_flight_tag = None, None, None
-        future.cancel()  # not started yet: it never runs
+        if not future.cancel():  # not started yet: it never runs; else it ends soon, unapplied
+            self._dropped = [*(f for f in self._dropped if not f.done()), future]
         if self.batch is not None:
             self.batch.scheduler.withdraw(tag)
         self.stats.drafts_dropped += 1
+
+    def unfinished_decodes(self) -> list[Future[Hypothesis]]:
+        """The decodes that may still use the model: the one in flight and dropped drafts not returned yet."""
+        running = [future for future in self._dropped if not future.done()]
+        return running if self.in_flight is None else [self.in_flight, *running]
 
     def _start_decode(self, loop: asyncio.AbstractEventLoop) -> bool:
         job = self.session.finish_job() if self._ended else self.session.next_job()

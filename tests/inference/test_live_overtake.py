@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 
 import numpy as np
 
 from inference_service.engines.buffer_decoder import DecodedSegment, Hypothesis
 from inference_service.engines.speech_detector import CHUNK
 from inference_service.live.pcm import Encoding, PcmDecoder
+from inference_service.live.service import LiveService
 from inference_service.live.session import LiveResult, LiveSession, LiveSettings
 from inference_service.live.stream import LiveStream
 from inference_service.live.worker import DecodeWorker
@@ -93,10 +95,43 @@ def test_a_draft_still_decoding_is_dropped_when_the_final_is_due() -> None:
 
     try:
         results = asyncio.run(asyncio.wait_for(collect(), 60))
+        # The stream ended; the dropped draft still runs: the service keeps the model leased for it.
+        (hung,) = stream.unfinished_decodes()
+        assert not hung.done()
     finally:
         decoder.release.set()
         worker.close()
+    assert hung.done() and stream.unfinished_decodes() == []
     finals = [r.text for r in results if r.is_final]
     assert finals == ["Ask not."]  # without the drop the stream would wait for the hung draft
     assert all("NEVER" not in r.text for r in results)
     assert stream.stats.drafts_dropped == 1 and decoder.calls >= 3
+
+
+class CountedLease:
+    def __init__(self) -> None:
+        self.released = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
+class StreamWithDecodes:
+    def __init__(self, *futures: Future[Hypothesis]) -> None:
+        self.futures = list(futures)
+
+    def unfinished_decodes(self) -> list[Future[Hypothesis]]:
+        return [future for future in self.futures if not future.done()]
+
+
+def test_the_models_are_given_back_after_every_decode_still_running_returns() -> None:
+    in_flight, dropped, queued = Future[Hypothesis](), Future[Hypothesis](), Future[Hypothesis]()
+    for running in (in_flight, dropped):
+        assert running.set_running_or_notify_cancel()
+    lease = CountedLease()
+    LiveService._release(StreamWithDecodes(in_flight, dropped, queued), [lease], None)  # type: ignore[arg-type]
+    assert queued.cancelled() and lease.released == 0  # a decode not started yet never runs
+    in_flight.set_result(Hypothesis((), 0.0, 0.0, False))
+    assert lease.released == 0  # the dropped draft still runs on the model
+    dropped.set_exception(RuntimeError("withdrawn"))
+    assert lease.released == 1
