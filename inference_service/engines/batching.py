@@ -249,9 +249,10 @@ class DecodeScheduler:
     (two when the model has two replicas: one for latency batches, one for file batches).
 
     A batch is the oldest latency item's group if any latency item waits (urgent calls, a live
-    final's, first and in batches of their own: ``CallTag``), else the oldest file item's; a group is the items with
-    equal keys (``batch_ops``: op, input shape, prompt layout, decoding options). Latency items fill the batch first, then file items in arrival order, at
-    most one per file job, up to ``batch_size``. With fewer ready, the scheduler waits up to
+    final's, first and in batches of their own: ``CallTag``), else the oldest file item's; a
+    group is the items with equal keys (``batch_ops``: op, input shape, prompt layout, decoding
+    options). Latency items fill the batch first, then file items in arrival order, at most one
+    per file job, up to ``batch_size``. With fewer ready, the scheduler waits up to
     ``batch_window_ms`` after the oldest one arrived, unless every open job that could add to
     it has an item waiting already. With two threads, a batch holds one lane's items only.
     """

@@ -1,6 +1,7 @@
 """The decode threads every live stream shares, finals before drafts.
 
-A stream has at most one decode in flight. Each decode runs on one of these threads and its
+A stream has at most one decode in flight whose result it will use (a draft dropped for a final
+may still be finishing beside it). Each decode runs on one of these threads and its
 encoder and decoder calls go to the model's decode scheduler (engines/batching.py), which runs
 the calls of every stream (and of file jobs) in shared batches: so there are as many threads
 as streams may be open, and the threads only wait. When more decodes are queued than threads
