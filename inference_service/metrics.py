@@ -160,6 +160,12 @@ class InferenceMetrics:
             ["model_id"],
             registry=r,
         )
+        self.live_drafts_dropped = Counter(
+            "voxserve_live_drafts_dropped",
+            "Live draft decodes dropped because a final's decode was due (their results never sent).",
+            ["model_id"],
+            registry=r,
+        )
         self.live_decode_seconds = Histogram(
             "voxserve_live_decode_seconds",
             "Live streams: compute time of one decode of a stream's buffer.",

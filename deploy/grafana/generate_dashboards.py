@@ -972,6 +972,7 @@ def inference() -> dict[str, Any]:
                             Query(s.quantile(0.5, "voxserve_live_decode_seconds"), "decode p50"),
                             Query(s.quantile(0.95, "voxserve_live_decode_seconds"), "decode p95"),
                             Query(f"sum({s.rate('voxserve_live_draft_rewrites_total')})", "draft rewrites/s"),
+                            Query(f"sum({s.rate('voxserve_live_drafts_dropped_total')})", "drafts dropped/s"),
                         ],
                         width=12,
                     ),

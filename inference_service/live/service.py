@@ -86,6 +86,10 @@ class _Observer:
         if self.metrics is not None:
             self.metrics.live_draft_rewrites.labels(self.model_id).inc()
 
+    def draft_dropped(self) -> None:
+        if self.metrics is not None:
+            self.metrics.live_drafts_dropped.labels(self.model_id).inc()
+
     def decoded(self, seconds: float, lag: float) -> None:
         self.lag = lag
         # The SDK keeps at most 128 events per span, so an hour-long stream stays bounded.

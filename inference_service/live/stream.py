@@ -65,6 +65,8 @@ class StreamObserver(Protocol):
 
     def draft_rewritten(self) -> None: ...
 
+    def draft_dropped(self) -> None: ...
+
     def decoded(self, seconds: float, lag: float) -> None: ...
 
 
@@ -76,6 +78,9 @@ class NoObserver:
         pass
 
     def draft_rewritten(self) -> None:
+        pass
+
+    def draft_dropped(self) -> None:
         pass
 
     def decoded(self, seconds: float, lag: float) -> None:
@@ -212,6 +217,7 @@ class LiveStream:
         if self.batch is not None:
             self.batch.scheduler.withdraw(tag)
         self.stats.drafts_dropped += 1
+        self.observer.draft_dropped()
 
     def unfinished_decodes(self) -> list[Future[Hypothesis]]:
         """The decodes that may still use the model: the one in flight and dropped drafts not returned yet."""

@@ -16,7 +16,7 @@ from inference_service.engines.speech_detector import CHUNK
 from inference_service.live.pcm import Encoding, PcmDecoder
 from inference_service.live.service import LiveService
 from inference_service.live.session import LiveResult, LiveSession, LiveSettings
-from inference_service.live.stream import LiveStream
+from inference_service.live.stream import LiveStream, NoObserver
 from inference_service.live.worker import DecodeWorker
 
 RATE = 16000
@@ -76,6 +76,14 @@ async def audio(stream: LiveStream, decoder: ScriptedDecoder, seconds: float) ->
         await asyncio.sleep(0)
 
 
+class DropCounter(NoObserver):
+    def __init__(self) -> None:
+        self.dropped = 0
+
+    def draft_dropped(self) -> None:
+        self.dropped += 1
+
+
 def test_a_draft_still_decoding_is_dropped_when_the_final_is_due() -> None:
     settings = LiveSettings(decode_interval=0.3, speech_end_silence=0.15, endpoint_silence=0.5, first_decode_speech=0.4)
     decoder = ScriptedDecoder()
@@ -87,6 +95,7 @@ def test_a_draft_still_decoding_is_dropped_when_the_final_is_due() -> None:
         decoder,  # type: ignore[arg-type]
         worker,
         abandon_lag=600.0,
+        observer=(observer := DropCounter()),
     )
 
     async def collect() -> list[LiveResult]:
@@ -105,7 +114,7 @@ def test_a_draft_still_decoding_is_dropped_when_the_final_is_due() -> None:
     finals = [r.text for r in results if r.is_final]
     assert finals == ["Ask not."]  # without the drop the stream would wait for the hung draft
     assert all("NEVER" not in r.text for r in results)
-    assert stream.stats.drafts_dropped == 1 and decoder.calls >= 3
+    assert stream.stats.drafts_dropped == 1 and observer.dropped == 1 and decoder.calls >= 3
 
 
 class CountedLease:
