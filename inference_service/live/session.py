@@ -251,7 +251,7 @@ class LiveSession:
     def _job(self, end: float, final: bool, urgent: bool = False) -> DecodeJob:
         samples = round((end - self._buffer_start) * WHISPER_SAMPLE_RATE)
         prompt = " ".join(p for p in (self.settings.initial_prompt, self._utterance_text[-PROMPT_CHARS:]) if p)
-        return DecodeJob(self._buffer[:samples].copy(), self._buffer_start, end, prompt, final, final or urgent)
+        return DecodeJob(self._buffer[:samples].copy(), self._buffer_start, end, prompt, final, urgent=final or urgent)
 
     # ------------------------------------------------------------ results
 
