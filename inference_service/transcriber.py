@@ -155,11 +155,14 @@ class Transcriber:
             }
             if options.temperature is not None:
                 attributes["voxserve.transcription.temperature"] = options.temperature
-            with tracer.start_as_current_span("inference.transcription", attributes=attributes) as span:
-                first = self._first_utterance(job, lease.model, audio, options, relay, labeller)
+            with (
+                tracer.start_as_current_span("inference.transcription", attributes=attributes) as span,
+                self._decodes(job, lease.model) as batch,
+            ):
+                first = self._first_utterance(job, batch, audio, options, relay, labeller)
                 if first is not None:
                     options = replace(options, clip_timestamps=(first.resume_at,))
-                texts = self._transcribe(job, lease.model, audio, options, first, duration, labeller)
+                texts = self._transcribe(job, lease.model, batch, audio, options, first, duration, labeller)
                 span.set_attribute("voxserve.transcription.segments", len(texts))
                 span.set_attribute("voxserve.transcription.fast_first_segment", first is not None)
             self._complete(job, started, duration, load_seconds, cache_hit, texts, labeller)
@@ -174,10 +177,19 @@ class Transcriber:
         nbytes = job_bytes(len(job.request.audio), duration)
         return self.cache.reserve(nbytes, f"transcription job {shown(job.job_id)} ({duration:.0f} s of audio)")
 
+    def _decodes(self, job: Job, engine: WhisperEngine) -> contextlib.AbstractContextManager[BatchedJob | None]:
+        """The job's one handle on the model's decode scheduler, for its first utterance and then
+        its windows (one job: the scheduler's follow-up hold spans the step from one to the other);
+        None for faster-whisper's batched pipeline, which decodes on its own."""
+        if self.batch_size > 0:
+            return contextlib.nullcontext()
+        return _batch_job(job, engine, Lane.LATENCY)
+
     def _transcribe(
         self,
         job: Job,
         engine: WhisperEngine,
+        batch: BatchedJob | None,
         audio: np.ndarray,
         options: TranscribeOptions,
         first: _FirstSent | None,
@@ -188,7 +200,7 @@ class Transcriber:
         sent already); returns the texts of the segments sent."""
         job.emit(Progress(Phase.TRANSCRIBING, 0.0, "transcribing"))
         started = time.monotonic()
-        if self.batch_size > 0:
+        if batch is None:
             info, segments = engine.transcribe_batched(
                 audio,
                 options,
@@ -198,9 +210,9 @@ class Transcriber:
             )
             texts = self._emit_segments(job, info, segments, first, duration, labeller)
         else:
-            with _batch_job(job, engine, file_lane(duration)) as batch:
-                info, segments = engine.transcribe(audio, options, job.should_stop, batch)
-                texts = self._emit_segments(job, info, segments, first, duration, labeller)
+            batch.move_to(file_lane(duration))
+            info, segments = engine.transcribe(audio, options, job.should_stop, batch)
+            texts = self._emit_segments(job, info, segments, first, duration, labeller)
         _phase_done("audio transcribed", "transcribing", started, segments=len(texts), language=info.language)
         return texts
 
@@ -238,7 +250,7 @@ class Transcriber:
     def _first_utterance(
         self,
         job: Job,
-        engine: WhisperEngine,
+        batch: BatchedJob | None,
         audio: np.ndarray,
         options: TranscribeOptions,
         relay: Callable[[LoadProgress], None],
@@ -251,7 +263,7 @@ class Transcriber:
             wanted = self.fast_first_segment
         if not wanted:
             return None
-        if self.batch_size > 0 or options.clip_timestamps:
+        if batch is None or options.clip_timestamps:
             if job.request.fast_first_segment:  # asked for by this request: say why it was not done
                 reason = "the batched pipeline decodes VAD chunks" if self.batch_size > 0 else "vad_filter spans"
                 logger.info("fast_first_segment not used", extra={"reason": reason})
@@ -272,8 +284,7 @@ class Transcriber:
             if self._vad_sessions is None:
                 self._vad_sessions = VadSessions(self.cache.reserve)  # its memory counts in the budget
             detector = SpeechDetector(self._vad_sessions.session(vad.model.path))
-            with _batch_job(job, engine, Lane.LATENCY) as batch:
-                first = decode_first_utterance(batch.model, detector, audio, options)
+            first = decode_first_utterance(batch.model, detector, audio, options)
             span.set_attribute("voxserve.first_utterance.found", first is not None)
             if first is not None:
                 span.set_attribute("voxserve.first_utterance.resume_at", first.resume_at)

@@ -206,6 +206,11 @@ class BatchedJob:
         """This job's waiting items fail with Cancelled at once, and so do its later calls."""
         self.scheduler.cancel_jobs([self])
 
+    def move_to(self, lane: Lane) -> None:
+        """This job's later calls go in ``lane`` (a request's first utterance is latency-bound;
+        its windows are too only if it fits one window)."""
+        self.scheduler.move_job(self, lane)
+
     def close(self) -> None:
         self.scheduler.close_job(self)
 
@@ -251,10 +256,9 @@ class DecodeScheduler:
     A batch is the oldest latency item's group if any latency item waits (urgent calls, a live
     final's, first and in batches of their own: ``CallTag``), else the oldest file item's; a
     group is the items with equal keys (``batch_ops``: op, input shape, prompt layout, decoding
-    options). Latency items fill the batch first, then file items in arrival order, at most one
-    per file job, up to ``batch_size``. With fewer ready, the scheduler waits up to
-    ``batch_window_ms`` after the oldest one arrived, unless every open job that could add to
-    it has an item waiting already. With two threads, a batch holds one lane's items only.
+    options) within one lane, in arrival order, at most one item per file job, up to
+    ``batch_size``. With fewer ready, the scheduler waits up to ``batch_window_ms`` after the
+    oldest one arrived, unless every open job that could add to it has an item waiting already.
     """
 
     def __init__(
@@ -311,6 +315,11 @@ class DecodeScheduler:
             job = BatchedJob(self, key, lane, link)
             self._jobs.add(job)
         return job
+
+    def move_job(self, job: BatchedJob, lane: Lane) -> None:
+        with self._cond:
+            job.lane = lane
+            self._cond.notify_all()
 
     def close_job(self, job: BatchedJob) -> None:
         with self._cond:
@@ -517,32 +526,29 @@ class DecodeScheduler:
         return min(ranks, default=None)
 
     def _gather(self, head: _Item) -> list[_Item]:
-        """The head's group: latency items first, then at most one item per file job, in arrival
-        order (with two executors, only the head's lane)."""
+        """The head's group: items of its lane with its key in arrival order, at most one per file
+        job. A latency batch takes no file window: on 2 CPU cores an 11 s request's encode took
+        0.53 s with one beside it instead of 0.25 s."""
         batch = [head]
-        file_jobs = {head.job} if head.job.lane is Lane.FILE else set()
-        lanes = (head.job.lane,) if self.lanes_apart else (Lane.LATENCY, Lane.FILE)
-        for lane in lanes:
-            for item in self._waiting:
-                if len(batch) >= self.settings.batch_size:
-                    return batch
-                if item is head or item.key != head.key or item.job.lane is not lane:
+        file_jobs = {head.job}
+        for item in self._waiting:
+            if len(batch) >= self.settings.batch_size:
+                break
+            if item is head or item.key != head.key or item.job.lane is not head.job.lane:
+                continue
+            if _urgent(head) and not _urgent(item):
+                continue  # a final is not slowed down by drafts joining its batch
+            if item.job.lane is Lane.FILE:
+                if item.job in file_jobs:
                     continue
-                if _urgent(head) and not _urgent(item):
-                    continue  # a final is not slowed down by drafts joining its batch
-                if lane is Lane.FILE:
-                    if item.job in file_jobs:
-                        continue
-                    file_jobs.add(item.job)
-                batch.append(item)
+                file_jobs.add(item.job)
+            batch.append(item)
         return batch
 
     def _everyone_waits(self, lane: Lane) -> bool:
         """Every open job that could join this lane's batch has an item waiting already."""
         busy = {item.job for item in self._waiting}
-        return all(
-            job in busy for job in self._jobs if not job.cancelled and (not self.lanes_apart or job.lane is lane)
-        )
+        return all(job in busy for job in self._jobs if not job.cancelled and job.lane is lane)
 
     def _window_left(self, head: _Item) -> float:
         return head.submitted + self.settings.batch_window_ms / 1000 - time.monotonic()

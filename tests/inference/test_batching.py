@@ -217,7 +217,7 @@ def test_live_buffers_of_two_streams_in_one_bucket_share_batches_and_decode_as_a
     settings = DecodeSettings(language="en", task="transcribe", beam_size=1, word_timestamps=True, hotwords=None)
     buffers = {"stream-a": MULTI[: int(1.5 * 16000)], "stream-b": MULTI[int(4.0 * 16000) : int(6.5 * 16000)]}
     alone = {name: BufferDecoder(model, settings).decode(samples, "") for name, samples in buffers.items()}
-    holder = scheduler.open_job("holder", Lane.FILE)  # holds the first calls until both wait
+    holder = scheduler.open_job("holder", Lane.LATENCY)  # holds the first calls until both wait
     jobs = {name: scheduler.open_job(name, Lane.LATENCY) for name in buffers}
 
     def decode(name: str) -> Callable[[], Any]:
@@ -308,7 +308,8 @@ def test_close_fails_waiting_items_and_refuses_new_jobs(model: WhisperModel) -> 
 def test_latency_items_go_first_and_a_file_job_gets_one_window_per_batch(
     scheduler: DecodeScheduler, model: WhisperModel, recorder: Recorder
 ) -> None:
-    holder = scheduler.open_job("holder", Lane.FILE)
+    # A batch waits (long window) for every open job of its lane: these hold each lane until closed.
+    holder, latency_holder = scheduler.open_job("holder", Lane.FILE), scheduler.open_job("holder", Lane.LATENCY)
     busy, other = scheduler.open_job("busy", Lane.FILE), scheduler.open_job("other", Lane.FILE)
     live = scheduler.open_job("live", Lane.LATENCY)
     window, live_window = window_features(model, 20.0), window_features(model, 4.0)
@@ -324,6 +325,7 @@ def test_latency_items_go_first_and_a_file_job_gets_one_window_per_batch(
         threads.append(start(work, results, name))
         count = len(threads)
         wait_for(lambda: scheduler.waiting == count, message=f"{name} waiting")  # noqa: B023 - called at once
+    latency_holder.close()
     holder.close()
     for thread in threads:
         thread.join(timeout=120)
@@ -335,6 +337,43 @@ def test_latency_items_go_first_and_a_file_job_gets_one_window_per_batch(
     ]
     expected = np.asarray(model.model.encode(window, to_cpu=False))
     assert all(np.array_equal(results[name], expected) for name in ("busy-1", "busy-2", "other"))
+
+
+def test_a_latency_batch_takes_no_file_window_of_the_same_shape(
+    scheduler: DecodeScheduler, model: WhisperModel, recorder: Recorder
+) -> None:
+    holder, latency_holder = scheduler.open_job("holder", Lane.FILE), scheduler.open_job("holder", Lane.LATENCY)
+    window = window_features(model, 20.0)  # one key: the same input shape
+    results: dict[str, Any] = {}
+    threads = [
+        start(encode_through(scheduler.open_job("file", Lane.FILE), window), results, "file"),
+        start(encode_through(scheduler.open_job("short", Lane.LATENCY), window), results, "short"),
+    ]
+    wait_for(lambda: scheduler.waiting == 2, message="both windows waiting")
+    latency_holder.close()
+    holder.close()
+    for thread in threads:
+        thread.join(timeout=120)
+    # A file window beside it would double the short request's encode (batches cost per item on a CPU).
+    assert [(r.jobs, r.lanes) for r in recorder.reports] == [(("short",), (Lane.LATENCY,)), (("file",), (Lane.FILE,))]
+    expected = np.asarray(model.model.encode(window, to_cpu=False))
+    assert np.array_equal(results["file"], expected) and np.array_equal(results["short"], expected)
+
+
+def test_a_job_moved_to_the_file_lane_sends_its_later_calls_there(
+    scheduler: DecodeScheduler, model: WhisperModel, recorder: Recorder
+) -> None:
+    """A request's first utterance is latency-bound and its windows are file work, in one job."""
+    request, other = scheduler.open_job("request", Lane.LATENCY), scheduler.open_job("other", Lane.FILE)
+    run_jobs({"first": encode_through(request, window_features(model, 4.0), close=False)})
+    request.move_to(Lane.FILE)
+    window = window_features(model, 20.0)
+    results = run_jobs({"request": encode_through(request, window), "other": encode_through(other, window)})
+    assert [(sorted(r.jobs), r.lanes) for r in recorder.reports] == [
+        (["request"], (Lane.LATENCY,)),
+        (["other", "request"], (Lane.FILE, Lane.FILE)),  # one window each, side by side
+    ]
+    assert all(np.array_equal(got, np.asarray(model.model.encode(window))) for got in results.values())
 
 
 def test_a_zero_window_never_waits_for_jobs_that_have_nothing_queued(model: WhisperModel, recorder: Recorder) -> None:
@@ -462,7 +501,7 @@ def test_drafts_wait_for_a_live_finals_next_call_and_the_hold_ends_when_it_close
 def test_an_urgent_call_goes_first_in_a_batch_of_its_own(
     scheduler: DecodeScheduler, model: WhisperModel, recorder: Recorder
 ) -> None:
-    holder = scheduler.open_job("holder", Lane.FILE)
+    holder = scheduler.open_job("holder", Lane.LATENCY)
     features = window_features(model, 4.0)
     names = ["draft-1", "draft-2", "final"]
     jobs = {name: scheduler.open_job(name, Lane.LATENCY) for name in names}
@@ -484,7 +523,7 @@ def test_an_urgent_call_goes_first_in_a_batch_of_its_own(
 def test_withdrawn_calls_leave_and_the_jobs_other_decodes_go_on(
     scheduler: DecodeScheduler, model: WhisperModel, recorder: Recorder
 ) -> None:
-    holder = scheduler.open_job("holder", Lane.FILE)
+    holder = scheduler.open_job("holder", Lane.LATENCY)
     stream = scheduler.open_job("stream", Lane.LATENCY)  # one live stream: a draft, then its final
     draft_tag, final_tag = CallTag(), CallTag(urgent=True)
     features = window_features(model, 4.0)

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from inference_service.engines.batching import BatchSettings, Lane
+from inference_service.engines.batching import BatchedJob, BatchSettings, Lane
 from inference_service.engines.whisper import WhisperEngine
 from tests.inference.test_live_stream import config as live_config
 from tests.inference.test_live_stream import pcm, results
@@ -171,6 +171,32 @@ def test_a_short_request_finishes_before_the_long_files_that_were_running(start_
     assert all(not isinstance(value, Exception) for value in out.values()), out
     assert finished[0] == "short", finished  # its window went into the next batches, not behind theirs
     assert "report" in " ".join(s.text for s in segments(out["short"])).lower()
+
+
+def test_a_request_decodes_its_first_utterance_and_its_windows_as_one_scheduler_job(
+    start_inference: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One job from the first utterance (latency lane) to the last window (the file lane for a
+    file longer than one window), so the scheduler's follow-up hold for a job's next call spans
+    the step between them: a long file's window cannot start in that gap."""
+    handle: InferenceHandle = start_inference()
+    opened: list[BatchedJob] = []
+    with handle.cache.acquire_as(MODEL, WhisperEngine) as lease:
+        engine = lease.model
+        open_job = engine.open_job
+
+        def recording(key: str, lane: Lane, link: object | None = None) -> BatchedJob:
+            opened.append(open_job(key, lane, link))
+            return opened[-1]
+
+        monkeypatch.setattr(engine, "open_job", recording)
+        for audio, lane in ((MULTI, Lane.LATENCY), (repeated_wav(MULTI, 3), Lane.FILE)):
+            opened.clear()
+            latency = sample(handle, "voxserve_decode_items_total", op="encode", lane="latency")
+            events = list(handle.stub.Transcribe(request(audio), timeout=600))
+            assert events[-1].WhichOneof("event") == "completed"
+            assert len(opened) == 1 and opened[0].lane is lane and opened[0].closed
+            assert sample(handle, "voxserve_decode_items_total", op="encode", lane="latency") > latency
 
 
 # --------------------------------------------------------------------------- cancel
