@@ -66,7 +66,7 @@ class InferenceConfig(ServiceSettings):
     # CTranslate2 replicas of each Whisper model (they share its weights): with 2, latency-bound
     # calls (live decodes, first utterances, requests that fit one 30 s window) run at once
     # beside the file window already decoding instead of waiting for it (11 s requests while a
-    # 5 min file ran: p95 1.34x alone instead of 3.2x). 1 by default: on a 2-core CPU the two
+    # 5 min file ran: p95 1.34x alone instead of 1.8-1.9x). 1 by default: on a 2-core CPU the two
     # replicas' OpenMP thread teams made a request alone 1.5x slower (docs/performance.md,
     # "Two replicas"); try 2 on a GPU or where cores are plenty (2 x cpu_threads <= cores).
     decode_replicas: int = 1
