@@ -35,7 +35,8 @@ Sections (``--sections``, all by default, in this order):
 Services are real processes (``benchlib.start_service_process``: a model store and one inference
 service per configuration, all started at once and idle when not measured): ``batching`` with the
 service's defaults, ``today_jobs1`` / ``today_jobs2`` with max_running_jobs 1 / 2, batch_size 1 and decode_replicas 1
-(no cross-request batching), and any ``--service NAME:key=value,...`` (a settings candidate).
+(no cross-request batching), and any ``--service NAME:key=value,...`` (a settings candidate; an
+upper-case key such as ``MALLOC_MMAP_THRESHOLD_`` is passed to the process as an environment variable).
 Requests use the service's default options (beam 5, fast_first_segment on); the direct legs beam 5.
 The batching services' batch-size histograms (``/metrics``) are read around each level.
 
@@ -110,6 +111,7 @@ ROLES: dict[str, list[str]] = {
     "short": ["11s"] * 27,
 }
 ROLE_ORDER = ("mixed", "long", "short")
+ENV_KEY = re.compile(r"[A-Z][A-Z0-9_]*")  # a --service key passed to the process as an environment variable
 # The services compared: environment of each inference process (everything else at its default).
 TODAY = {"batch_size": "1", "decode_replicas": "1"}  # the service before issue 18: one call at a time
 SERVICES: dict[str, dict[str, str]] = {
@@ -531,7 +533,7 @@ def start_services(work: Path, wanted: Sequence[str], extra: dict[str, dict[str,
             env = {
                 "VOXSERVE_PRELOAD": f"{MODEL_ID},silero-vad",
                 "VOXSERVE_PIN": "silero-vad",
-                **{f"VOXSERVE_{key.upper()}": value for key, value in settings.items()},
+                **{env_name(key): value for key, value in settings.items()},
             }
             metrics = free_port()
             args = [
@@ -554,6 +556,11 @@ def start_services(work: Path, wanted: Sequence[str], extra: dict[str, dict[str,
         store.stop()
         raise
     return store, services
+
+
+def env_name(key: str) -> str:
+    """A setting's environment variable: VOXSERVE_<KEY>, or an upper-case key as it is (MALLOC_*, OMP_*)."""
+    return key if ENV_KEY.fullmatch(key) else f"VOXSERVE_{key.upper()}"
 
 
 def effective_settings(settings: dict[str, str]) -> dict[str, Any]:
@@ -999,10 +1006,10 @@ def section_lane(services: list[Service], files: dict[str, AudioFile], most: int
 
 
 def parse_service(text: str) -> tuple[str, dict[str, str]]:
-    """``NAME:key=value,key=value`` (keys: InferenceConfig fields)."""
+    """``NAME:key=value,key=value`` (keys: InferenceConfig fields, or upper-case environment variables)."""
     name, _, spec = text.partition(":")
     settings = dict(part.split("=", 1) for part in spec.split(",") if part)
-    unknown = set(settings) - set(InferenceConfig.__dataclass_fields__)
+    unknown = {key for key in settings if not ENV_KEY.fullmatch(key)} - set(InferenceConfig.__dataclass_fields__)
     if not name or unknown:
         raise argparse.ArgumentTypeError(f"{text!r}: NAME:key=value,... with InferenceConfig keys (unknown: {unknown})")
     return name, settings

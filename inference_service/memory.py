@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import re
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -111,28 +114,70 @@ def _malloc_trim() -> Any:
 # model load's transient buffers come from the heap and some stay resident after
 # malloc_trim. In the test suite, after the live-memory tests had run in the same process,
 # a tiny.en int8 load then measured 180 MiB instead of 76, so the cache over-counted it and
-# evicted models it had room for. A fixed threshold also turns the raising off: buffers
-# above it get their own mappings, and those go back to the OS when freed. Pinning it also
-# pins the trim threshold at its 128 KiB default, which makes glibc hand back the top of the
-# heap after every large free: a 25 s transcription then took 33 % longer (0.97 vs 0.73 s,
-# same process layout). So the trim threshold is set to 64 MiB, what the dynamic scheme
-# reaches; the cache's explicit malloc_trim around loads and evictions still releases it
-# all. An operator's MALLOC_MMAP_THRESHOLD_ wins.
-MMAP_THRESHOLD_BYTES = 4 << 20
+# evicted models it had room for. So while a model loads (``low_mmap_threshold``), the
+# threshold is 4 MiB: buffers above it get their own mappings, and those go back to the OS
+# when freed. Between loads it is pinned at 32 MiB, the most glibc allows: a batched decode's
+# buffers (the encoder output of two 30 s windows is 4.6 MB, a beam-5 batch's attention
+# caches tens of MB) are then reused from the heap instead of being mapped, zeroed and
+# unmapped on every call. At 4 MiB, a CTranslate2 batch of three file windows ran at 1.0-1.2x
+# their time one by one instead of 1.5x, and the service with batching no faster than
+# without it (docs/performance.md, "The mmap threshold"). Pinning a threshold also pins the
+# trim threshold at its 128 KiB default, which makes glibc hand back the top of the heap
+# after every large free: a 25 s transcription then took 33 % longer (0.97 vs 0.73 s, same
+# process layout). So the trim threshold is set to 64 MiB, what the dynamic scheme reaches;
+# the cache's explicit malloc_trim around loads and evictions, and the jobs' one when idle,
+# still release it all. An operator's MALLOC_MMAP_THRESHOLD_ wins.
+SERVING_MMAP_THRESHOLD_BYTES = 32 << 20
+LOAD_MMAP_THRESHOLD_BYTES = 4 << 20
 TRIM_THRESHOLD_BYTES = 64 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
+
+_loads_lock = threading.Lock()
+_loads_running = 0
+
+
+def _mallopt() -> Any:
+    """glibc's mallopt, or None where the thresholds are not ours to set (no glibc, or the
+    environment sets the mmap threshold)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return None
+    return _glibc_function("mallopt")
 
 
 @cache
 def pin_malloc_thresholds() -> bool:
-    """Pin glibc's mmap and trim thresholds (once per process); False where there is no
-    glibc or the environment sets the mmap threshold."""
-    mallopt = _glibc_function("mallopt")
-    if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    """Pin glibc's mmap threshold at its serving value and its trim threshold (once per
+    process); False where there is no glibc or the environment sets the mmap threshold."""
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+    return bool(mallopt(_M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD_BYTES)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     )
+
+
+@contextlib.contextmanager
+def low_mmap_threshold() -> Iterator[None]:
+    """The 4 MiB mmap threshold while a model loads, so that its freed transient buffers leave
+    the process and the RSS delta around the load is the model's; the serving threshold again
+    once the last load that overlapped this one ends. Nothing where the thresholds are not
+    pinned (see ``pin_malloc_thresholds``)."""
+    global _loads_running
+    mallopt = _mallopt() if pin_malloc_thresholds() else None
+    if mallopt is None:
+        yield
+        return
+    with _loads_lock:
+        _loads_running += 1
+        if _loads_running == 1:
+            mallopt(_M_MMAP_THRESHOLD, LOAD_MMAP_THRESHOLD_BYTES)
+    try:
+        yield
+    finally:
+        with _loads_lock:
+            _loads_running -= 1
+            if _loads_running == 0:
+                mallopt(_M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD_BYTES)
 
 
 def _torch() -> Any:

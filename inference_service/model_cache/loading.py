@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from inference_service.memory import MemoryProbe, is_cuda
+from inference_service.memory import MemoryProbe, is_cuda, low_mmap_threshold
 from inference_service.model_cache.cache_types import (
     Lease,
     LoadedModel,
@@ -126,17 +126,18 @@ class ModelLoader:
             report(LoadProgress(spec.model_id, "loading", message=f"loading {spec.kind} model from {spec.path}"))
             # No gc.collect() here: with torch imported a full collection costs ~100 ms,
             # and free() already collects whenever models are dropped.
-            self._probe.return_freed_memory(self._device)
-            before = self._measure()
-            started = time.perf_counter()
-            model = self._load(spec)
-            seconds = time.perf_counter() - started
-            # A load's transient buffers (file reads, weight conversion) are freed but stay
-            # resident in glibc's arenas: without a trim they were counted as the model's
-            # footprint, by an amount that depends on the process's allocation history
-            # (tiny.en int8: 51 MiB after the trim, 66-91 MiB before, up to 226 MiB seen).
-            self._probe.return_freed_memory(self._device)
-            after = self._measure()
+            with low_mmap_threshold():
+                self._probe.return_freed_memory(self._device)
+                before = self._measure()
+                started = time.perf_counter()
+                model = self._load(spec)
+                seconds = time.perf_counter() - started
+                # A load's transient buffers (file reads, weight conversion) are freed but stay
+                # resident in glibc's arenas: without a trim they were counted as the model's
+                # footprint, by an amount that depends on the process's allocation history
+                # (tiny.en int8: 51 MiB after the trim, 66-91 MiB before, up to 226 MiB seen).
+                self._probe.return_freed_memory(self._device)
+                after = self._measure()
             # Measured before the warm-up: the footprint is the model's, as before warm-up existed.
             warmed = self._warm_up(model) if self.warmup else None
         if warmed is not None:
