@@ -38,6 +38,14 @@ from voxserve_common.client_strings import shown
 from voxserve_common.errors import Cancelled, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
 WHISPER_WINDOW_SECONDS = 30.0
+# How long file windows wait, after a batch served a request's latency-bound call, for the
+# request's next call (its generate, or its first window after the first utterance). Live
+# streams keep the scheduler's 20 ms: their jobs stay open between decodes, so every live batch
+# holds file work that long. A request's step from its first utterance to its window took
+# 23-28 ms on a slow hour of 2 CPU cores; past 20 ms a 5 min file's next call started first and
+# the 11 s request waited for it (0.55-0.66 s) a second time (docs/performance.md, "The lane").
+# The request's job closes when it ends, which ends the hold at once.
+REQUEST_FOLLOW_UP_SECONDS = 0.05
 
 logger = logging.getLogger(__name__)
 # Spans of the stages, children of the RPC span: the job's thread runs in a copy of the
@@ -476,7 +484,9 @@ def file_lane(duration: float) -> Lane:
 def _batch_job(job: Job, engine: WhisperEngine, lane: Lane) -> BatchedJob:
     """The job's handle on the model's decode scheduler, linked to the current span (the
     transcription's), so each batch's span names the jobs it served."""
-    return engine.open_job(job.job_id, lane, trace.get_current_span().get_span_context())
+    return engine.open_job(
+        job.job_id, lane, trace.get_current_span().get_span_context(), follow_up_seconds=REQUEST_FOLLOW_UP_SECONDS
+    )
 
 
 @contextlib.contextmanager

@@ -192,11 +192,14 @@ class BatchedJob:
     (``transcribe``, or the live decoder's own calls); its encoder and decoder calls go through
     the scheduler in this job's lane. Close it when the job ends (a context manager)."""
 
-    def __init__(self, scheduler: DecodeScheduler, key: str, lane: Lane, link: object | None) -> None:
+    def __init__(
+        self, scheduler: DecodeScheduler, key: str, lane: Lane, link: object | None, follow_up_seconds: float
+    ) -> None:
         self.scheduler = scheduler
         self.key = key
         self.lane = lane
         self.link = link
+        self.follow_up_seconds = follow_up_seconds
         self.cancelled = False
         self.closed = False
         self.model: WhisperModel = copy.copy(scheduler.whisper_model)
@@ -286,9 +289,9 @@ class DecodeScheduler:
         self._jobs: set[BatchedJob] = set()
         self._closed = False
         self._latency_running = 0
-        # Latency jobs a batch just served, with their rank: work of a lower rank waits for their next call.
-        self._follow_up: dict[BatchedJob, int] = {}
-        self._follow_up_until = 0.0
+        # Latency jobs a batch just served, with their rank and until when: work of a lower rank
+        # waits for their next call.
+        self._follow_up: dict[BatchedJob, tuple[int, float]] = {}
         self.lanes_apart = int(getattr(whisper_model.model, "num_workers", 1)) >= 2
         executors: tuple[Lane | None, ...] = (Lane.LATENCY, Lane.FILE) if self.lanes_apart else (None,)
         self._threads = [
@@ -303,16 +306,21 @@ class DecodeScheduler:
         for thread in self._threads:
             thread.start()
 
-    def open_job(self, key: str, lane: Lane, link: object | None = None) -> BatchedJob:
+    def open_job(
+        self, key: str, lane: Lane, link: object | None = None, follow_up_seconds: float | None = None
+    ) -> BatchedJob:
         """A handle for one job (``key``: its job id, which ``cancel`` names; ``link``: its span
-        context, handed to the observer with every batch that served it).
+        context, handed to the observer with every batch that served it; ``follow_up_seconds``:
+        how long lower-ranked work waits for its next call after a latency batch served it,
+        the scheduler's own by default).
 
         Raises:
             FailedPrecondition: the scheduler was closed (its model evicted or unloaded).
         """
         with self._cond:
             self._check_open()
-            job = BatchedJob(self, key, lane, link)
+            hold = self.follow_up_seconds if follow_up_seconds is None else follow_up_seconds
+            job = BatchedJob(self, key, lane, link, hold)
             self._jobs.add(job)
         return job
 
@@ -439,13 +447,15 @@ class DecodeScheduler:
 
     def _batch_done(self, batch: list[_Item]) -> None:
         """Count a latency batch off and hold lower-ranked work for the next calls of the latency jobs it served."""
-        served = {item.job: _rank(item) for item in batch if item.job.lane is Lane.LATENCY}
+        now = time.monotonic()
+        served = {
+            item.job: (_rank(item), now + item.job.follow_up_seconds) for item in batch if item.job.lane is Lane.LATENCY
+        }
         with self._cond:
             if batch[0].job.lane is Lane.LATENCY:
                 self._latency_running -= 1
             if served:
                 self._follow_up = served
-                self._follow_up_until = time.monotonic() + self.follow_up_seconds
             self._cond.notify_all()
 
     def _next_batch(self, lane: Lane | None) -> list[_Item] | None:
@@ -482,7 +492,7 @@ class DecodeScheduler:
         if head is not None:
             return max(0.0, self._window_left(head))
         now = time.monotonic()
-        waits = [self._follow_up_until - now] if self._held_rank() is not None else []
+        waits = [until - now for _, until in self._holds()]
         if lane is Lane.FILE:
             oldest = self._oldest_file_item()
             if oldest is not None:  # held back by latency work: until its patience runs out
@@ -517,13 +527,18 @@ class DecodeScheduler:
     def _held_rank(self) -> int | None:
         """The best rank among latency jobs served a moment ago that are still open and have not
         sent their next call yet; None when there is none (or their time is up)."""
-        if time.monotonic() >= self._follow_up_until:
-            return None
+        return min((rank for rank, _ in self._holds()), default=None)
+
+    def _holds(self) -> list[tuple[int, float]]:
+        """(rank, until) of each job the last latency batch served that still holds lower-ranked
+        work: open, its next call not sent, its own follow-up time not over."""
+        now = time.monotonic()
         waiting = {item.job for item in self._waiting}
-        ranks = [
-            rank for job, rank in self._follow_up.items() if not job.closed and not job.cancelled and job not in waiting
+        return [
+            (rank, until)
+            for job, (rank, until) in self._follow_up.items()
+            if until > now and not job.closed and not job.cancelled and job not in waiting
         ]
-        return min(ranks, default=None)
 
     def _gather(self, head: _Item) -> list[_Item]:
         """The head's group: items of its lane with its key in arrival order, at most one per file

@@ -174,16 +174,19 @@ class WhisperEngine:
         logger.info("whisper model loaded", extra={"model_id": model_id, "device": device.device})
         return cls(model_id, model, device, schedulers.make(model_id, model) if schedulers is not None else None)
 
-    def open_job(self, key: str, lane: Lane, link: object | None = None) -> BatchedJob:
+    def open_job(
+        self, key: str, lane: Lane, link: object | None = None, follow_up_seconds: float | None = None
+    ) -> BatchedJob:
         """A job's handle on this model's scheduler (a context manager): drive ``handle.model`` as a
         faster-whisper model, or pass the handle to ``transcribe``. ``key`` is what ``cancel`` names
-        (the job id); ``link`` the job's span context, linked from the span of each batch serving it.
+        (the job id); ``link`` the job's span context, linked from the span of each batch serving it;
+        ``follow_up_seconds`` how long file work waits for its next call (``DecodeScheduler.open_job``).
 
         Raises:
             FailedPrecondition: the engine was closed (evicted or unloaded).
         """
         self._loaded()
-        return self.scheduler.open_job(key, lane, link)
+        return self.scheduler.open_job(key, lane, link, follow_up_seconds)
 
     def cancel(self, key: str) -> int:
         """The waiting encoder/decoder calls of the jobs opened with ``key`` fail with Cancelled at

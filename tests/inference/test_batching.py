@@ -545,6 +545,27 @@ def test_withdrawn_calls_leave_and_the_jobs_other_decodes_go_on(
     assert [r.jobs for r in recorder.reports] == [("stream",)]
 
 
+def test_a_jobs_own_follow_up_time_wins_over_the_schedulers(model: WhisperModel, recorder: Recorder) -> None:
+    """A request's job holds file work for its own time (the scheduler's is zero here); a live
+    stream's job, opened without one, holds for the scheduler's."""
+    scheduler, gate = gated_scheduler(model, recorder, follow_up_seconds=0.0, file_patience_seconds=600.0)
+    request = scheduler.open_job("request", Lane.LATENCY, follow_up_seconds=600.0)
+    assert (request.follow_up_seconds, scheduler.open_job("live", Lane.LATENCY).follow_up_seconds) == (600.0, 0.0)
+    window, short_window = window_features(model, 20.0), window_features(model, 4.0)
+    results: dict[str, Any] = {}
+    threads = [start(two_calls_then_close(request, short_window), results, "request")]
+    assert gate.started.wait(60), "the request's call never started"
+    threads.append(start(encode_through(scheduler.open_job("file", Lane.FILE), window), results, "file"))
+    wait_for(lambda: scheduler.waiting == 1, message="the file window waiting while the request's call runs")
+    gate.release.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    scheduler.close()
+    # With the scheduler's zero hold, the file window would start between the request's two calls.
+    assert [r.jobs for r in recorder.reports] == [("request",), ("request",), ("file",)]
+    assert np.array_equal(results["file"], np.asarray(model.model.encode(window, to_cpu=False)))
+
+
 def test_a_follow_up_hold_lasts_at_most_follow_up_seconds(model: WhisperModel, recorder: Recorder) -> None:
     scheduler, gate = gated_scheduler(model, recorder, follow_up_seconds=0.05)
     silent = scheduler.open_job("silent", Lane.LATENCY)  # served once, then stays open without a next call

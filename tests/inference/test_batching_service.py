@@ -23,6 +23,7 @@ import pytest
 
 from inference_service.engines.batching import BatchedJob, BatchSettings, Lane
 from inference_service.engines.whisper import WhisperEngine
+from inference_service.transcriber import REQUEST_FOLLOW_UP_SECONDS
 from tests.inference.test_live_stream import config as live_config
 from tests.inference.test_live_stream import pcm, results
 from tests.support import DATA_DIR, REPO_ROOT, TRANSCRIPTS, InferenceHandle, wait_for, word_error_rate
@@ -185,8 +186,10 @@ def test_a_request_decodes_its_first_utterance_and_its_windows_as_one_scheduler_
         engine = lease.model
         open_job = engine.open_job
 
-        def recording(key: str, lane: Lane, link: object | None = None) -> BatchedJob:
-            opened.append(open_job(key, lane, link))
+        def recording(
+            key: str, lane: Lane, link: object | None = None, follow_up_seconds: float | None = None
+        ) -> BatchedJob:
+            opened.append(open_job(key, lane, link, follow_up_seconds))
             return opened[-1]
 
         monkeypatch.setattr(engine, "open_job", recording)
@@ -196,6 +199,7 @@ def test_a_request_decodes_its_first_utterance_and_its_windows_as_one_scheduler_
             events = list(handle.stub.Transcribe(request(audio), timeout=600))
             assert events[-1].WhichOneof("event") == "completed"
             assert len(opened) == 1 and opened[0].lane is lane and opened[0].closed
+            assert opened[0].follow_up_seconds == REQUEST_FOLLOW_UP_SECONDS  # longer than a live stream's
             assert sample(handle, "voxserve_decode_items_total", op="encode", lane="latency") > latency
 
 
