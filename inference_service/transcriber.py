@@ -43,7 +43,7 @@ WHISPER_WINDOW_SECONDS = 30.0
 # streams keep the scheduler's 20 ms: their jobs stay open between decodes, so every live batch
 # holds file work that long. A request's step from its first utterance to its window took
 # 23-28 ms on a slow hour of 2 CPU cores; past 20 ms a 5 min file's next call started first and
-# the 11 s request waited for it (0.55-0.66 s) a second time (docs/performance.md, "The lane").
+# the 11 s request waited for it (0.55-0.66 s) a second time (docs/performance.md, "Lane, rerun").
 # The request's job closes when it ends, which ends the hold at once.
 REQUEST_FOLLOW_UP_SECONDS = 0.05
 
