@@ -19,7 +19,8 @@ most the one file call it found running.
 
 The same follow-up holds on one thread: after a batch served latency jobs, work of a lower rank
 (file windows; drafts after a live final) waits up to ``FOLLOW_UP_SECONDS`` for those jobs' next
-calls. A job's calls come one after the other (encode, then generate, then its word alignment,
+calls, or each job's own time if it was opened with one (a request's, whose step from its first
+utterance to its window takes longer). A job's calls come one after the other (encode, then generate, then its word alignment,
 which goes to the model directly), so without it a 30 s file window would start in the gap and
 the short job would wait for it a second time.
 """
