@@ -454,6 +454,23 @@ def tagged(work: Callable[[], Any], tag: CallTag) -> Callable[[], Any]:
     return run
 
 
+def file_window_behind(
+    scheduler: DecodeScheduler, gate: GatedWhisper, latency: BatchedJob, short_window: Any, window: Any
+) -> dict[str, Any]:
+    """``latency`` sends two calls back to back (the first one gated); a file window arrives while
+    the first runs. The results by job key, once both are done and the scheduler closed."""
+    results: dict[str, Any] = {}
+    threads = [start(two_calls_then_close(latency, short_window), results, latency.key)]
+    assert gate.started.wait(60), "the latency call never started"
+    threads.append(start(encode_through(scheduler.open_job("file", Lane.FILE), window), results, "file"))
+    wait_for(lambda: scheduler.waiting == 1, message="the file window waiting while the latency call runs")
+    gate.release.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    scheduler.close()
+    return results
+
+
 @pytest.mark.parametrize("replicas", ["model", "two_replicas"])
 def test_a_file_window_waits_for_a_latency_jobs_next_call(
     replicas: str, request: pytest.FixtureRequest, recorder: Recorder
@@ -464,15 +481,7 @@ def test_a_file_window_waits_for_a_latency_jobs_next_call(
     scheduler, gate = gated_scheduler(model, recorder, follow_up_seconds=600.0, file_patience_seconds=600.0)
     assert scheduler.lanes_apart is (replicas == "two_replicas")
     window, live_window = window_features(model, 20.0), window_features(model, 4.0)
-    results: dict[str, Any] = {}
-    threads = [start(two_calls_then_close(scheduler.open_job("live", Lane.LATENCY), live_window), results, "live")]
-    assert gate.started.wait(60), "the live call never started"
-    threads.append(start(encode_through(scheduler.open_job("file", Lane.FILE), window), results, "file"))
-    wait_for(lambda: scheduler.waiting == 1, message="the file window waiting while the live call runs")
-    gate.release.set()
-    for thread in threads:
-        thread.join(timeout=120)
-    scheduler.close()
+    results = file_window_behind(scheduler, gate, scheduler.open_job("live", Lane.LATENCY), live_window, window)
     # Without the hold the file window would start in the gap between the live job's two calls.
     assert [r.jobs for r in recorder.reports] == [("live",), ("live",), ("file",)]
     assert recorder.reports[2].started_ns >= recorder.reports[1].ended_ns
@@ -552,15 +561,7 @@ def test_a_jobs_own_follow_up_time_wins_over_the_schedulers(model: WhisperModel,
     request = scheduler.open_job("request", Lane.LATENCY, follow_up_seconds=600.0)
     assert (request.follow_up_seconds, scheduler.open_job("live", Lane.LATENCY).follow_up_seconds) == (600.0, 0.0)
     window, short_window = window_features(model, 20.0), window_features(model, 4.0)
-    results: dict[str, Any] = {}
-    threads = [start(two_calls_then_close(request, short_window), results, "request")]
-    assert gate.started.wait(60), "the request's call never started"
-    threads.append(start(encode_through(scheduler.open_job("file", Lane.FILE), window), results, "file"))
-    wait_for(lambda: scheduler.waiting == 1, message="the file window waiting while the request's call runs")
-    gate.release.set()
-    for thread in threads:
-        thread.join(timeout=120)
-    scheduler.close()
+    results = file_window_behind(scheduler, gate, request, short_window, window)
     # With the scheduler's zero hold, the file window would start between the request's two calls.
     assert [r.jobs for r in recorder.reports] == [("request",), ("request",), ("file",)]
     assert np.array_equal(results["file"], np.asarray(model.model.encode(window, to_cpu=False)))
