@@ -1179,6 +1179,11 @@ def goals(payload: dict[str, Any]) -> dict[str, Any]:
         for name in ("today_jobs1", "today_jobs2"):
             if 8 in systems.get(name, {}).get("levels", {}):
                 out["at_8_clients"][name] = systems[name]["levels"][8]["audio_seconds_per_second"]
+        today = out["at_8_clients"].get("today_jobs1")
+        if today and "batch_8" in limit:
+            # The same share against the service decoding one job at a time at the same level: the
+            # in-process sequential leg ran slower than the service alone here (docs/performance.md).
+            out["at_8_clients"]["share_of_limit_vs_today_jobs1"] = (rate / today) / limit["batch_8"]["speedup"]
         if base:
             out["at_8_clients"]["fw_sequential"] = base
             out["at_8_clients"]["speedup_over_fw_sequential"] = rate / base
