@@ -21,7 +21,7 @@ from inference_service.engines.schedulers import DecodeSchedulers
 from inference_service.job_retention import RetentionLimits
 from inference_service.jobs import JobLimits, JobManager
 from inference_service.live.service import LiveLimits, LiveService
-from inference_service.memory import MemoryProbe, parse_memory_budget, release_freed_heap
+from inference_service.memory import MemoryProbe, parse_memory_budget, pin_malloc_thresholds, release_freed_heap
 from inference_service.metrics import InferenceMetrics
 from inference_service.model_cache import CacheConfig, ModelCache
 from inference_service.model_copies import reloading_loader
@@ -310,6 +310,7 @@ def parse_config(argv: Sequence[str] | None = None) -> InferenceConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    pin_malloc_thresholds()  # before any thread starts: the arena limit binds only arenas made after it
     run_service(
         service="inference_service",
         program="voxserve-inference",

@@ -130,7 +130,16 @@ def _malloc_trim() -> Any:
 SERVING_MMAP_THRESHOLD_BYTES = 32 << 20
 LOAD_MMAP_THRESHOLD_BYTES = 4 << 20
 TRIM_THRESHOLD_BYTES = 64 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
+# With blocks up to 32 MiB on the heap, each thread's malloc arena keeps the top of its heap
+# resident after a free (a heap of another thread than the first is at most 64 MiB, under the
+# trim threshold, and malloc_trim leaves those tops alone), so the RSS grew whenever one more
+# of the up to 16 arenas glibc makes on 2 cores reached its high-water mark: 618 -> 662 ->
+# 641 -> 607 MiB after each round of the soak test's 50 calls, and +8.8 % once in CI. Two
+# arenas reach theirs in the first round and stay (512-519 MiB): MALLOC_ARENA_MAX=2, the
+# usual setting of long-running Python services (docs/performance.md, "Two malloc arenas").
+# An operator's MALLOC_ARENA_MAX wins.
+MALLOC_ARENAS = 2
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameters, glibc's malloc.h
 
 _loads_lock = threading.Lock()
 _loads_running = 0
@@ -145,9 +154,20 @@ def _mallopt() -> Any:
 
 
 @cache
+def limit_malloc_arenas() -> bool:
+    """At most ``MALLOC_ARENAS`` glibc malloc arenas in this process (once; call it before the
+    threads start, as arenas already made stay); False where there is no glibc or the
+    environment sets MALLOC_ARENA_MAX."""
+    mallopt = None if "MALLOC_ARENA_MAX" in os.environ else _glibc_function("mallopt")
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+
+
+@cache
 def pin_malloc_thresholds() -> bool:
-    """Pin glibc's mmap threshold at its serving value and its trim threshold (once per
-    process); False where there is no glibc or the environment sets the mmap threshold."""
+    """Pin glibc's mmap threshold at its serving value and its trim threshold, and limit its
+    arenas (once per process); False where there is no glibc or the environment sets the mmap
+    threshold."""
+    limit_malloc_arenas()
     mallopt = _mallopt()
     if mallopt is None:
         return False

@@ -2,8 +2,9 @@
 decode's freed buffers are reused from the heap instead of being mapped and zeroed again on every
 call, and 4 MiB while a model loads (``low_mmap_threshold``), so a load's freed buffers leave the
 process and the RSS delta the model cache measures around it is the model's (a tiny.en int8 load
-measured 180 MiB instead of 76 after glibc had raised a dynamic threshold). Each case runs in a
-fresh interpreter: the setting is per process."""
+measured 180 MiB instead of 76 after glibc had raised a dynamic threshold). And at most two malloc
+arenas, so that the tops of more threads' heaps do not keep the RSS creeping (the soak test). Each
+case runs in a fresh interpreter: the setting is per process."""
 
 from __future__ import annotations
 
@@ -68,10 +69,52 @@ print(json.dumps(out))
 """
 
 
-def run_probe(mode: str, **env: str) -> dict[str, float]:
+ARENAS_PROBE = """
+import ctypes, json, sys, tempfile, threading
+from inference_service.memory import limit_malloc_arenas, pin_malloc_thresholds
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+def arenas():
+    '''How many arenas glibc has: one <heap> element each in malloc_info's report.'''
+    with tempfile.NamedTemporaryFile(suffix=".xml") as report:
+        stream = libc.fopen(report.name.encode(), b"w")
+        libc.malloc_info(0, stream)
+        libc.fclose(stream)
+        return open(report.name).read().count("<heap nr=")
+
+mode = sys.argv[1]
+limited = (pin_malloc_thresholds() and limit_malloc_arenas()) if mode == "pinned" else False
+both_waits = threading.Barrier(9)
+
+def hold_a_block():
+    block = libc.malloc(1 << 20)
+    both_waits.wait()  # every thread holds its block while the arenas are counted
+    both_waits.wait()
+    libc.free(block)
+
+threads = [threading.Thread(target=hold_a_block) for _ in range(8)]
+for thread in threads:
+    thread.start()
+both_waits.wait()
+count = arenas()
+both_waits.wait()
+for thread in threads:
+    thread.join()
+print(json.dumps({"limited": limited, "arenas": count}))
+"""
+
+
+def run_probe(mode: str, probe: str = PROBE, **env: str) -> dict[str, float]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=environment
+        [sys.executable, "-c", probe, mode], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=environment
     )
     assert out.returncode == 0, out.stderr
     result: dict[str, float] = json.loads(out.stdout)
@@ -106,3 +149,17 @@ def test_an_operators_malloc_setting_wins() -> None:
     result = run_probe("load", MALLOC_MMAP_THRESHOLD_=str(64 << 20), MALLOC_TRIM_THRESHOLD_=str(128 << 20))
     assert not result["pinned"]
     assert result["load"] > 0.8, "a load lowered the operator's mmap threshold"
+
+
+def test_eight_threads_share_two_malloc_arenas() -> None:
+    result = run_probe("pinned", ARENAS_PROBE)
+    assert result["limited"]
+    assert result["arenas"] <= 2, f"{result['arenas']} arenas for 8 threads"
+    # Without the limit each thread that mallocs while the others hold theirs gets its own.
+    assert run_probe("none", ARENAS_PROBE)["arenas"] > 2
+
+
+def test_an_operators_arena_limit_wins() -> None:
+    result = run_probe("pinned", ARENAS_PROBE, MALLOC_ARENA_MAX="4")
+    assert not result["limited"]
+    assert result["arenas"] == 4, f"{result['arenas']} arenas under the operator's MALLOC_ARENA_MAX=4"
