@@ -45,6 +45,7 @@ from faster_whisper import WhisperModel
 
 from inference_service.engines.batch_ops import (
     SOT_TOKEN,
+    EncodeBudget,
     EncodeCall,
     GenerateCall,
     Op,
@@ -273,8 +274,10 @@ class DecodeScheduler:
         observer: BatchObserver | None = None,
         follow_up_seconds: float = FOLLOW_UP_SECONDS,
         file_patience_seconds: float = FILE_PATIENCE_SECONDS,
+        encode_budget: EncodeBudget | None = None,
     ) -> None:
         self.model_id = model_id
+        self.encode_budget = encode_budget
         self.follow_up_seconds = follow_up_seconds
         self.file_patience_seconds = file_patience_seconds
         self.whisper_model = whisper_model
@@ -484,7 +487,7 @@ class DecodeScheduler:
         if head is None or self._closed:
             return None
         batch = self._gather(head)
-        if len(batch) >= self.settings.batch_size or self._everyone_waits(head.job.lane):
+        if len(batch) >= self._most_items(head) or self._everyone_waits(head.job.lane):
             return batch
         return batch if self._window_left(head) <= 0 else None
 
@@ -547,8 +550,9 @@ class DecodeScheduler:
         0.53 s with one beside it instead of 0.25 s."""
         batch = [head]
         file_jobs = {head.job}
+        most = self._most_items(head)
         for item in self._waiting:
-            if len(batch) >= self.settings.batch_size:
+            if len(batch) >= most:
                 break
             if item is head or item.key != head.key or item.job.lane is not head.job.lane:
                 continue
@@ -560,6 +564,12 @@ class DecodeScheduler:
                 file_jobs.add(item.job)
             batch.append(item)
         return batch
+
+    def _most_items(self, head: _Item) -> int:
+        """``batch_size``, or fewer for encoder windows past the CPU's cache (``EncodeBudget``)."""
+        if self.encode_budget is None or not isinstance(head.call, EncodeCall):
+            return self.settings.batch_size
+        return min(self.settings.batch_size, self.encode_budget.windows(head.call.features.shape[-1]))
 
     def _everyone_waits(self, lane: Lane) -> bool:
         """Every open job that could join this lane's batch has an item waiting already."""

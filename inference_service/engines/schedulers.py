@@ -8,6 +8,7 @@ import weakref
 
 from faster_whisper import WhisperModel
 
+from inference_service.engines.batch_ops import encode_budget
 from inference_service.engines.batching import BatchObserver, BatchSettings, DecodeScheduler, NullObserver
 
 # An engine made without the service's settings (tests, benches, tools): every call runs alone, at once.
@@ -29,9 +30,11 @@ class DecodeSchedulers:
         return self._settings
 
     def make(self, model_id: str, whisper_model: WhisperModel) -> DecodeScheduler:
-        """A running scheduler for a model that just loaded (its engine closes it)."""
+        """A running scheduler for a model that just loaded (its engine closes it); on the CPU,
+        its encoder batches keep to the cache (``EncodeBudget``)."""
+        budget = encode_budget(whisper_model.model)
         with self._lock:
-            scheduler = DecodeScheduler(model_id, whisper_model, self._settings, self.observer)
+            scheduler = DecodeScheduler(model_id, whisper_model, self._settings, self.observer, encode_budget=budget)
             self._made.add(scheduler)
         return scheduler
 

@@ -8,6 +8,7 @@ import copy
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ctranslate2
@@ -16,7 +17,16 @@ import pytest
 from faster_whisper import WhisperModel
 
 from inference_service.audio import decode_audio
-from inference_service.engines.batch_ops import GenerateCall, generate_key, split_batch, stack_batch
+from inference_service.engines.batch_ops import (
+    FALLBACK_CACHE_BYTES,
+    EncodeBudget,
+    GenerateCall,
+    encode_budget,
+    generate_key,
+    last_level_cache_bytes,
+    split_batch,
+    stack_batch,
+)
 from inference_service.engines.batching import (
     BatchedJob,
     BatchReport,
@@ -27,6 +37,7 @@ from inference_service.engines.batching import (
     tagged_calls,
 )
 from inference_service.engines.buffer_decoder import BufferDecoder, DecodeSettings
+from inference_service.engines.schedulers import DecodeSchedulers
 from inference_service.transcriber import file_lane
 from tests.support import DATA_DIR, TINY_EN_DIR, wait_for
 from voxserve_common.config import ConfigError
@@ -688,3 +699,82 @@ def test_bad_settings_name_the_field(size: int, window: float, field: str) -> No
 
 def test_zero_window_is_valid() -> None:
     assert BatchSettings(batch_size=1, batch_window_ms=0).batch_window_ms == 0
+
+
+# --------------------------------------------------------------------------- encoder batches on the CPU
+
+TINY_BUDGET = EncodeBudget(cache_bytes=32 << 20, heads=6)  # tiny.en on the 32 MiB L3 it was measured on
+
+
+def long_features(model: WhisperModel, seconds: float) -> Any:
+    speech = np.tile(MULTI, 2)
+    features = model.feature_extractor(speech[: int(seconds * 16000)], padding=0)[:, : int(seconds * 100)]
+    return ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None]))
+
+
+@pytest.mark.parametrize(
+    ("mel_frames", "windows"),
+    [(3000, 1), (2000, 1), (1500, 2), (1250, 3), (1000, 5), (500, 22)],
+)
+def test_the_encode_budget_allows_the_batches_that_were_faster_than_one_by_one(mel_frames: int, windows: int) -> None:
+    """The measured table of ``EncodeBudget``: 30 s and 20 s windows alone, 15 s in twos, 12.5 s in threes."""
+    assert TINY_BUDGET.windows(mel_frames) == windows
+
+
+@pytest.mark.parametrize(("seconds", "sizes"), [(30.0, [1, 1, 1]), (15.0, [1, 2])])
+def test_cpu_encoder_batches_keep_to_the_cache(
+    model: WhisperModel, recorder: Recorder, seconds: float, sizes: list[int]
+) -> None:
+    scheduler = DecodeScheduler(
+        "tiny.en",
+        model,
+        BatchSettings(batch_size=8, batch_window_ms=LONG_WINDOW_MS),
+        recorder,
+        encode_budget=TINY_BUDGET,
+    )
+    jobs = [scheduler.open_job(f"job-{i}", Lane.FILE) for i in range(3)]
+    features = long_features(model, seconds)
+    results = run_jobs({job.key: encode_through(job, features) for job in jobs})
+    scheduler.close()
+    assert sorted(r.size for r in recorder.reports) == sizes
+    expected = np.asarray(model.model.encode(features, to_cpu=False))
+    assert all(np.array_equal(got, expected) for got in results.values())
+
+
+def test_without_a_budget_long_windows_share_one_encoder_call(model: WhisperModel, recorder: Recorder) -> None:
+    """What a GPU gets (``encode_budget`` None): the three 30 s windows in one call."""
+    scheduler = DecodeScheduler("tiny.en", model, BatchSettings(batch_size=8, batch_window_ms=LONG_WINDOW_MS), recorder)
+    jobs = [scheduler.open_job(f"job-{i}", Lane.FILE) for i in range(3)]
+    results = run_jobs({job.key: encode_through(job, long_features(model, 30.0)) for job in jobs})
+    scheduler.close()
+    assert [r.size for r in recorder.reports] == [3]
+    assert all(isinstance(value, np.ndarray) for value in results.values())
+
+
+def test_the_budget_of_a_cpu_model_counts_its_heads_and_a_gpu_model_has_none(model: WhisperModel) -> None:
+    budget = encode_budget(model.model)
+    assert budget == EncodeBudget(last_level_cache_bytes(), heads=6)  # tiny: 384 wide
+
+    class OnTheGpu:
+        device = "cuda"
+
+    assert encode_budget(OnTheGpu()) is None
+    schedulers = DecodeSchedulers(BatchSettings(batch_size=8, batch_window_ms=10.0))
+    scheduler = schedulers.make("tiny.en", model)
+    try:
+        assert scheduler.encode_budget == budget  # the service's schedulers keep to it on the CPU
+    finally:
+        scheduler.close()
+
+
+def test_the_last_level_cache_is_read_from_sysfs(tmp_path: Path) -> None:
+    for index, (level, kind, size) in enumerate(
+        [("1", "Data", "32K"), ("1", "Instruction", "32K"), ("2", "Unified", "512K"), ("3", "Unified", "16384K")]
+    ):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        (folder / "level").write_text(level + "\n")
+        (folder / "type").write_text(kind + "\n")
+        (folder / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(tmp_path) == 16 << 20
+    assert last_level_cache_bytes(tmp_path / "missing") == FALLBACK_CACHE_BYTES
