@@ -26,7 +26,9 @@ Sections (``--sections``, all by default, in this order):
               and the level ends when the last finishes. Throughput = audio / wall seconds; the
               11 s requests' latency p50/p95 while a longer request was in flight; WER; requests
               whose words differ from the same file alone. Services alternate their order per
-              level. faster-whisper in this process, sequential (``WhisperModel.transcribe``) and
+              level. ``--distinct``: clients of one role send their files with the pieces
+              rotated (client 4 sends ``66s.1``, client 7 ``66s.2``...), so no two clients send
+              the same audio at once, as separate callers would. faster-whisper in this process, sequential (``WhisperModel.transcribe``) and
               its ``BatchedInferencePipeline`` (batch 8), over one list of each role (894 s),
               before and after the service levels: their throughput does not depend on N.
   lane        one 5 min file, and 11 s requests back to back while it runs: their p50/p95
@@ -111,6 +113,12 @@ ROLES: dict[str, list[str]] = {
     "short": ["11s"] * 27,
 }
 ROLE_ORDER = ("mixed", "long", "short")
+# The files: their pieces (one after the other, equal gaps of silence) and length in seconds.
+FILE_PIECES: dict[str, tuple[list[str], float]] = {
+    "11s": (["jfk"], 11.0),
+    "66s": (["speech_multi", "jfk", "speech_short", "speech_multi"], 66.0),
+    "5min": (["speech_multi", "jfk", "speech_short"] * 7, 300.0),
+}
 ENV_KEY = re.compile(r"[A-Z][A-Z0-9_]*")  # a --service key passed to the process as an environment variable
 # The services compared: environment of each inference process (everything else at its default).
 TODAY = {"batch_size": "1", "decode_replicas": "1"}  # the service before issue 18: one call at a time
@@ -336,7 +344,8 @@ def compose(name: str, pieces: Sequence[str], seconds: float, sources: dict[str,
     )
 
 
-def build_files() -> dict[str, AudioFile]:
+def build_files(variants: bool = False) -> dict[str, AudioFile]:
+    """The 11 s, 66 s and 5 min files, and with ``variants`` their rotations (``variant_name``)."""
     if not JFK_PATH.exists():
         raise SystemExit(f"no {JFK_PATH}: run 'bash bench/fetch_jfk.sh' first")
     transcripts = json.loads((DATA_DIR / "transcripts.json").read_text())
@@ -345,19 +354,36 @@ def build_files() -> dict[str, AudioFile]:
         "speech_multi": (pcm_of(DATA_DIR / "speech_multi.wav"), transcripts["speech_multi.wav"]),
         "speech_short": (pcm_of(DATA_DIR / "speech_short.wav"), transcripts["speech_short.wav"]),
     }
-    return {
-        "11s": compose("11s", ["jfk"], 11.0, sources),
-        "66s": compose("66s", ["speech_multi", "jfk", "speech_short", "speech_multi"], 66.0, sources),
-        "5min": compose("5min", ["speech_multi", "jfk", "speech_short"] * 7, 300.0, sources),
-    }
+    files = {name: compose(name, pieces, seconds, sources) for name, (pieces, seconds) in FILE_PIECES.items()}
+    for name, (pieces, seconds) in FILE_PIECES.items() if variants else ():
+        for turn in range(1, variant_count(name)):  # the --distinct variants: the same pieces, rotated
+            variant = variant_name(name, turn)
+            files[variant] = compose(variant, [*pieces[turn:], *pieces[:turn]], seconds, sources)
+    return files
 
 
-def client_lists(clients: int, scale: float) -> list[list[str]]:
-    """What each client sends: its role's list, cut to ``scale`` of it (at least one file)."""
+def variant_name(name: str, turn: int) -> str:
+    """``66s.1``: the 66 s file's pieces rotated by one (turn 0 is the file itself)."""
+    turn %= variant_count(name)
+    return f"{name}.{turn}" if turn else name
+
+
+def variant_count(name: str) -> int:
+    """Distinct rotations of a file: one per piece, at most one per client of a role at 16 clients."""
+    return min(len(FILE_PIECES[name][0]), math.ceil(max(LEVELS) / len(ROLE_ORDER)))
+
+
+def client_lists(clients: int, scale: float, distinct: bool = False) -> list[list[str]]:
+    """What each client sends: its role's list, cut to ``scale`` of it (at least one file).
+    ``distinct``: the second client of a role sends its files with their pieces rotated by one,
+    the third by two, ..., so clients of one role do not send the same audio at the same time."""
     lists = []
     for index in range(clients):
         files = ROLES[ROLE_ORDER[index % len(ROLE_ORDER)]]
-        lists.append(files[: max(1, math.ceil(len(files) * scale))])
+        files = files[: max(1, math.ceil(len(files) * scale))]
+        if distinct:
+            files = [variant_name(name, index // len(ROLE_ORDER)) for name in files]
+        lists.append(files)
     return lists
 
 
@@ -666,10 +692,15 @@ def section_alone(services: list[Service], files: dict[str, AudioFile], reps: in
 
 
 def run_level(
-    service: Service, files: dict[str, AudioFile], clients: int, scale: float, probe: list[benchlib.ServiceProcess]
+    service: Service,
+    files: dict[str, AudioFile],
+    clients: int,
+    scale: float,
+    probe: list[benchlib.ServiceProcess],
+    distinct: bool = False,
 ) -> dict[str, Any]:
     """``clients`` clients, each sending its list back to back on its own connection."""
-    lists = client_lists(clients, scale)
+    lists = client_lists(clients, scale, distinct)
     channels = [grpc.insecure_channel(service.address, options=CHANNEL_OPTIONS) for _ in range(clients)]
     stubs = [pb_grpc.InferenceStub(channel) for channel in channels]
     for stub in stubs:  # connected first: the timing is of the work, not of TCP set-up
@@ -791,8 +822,14 @@ def section_throughput(
     alone_texts: dict[str, dict[str, str]],
     probe: list[benchlib.ServiceProcess],
     on_level: Callable[[dict[str, Any]], None] = lambda partial: None,
+    distinct: bool = False,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"levels": list(levels), "scales": {str(k): v for k, v in scales.items()}, "systems": {}}
+    out: dict[str, Any] = {
+        "levels": list(levels),
+        "scales": {str(k): v for k, v in scales.items()},
+        "distinct": distinct,
+        "systems": {},
+    }
     every: dict[str, list[Request]] = {}
     names = direct_names(direct_scale)
     direct_runs: dict[str, list[dict[str, Any]]] = {"fw_sequential": [], "fw_batched": []}
@@ -816,7 +853,7 @@ def section_throughput(
         order = services[position % len(services) :] + services[: position % len(services)]
         for service in order:
             print(f"throughput: {service.name}, {clients} clients", flush=True)
-            level = run_level(service, files, clients, scales.get(clients, 1.0), probe)
+            level = run_level(service, files, clients, scales.get(clients, 1.0), probe, distinct)
             requests = level.pop("requests")
             every.setdefault(service.name, []).extend(requests)
             short = [r.seconds for r in requests if r.file == "11s" and not r.error]
@@ -1038,6 +1075,12 @@ def main() -> None:
     parser.add_argument(
         "--no-direct", action="store_true", help="throughput: leave out the in-process faster-whisper legs"
     )
+    parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help="throughput: clients of one role send different audio (the pieces of their files rotated), "
+        "not the same files at the same time",
+    )
     parser.add_argument("--alone-reps", type=int, default=5, help="alone: reps of the 11 s and 66 s files per service")
     parser.add_argument(
         "--lane-requests", type=int, default=12, help="lane: most 11 s requests while the 5 min file runs"
@@ -1116,7 +1159,7 @@ def main() -> None:
         checkpoint()
     service_sections = [s for s in args.sections if s != "limit"]
     if service_sections:
-        files = build_files()
+        files = build_files(variants=args.distinct)
         payload["audio"] = {name: audio.describe() for name, audio in files.items()}
         payload["roles"] = ROLES
         with benchlib.temp_dir("batching") as work:
@@ -1148,7 +1191,16 @@ def main() -> None:
                         checkpoint()
 
                     payload["throughput"] = section_throughput(
-                        services, direct, files, args.levels, scales, args.direct_scale, alone_texts, processes, partial
+                        services,
+                        direct,
+                        files,
+                        args.levels,
+                        scales,
+                        args.direct_scale,
+                        alone_texts,
+                        processes,
+                        partial,
+                        args.distinct,
                     )
                     payload.pop("throughput_so_far", None)
                     loads["throughput"] = probe.result()
