@@ -98,21 +98,11 @@ CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 @dataclass(frozen=True)
 class EncodeBudget:
     """How many windows of one length a CPU encoder batch may hold: while the self-attention
-    scores of all its windows fit the last-level cache. Past that, a batch is slower than the same
-    windows one by one (tiny.en int8, 2 EPYC cores, 32 MiB L3; speed-up of a batch over one by one):
-
-    ======================  ========  ========  ========
-    window (mel frames)     2         3         4
-    ======================  ========  ========  ========
-    1000 (10 s)             1.05x     1.06x     1.06x
-    1250                    1.04x     1.03x     0.77x
-    1500                    1.01x     0.78x     0.73x
-    2000                    0.79x     0.77x     0.67x
-    3000 (30 s)             1.00x     0.90x     0.89x
-    ======================  ========  ========  ========
-
-    The loss starts exactly where the scores of the batch pass 32 MiB. On a GPU, batching pays at
-    every length: no budget there.
+    scores of all its windows fit the last-level cache. Past that, one batch was slower than the
+    same windows one by one (tiny.en int8, 2 EPYC cores, 32 MiB L3, ``bench/bench_encode_batch.py``:
+    0.65-1.02x, where every batch within the budget gave 1.03-1.24x; docs/performance.md,
+    "Encoder batches keep to the CPU's cache"). On a GPU batching pays at every length: no
+    budget there.
     """
 
     cache_bytes: int
