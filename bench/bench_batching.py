@@ -28,8 +28,9 @@ Sections (``--sections``, all by default, in this order):
               whose words differ from the same file alone. Services alternate their order per
               level. ``--distinct``: clients of one role send their files with the pieces
               rotated (client 4 sends ``66s.1``, client 7 ``66s.2``...), so no two clients send
-              the same audio at once, as separate callers would. faster-whisper in this process, sequential (``WhisperModel.transcribe``) and
-              its ``BatchedInferencePipeline`` (batch 8), over one list of each role (894 s),
+              the same audio at once, as separate callers would. faster-whisper in this
+              process, sequential (``WhisperModel.transcribe``) and its
+              ``BatchedInferencePipeline`` (batch 8), over one list of each role (894 s),
               before and after the service levels: their throughput does not depend on N.
   lane        one 5 min file, and 11 s requests back to back while it runs: their p50/p95
               against their latency alone (goal p95 <= 2x alone).
