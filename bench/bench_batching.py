@@ -37,9 +37,10 @@ Sections (``--sections``, all by default, in this order):
 
 Services are real processes (``benchlib.start_service_process``: a model store and one inference
 service per configuration, all started at once and idle when not measured): ``batching`` with the
-service's defaults, ``today_jobs1`` / ``today_jobs2`` with max_running_jobs 1 / 2, batch_size 1 and decode_replicas 1
-(no cross-request batching), and any ``--service NAME:key=value,...`` (a settings candidate; an
-upper-case key such as ``MALLOC_MMAP_THRESHOLD_`` is passed to the process as an environment variable).
+service's defaults, ``today_jobs1`` / ``today_jobs2`` with max_running_jobs 1 / 2, batch_size 1,
+decode_replicas 1 and prompt_bucket_tokens 0 (no cross-request batching, faster-whisper's
+prompts), and any ``--service NAME:key=value,...`` (a settings candidate; an upper-case key
+such as ``MALLOC_MMAP_THRESHOLD_`` is passed to the process as an environment variable).
 Requests use the service's default options (beam 5, fast_first_segment on); the direct legs beam 5.
 The batching services' batch-size histograms (``/metrics``) are read around each level.
 
@@ -122,7 +123,11 @@ FILE_PIECES: dict[str, tuple[list[str], float]] = {
 }
 ENV_KEY = re.compile(r"[A-Z][A-Z0-9_]*")  # a --service key passed to the process as an environment variable
 # The services compared: environment of each inference process (everything else at its default).
-TODAY = {"batch_size": "1", "decode_replicas": "1"}  # the service before issue 18: one call at a time
+TODAY = {  # the service before issue 18: one call at a time, faster-whisper's prompts as they are
+    "batch_size": "1",
+    "decode_replicas": "1",
+    "prompt_bucket_tokens": "0",
+}
 SERVICES: dict[str, dict[str, str]] = {
     "batching": {},
     "today_jobs1": {"max_running_jobs": "1", **TODAY},
@@ -873,8 +878,13 @@ def section_throughput(
                     ],
                 }
             )
-            out["systems"].setdefault(service.name, {"settings": effective_settings(service.settings), "levels": {}})
-            out["systems"][service.name]["levels"][clients] = level
+            system = out["systems"].setdefault(
+                service.name, {"settings": effective_settings(service.settings), "levels": {}}
+            )
+            if clients in system["levels"]:  # a level given twice (--levels 8 8): later trials kept apart
+                system.setdefault("repeats", {}).setdefault(clients, []).append(level)
+            else:
+                system["levels"][clients] = level
             on_level(out)
             batches = level["batches"]
             mean = " ".join(f"{op} {v['mean_batch']:.2f}" for op, v in sorted(batches.items()) if v["calls"])
@@ -913,7 +923,20 @@ def section_throughput(
             diff, compared = differing(requests, alone_texts[name])
             out["systems"][name]["words_differing_from_alone"] = {"requests": diff, "compared": compared}
     print_throughput(out)
+    print_trials(out)
     return out
+
+
+def print_trials(out: dict[str, Any]) -> None:
+    """Every trial of a level given more than once, per service, with their mean."""
+    for clients in sorted({n for n in out["levels"] if out["levels"].count(n) > 1}):
+        for name, system in out["systems"].items():
+            if "levels" not in system or clients not in system["levels"]:
+                continue
+            trials = [system["levels"][clients], *system.get("repeats", {}).get(clients, [])]
+            rates = [t["audio_seconds_per_second"] for t in trials]
+            listed = " ".join(f"{rate:.2f}" for rate in rates)
+            print(f"{clients} clients, {name}: {listed} audio-s/s (mean {statistics.mean(rates):.2f})")
 
 
 def print_throughput(out: dict[str, Any]) -> None:

@@ -59,7 +59,7 @@ class InferenceApp:
     # Settings a SIGHUP applies without a restart (besides the log levels): the cache's limits
     # (the path SetCacheLimits takes), warm-up, the watchdog, auto_pull (read at each resolve),
     # and the batch size and window (each decode scheduler reads them before its next batch;
-    # the batched pipeline at its next job), and the retention of ended jobs (in force at once).
+    # the batched pipeline at its next job), the prompt bucket (for jobs opened after), and the retention of ended jobs (in force at once).
     # The others (ports, TLS, the store's address, device, job admission and live limits) are
     # built into objects at start-up and are reported as needing a restart.
     reloadable_settings: ClassVar[frozenset[str]] = frozenset(
@@ -72,6 +72,7 @@ class InferenceApp:
             "auto_pull",
             "batch_size",
             "batch_window_ms",
+            "prompt_bucket_tokens",
             "model_idle_ttl_seconds",  # the watchdog's thread unloads idle models
             "job_retention_seconds",
             "job_retention_max_jobs",
@@ -103,12 +104,10 @@ class InferenceApp:
         self.cache.warmup = new.warmup
         if old.auto_pull != new.auto_pull:
             self.source.config = dataclasses.replace(self.source.config, auto_pull=new.auto_pull)
-        if (old.batch_size, old.batch_window_ms) != (new.batch_size, new.batch_window_ms):
+        if batch_settings(old) != batch_settings(new):
             self.schedulers.set_settings(batch_settings(new))
             self.transcriber.batch_size = pipeline_batch_size(old.batched, new.batch_size)
-            logger.info(
-                "batch settings reloaded", extra={"batch_size": new.batch_size, "batch_window_ms": new.batch_window_ms}
-            )
+            logger.info("batch settings reloaded", extra=dataclasses.asdict(batch_settings(new)))
         if job_retention(old) != job_retention(new):
             self.jobs.set_retention(job_retention(new))
             logger.info("job retention reloaded", extra={"job_retention": job_retention(new).describe()})
@@ -128,7 +127,11 @@ class InferenceApp:
 
 
 def batch_settings(config: InferenceConfig) -> BatchSettings:
-    return BatchSettings(batch_size=config.batch_size, batch_window_ms=config.batch_window_ms)
+    return BatchSettings(
+        batch_size=config.batch_size,
+        batch_window_ms=config.batch_window_ms,
+        prompt_bucket_tokens=config.prompt_bucket_tokens,
+    )
 
 
 def pipeline_batch_size(batched: bool, batch_size: int) -> int:

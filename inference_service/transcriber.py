@@ -484,8 +484,13 @@ def file_lane(duration: float) -> Lane:
 def _batch_job(job: Job, engine: WhisperEngine, lane: Lane) -> BatchedJob:
     """The job's handle on the model's decode scheduler, linked to the current span (the
     transcription's), so each batch's span names the jobs it served."""
+    options = job.request.options
     return engine.open_job(
-        job.job_id, lane, trace.get_current_span().get_span_context(), follow_up_seconds=REQUEST_FOLLOW_UP_SECONDS
+        job.job_id,
+        lane,
+        trace.get_current_span().get_span_context(),
+        follow_up_seconds=REQUEST_FOLLOW_UP_SECONDS,
+        keep_prompt_text=bool(options.initial_prompt or options.hotwords),
     )
 
 

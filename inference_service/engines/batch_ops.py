@@ -25,6 +25,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 SOT_TOKEN = "<|startoftranscript|>"
+SOT_PREV_TOKEN = "<|startofprev|>"
 # The dtypes numpy and torch both read through the (CUDA) array interface; CTranslate2 has no
 # array-interface type string for bfloat16, so a bfloat16 model runs every call alone.
 STACKABLE_DTYPES = frozenset({"float32", "float16"})
@@ -155,6 +156,23 @@ def sot_index(prompt: Sequence[Any], sot_id: int) -> int:
         if token in (sot_id, SOT_TOKEN):
             return index
     return -1
+
+
+def bucket_prompt(prompt: Sequence[Any], sot_id: int, sot_prev_id: int, step: int, cap: int) -> list[Any]:
+    """``prompt`` with its previous text (``<|startofprev|>`` to ``<|startoftranscript|>``) cut at
+    the oldest end to a multiple of ``step`` tokens, so that windows of different files put
+    ``<|startoftranscript|>`` at one of a few positions and can share a decoder batch. A previous
+    text shorter than ``step``, or at faster-whisper's ``cap`` (its last 223 tokens), stays whole;
+    ``step`` 0 keeps every prompt as it is. The cut depends only on the prompt itself."""
+    prompt = list(prompt)
+    if step <= 0 or not prompt or prompt[0] not in (sot_prev_id, SOT_PREV_TOKEN):
+        return prompt
+    sot = sot_index(prompt, sot_id)
+    previous = sot - 1
+    if previous < step or previous >= cap:
+        return prompt
+    kept = previous // step * step
+    return [prompt[0], *prompt[sot - kept :]]
 
 
 def generate_key(call: GenerateCall, sot_id: int) -> Hashable | None:

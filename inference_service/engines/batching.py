@@ -7,7 +7,9 @@ fallback, timestamps, word alignment): it drives a shallow copy of the ``Whisper
 ``generate`` become work items on the model's one scheduler thread and block until their batch
 ran; ``align`` and ``detect_language`` go to the model directly. A window whose decode fails
 faster-whisper's thresholds comes back as a new item at the next temperature while the rest of
-its batch has its results already.
+its batch has its results already. A decoder call batches only with prompts of one layout, so a
+job's previous-text prompts are cut to a multiple of ``prompt_bucket_tokens`` (fixed when the
+job opens, decided by its own text alone): windows of different files then share a few layouts.
 
 With a model of two or more CTranslate2 replicas (``num_workers``, weights shared), latency
 batches run on a thread of their own, beside a file batch already running: a live decode or a
@@ -44,12 +46,14 @@ from typing import Any, Protocol
 from faster_whisper import WhisperModel
 
 from inference_service.engines.batch_ops import (
+    SOT_PREV_TOKEN,
     SOT_TOKEN,
     EncodeBudget,
     EncodeCall,
     GenerateCall,
     Op,
     batchable,
+    bucket_prompt,
     encode_key,
     generate_key,
     host_features,
@@ -80,14 +84,18 @@ class Lane(enum.IntEnum):
 class BatchSettings:
     """``batch_size`` items at most per CTranslate2 call; when fewer are ready, wait up to
     ``batch_window_ms`` after the oldest one arrived for more (0 = never wait).
+    ``prompt_bucket_tokens``: the previous text of each prompt is cut to a multiple of this many
+    tokens (``batch_ops.bucket_prompt``) in the jobs opened from then on; 0 keeps faster-whisper's
+    prompts exactly.
 
     Raises:
-        ConfigError: batch_size below 1, or batch_window_ms negative or not a finite number;
-            the message names the field.
+        ConfigError: batch_size below 1, batch_window_ms negative or not a finite number, or
+            prompt_bucket_tokens negative; the message names the field.
     """
 
     batch_size: int
     batch_window_ms: float
+    prompt_bucket_tokens: int = 0
 
     def __post_init__(self) -> None:
         window = self.batch_window_ms
@@ -99,6 +107,11 @@ class BatchSettings:
                     isinstance(window, (int, float)) and math.isfinite(window) and window >= 0,
                     "batch_window_ms",
                     "must be a number >= 0 (0 = never wait for more work)",
+                ),
+                (
+                    isinstance(self.prompt_bucket_tokens, int) and self.prompt_bucket_tokens >= 0,
+                    "prompt_bucket_tokens",
+                    "must be an integer >= 0 (0 = faster-whisper's prompts as they are)",
                 ),
             ],
         )
@@ -192,16 +205,25 @@ def _rank(item: _Item) -> int:
 class BatchedJob:
     """One job's handle on a scheduler. ``model`` is a faster-whisper model to drive as usual
     (``transcribe``, or the live decoder's own calls); its encoder and decoder calls go through
-    the scheduler in this job's lane. Close it when the job ends (a context manager)."""
+    the scheduler in this job's lane. Close it when the job ends (a context manager).
+    ``prompt_bucket``: its prompts' previous text is cut to a multiple of this many tokens (0: not
+    cut); fixed when the job opens, so a reload never changes a running job's words."""
 
     def __init__(
-        self, scheduler: DecodeScheduler, key: str, lane: Lane, link: object | None, follow_up_seconds: float
+        self,
+        scheduler: DecodeScheduler,
+        key: str,
+        lane: Lane,
+        link: object | None,
+        follow_up_seconds: float,
+        prompt_bucket: int = 0,
     ) -> None:
         self.scheduler = scheduler
         self.key = key
         self.lane = lane
         self.link = link
         self.follow_up_seconds = follow_up_seconds
+        self.prompt_bucket = prompt_bucket
         self.cancelled = False
         self.closed = False
         self.model: WhisperModel = copy.copy(scheduler.whisper_model)
@@ -247,8 +269,9 @@ class ScheduledWhisper:
     def generate(self, features: Any, prompts: Sequence[Sequence[Any]], **options: Any) -> list[Any]:
         if options.get("asynchronous") or len(prompts) != 1 or features.shape[0] != 1:
             return list(self._model.generate(features, prompts, **options))
-        call = GenerateCall(features, list(prompts[0]), options)
-        return [self._job.scheduler.submit(self._job, Op.GENERATE, call)]
+        scheduler = self._job.scheduler
+        prompt = scheduler.bucketed(prompts[0], self._job.prompt_bucket)
+        return [scheduler.submit(self._job, Op.GENERATE, GenerateCall(features, prompt, options))]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
@@ -284,6 +307,9 @@ class DecodeScheduler:
         self.settings = settings
         self.observer: BatchObserver = observer or NullObserver()
         self._sot_id = int(whisper_model.hf_tokenizer.token_to_id(SOT_TOKEN))
+        self._sot_prev_id = int(whisper_model.hf_tokenizer.token_to_id(SOT_PREV_TOKEN))
+        # faster-whisper keeps the last max_length // 2 - 1 tokens of the previous text (223).
+        self._prompt_cap = int(whisper_model.max_length) // 2 - 1
         self._batchable = batchable(whisper_model.model)
         if not self._batchable:
             logger.warning("model outputs cannot be stacked (bfloat16): every call runs alone")
@@ -311,12 +337,18 @@ class DecodeScheduler:
             thread.start()
 
     def open_job(
-        self, key: str, lane: Lane, link: object | None = None, follow_up_seconds: float | None = None
+        self,
+        key: str,
+        lane: Lane,
+        link: object | None = None,
+        follow_up_seconds: float | None = None,
+        keep_prompt_text: bool = False,
     ) -> BatchedJob:
         """A handle for one job (``key``: its job id, which ``cancel`` names; ``link``: its span
         context, handed to the observer with every batch that served it; ``follow_up_seconds``:
         how long lower-ranked work waits for its next call after a latency batch served it,
-        the scheduler's own by default).
+        the scheduler's own by default; ``keep_prompt_text``: its prompts hold the caller's own
+        text (an initial prompt, hotwords), which is never cut to a bucket).
 
         Raises:
             FailedPrecondition: the scheduler was closed (its model evicted or unloaded).
@@ -324,9 +356,14 @@ class DecodeScheduler:
         with self._cond:
             self._check_open()
             hold = self.follow_up_seconds if follow_up_seconds is None else follow_up_seconds
-            job = BatchedJob(self, key, lane, link, hold)
+            bucket = 0 if keep_prompt_text else self.settings.prompt_bucket_tokens
+            job = BatchedJob(self, key, lane, link, hold, bucket)
             self._jobs.add(job)
         return job
+
+    def bucketed(self, prompt: Sequence[Any], step: int) -> list[Any]:
+        """``prompt`` with its previous text cut to a multiple of ``step`` tokens (``bucket_prompt``)."""
+        return bucket_prompt(prompt, self._sot_id, self._sot_prev_id, step, self._prompt_cap)
 
     def move_job(self, job: BatchedJob, lane: Lane) -> None:
         with self._cond:

@@ -175,18 +175,24 @@ class WhisperEngine:
         return cls(model_id, model, device, schedulers.make(model_id, model) if schedulers is not None else None)
 
     def open_job(
-        self, key: str, lane: Lane, link: object | None = None, follow_up_seconds: float | None = None
+        self,
+        key: str,
+        lane: Lane,
+        link: object | None = None,
+        follow_up_seconds: float | None = None,
+        keep_prompt_text: bool = False,
     ) -> BatchedJob:
         """A job's handle on this model's scheduler (a context manager): drive ``handle.model`` as a
         faster-whisper model, or pass the handle to ``transcribe``. ``key`` is what ``cancel`` names
         (the job id); ``link`` the job's span context, linked from the span of each batch serving it;
-        ``follow_up_seconds`` how long file work waits for its next call (``DecodeScheduler.open_job``).
+        ``follow_up_seconds`` how long file work waits for its next call, ``keep_prompt_text`` that
+        its prompts hold the caller's own text, never cut to a bucket (``DecodeScheduler.open_job``).
 
         Raises:
             FailedPrecondition: the engine was closed (evicted or unloaded).
         """
         self._loaded()
-        return self.scheduler.open_job(key, lane, link, follow_up_seconds)
+        return self.scheduler.open_job(key, lane, link, follow_up_seconds, keep_prompt_text)
 
     def cancel(self, key: str) -> int:
         """The waiting encoder/decoder calls of the jobs opened with ``key`` fail with Cancelled at

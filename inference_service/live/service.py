@@ -186,7 +186,10 @@ class LiveService:
                 nbytes = stream_bytes(settings, self.limits.abandon_lag)
                 leases.append(await _off_loop(lambda: self.cache.reserve(nbytes, f"live stream {job_id}")))
                 span.set_attribute("voxserve.live.reserved_bytes", nbytes)
-                batch = whisper.model.open_job(job_id, Lane.LATENCY, span.get_span_context())
+                own_prompt = bool(request.options.initial_prompt or request.options.hotwords)
+                batch = whisper.model.open_job(
+                    job_id, Lane.LATENCY, span.get_span_context(), keep_prompt_text=own_prompt
+                )
                 leases.insert(0, _Closing(batch))  # closed first: before the model may be evicted
                 stream = self._stream(request, settings, pcm, batch, whisper.model, vad.model.path, observer)
                 logger.info("live stream started", extra={"rate": request.sample_rate, "encoding": request.encoding})

@@ -5,6 +5,7 @@ holds the scheduler until the test closes it, never with sleeps."""
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from inference_service.engines.batch_ops import (
     FALLBACK_CACHE_BYTES,
     EncodeBudget,
     GenerateCall,
+    bucket_prompt,
     encode_budget,
     generate_key,
     last_level_cache_bytes,
@@ -79,6 +81,7 @@ def audio(name: str) -> np.ndarray:
 
 
 MULTI, SHORT = audio("speech_multi.wav"), audio("speech_short.wav")
+TRANSCRIPTS_MULTI = json.loads((DATA_DIR / "transcripts.json").read_text())["speech_multi.wav"]
 JOBS = {
     "two-windows": Job(np.concatenate([MULTI, MULTI]), {"beam_size": 5}),
     "greedy": Job(MULTI, {"beam_size": 1}),
@@ -647,6 +650,83 @@ def test_a_request_that_fits_one_window_is_latency_bound() -> None:
     assert file_lane(30.5) is Lane.FILE and file_lane(7200.0) is Lane.FILE
 
 
+# --------------------------------------------------------------------------- prompts cut to a bucket
+
+PREV, SOT, NO_TIMESTAMPS = 50360, 50257, 50362  # tiny.en's <|startofprev|>, <|startoftranscript|>, <|notimestamps|>
+
+
+def prompt_of(previous: int) -> list[int]:
+    """A window's prompt with ``previous`` tokens of previous text (token i is 1000 + i)."""
+    return ([PREV, *range(1000, 1000 + previous)] if previous else []) + [SOT, NO_TIMESTAMPS]
+
+
+@pytest.mark.parametrize(
+    ("previous", "step", "kept"),
+    [
+        (0, 32, 0),  # the first window: no previous text
+        (20, 32, 20),  # shorter than one step: whole
+        (40, 32, 32),
+        (63, 32, 32),
+        (64, 32, 64),
+        (200, 32, 192),
+        (223, 32, 223),  # at faster-whisper's cap: whole (every long file's later windows batch)
+        (40, 0, 40),  # step 0: faster-whisper's prompt as it is
+        (150, 64, 128),
+    ],
+)
+def test_a_prompts_previous_text_is_cut_at_its_oldest_end_to_a_multiple_of_the_step(
+    previous: int, step: int, kept: int
+) -> None:
+    cut = bucket_prompt(prompt_of(previous), SOT, PREV, step, cap=223)
+    expected = ([PREV, *range(1000 + previous - kept, 1000 + previous)] if previous else []) + [SOT, NO_TIMESTAMPS]
+    assert cut == expected
+
+
+def test_the_token_ids_of_the_bucket_are_tiny_ens(model: WhisperModel) -> None:
+    tokens = model.hf_tokenizer
+    ids = [tokens.token_to_id(t) for t in ("<|startofprev|>", "<|startoftranscript|>", "<|notimestamps|>")]
+    assert ids == [PREV, SOT, NO_TIMESTAMPS]
+
+
+def test_prompts_of_one_bucket_share_a_decoder_batch_and_a_callers_own_prompt_stays_whole(
+    model: WhisperModel, recorder: Recorder
+) -> None:
+    """Previous texts of 40 and 50 tokens (step 32: both cut to their last 32) decode in one
+    batch, each as its cut prompt decodes alone; a job with the caller's own prompt text
+    (``keep_prompt_text``) decodes its 40 tokens whole, in a batch of its own."""
+    settings = BatchSettings(batch_size=8, batch_window_ms=LONG_WINDOW_MS, prompt_bucket_tokens=32)
+    scheduler = DecodeScheduler("tiny.en", model, settings, recorder)
+    output = model.model.encode(window_features(model, 30.0), to_cpu=False)
+    text = model.hf_tokenizer.encode(" " + " ".join([TRANSCRIPTS_MULTI] * 5), add_special_tokens=False).ids
+    assert len(text) >= 240
+    prompts = {
+        "a": [PREV, *text[:40], SOT, NO_TIMESTAMPS],
+        "b": [PREV, *text[100:150], SOT, NO_TIMESTAMPS],
+        "own": [PREV, *text[200:240], SOT, NO_TIMESTAMPS],
+    }
+    options = {"beam_size": 2, "max_length": 60, "return_scores": True}
+    jobs = {name: scheduler.open_job(name, Lane.FILE, keep_prompt_text=name == "own") for name in prompts}
+
+    def decode(name: str) -> Callable[[], Any]:
+        def work() -> Any:
+            with jobs[name] as job:
+                return job.model.model.generate(output, [prompts[name]], **options)[0]
+
+        return work
+
+    try:
+        results = run_jobs({name: decode(name) for name in prompts})
+    finally:
+        scheduler.close()
+    cut = {"a": [PREV, *text[8:40]], "b": [PREV, *text[118:150]], "own": [PREV, *text[200:240]]}
+    for name, head in cut.items():
+        alone = model.model.generate(output, [[*head, SOT, NO_TIMESTAMPS]], **options)[0]
+        assert results[name].sequences_ids == alone.sequences_ids, name
+        assert results[name].scores == pytest.approx(alone.scores, abs=1e-4)
+    assert sorted(sorted(r.jobs) for r in recorder.batches("generate")) == [["a", "b"], ["own"]]
+    assert [job.prompt_bucket for job in jobs.values()] == [32, 32, 0]
+
+
 # --------------------------------------------------------------------------- keys and arrays
 
 
@@ -695,6 +775,11 @@ def test_split_and_stack_through_torch_match_numpy(model: WhisperModel) -> None:
 def test_bad_settings_name_the_field(size: int, window: float, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         BatchSettings(batch_size=size, batch_window_ms=window)
+
+
+def test_a_negative_prompt_bucket_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="prompt_bucket_tokens"):
+        BatchSettings(batch_size=8, batch_window_ms=10.0, prompt_bucket_tokens=-1)
 
 
 def test_zero_window_is_valid() -> None:

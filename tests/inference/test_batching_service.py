@@ -114,6 +114,19 @@ def in_use(handle: InferenceHandle) -> int:
     return next((m.in_use for m in models if m.model_id == MODEL), 0)
 
 
+def record_opened_jobs(engine: WhisperEngine, monkeypatch: pytest.MonkeyPatch) -> list[BatchedJob]:
+    """The scheduler handles the service opens on ``engine`` from now on, in order."""
+    opened: list[BatchedJob] = []
+    open_job = engine.open_job
+
+    def recording(*args: Any, **kwargs: Any) -> BatchedJob:
+        opened.append(open_job(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(engine, "open_job", recording)
+    return opened
+
+
 # --------------------------------------------------------------------------- the same results, shared batches
 
 
@@ -181,18 +194,8 @@ def test_a_request_decodes_its_first_utterance_and_its_windows_as_one_scheduler_
     file longer than one window), so the scheduler's follow-up hold for a job's next call spans
     the step between them: a long file's window cannot start in that gap."""
     handle: InferenceHandle = start_inference()
-    opened: list[BatchedJob] = []
     with handle.cache.acquire_as(MODEL, WhisperEngine) as lease:
-        engine = lease.model
-        open_job = engine.open_job
-
-        def recording(
-            key: str, lane: Lane, link: object | None = None, follow_up_seconds: float | None = None
-        ) -> BatchedJob:
-            opened.append(open_job(key, lane, link, follow_up_seconds))
-            return opened[-1]
-
-        monkeypatch.setattr(engine, "open_job", recording)
+        opened = record_opened_jobs(lease.model, monkeypatch)
         for audio, lane in ((MULTI, Lane.LATENCY), (repeated_wav(MULTI, 3), Lane.FILE)):
             opened.clear()
             latency = sample(handle, "voxserve_decode_items_total", op="encode", lane="latency")
@@ -365,11 +368,32 @@ def test_a_reload_gives_every_scheduler_the_new_batch_settings(start_inference: 
     handle: InferenceHandle = start_inference(batch_size=8, batch_window_ms=10.0)
     with handle.cache.acquire_as(MODEL, WhisperEngine) as lease:
         scheduler = lease.model.scheduler
-        assert scheduler.settings == BatchSettings(batch_size=8, batch_window_ms=10.0)
-        handle.app.apply_reloadable_settings(replace(handle.app.config, batch_size=3, batch_window_ms=0.0))
-        assert scheduler.settings == BatchSettings(batch_size=3, batch_window_ms=0.0)
+        assert scheduler.settings == BatchSettings(batch_size=8, batch_window_ms=10.0, prompt_bucket_tokens=32)
+        running = lease.model.open_job("running", Lane.FILE)
+        new = replace(handle.app.config, batch_size=3, batch_window_ms=0.0, prompt_bucket_tokens=64)
+        handle.app.apply_reloadable_settings(new)
+        assert scheduler.settings == BatchSettings(batch_size=3, batch_window_ms=0.0, prompt_bucket_tokens=64)
+        with lease.model.open_job("later", Lane.FILE) as later:
+            assert later.prompt_bucket == 64
+        assert running.prompt_bucket == 32  # a running job's prompts (and words) do not change
+        running.close()
     assert handle.app.schedulers.settings.batch_size == 3  # and models loaded later get them
-    assert {"batch_size", "batch_window_ms"} <= handle.app.reloadable_settings
+    assert {"batch_size", "batch_window_ms", "prompt_bucket_tokens"} <= handle.app.reloadable_settings
+
+
+def test_a_request_with_its_own_prompt_text_keeps_its_prompts_whole(
+    start_inference: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's previous-text prompts are cut to the service's bucket (32 tokens by default);
+    one with an initial prompt or hotwords keeps them whole, so the caller's text is never cut."""
+    handle: InferenceHandle = start_inference()
+    with handle.cache.acquire_as(MODEL, WhisperEngine) as lease:
+        opened = record_opened_jobs(lease.model, monkeypatch)
+        for options, bucket in (({}, 32), ({"initial_prompt": "Weekly meeting."}, 0), ({"hotwords": "budget"}, 0)):
+            opened.clear()
+            events = list(handle.stub.Transcribe(request(SHORT, **options), timeout=600))
+            assert events[-1].WhichOneof("event") == "completed"
+            assert [job.prompt_bucket for job in opened] == [bucket], options
 
 
 @pytest.mark.parametrize(
@@ -379,6 +403,8 @@ def test_a_reload_gives_every_scheduler_the_new_batch_settings(start_inference: 
         ("VOXSERVE_BATCH_WINDOW_MS", "-5", "batch_window_ms"),
         ("VOXSERVE_BATCH_WINDOW_MS", "nan", "batch_window_ms"),
         ("VOXSERVE_DECODE_REPLICAS", "0", "decode_replicas"),
+        ("VOXSERVE_PROMPT_BUCKET_TOKENS", "-1", "prompt_bucket_tokens"),
+        ("VOXSERVE_PROMPT_BUCKET_TOKENS", "224", "prompt_bucket_tokens"),
     ],
 )
 def test_bad_batch_settings_stop_the_service_with_exit_2_naming_the_key(
