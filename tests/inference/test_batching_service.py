@@ -381,18 +381,30 @@ def test_a_reload_gives_every_scheduler_the_new_batch_settings(start_inference: 
     assert {"batch_size", "batch_window_ms", "prompt_bucket_tokens"} <= handle.app.reloadable_settings
 
 
-def test_a_request_with_its_own_prompt_text_keeps_its_prompts_whole(
+def test_a_job_with_its_own_prompt_text_keeps_its_prompts_whole(
     start_inference: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A request's previous-text prompts are cut to the service's bucket (32 tokens by default);
-    one with an initial prompt or hotwords keeps them whole, so the caller's text is never cut."""
+    """The previous-text prompts of a request or a live stream are cut to the service's bucket
+    (32 tokens by default); one with an initial prompt or hotwords keeps them whole, so the
+    caller's text is never cut."""
     handle: InferenceHandle = start_inference()
+    cases: list[tuple[dict[str, str], int]] = [
+        ({}, 32),
+        ({"initial_prompt": "Weekly meeting."}, 0),
+        ({"hotwords": "budget"}, 0),
+    ]
     with handle.cache.acquire_as(MODEL, WhisperEngine) as lease:
         opened = record_opened_jobs(lease.model, monkeypatch)
-        for options, bucket in (({}, 32), ({"initial_prompt": "Weekly meeting."}, 0), ({"hotwords": "budget"}, 0)):
+        for options, bucket in cases:
             opened.clear()
             events = list(handle.stub.Transcribe(request(SHORT, **options), timeout=600))
             assert events[-1].WhichOneof("event") == "completed"
+            assert [job.prompt_bucket for job in opened] == [bucket], options
+        for options, bucket in cases:
+            opened.clear()
+            stream = live_requests(live_config(options=pb.TranscribeOptions(**options)), pcm("speech_short.wav"), 4.0)
+            responses = list(handle.stub.StreamingTranscribe(stream, timeout=300))
+            assert responses[-1].WhichOneof("event") == "completed"
             assert [job.prompt_bucket for job in opened] == [bucket], options
 
 
