@@ -22,14 +22,20 @@ class Recorder(pb_grpc.InferenceServicer):
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
+        self.peers: list[str] = []  # the client's address and port per call: a new port, a new connection
         self.cut_first_transcribe = False
+        self.refuse_first_transcribe = False  # UNAVAILABLE before any event, as a proxy's 503
 
     def _record(self, method: str, context: grpc.ServicerContext) -> None:
         values = [str(v) for k, v in context.invocation_metadata() if k == MODEL_HEADER]
         self.calls.append((method, values))
+        self.peers.append(context.peer())
 
     def Transcribe(self, request: pb.TranscribeRequest, context: grpc.ServicerContext) -> Iterator[pb.TranscribeEvent]:
         self._record("Transcribe", context)
+        if self.refuse_first_transcribe:
+            self.refuse_first_transcribe = False
+            context.abort(grpc.StatusCode.UNAVAILABLE, "Received http2 header with status: 503")
         job = f"job-{len(self.calls)}"
         yield pb.TranscribeEvent(job_id=job, sequence=1, accepted=pb.Accepted(model_id=request.options.model_id))
         if self.cut_first_transcribe:

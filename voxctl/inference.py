@@ -195,6 +195,7 @@ class JobFollower:
             f"{self.last_sequence} in {delay:g} s (try {tries}/{RESUME_TRIES})"
         )
         time.sleep(delay)
+        self.session.reconnect(self.session.inference_address)
         return self.watch()
 
     def _again(self, error: grpc.RpcError, why: str, tries: int) -> Any:
@@ -205,6 +206,7 @@ class JobFollower:
             f"{why} ({error.details()}); sending the request again in {delay:g} s (try {tries}/{RESUME_TRIES})"
         )
         time.sleep(delay)
+        self.session.reconnect(self.session.inference_address)
         self.job_id, self.last_sequence = self.named_job_id, 0
         self._unreached = self._lost = None
         return self.resubmit()
@@ -287,11 +289,10 @@ def cmd_transcribe(session: Session, args: argparse.Namespace) -> int:
     source = _open_input(args.file)
     try:
         head = _read_up_to(source, SINGLE_REQUEST_MAX_BYTES + 1)
-        stub = session.inference()
-
         model = options.model_id
 
         def start() -> Any:
+            stub = session.inference()  # the session's channel now: a resend may have reconnected
             if len(head) <= SINGLE_REQUEST_MAX_BYTES:
                 request = pb.TranscribeRequest(options=options, audio=head)
                 return session.call(stub.Transcribe, request, default_timeout=None, model=model)

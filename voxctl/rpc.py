@@ -22,6 +22,8 @@ from voxserve_common.tracing import trace_metadata
 # Unary calls that only read or change bookkeeping; a hung server should not hang the CLI.
 DEFAULT_UNARY_TIMEOUT = 30.0
 
+OWN_CONNECTIONS = [("grpc.use_local_subchannel_pool", 1)]
+
 
 class CliError(Exception):
     """A failure to report as ``error: <message>`` with ``exit_code``."""
@@ -65,11 +67,20 @@ class Session:
 
     def channel(self, address: str) -> grpc.Channel:
         if address not in self._channels:
-            self._channels[address] = open_channel(address, self.tls, self.token)
+            # Its own connections (not gRPC's process-wide pool), so that reconnect gets a new one.
+            self._channels[address] = open_channel(address, self.tls, self.token, OWN_CONNECTIONS)
         return self._channels[address]
 
     def store(self) -> modelstore_pb2_grpc.ModelStoreStub:
         return modelstore_pb2_grpc.ModelStoreStub(self.channel(self.store_address))
+
+    def reconnect(self, address: str) -> None:
+        """The next call to ``address`` opens a new connection. After a proxy answered a call
+        with 503 before reading its request, the old HTTP/2 connection can be left with no
+        flow-control window, and a call sent again on it waits forever."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            channel.close()
 
     def inference(self) -> inference_pb2_grpc.InferenceStub:
         return inference_pb2_grpc.InferenceStub(self.channel(self.inference_address))

@@ -68,3 +68,29 @@ def test_a_transcription_whose_replica_was_lost_is_sent_again(
     assert all(values == ["whisper-base"] for _, values in servicer.calls)
     assert out.count("hello there") == 1
     assert "the job was lost with its replica" in err and "sending the request again" in err
+
+
+def test_a_transcription_refused_before_it_started_is_sent_again_on_a_new_connection(
+    capsys: pytest.CaptureFixture[str], recorder: tuple[Recorder, str]
+) -> None:
+    """A proxy's 503 (UNAVAILABLE before any event): the request goes again over a new
+    connection. On the old one, a proxy that did not read the first request's audio can leave
+    no HTTP/2 flow-control window, and the resend would wait forever (seen behind HAProxy)."""
+    servicer, address = recorder
+    servicer.refuse_first_transcribe = True
+    code, out, err = run(capsys, address, "transcribe", str(SHORT), "--model", "whisper-base")
+    assert code == 0, err
+    assert [method for method, _ in servicer.calls] == ["Transcribe", "Transcribe"]
+    assert servicer.peers[0] != servicer.peers[1], servicer.peers
+    assert out.count("hello there") == 1
+    assert "the call failed before the job started" in err and "sending the request again" in err
+
+
+def test_a_resumed_job_is_watched_on_a_new_connection(
+    capsys: pytest.CaptureFixture[str], recorder: tuple[Recorder, str]
+) -> None:
+    servicer, address = recorder
+    servicer.cut_first_transcribe = True
+    code, _, err = run(capsys, address, "transcribe", str(SHORT), "--model", "whisper-base")
+    assert code == 0, err
+    assert len(set(servicer.peers)) == 3, servicer.peers  # Transcribe, WatchJob, Transcribe again
