@@ -744,6 +744,8 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     **figures,
                     "wer": float(np.mean([a["wer"] for a in analyses])),
                     "errors": [a["error"] for a in analyses if a["error"]],
+                    # per stream, so that a WER above 0 can be read back to its words
+                    "streams": [{"wer": a["wer"], "hypothesis": a["hypothesis"]} for a in analyses],
                 }
                 if streams > 1 and not ok and name != "service" and streams >= 4:
                     break

@@ -40,6 +40,12 @@ class InferenceConfig(ServiceSettings):
     device: str = "auto"  # auto | cpu | cuda
     compute_type: str | None = None  # default int8 on CPU, float16 on CUDA
     cpu_threads: int = 0  # 0 = ctranslate2's default
+    # Threads of numpy's BLAS (OpenBLAS: the mel spectrogram of every window, the speaker
+    # clustering). 1 by default: after each call an idle OpenBLAS thread spins on a core for a
+    # while, and on a CPU whose cores CTranslate2's threads keep busy that took 10 % of a core
+    # from them (8 clients: 1.08x the throughput with 1; docs/performance.md, "numpy's BLAS on
+    # one thread"). 0 = the library's own count (OPENBLAS_NUM_THREADS, else one per core).
+    blas_threads: int = 1
     max_models: int = 3
     memory_budget: str = "80%"  # bytes, "2GiB" or a percent of device memory
     # An idle, unpinned model nobody used for this long is unloaded (0 = never), freeing its
@@ -147,6 +153,7 @@ class InferenceConfig(ServiceSettings):
             (self.watchdog_interval_seconds > 0, "watchdog_interval_seconds", "must be > 0"),
             (self.model_idle_ttl_seconds >= 0, "model_idle_ttl_seconds", "must be >= 0 (0 = never)"),
             (self.cpu_threads >= 0, "cpu_threads", "must be >= 0"),
+            (self.blas_threads >= 0, "blas_threads", "must be >= 0 (0 = the BLAS library's own count)"),
             (self.live_max_streams >= 0, "live_max_streams", "must be >= 0 (0 refuses live streams)"),
             (0.1 <= self.live_endpoint_silence_seconds <= 10, "live_endpoint_silence_seconds", "must be 0.1-10"),
             (self.live_max_lag_seconds > 0, "live_max_lag_seconds", "must be > 0"),

@@ -75,9 +75,9 @@ class Session:
         return modelstore_pb2_grpc.ModelStoreStub(self.channel(self.store_address))
 
     def reconnect(self, address: str) -> None:
-        """The next call to ``address`` opens a new connection. After a proxy answered a call
-        with 503 before reading its request, the old HTTP/2 connection can be left with no
-        flow-control window, and a call sent again on it waits forever."""
+        """The next call to ``address`` opens a new connection. A call sent again after a
+        proxy's 503 once waited forever on the old connection (CI, behind compose's HAProxy at
+        start-up; the cause is not proven: a spent HTTP/2 flow-control window is the suspect)."""
         channel = self._channels.pop(address, None)
         if channel is not None:
             channel.close()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy  # noqa: F401 - loads the BLAS library, which a limit reaches only once loaded
+import threadpoolctl
+
 from voxserve_common.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -70,3 +73,17 @@ def choose_device(preference: str = "auto", compute_type: str | None = None) -> 
     chosen = DeviceChoice(device=device, compute_type=compute_type or DEFAULT_COMPUTE_TYPE[device])
     logger.info("device chosen", extra={"device": chosen.device, "compute_type": chosen.compute_type})
     return chosen
+
+
+def limit_blas_threads(threads: int) -> list[dict[str, object]]:
+    """numpy's BLAS runs on ``threads`` threads in this process from now on (0: the library's own
+    count). An idle OpenBLAS thread spins on its core for a while after each call, which on a
+    CPU that CTranslate2's threads keep busy is time taken from the decodes. Returns the BLAS
+    libraries as threadpoolctl sees them afterwards (for the start-up log)."""
+    if threads > 0:
+        threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
+    return [
+        {"library": info.get("internal_api"), "threads": info.get("num_threads")}
+        for info in threadpoolctl.threadpool_info()
+        if info.get("user_api") == "blas"
+    ]

@@ -74,8 +74,8 @@ def test_a_transcription_refused_before_it_started_is_sent_again_on_a_new_connec
     capsys: pytest.CaptureFixture[str], recorder: tuple[Recorder, str]
 ) -> None:
     """A proxy's 503 (UNAVAILABLE before any event): the request goes again over a new
-    connection. On the old one, a proxy that did not read the first request's audio can leave
-    no HTTP/2 flow-control window, and the resend would wait forever (seen behind HAProxy)."""
+    connection (a resend on the old one once waited forever behind HAProxy; see
+    ``Session.reconnect``)."""
     servicer, address = recorder
     servicer.refuse_first_transcribe = True
     code, out, err = run(capsys, address, "transcribe", str(SHORT), "--model", "whisper-base")

@@ -296,8 +296,8 @@ def _get(url: str, context: ssl.SSLContext | None = None, token: str | None = No
 def test_compose_stack_with_tls_and_tokens_transcribes_and_stops_gracefully(stack: Stack) -> None:
     begun = time.monotonic()
     # The first transcription goes as soon as HAProxy listens, while its replicas may not be UP
-    # yet: HAProxy answers 503 and voxctl sends the request again on a new connection (on the
-    # old one, left without an HTTP/2 flow-control window, the resend waited forever).
+    # yet: HAProxy answers 503 and voxctl sends the request again on a new connection (a resend
+    # on the old one once waited forever in CI; the cause is not proven).
     wait_for(functools.partial(_healthy, stack, "haproxy"), timeout=300, interval=2, message="haproxy healthy")
     try:
         first = stack.voxctl("transcribe", str(SPEECH))

@@ -7,6 +7,8 @@ only its own models move back; a live stream stays on one replica. Counts, never
 
 from __future__ import annotations
 
+import csv
+import io
 import subprocess
 import sys
 import threading
@@ -34,7 +36,7 @@ from tests.replicas import (
     transcribe_routed,
     zipf_models,
 )
-from tests.support import DATA_DIR, REPO_ROOT, TRANSCRIPTS, LoopThread, StoreHandle, free_port, require_tool
+from tests.support import DATA_DIR, REPO_ROOT, TRANSCRIPTS, LoopThread, StoreHandle, free_port, require_tool, wait_for
 from voxctl.live import file_pcm, live_requests
 from voxserve.inference.v1 import inference_pb2 as pb
 from voxserve.inference.v1 import inference_pb2_grpc as pb_grpc
@@ -183,22 +185,66 @@ def test_a_live_stream_through_haproxy_stays_on_one_replica(cluster: Cluster) ->
         assert (used.hits + used.misses > 0) == (replica.name == home), (replica.name, used)
 
 
-def test_voxctl_through_haproxy_reaches_the_models_replica(cluster: Cluster) -> None:
-    model = MODELS[4]
-    home = cluster.replica(owner(cluster.stub, model))
-    before = home.stats()
+def voxctl_transcribe(cluster: Cluster, model: str) -> list[str]:
+    """voxctl's command line for a transcription of speech_short.wav through HAProxy."""
     secrets = cluster.secrets
-    command = [
+    return [
         sys.executable, "-m", "voxctl", "--inference", cluster.haproxy.address,
         "--tls-ca", str(secrets / "ca.pem"), "--tls-cert", str(secrets / "voxctl.pem"),
         "--tls-key", str(secrets / "voxctl.key"),
         "transcribe", str(DATA_DIR / "speech_short.wav"), "--model", model,
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_voxctl_through_haproxy_reaches_the_models_replica(cluster: Cluster) -> None:
+    model = MODELS[4]
+    home = cluster.replica(owner(cluster.stub, model))
+    before = home.stats()
+    done = subprocess.run(voxctl_transcribe(cluster, model), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert EXPECTED in done.stdout
     after = home.stats()
     assert (after.hits + after.misses) - (before.hits + before.misses) == 1  # voxctl's call reached it
+
+
+def test_voxctl_answered_503_by_haproxy_sends_again_on_a_new_connection(cluster: Cluster) -> None:
+    """With every replica out (maintenance), HAProxy answers 503 before any event; voxctl sends
+    the request again (over a new connection, since a resend on the old one once hung in CI
+    behind compose's HAProxy) and gets its transcript once the replicas are back. Here the
+    resend also gets through on the old connection: that hang is not reproduced by this case."""
+    haproxy = cluster.haproxy
+    servers = [f"{backend}/{r.name}" for backend in ("by_model", "by_load") for r in cluster.replicas]
+
+    def answered_5xx() -> int:
+        rows = csv.DictReader(io.StringIO(haproxy.command("show stat").lstrip("# ")))
+        return sum(int(row["hrsp_5xx"] or 0) for row in rows if row["pxname"] == "grpc" and row["svname"] == "FRONTEND")
+
+    before = answered_5xx()
+    for server in servers:
+        haproxy.command(f"set server {server} state maint")
+    try:
+        haproxy.wait_status("by_model", {r.name: "MAINT" for r in cluster.replicas})
+        call = subprocess.Popen(
+            voxctl_transcribe(cluster, MODELS[3]),
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: answered_5xx() > before, timeout=60, interval=0.05, message="HAProxy's 503")
+    finally:
+        for server in servers:
+            haproxy.command(f"set server {server} state ready")
+    try:
+        out, err = call.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        call.kill()
+        out, err = call.communicate()
+        pytest.fail(f"voxctl hung after HAProxy's 503: {err!r}\n{haproxy.log()[-3000:]}")
+    assert call.returncode == 0, err
+    assert EXPECTED in out
+    assert "sending the request again" in err, err
+    haproxy.wait_status("by_model", {r.name: "UP" for r in cluster.replicas})
 
 
 def test_a_replica_killed_mid_run_costs_no_call_and_a_third_of_the_models_move_back(cluster: Cluster) -> None:

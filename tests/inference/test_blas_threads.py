@@ -1,0 +1,91 @@
+"""numpy's BLAS on ``blas_threads`` threads (1 by default): an idle OpenBLAS thread spins on its core
+after each call, taking CPU from CTranslate2's threads. The per-process cases run in a fresh
+interpreter (the limit is process-wide)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import threadpoolctl
+
+from tests.support import REPO_ROOT
+
+PROBE = """
+import json, os, sys, threading
+import numpy as np
+import threadpoolctl
+from inference_service.engines.device import limit_blas_threads
+
+def others_cpu():
+    '''CPU seconds of every thread of this process but the calling one.'''
+    me, total = threading.get_native_id(), 0.0
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) == me:
+            continue
+        fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+own = [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+libraries = limit_blas_threads(int(sys.argv[1]))
+a = np.random.default_rng(0).standard_normal((600, 600)).astype(np.float32)
+before = others_cpu()
+for _ in range(200):
+    a @ a
+print(json.dumps({"own": own, "libraries": libraries, "others_cpu": others_cpu() - before}))
+"""
+
+
+def probe(threads: int) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(threads)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out: dict[str, Any] = json.loads(result.stdout)
+    return out
+
+
+def test_one_blas_thread_leaves_the_other_threads_idle() -> None:
+    out = probe(1)
+    assert out["libraries"] == [{"library": "openblas", "threads": 1}]
+    # 200 products of 600 x 600 take ~0.8 s of CPU (on 2 threads 0.4 s of it on the other one); with
+    # one thread, none on another.
+    assert out["others_cpu"] < 0.1, out
+
+
+def test_zero_keeps_the_librarys_own_count() -> None:
+    out = probe(0)
+    assert out["libraries"] == [{"library": "openblas", "threads": out["own"][0]}]
+    if out["own"][0] >= 2:  # the case the default exists for: OpenBLAS's helpers do work
+        assert out["others_cpu"] > 0.2, out
+
+
+def test_the_service_runs_blas_on_one_thread_by_default(start_inference: Any) -> None:
+    threadpoolctl.threadpool_limits(limits=2, user_api="blas")  # as numpy starts on 2 cores
+    start_inference()
+    blas = [info for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+    assert blas and all(info["num_threads"] == 1 for info in blas), blas
+
+
+def test_a_negative_blas_threads_stops_the_service_with_exit_2_naming_the_key(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "inference_service", "--port", "0", "--metrics-port", "-1"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "VOXSERVE_BLAS_THREADS": "-1", "VOXSERVE_CACHE_DIR": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "blas_threads" in result.stderr and "Traceback" not in result.stderr
