@@ -43,8 +43,9 @@ class InferenceConfig(ServiceSettings):
     # Threads of numpy's BLAS (OpenBLAS: the mel spectrogram of every window, the speaker
     # clustering). 1 by default: after each call an idle OpenBLAS thread spins on a core for a
     # while, and on a CPU whose cores CTranslate2's threads keep busy that took 10 % of a core
-    # from them (8 clients: 1.08x the throughput with 1; docs/performance.md, "numpy's BLAS on
-    # one thread"). 0 = the library's own count (OPENBLAS_NUM_THREADS, else one per core).
+    # from them (8 clients: 1.19x the throughput one job at a time, 1.04x with batching; live
+    # finals p50 0.41 s vs 0.59-0.69 s at 10 streams; docs/performance.md, "numpy's BLAS on one
+    # thread"). 0 = the library's own count (OPENBLAS_NUM_THREADS, else one per core).
     blas_threads: int = 1
     max_models: int = 3
     memory_budget: str = "80%"  # bytes, "2GiB" or a percent of device memory
