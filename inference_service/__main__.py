@@ -15,7 +15,7 @@ from typing import ClassVar, NoReturn
 from inference_service.batch_telemetry import BatchTelemetry
 from inference_service.config import InferenceConfig
 from inference_service.engines.batching import BatchSettings
-from inference_service.engines.device import choose_device, limit_blas_threads
+from inference_service.engines.device import BLAS_THREADS, choose_device
 from inference_service.engines.loaders import make_loader
 from inference_service.engines.schedulers import DecodeSchedulers
 from inference_service.job_retention import RetentionLimits
@@ -214,7 +214,7 @@ async def start_app(config: InferenceConfig, preload_in_background: bool = True)
     """Start the service; the start-up work (reach the store, then preload) runs behind so the
     server is alive at once ("" SERVING) and ready (its service name SERVING) after it;
     preload_in_background=False (tests) returns only once ready."""
-    blas = limit_blas_threads(config.blas_threads)
+    blas = BLAS_THREADS.limit(config.blas_threads)
     logger.info("numpy BLAS threads", extra={"blas_threads": config.blas_threads, "blas": blas})
     metrics = InferenceMetrics()
     source = StoreModelSource(config, metrics=metrics)

