@@ -105,6 +105,11 @@ class BlasThreads:
                 _set_blas_threads(threads or self._own)
         return [{"library": library, "threads": threads} for library, threads in _blas_libraries()]
 
+    @property
+    def bursting(self) -> bool:
+        """A burst is on (in any thread)."""
+        return self._bursts > 0
+
     @contextmanager
     def burst(self) -> Iterator[None]:
         """The library's own thread count for the calls inside (other threads' BLAS calls too,

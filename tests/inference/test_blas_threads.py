@@ -115,9 +115,16 @@ seen["after both"] = blas()
 
 eigh = np.linalg.eigh
 def recording_eigh(matrix):
-    seen["clustering's eigh"] = blas()
+    seen.setdefault("clustering's eigh", blas())  # the first clustering, alone
     return eigh(matrix)
 np.linalg.eigh = recording_eigh
+kmeans = speaker_clustering._kmeans
+def recording_kmeans(points, k):
+    # scikit-learn sets BLAS to one thread around k-means and puts back what it found: begun in one
+    # clustering's burst and ended after the last burst, it would leave the library's count on.
+    seen.setdefault("k-means inside the burst", BLAS_THREADS.bursting)
+    return kmeans(points, k)
+speaker_clustering._kmeans = recording_kmeans
 rng = np.random.default_rng(0)
 embeddings = np.concatenate([rng.normal(c, 0.3, (60, 16)) for c in (-1.0, 1.0)])
 found = {}
@@ -127,6 +134,17 @@ clustering.start()
 clustering.join()
 labels = found["labels"]
 seen["after clustering"] = blas()
+# Clusterings side by side: scikit-learn's own BLAS limit around k-means (it puts back what it found)
+# and the bursts interleave; the limit must be back when the last one ends.
+together = [
+    threading.Thread(target=lambda: [speaker_clustering.cluster_embeddings(embeddings) for _ in range(5)])
+    for _ in range(3)
+]
+for t in together:
+    t.start()
+for t in together:
+    t.join()
+seen["after clusterings side by side"] = blas()
 print(json.dumps({"own": own, "seen": seen, "speakers": len(set(labels.tolist()))}))
 """
 
@@ -144,6 +162,8 @@ def test_clustering_runs_its_eigendecomposition_on_every_blas_thread_and_puts_th
     assert seen["b alone in its burst"] == own
     assert seen["clustering's eigh"] == own
     assert seen["after both"] == seen["after clustering"] == [1] * len(own)
+    assert seen["after clusterings side by side"] == [1] * len(own)
+    assert seen["k-means inside the burst"] is True
     assert out["speakers"] == 2
 
 
