@@ -1,6 +1,8 @@
 """CTranslate2's threads on this CPU: the encoder and the decoder of tiny.en int8 on 1 and on 2
 OpenMP threads, and 8 different 30 s windows decoded by one 2-thread worker against two 1-thread
-workers (``num_workers`` 2, weights shared) against one batch of 8 on 2 threads.
+workers (``num_workers`` 2, weights shared) against one batch of 8 on 2 threads, against the
+hybrid (encoder calls on a 2-thread model, decoder calls on a second model with two 1-thread
+workers, both in one process).
 
 Each configuration runs in a fresh process (an OpenMP team is per process, and libgomp throttles
 its spinning once a process holds more threads than cores), the configurations alternate per
@@ -17,6 +19,7 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,7 +34,7 @@ from bench.bench_batching import SAMPLE_RATE, Decoding, features, speech_windows
 from tests.support import DATA_DIR, REPO_ROOT, TINY_EN_DIR
 
 LENGTHS = (5, 11, 30)  # seconds of speech in the window (padded to 30 s, as faster-whisper feeds it)
-CONFIGS = ((2, 1), (1, 2))  # (threads per worker, workers)
+CONFIGS = ((2, 1), (1, 2), (0, 0))  # (threads per worker, workers); (0, 0): the hybrid
 PARALLEL_WINDOWS = 8
 
 
@@ -71,7 +74,36 @@ def child(threads: int, workers: int) -> dict[str, Any]:
     return out
 
 
+def hybrid_child() -> dict[str, Any]:
+    """Encoder calls on a 2-thread model, one at a time; decoder calls on a second model of the same
+    files with two 1-thread workers: the 8 windows, and one 30 s window alone."""
+    encoder_model = WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8", cpu_threads=2)
+    decoder_model = WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8", cpu_threads=1, num_workers=2)
+    encoding, decoding = Decoding(encoder_model, 5), Decoding(decoder_model, 5)
+    encoder_lock = threading.Lock()
+
+    def decode(window: np.ndarray) -> list[int]:
+        with encoder_lock:
+            encoded = encoding.model.encode(ctranslate2.StorageView.from_array(window), to_cpu=False)
+        result = decoding.model.generate(encoded, [decoding.prompt], **decoding.options)[0]
+        return list(result.sequences_ids[0])
+
+    windows = speech_windows(encoder_model, PARALLEL_WINDOWS)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(decode, windows[:2]))
+        started = time.perf_counter()
+        tokens = list(pool.map(decode, windows))
+        parallel = time.perf_counter() - started
+    alone = []
+    for _ in range(3):
+        started = time.perf_counter()
+        decode(windows[0])
+        alone.append(time.perf_counter() - started)
+    return {"parallel": parallel, "parallel_tokens": tokens, "alone_30s": statistics.median(alone)}
+
+
 def run_child(threads: int, workers: int) -> dict[str, Any]:
+    """``threads`` 0: the hybrid."""
     result = subprocess.run(
         [sys.executable, "-m", "bench.bench_ct2_threads", "--child", str(threads), str(workers)],
         cwd=REPO_ROOT,
@@ -92,7 +124,7 @@ def main() -> None:
     benchlib.add_run_options(parser, "bench_ct2_threads")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child)))
+        print(json.dumps(child(*args.child) if args.child[0] else hybrid_child()))
         return
     quiet, audit = benchlib.start_run(args, "bench_ct2_threads")
     if args.quick:
@@ -112,6 +144,7 @@ def main() -> None:
             values.append(float(value))
         return statistics.median(values)
 
+    hybrid = rounds.pop("0x0")
     ops = {
         config: {
             f"{s}s": {part: median(config, "ops", f"{s}s", part) for part in ("encode", "generate")} for s in LENGTHS
@@ -125,7 +158,11 @@ def main() -> None:
         for run in rounds[config]
         for s in LENGTHS
     )
+    same_tokens = same_tokens and all(run["parallel_tokens"] == rounds["2x1"][0]["parallel_tokens"] for run in hybrid)
     one_worker, two_workers, batch = median("2x1", "parallel"), median("1x2", "parallel"), median("2x1", "batch")
+    hybrid_parallel = statistics.median(run["parallel"] for run in hybrid)
+    hybrid_alone = statistics.median(run["alone_30s"] for run in hybrid)
+    alone = ops["2x1"]["30s"]["encode"] + ops["2x1"]["30s"]["generate"]
     benchlib.print_table(
         "One window on 2 threads vs 1 (tiny.en int8, beam 5; seconds, medians)",
         ["window", "encode 2 thr", "encode 1 thr", "generate 2 thr", "generate 1 thr"],
@@ -147,8 +184,14 @@ def main() -> None:
             ["one worker, 2 threads, one by one", f"{one_worker:.2f}", "1.00x"],
             ["two workers, 1 thread each", f"{two_workers:.2f}", f"{one_worker / two_workers:.2f}x"],
             ["one batch of 8, 2 threads", f"{batch:.2f}", f"{one_worker / batch:.2f}x"],
+            [
+                "encode on a 2-thread model, generate on two 1-thread workers",
+                f"{hybrid_parallel:.2f}",
+                f"{one_worker / hybrid_parallel:.2f}x",
+            ],
         ],
     )
+    print(f"one 30 s window alone: {alone:.3f} s on 2 threads, {hybrid_alone:.3f} s encoded on 2 and decoded on 1")
     print(f"same tokens in every configuration: {same_tokens}")
     payload = {
         "rounds": args.rounds,
@@ -156,6 +199,8 @@ def main() -> None:
         "parallel": {"one_worker_2_threads": one_worker, "two_workers_1_thread": two_workers, "batch_of_8": batch},
         "speedup_two_workers": one_worker / two_workers,
         "speedup_batch": one_worker / batch,
+        "hybrid": {"parallel": hybrid_parallel, "alone_30s": hybrid_alone, "alone_30s_2_threads": alone},
+        "speedup_hybrid": one_worker / hybrid_parallel,
         "same_tokens": same_tokens,
     }
     benchlib.write_result(args.name, benchlib.rounded(payload), audit, quiet)
