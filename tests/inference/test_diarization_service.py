@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
+from inference_service.model_cache.policy import MIN_MODEL_BYTES
 from tests.support import DATA_DIR, InferenceHandle, transcribe, wait_for
 from voxserve.inference.v1 import inference_pb2 as pb
 
@@ -79,10 +80,12 @@ def test_three_voices_found_and_every_word_labelled(inference: InferenceHandle) 
     assert pb.DIARIZING in phases and phases.index(pb.DIARIZING) < phases.index(pb.TRANSCRIBING)
 
     # The diarization model is in the cache like any other: listed with its kind and measured
-    # memory, counted in the cache's memory, and evicted when the limits shrink.
+    # memory, counted in the cache's memory, and evicted when the limits shrink. One load's RSS
+    # delta can come out at the floor (a CI run measured exactly MIN_MODEL_BYTES for CAM++'s
+    # 28 MB: the load reused pages freed earlier in the process), so the floor is what holds.
     loaded = {m.model_id: m for m in inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest()).models}
     diarizer = loaded["campplus-diarization"]
-    assert diarizer.kind == "diarization" and diarizer.memory_bytes > 1 << 20 and diarizer.in_use == 0
+    assert diarizer.kind == "diarization" and diarizer.memory_bytes >= MIN_MODEL_BYTES and diarizer.in_use == 0
     stats = inference.stub.GetCacheStats(pb.GetCacheStatsRequest())
     assert stats.memory_used_bytes >= sum(m.memory_bytes for m in loaded.values())
     change = inference.stub.SetCacheLimits(pb.SetCacheLimitsRequest(max_models=1))
@@ -90,7 +93,7 @@ def test_three_voices_found_and_every_word_labelled(inference: InferenceHandle) 
     inference.stub.SetCacheLimits(pb.SetCacheLimitsRequest(max_models=3))
     # Loadable and pinnable ahead of requests (what the preload setting does at start-up).
     pinned = inference.stub.LoadModel(pb.LoadModelRequest(model_id="campplus-diarization", pin=True))
-    assert pinned.kind == "diarization" and pinned.pinned and pinned.memory_bytes > 1 << 20
+    assert pinned.kind == "diarization" and pinned.pinned and pinned.memory_bytes >= MIN_MODEL_BYTES
 
     # Without word_timestamps the words are not sent, the labels are.
     events = transcribe(inference, CONVERSATION.read_bytes(), diarize=True, max_speakers=2)
