@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy  # noqa: F401 - loads the BLAS library, which a limit reaches only once loaded
 import threadpoolctl
@@ -14,6 +16,8 @@ import threadpoolctl
 from voxserve_common.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEVICES = ("auto", "cpu", "cuda")
 COMPUTE_TYPES = (
@@ -76,6 +80,34 @@ def choose_device(preference: str = "auto", compute_type: str | None = None) -> 
     chosen = DeviceChoice(device=device, compute_type=compute_type or DEFAULT_COMPUTE_TYPE[device])
     logger.info("device chosen", extra={"device": chosen.device, "compute_type": chosen.compute_type})
     return chosen
+
+
+def on_passing_thread(work: Callable[[], T], name: str) -> T:
+    """``work()`` on a new thread that ends with it (the caller's context variables carried over);
+    its result, or its exception raised here.
+
+    For CTranslate2 model loads. A load runs parallel loops on the calling thread's own OpenMP
+    team, and libgomp keeps that team's threads for as long as the caller lives. One left on a
+    pool thread makes libgomp count more threads than cores, and from then on every team in the
+    process sleeps between parallel regions instead of spinning: on 2 cores the 2-thread
+    decoder calls then took 2.0-2.4x as long (docs/performance.md, "OpenMP teams left by a load").
+    The team leaves with the thread.
+    """
+    context = contextvars.copy_context()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = context.run(work)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"]  # type: ignore[return-value]
 
 
 class BlasThreads:

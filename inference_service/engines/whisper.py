@@ -14,7 +14,7 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
 from inference_service.engines.batching import BatchedJob, DecodeScheduler, Lane
-from inference_service.engines.device import DeviceChoice
+from inference_service.engines.device import DeviceChoice, on_passing_thread
 from inference_service.engines.schedulers import UNBATCHED, DecodeSchedulers
 from inference_service.errors import InvalidAudio, InvalidOptions, ModelFilesMissing, ModelLoadFailed
 from voxserve_common.client_strings import shown
@@ -161,13 +161,16 @@ class WhisperEngine:
                 f"in {model_dir}; pull a faster-whisper conversion (e.g. Systran/faster-whisper-tiny.en)"
             )
         try:
-            model = WhisperModel(
-                str(model_dir),
-                device=device.device,
-                compute_type=device.compute_type,
-                cpu_threads=cpu_threads,
-                num_workers=replicas,
-                local_files_only=True,
+            model = on_passing_thread(
+                lambda: WhisperModel(
+                    str(model_dir),
+                    device=device.device,
+                    compute_type=device.compute_type,
+                    cpu_threads=cpu_threads,
+                    num_workers=replicas,
+                    local_files_only=True,
+                ),
+                name="whisper-load",
             )
         except Exception as exc:
             raise ModelLoadFailed(f"loading whisper model {model_id!r} from {model_dir} failed: {exc}") from exc
