@@ -1164,8 +1164,8 @@ def main() -> None:
     }
     model: WhisperModel | None = None
     if "limit" in args.sections or ("throughput" in args.sections and not args.no_direct):
-        model = WhisperModel(
-            str(TINY_EN_DIR), device=args.device, compute_type=compute_type, cpu_threads=args.cpu_threads
+        model = benchlib.load_whisper(
+            TINY_EN_DIR, device=args.device, compute_type=compute_type, cpu_threads=args.cpu_threads
         )
     loads: dict[str, Any] = {}
     payload["machine_by_section"] = loads

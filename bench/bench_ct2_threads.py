@@ -26,7 +26,6 @@ from typing import Any
 
 import ctranslate2
 import numpy as np
-from faster_whisper import WhisperModel
 from faster_whisper.audio import decode_audio
 
 from bench import benchlib
@@ -40,7 +39,9 @@ PARALLEL_WINDOWS = 8
 
 def child(threads: int, workers: int) -> dict[str, Any]:
     """One round of every case in this process: per-op times, then the 8 windows."""
-    model = WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8", cpu_threads=threads, num_workers=workers)
+    model = benchlib.load_whisper(
+        TINY_EN_DIR, device="cpu", compute_type="int8", cpu_threads=threads, num_workers=workers
+    )
     decoding = Decoding(model, 5)
     speech = np.tile(decode_audio(str(DATA_DIR / "speech_multi.wav")), 3)
 
@@ -77,8 +78,8 @@ def child(threads: int, workers: int) -> dict[str, Any]:
 def hybrid_child() -> dict[str, Any]:
     """Encoder calls on a 2-thread model, one at a time; decoder calls on a second model of the same
     files with two 1-thread workers: the 8 windows, and one 30 s window alone."""
-    encoder_model = WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8", cpu_threads=2)
-    decoder_model = WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8", cpu_threads=1, num_workers=2)
+    encoder_model = benchlib.load_whisper(TINY_EN_DIR, device="cpu", compute_type="int8", cpu_threads=2)
+    decoder_model = benchlib.load_whisper(TINY_EN_DIR, device="cpu", compute_type="int8", cpu_threads=1, num_workers=2)
     encoding, decoding = Decoding(encoder_model, 5), Decoding(decoder_model, 5)
     encoder_lock = threading.Lock()
 

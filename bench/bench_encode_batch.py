@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import numpy as np
-from faster_whisper import WhisperModel
 
 from bench import benchlib
 from bench.bench_batching import speech_windows
@@ -54,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     rounds = 3 if args.quick else args.rounds
     quiet, audit = benchlib.start_run(args, "bench_encode_batch")
-    whisper = WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8")
+    whisper = benchlib.load_whisper(TINY_EN_DIR, device="cpu", compute_type="int8")
     model = whisper.model
     budget = encode_budget(model)
     assert budget is not None

@@ -179,7 +179,7 @@ def main() -> None:
     quiet, audit = benchlib.start_run(args, "bench_http")
     data = args.audio.read_bytes()
     audio_seconds = decode_audio(io.BytesIO(data)).shape[0] / 16000
-    model = WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8")
+    model = benchlib.load_whisper(TINY_EN_DIR, device="cpu", compute_type="int8")
     with benchlib.temp_dir("http") as work:
         result = run(args, model, data, work)
     s = result["seconds"]

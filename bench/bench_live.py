@@ -385,10 +385,9 @@ def la2_stream(model: Any, vad_model: Any, audio: np.ndarray, record: Record, mi
 
 def la2_worker(audio_path: Path, streams: int, stagger: float) -> None:
     """Child process: ``streams`` LA-2 loops in threads over one model; prints records as JSON."""
-    from faster_whisper import WhisperModel
     from silero_vad import load_silero_vad
 
-    model = WhisperModel(str(TINY_EN_DIR), device="cpu", compute_type="int8")
+    model = benchlib.load_whisper(TINY_EN_DIR, device="cpu", compute_type="int8")
     audio = np.frombuffer(pcm_of(audio_path), np.int16).astype(np.float32) / 32768.0
     model.transcribe(audio[: RATE * 2], language="en")
     records = [Record() for _ in range(streams)]

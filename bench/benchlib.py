@@ -563,3 +563,15 @@ def wait_model_ready(address: str, model_id: str, timeout: float = 120.0) -> Non
                 return
             time.sleep(0.1)
     raise RuntimeError(f"{model_id} not READY in the store at {address} after {timeout} s (state {state})")
+
+
+def load_whisper(model_dir: Path | str, **options: Any) -> Any:
+    """faster-whisper's ``WhisperModel(model_dir, **options)``, loaded as the service loads it: on
+    a thread that ends with the load. Loaded on a thread that lives on (this one), the load's
+    OpenMP team stays, libgomp throttles every team in the process, and the 2-thread decoder calls
+    take 2.0-2.4x as long on 2 cores (docs/performance.md, "OpenMP teams left by a load")."""
+    from faster_whisper import WhisperModel
+
+    from inference_service.engines.device import on_passing_thread
+
+    return on_passing_thread(lambda: WhisperModel(str(model_dir), **options), name="bench-load")
