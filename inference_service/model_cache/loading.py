@@ -19,7 +19,7 @@ from inference_service.model_cache.cache_types import (
     ProgressCallback,
     kind_accepted,
 )
-from inference_service.model_cache.policy import MIN_MODEL_BYTES
+from inference_service.model_cache.policy import footprint_floor
 from inference_service.warmup import Warmup, warm_up
 from voxserve_common.kinds import ModelKind
 
@@ -143,7 +143,7 @@ class ModelLoader:
         if warmed is not None:
             seconds += warmed.seconds
         warmup_seconds = warmed.seconds if warmed is not None else None
-        return Measured(model, seconds, max(after - before, MIN_MODEL_BYTES), estimate, warmup_seconds)
+        return Measured(model, seconds, max(after - before, footprint_floor(spec)), estimate, warmup_seconds)
 
     def free(self, closing: list[Closing]) -> None:
         """Close evicted models and give their memory back to the OS / driver.

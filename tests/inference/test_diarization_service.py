@@ -11,11 +11,12 @@ import grpc
 import numpy as np
 import pytest
 
-from inference_service.model_cache.policy import MIN_MODEL_BYTES
 from tests.support import DATA_DIR, InferenceHandle, transcribe, wait_for
 from voxserve.inference.v1 import inference_pb2 as pb
 
 CONVERSATION = DATA_DIR / "conversation.ogg"
+# The least the cache counts CAM++ at: a quarter of its 28 MB checkpoint is 7 MB (6.7 MiB).
+CAMPPLUS_FLOOR = 6 << 20
 # The turns as scripts/make_conversation.py joined them: three people (two from a recorded
 # conversation, one from a speech), seven turns of 2.5-4.4 s, one overlap.
 REFERENCE = [
@@ -81,11 +82,11 @@ def test_three_voices_found_and_every_word_labelled(inference: InferenceHandle) 
 
     # The diarization model is in the cache like any other: listed with its kind and measured
     # memory, counted in the cache's memory, and evicted when the limits shrink. One load's RSS
-    # delta can come out at the floor (a CI run measured exactly MIN_MODEL_BYTES for CAM++'s
-    # 28 MB: the load reused pages freed earlier in the process), so the floor is what holds.
+    # delta can come out near zero (a CI run measured 1 MiB for CAM++'s 28 MB: the load reused
+    # pages freed earlier in the process), so the cache counts at least a quarter of its files.
     loaded = {m.model_id: m for m in inference.stub.ListLoadedModels(pb.ListLoadedModelsRequest()).models}
     diarizer = loaded["campplus-diarization"]
-    assert diarizer.kind == "diarization" and diarizer.memory_bytes >= MIN_MODEL_BYTES and diarizer.in_use == 0
+    assert diarizer.kind == "diarization" and diarizer.memory_bytes >= CAMPPLUS_FLOOR and diarizer.in_use == 0
     stats = inference.stub.GetCacheStats(pb.GetCacheStatsRequest())
     assert stats.memory_used_bytes >= sum(m.memory_bytes for m in loaded.values())
     change = inference.stub.SetCacheLimits(pb.SetCacheLimitsRequest(max_models=1))
@@ -93,7 +94,7 @@ def test_three_voices_found_and_every_word_labelled(inference: InferenceHandle) 
     inference.stub.SetCacheLimits(pb.SetCacheLimitsRequest(max_models=3))
     # Loadable and pinnable ahead of requests (what the preload setting does at start-up).
     pinned = inference.stub.LoadModel(pb.LoadModelRequest(model_id="campplus-diarization", pin=True))
-    assert pinned.kind == "diarization" and pinned.pinned and pinned.memory_bytes >= MIN_MODEL_BYTES
+    assert pinned.kind == "diarization" and pinned.pinned and pinned.memory_bytes >= CAMPPLUS_FLOOR
 
     # Without word_timestamps the words are not sent, the labels are.
     events = transcribe(inference, CONVERSATION.read_bytes(), diarize=True, max_speakers=2)
