@@ -116,6 +116,24 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float 
     raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
 
 
+def run_probe(code: str, *args: str, drop_env: Callable[[str], bool] = lambda _key: False) -> dict[str, Any]:
+    """``python -c code args`` in a fresh interpreter at the repository root (for process-wide
+    state: thread pools, allocator settings), without the environment variables ``drop_env``
+    names; its one line of JSON on stdout."""
+    env = {key: value for key, value in os.environ.items() if not drop_env(key)}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    out: dict[str, Any] = json.loads(result.stdout)
+    return out
+
+
 def sha256(path: Path) -> str:
     """Hex sha256 of a file, read in 4 MiB blocks (model.bin is 75 MB)."""
     digest = hashlib.sha256()

@@ -4,7 +4,6 @@ interpreter (the limit is process-wide)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from typing import Any
 
 import threadpoolctl
 
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, run_probe
 
 PROBE = """
 import json, os, sys, threading
@@ -42,18 +41,7 @@ print(json.dumps({"own": own, "libraries": libraries, "others_cpu": others_cpu()
 
 
 def probe(threads: int) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(threads)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    out: dict[str, Any] = json.loads(result.stdout)
-    return out
+    return run_probe(PROBE, str(threads), drop_env=lambda key: key.endswith("_NUM_THREADS"))
 
 
 def test_one_blas_thread_leaves_the_other_threads_idle() -> None:
@@ -150,12 +138,7 @@ print(json.dumps({"own": own, "seen": seen, "speakers": len(set(labels.tolist())
 
 
 def test_clustering_runs_its_eigendecomposition_on_every_blas_thread_and_puts_the_limit_back() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
-    result = subprocess.run(
-        [sys.executable, "-c", BURSTS], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    out = run_probe(BURSTS, drop_env=lambda key: key.endswith("_NUM_THREADS"))
     own, seen = out["own"], out["seen"]
     assert len(own) >= 1 and seen["limited"] == [1] * len(own)  # numpy's OpenBLAS and scipy's alike
     # Bursts overlap: the one that ends first leaves the library's count to the other.

@@ -7,13 +7,9 @@ dozen when not. Each case runs in a fresh interpreter (the state is process-wide
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from typing import Any
 
-from tests.support import REPO_ROOT
+from tests.support import run_probe
 
 PROBE = """
 import json, os, resource, sys
@@ -39,18 +35,7 @@ print(json.dumps({"cores": cores, "switches": switches, "text": text}))
 
 
 def probe(how: str) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, how],
-        cwd=REPO_ROOT,
-        env={**env, "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stderr
-    out: dict[str, Any] = json.loads(result.stdout)
-    return out
+    return run_probe(PROBE, how, drop_env=lambda key: key.startswith(("OMP_", "GOMP_")))
 
 
 def test_a_load_from_a_pool_thread_leaves_the_decoder_team_spinning() -> None:
